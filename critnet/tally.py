@@ -1,0 +1,101 @@
+"""Sums of loss and top-k hits over a set of samples, per-unit outcomes, scores and the criticality order.
+
+Lightning-free: shared by the ranking engine (which fills the tallies) and the ranking callback (which sorts and
+reports them). Sums rather than means are kept so that chunks, batches and ranks combine exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # perturb imports nothing from here, but keep the import graph one-way at runtime
+    from critnet.perturb import Unit
+
+SCORES = ("loss", "delta_loss", "top1_drop", "top5_drop")
+
+
+@dataclass
+class Tally:
+    """Sums over a set of samples: float64 sum of per-sample cross-entropy, top-1/top-5 hits, sample count."""
+
+    loss_sum: float = 0.0
+    top1_correct: int = 0
+    top5_correct: int = 0
+    samples: int = 0
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy; NaN when no samples were counted (inf/NaN sums propagate)."""
+        if self.samples == 0:
+            return math.nan
+        return self.loss_sum / self.samples
+
+    @property
+    def top1(self) -> float:
+        """Top-1 accuracy in percent (micro: fraction of samples)."""
+        return math.nan if self.samples == 0 else 100.0 * self.top1_correct / self.samples
+
+    @property
+    def top5(self) -> float:
+        """Top-5 accuracy in percent (micro: fraction of samples)."""
+        return math.nan if self.samples == 0 else 100.0 * self.top5_correct / self.samples
+
+    def __add__(self, other: Tally) -> Tally:
+        if not isinstance(other, Tally):
+            return NotImplemented
+        return Tally(
+            loss_sum=self.loss_sum + other.loss_sum,
+            top1_correct=self.top1_correct + other.top1_correct,
+            top5_correct=self.top5_correct + other.top5_correct,
+            samples=self.samples + other.samples,
+        )
+
+
+@dataclass
+class UnitOutcome:
+    """The evaluation of one perturbed unit (or of the unperturbed model when ``unit`` is None).
+
+    ``halves`` are the tallies over the first and the second half of the evaluation samples (disjoint, in dataset
+    order); ``exact`` is False when ``total`` is not a full evaluation (taylor estimates, or units that hybrid/halving
+    did not evaluate on the full set), and ``estimate`` holds the Taylor estimate of Δloss where one was computed.
+    """
+
+    unit: Unit | None
+    total: Tally
+    halves: tuple[Tally, Tally]
+    exact: bool = True
+    estimate: float | None = None
+
+
+def score_of(outcome_tally: Tally, baseline: Tally, score: str) -> float:
+    """The score of a perturbed tally against the unperturbed baseline; larger = more critical.
+
+    ``loss``: the perturbed mean loss; ``delta_loss``: perturbed minus baseline loss; ``top1_drop``/``top5_drop``:
+    baseline minus perturbed accuracy, in percentage points.
+    """
+    if score == "loss":
+        return outcome_tally.loss
+    if score == "delta_loss":
+        return outcome_tally.loss - baseline.loss
+    if score == "top1_drop":
+        return baseline.top1 - outcome_tally.top1
+    if score == "top5_drop":
+        return baseline.top5 - outcome_tally.top5
+    raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+
+
+def criticality_key(score: float) -> tuple[int, float]:
+    """Sort key putting the most critical first: NaN, then +inf, then finite scores descending, then -inf.
+
+    A NaN or infinite loss means the perturbation broke the network, so it ranks as most critical; Python's sort is
+    stable, so ties keep the order of the units.
+    """
+    if math.isnan(score):
+        return (0, 0.0)
+    if score == math.inf:
+        return (1, 0.0)
+    if score == -math.inf:
+        return (3, 0.0)
+    return (2, -score)

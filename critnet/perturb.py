@@ -1,0 +1,389 @@
+"""Units of a network and reversible perturbations of them (Lightning-free).
+
+A *unit* is what a ranking scores: a whole parameter tensor (``tensor``), one
+output channel of a parameter, i.e. the slice ``weight[c]`` along dimension 0
+(``channel``: a conv filter or a linear neuron), or one output channel of a
+module's output, reached through a forward hook (``activation``).
+
+A :class:`Perturbation` is a pure function of a unit's values. :func:`perturbed`
+applies it to a model for the duration of a ``with`` block and puts back the
+exact original bits afterwards, also when the block raises.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+UNIT_KINDS = ("tensor", "channel", "activation")
+PERTURBATION_KINDS = ("add", "scale", "noise", "zero", "sign_flip", "bitflip", "prune")
+
+_DEFAULT_INCLUDE = {"tensor": ("weight",), "channel": ("weight",), "activation": None}
+_DEFAULT_MODULE_TYPES = {"tensor": None, "channel": ("Conv2d", "Linear"), "activation": ("Conv2d", "Linear")}
+# Attributes that tell how many output channels a module produces without running it.
+_OUT_CHANNEL_ATTRIBUTES = ("out_channels", "out_features", "num_features", "embedding_dim")
+
+
+@dataclass(frozen=True, order=True)
+class Unit:
+    """One scored unit.
+
+    Args:
+        kind: ``"tensor"``, ``"channel"`` or ``"activation"``.
+        name: the parameter name for tensor and channel units (``"layer1.0.conv1.weight"``), the module name for
+            activation units (``"layer1.0.conv1"``).
+        index: the output channel for channel and activation units; ``None`` for tensor units.
+    """
+
+    kind: str
+    name: str
+    index: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in UNIT_KINDS:
+            raise ValueError(f"unit kind {self.kind!r} is not one of {', '.join(UNIT_KINDS)}")
+        if (self.kind == "tensor") != (self.index is None):
+            raise ValueError(f"a {self.kind} unit needs {'no index' if self.kind == 'tensor' else 'an index'}: {self!r}")
+
+    @property
+    def label(self) -> str:
+        return self.name if self.index is None else f"{self.name}[{self.index}]"
+
+    @property
+    def layer(self) -> str:
+        if self.kind == "activation":
+            return self.name
+        return self.name.rpartition(".")[0]
+
+
+def _compile(patterns: Sequence[str] | None, option: str) -> list[re.Pattern[str]] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as err:
+            raise ValueError(f"{option}: {pattern!r} is not a valid regular expression ({err})") from None
+    return compiled
+
+
+def _matches(name: str, include: list[re.Pattern[str]] | None, exclude: list[re.Pattern[str]]) -> bool:
+    if include is not None and not any(p.search(name) for p in include):
+        return False
+    return not any(p.search(name) for p in exclude)
+
+
+def _check_module_types(model: nn.Module, module_types: Sequence[str] | None) -> set[str] | None:
+    if module_types is None:
+        return None
+    if isinstance(module_types, str):
+        module_types = [module_types]
+    present = {type(m).__name__ for m in model.modules()}
+    for type_name in module_types:
+        if type_name not in present and not isinstance(getattr(nn, type_name, None), type):
+            raise ValueError(
+                f"module_types: {type_name!r} is neither a torch.nn module class nor a module type in this model "
+                f"(present: {', '.join(sorted(present))})"
+            )
+    return set(module_types)
+
+
+def _owner(modules: dict[str, nn.Module], param_name: str) -> nn.Module:
+    return modules[param_name.rpartition(".")[0]]
+
+
+def _activation_channels(name: str, module: nn.Module, example_input: torch.Tensor | None) -> int:
+    for attribute in _OUT_CHANNEL_ATTRIBUTES:
+        value = getattr(module, attribute, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(
+        f"activation units: cannot tell how many output channels module {name!r} ({type(module).__name__}) has; "
+        "pass example_input or restrict module_types to modules with out_channels/out_features/num_features"
+    )
+
+
+def _probe_activation_channels(model: nn.Module, names: list[str], example_input: torch.Tensor) -> dict[str, int]:
+    modules = dict(model.named_modules())
+    channels: dict[str, int] = {}
+    handles = []
+
+    def recorder(name: str):
+        def hook(_module, _inputs, output):
+            if not isinstance(output, torch.Tensor) or output.dim() < 2:
+                raise ValueError(f"activation units: module {name!r} does not output a (batch, channel, ...) tensor")
+            channels[name] = output.shape[1]
+
+        return hook
+
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_hook(recorder(name)))
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in names if n not in channels]
+    if missing:
+        raise ValueError(f"activation units: modules {missing} are not called in the model's forward pass")
+    return channels
+
+
+def select_units(
+    model: nn.Module,
+    kind: str = "tensor",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    module_types: Sequence[str] | None = None,
+    example_input: torch.Tensor | None = None,
+) -> list[Unit]:
+    """The units of ``model`` to score, in model order (then channel index).
+
+    Args:
+        model: the network.
+        kind: ``tensor``, ``channel`` or ``activation``.
+        include: regular expressions searched in the parameter name (tensor, channel) or the module name
+            (activation); a name is kept if any matches. Default: ``["weight"]`` for tensor and channel units
+            (the original experiment: every parameter whose name contains ``weight``), everything for activations.
+        exclude: regular expressions; a name matching any of them is dropped.
+        module_types: class names of the owning module (e.g. ``["Conv2d", "Linear"]``). Default: any for tensor
+            units, ``["Conv2d", "Linear"]`` for channel and activation units.
+        example_input: an input batch, only needed for activation units of modules that do not declare their
+            output channels (e.g. ``ReLU``); the model is run once on it to read them.
+
+    Raises:
+        ValueError: unknown kind or module type, an invalid regular expression, or an empty selection.
+    """
+    if kind not in UNIT_KINDS:
+        raise ValueError(f"kind: {kind!r} is not one of {', '.join(UNIT_KINDS)}")
+    include_patterns = _compile(include if include is not None else _DEFAULT_INCLUDE[kind], "include")
+    exclude_patterns = _compile(list(exclude or ()), "exclude") or []
+    types = _check_module_types(model, module_types if module_types is not None else _DEFAULT_MODULE_TYPES[kind])
+    modules = dict(model.named_modules())
+
+    units: list[Unit] = []
+    if kind in ("tensor", "channel"):
+        for name, param in model.named_parameters():
+            if not _matches(name, include_patterns, exclude_patterns):
+                continue
+            if types is not None and type(_owner(modules, name)).__name__ not in types:
+                continue
+            if kind == "tensor":
+                units.append(Unit("tensor", name))
+            elif param.dim() >= 1:
+                units.extend(Unit("channel", name, c) for c in range(param.shape[0]))
+    else:
+        names = [
+            name
+            for name, module in model.named_modules()
+            if name
+            and _matches(name, include_patterns, exclude_patterns)
+            and (types is None or type(module).__name__ in types)
+        ]
+        declared: dict[str, int] = {}
+        undeclared: list[str] = []
+        for name in names:
+            try:
+                declared[name] = _activation_channels(name, modules[name], example_input)
+            except ValueError:
+                if example_input is None:
+                    raise
+                undeclared.append(name)
+        if undeclared:
+            declared.update(_probe_activation_channels(model, undeclared, example_input))
+        for name in names:
+            units.extend(Unit("activation", name, c) for c in range(declared[name]))
+
+    if not units:
+        raise ValueError(
+            f"the selection is empty: kind={kind!r}, include={include!r}, exclude={list(exclude or ())!r}, "
+            f"module_types={module_types!r} match no {'module' if kind == 'activation' else 'parameter'} of "
+            f"{type(model).__name__}"
+        )
+    return units
+
+
+def unit_seed(seed: int, unit: Unit) -> int:
+    """The generator seed of a unit's noise draw: a stable function of (seed, unit label), never of ``hash()``.
+
+    32 bits, because torch's CPU generator (mt19937) only uses the low 32 bits of its seed.
+    """
+    return zlib.crc32(f"{int(seed)}\x00{unit.label}".encode("utf-8"))
+
+
+_INT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """A perturbation of a unit's values.
+
+    Args:
+        kind: ``add`` (add ``level``), ``scale`` (multiply by ``level``), ``noise`` (add Gaussian noise of standard
+            deviation ``level``), ``zero`` (ablation), ``sign_flip``, ``bitflip`` (flip bit ``level`` (0..31) of every
+            float32 value), ``prune`` (zero the ``level`` fraction of the unit's values with the smallest magnitude).
+        level: the amount, see ``kind``; ignored by ``zero`` and ``sign_flip``.
+        relative: ``noise`` only: the standard deviation is ``level`` times the standard deviation of the unit's
+            values.
+        seed: ``noise`` only: the draw for a unit depends on (seed, unit label) only, so it is the same on any
+            number of processes and in any order of evaluation.
+    """
+
+    kind: str = "add"
+    level: float = 0.1
+    relative: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in PERTURBATION_KINDS:
+            raise ValueError(f"perturbation: {self.kind!r} is not one of {', '.join(PERTURBATION_KINDS)}")
+        if not math.isfinite(float(self.level)):
+            raise ValueError(f"level: {self.level!r} is not a finite number")
+        if self.kind == "bitflip" and (float(self.level) != int(self.level) or not 0 <= int(self.level) <= 31):
+            raise ValueError(f"level: bitflip needs a bit index 0..31 of a float32 value, got {self.level!r}")
+        if self.kind == "prune" and not 0.0 <= float(self.level) <= 1.0:
+            raise ValueError(f"level: prune needs a fraction in [0, 1], got {self.level!r}")
+        if self.kind == "noise" and float(self.level) < 0:
+            raise ValueError(f"level: noise needs a non-negative standard deviation, got {self.level!r}")
+        if self.relative and self.kind != "noise":
+            raise ValueError(f"relative: only the noise perturbation has a relative form, not {self.kind!r}")
+
+    @property
+    def label(self) -> str:
+        if self.kind in ("zero", "sign_flip"):
+            return self.kind
+        if self.kind == "bitflip":
+            return f"bitflip({int(self.level)})"
+        if self.kind == "noise":
+            return f"noise({'rel ' if self.relative else ''}{self.level:g}, seed={self.seed})"
+        return f"{self.kind}({self.level:g})"
+
+    def check_unit_kind(self, kind: str) -> None:
+        """Raise ValueError if this perturbation is not defined for units of ``kind``."""
+        if kind == "activation" and self.kind == "noise" and self.relative:
+            # The standard deviation of an activation depends on which samples share a batch; a ranking must not.
+            raise ValueError("relative: relative noise is defined for weight units (tensor, channel), not activations")
+
+    def apply(self, values: torch.Tensor, unit: Unit) -> torch.Tensor:
+        """The perturbed copy of ``values`` (the unit's values; for activation units ``output[:, index]``, batch first).
+
+        For activation units every sample gets the same perturbation pattern (noise drawn over the non-batch
+        dimensions, pruning per sample), so a score does not depend on how the samples are batched.
+        """
+        kind = self.kind
+        if kind == "add":
+            return values + self.level
+        if kind == "scale":
+            return values * self.level
+        if kind == "zero":
+            return torch.zeros_like(values)
+        if kind == "sign_flip":
+            return -values
+        if kind == "bitflip":
+            if values.dtype != torch.float32:
+                raise ValueError(f"bitflip: unit {unit.label} holds {values.dtype}, bitflip is defined for float32")
+            bit = int(self.level)
+            mask = torch.tensor(-(1 << 31) if bit == 31 else 1 << bit, dtype=torch.int32, device=values.device)
+            return torch.bitwise_xor(values.contiguous().view(torch.int32), mask).view(torch.float32)
+        if kind == "noise":
+            self.check_unit_kind(unit.kind)
+            shape = values.shape[1:] if unit.kind == "activation" else values.shape
+            generator = torch.Generator(device="cpu").manual_seed(unit_seed(self.seed, unit))
+            draw = torch.randn(shape, generator=generator, dtype=torch.float32).to(values.device, values.dtype)
+            sigma = self.level * values.std().item() if self.relative else self.level
+            return values + sigma * draw
+        if kind == "prune":
+            if unit.kind == "activation":
+                flat = values.reshape(values.shape[0], -1)
+                return _prune_rows(flat, self.level).reshape(values.shape)
+            return _prune_rows(values.reshape(1, -1), self.level).reshape(values.shape)
+        raise AssertionError(kind)
+
+
+def _prune_rows(rows: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Zero the ``fraction`` of each row with the smallest magnitude: exactly floor(fraction·n) values, ties broken
+    by position, so the count never depends on equal magnitudes."""
+    n = rows.shape[1]
+    count = int(math.floor(fraction * n + 1e-9))
+    pruned = rows.clone()
+    if count == 0:
+        return pruned
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices[:, :count]
+    pruned.scatter_(1, order, 0.0)
+    return pruned
+
+
+def resolve_parameter(model: nn.Module, unit: Unit) -> nn.Parameter:
+    """The parameter a tensor or channel unit lives in; ValueError naming the unit if the model has none."""
+    if unit.kind == "activation":
+        raise ValueError(f"unit {unit.label} is an activation unit, it has no parameter")
+    params = dict(model.named_parameters())
+    if unit.name not in params:
+        raise ValueError(f"unit {unit.label}: the model has no parameter named {unit.name!r}")
+    param = params[unit.name]
+    if unit.index is not None and not 0 <= unit.index < (param.shape[0] if param.dim() else 0):
+        raise ValueError(f"unit {unit.label}: index out of range for a parameter of shape {tuple(param.shape)}")
+    return param
+
+
+def resolve_module(model: nn.Module, unit: Unit) -> nn.Module:
+    """The module an activation unit lives in; ValueError naming the unit if the model has none."""
+    modules = dict(model.named_modules())
+    if unit.kind != "activation" or unit.name not in modules:
+        raise ValueError(f"unit {unit.label}: the model has no module named {unit.name!r}")
+    return modules[unit.name]
+
+
+def _bit_view(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_INT_VIEWS[t.element_size()]) if t.is_floating_point() else t
+
+
+@contextmanager
+def perturbed(model: nn.Module, unit: Unit, perturbation: Perturbation) -> Iterator[None]:
+    """Perturb one unit of ``model`` inside the ``with`` block.
+
+    Tensor and channel units are written in place under ``no_grad`` and their exact original bits are put back on
+    exit (also on exceptions). Activation units get a forward hook that replaces ``output[:, index]``; it is removed
+    on exit.
+    """
+    perturbation.check_unit_kind(unit.kind)
+    if unit.kind == "activation":
+        module = resolve_module(model, unit)
+        index = unit.index
+
+        def hook(_module, _inputs, output):
+            if not isinstance(output, torch.Tensor) or output.dim() < 2 or index >= output.shape[1]:
+                raise ValueError(f"unit {unit.label}: module output has no channel {index}")
+            output = output.clone()
+            output[:, index] = perturbation.apply(output[:, index], unit)
+            return output
+
+        handle = module.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+        return
+
+    data = resolve_parameter(model, unit).detach()
+    target = data if unit.index is None else data[unit.index]
+    saved = target.clone()
+    try:
+        with torch.no_grad():
+            target.copy_(perturbation.apply(saved, unit))
+        yield
+    finally:
+        with torch.no_grad():
+            # Through an integer view so that NaN payloads and signed zeros come back bit for bit.
+            _bit_view(target).copy_(_bit_view(saved))

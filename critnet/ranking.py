@@ -1,0 +1,219 @@
+"""Ordering unit outcomes by criticality, and how far the order can be trusted (Lightning-free).
+
+The engine (:mod:`critnet.engine`) produces one :class:`~critnet.tally.UnitOutcome` per unit; this module turns
+them into a ranking (one row per unit, most critical first), measures split-half agreement (the Spearman
+correlation between the rankings computed on the two disjoint halves of the evaluation set) and, for the
+approximate engine modes, the agreement between estimated and exact scores.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from critnet.perturb import Perturbation
+from critnet.tally import SCORES, Tally, UnitOutcome, criticality_key, score_of
+
+RANKING_COLUMNS = (
+    "rank",
+    "unit",
+    "kind",
+    "layer",
+    "index",
+    "perturbation",
+    "level",
+    "score",
+    "loss",
+    "delta_loss",
+    "top1",
+    "top5",
+    "top1_drop",
+    "top5_drop",
+    "samples",
+    "exact",
+    "estimate",
+)
+_LEVELLESS = ("zero", "sign_flip")
+
+
+def check_score(score: str) -> str:
+    if score not in SCORES:
+        raise ValueError(f"score: {score!r} is not one of {', '.join(SCORES)}")
+    return score
+
+
+def ranking_key(tally: Tally, baseline: Tally, score: str) -> tuple[int, tuple[int, float]]:
+    """Sort key, most critical first: a NaN or infinite loss ranks above every finite one whatever the score
+    (the perturbation broke the network), then :func:`critnet.tally.criticality_key` of the score."""
+    loss = tally.loss
+    broken = math.isnan(loss) or math.isinf(loss)
+    return (0 if broken else 1, criticality_key(score_of(tally, baseline, score)))
+
+
+@dataclass(frozen=True)
+class RankedOutcome:
+    """One unit's place in a ranking."""
+
+    rank: int  # 1 = most critical
+    outcome: UnitOutcome
+    score: float
+
+
+def estimated_score(outcome: UnitOutcome, baseline: UnitOutcome, score: str) -> float:
+    """The score implied by a Taylor estimate of Δloss (NaN for accuracy scores, which have no estimate)."""
+    if outcome.estimate is None:
+        return math.nan
+    if score == "loss":
+        return baseline.total.loss + outcome.estimate
+    if score == "delta_loss":
+        return outcome.estimate
+    return math.nan
+
+
+def outcome_score(outcome: UnitOutcome, baseline: UnitOutcome, score: str) -> float:
+    """The unit's score: over its evaluated samples, or from its estimate when it was not evaluated at all."""
+    if outcome.total.samples == 0:
+        return estimated_score(outcome, baseline, score)
+    return score_of(outcome.total, baseline.total, score)
+
+
+def order_outcomes(outcomes: Sequence[UnitOutcome], baseline: UnitOutcome, score: str = "loss") -> list[RankedOutcome]:
+    """The outcomes, most critical first.
+
+    Larger scores are more critical (descending, as the original experiment sorted losses); a NaN or infinite loss
+    ranks first; ties keep the order of ``outcomes`` (model order), so the ranking is deterministic. Outcomes that
+    are not exact full-set evaluations (approximate engine modes) come after every exact one, ordered by their
+    partial evaluation, or by their estimate when they were not evaluated at all.
+    """
+    check_score(score)
+    for outcome in outcomes:
+        if outcome.exact and outcome.total.samples != baseline.total.samples:
+            raise ValueError(
+                f"unit {outcome.unit.label if outcome.unit else '?'} was evaluated on {outcome.total.samples} samples, "
+                f"the baseline on {baseline.total.samples}"
+            )
+
+    def key(i: int):
+        outcome = outcomes[i]
+        if outcome.total.samples == 0:
+            return (not outcome.exact, (1, criticality_key(estimated_score(outcome, baseline, score))))
+        return (not outcome.exact, ranking_key(outcome.total, baseline.total, score))
+
+    return [
+        RankedOutcome(rank=position + 1, outcome=outcomes[i], score=outcome_score(outcomes[i], baseline, score))
+        for position, i in enumerate(sorted(range(len(outcomes)), key=key))
+    ]
+
+
+def ranking_rows(
+    ranked: Sequence[RankedOutcome], baseline: UnitOutcome, perturbation: Perturbation
+) -> list[dict[str, Any]]:
+    """One long-form row per unit (Distiller's sensitivity CSV shape), columns :data:`RANKING_COLUMNS`."""
+    rows = []
+    base = baseline.total
+    for item in ranked:
+        tally, unit = item.outcome.total, item.outcome.unit
+        rows.append(
+            {
+                "rank": item.rank,
+                "unit": unit.label,
+                "kind": unit.kind,
+                "layer": unit.layer,
+                "index": "" if unit.index is None else unit.index,
+                "perturbation": perturbation.kind,
+                "level": "" if perturbation.kind in _LEVELLESS else perturbation.level,
+                "score": item.score,
+                "loss": tally.loss,
+                "delta_loss": tally.loss - base.loss,
+                "top1": tally.top1,
+                "top5": tally.top5,
+                "top1_drop": base.top1 - tally.top1,
+                "top5_drop": base.top5 - tally.top5,
+                "samples": tally.samples,
+                "exact": item.outcome.exact,
+                "estimate": "" if item.outcome.estimate is None else item.outcome.estimate,
+            }
+        )
+    return rows
+
+
+def tally_summary(tally: Tally) -> dict[str, float | int]:
+    return {"loss": tally.loss, "top1": tally.top1, "top5": tally.top5, "samples": tally.samples}
+
+
+def _criticality_positions(keys: Sequence[Any]) -> list[float]:
+    """Ranks (1 = most critical) with ties averaged, for keys where smaller = more critical."""
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    positions = [0.0] * len(keys)
+    start = 0
+    while start < len(order):
+        stop = start
+        while stop + 1 < len(order) and keys[order[stop + 1]] == keys[order[start]]:
+            stop += 1
+        for j in range(start, stop + 1):
+            positions[order[j]] = (start + stop) / 2 + 1
+        start = stop + 1
+    return positions
+
+
+def _correlations(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Spearman and Kendall (tau-b) correlation; NaN when undefined (fewer than 2 units or a constant ranking)."""
+    from scipy.stats import kendalltau, spearmanr
+
+    if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
+        return math.nan, math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(spearmanr(a, b).statistic), float(kendalltau(a, b).statistic)
+
+
+def split_half_agreement(
+    outcomes: Sequence[UnitOutcome], baseline: UnitOutcome, score: str = "loss", top_k: int = 20
+) -> dict[str, Any]:
+    """How well the rankings from the two disjoint halves of the evaluation set agree.
+
+    Each unit is ranked on the first half and on the second half (same score, same criticality order as the
+    full ranking, ties averaged); the Spearman and Kendall correlations of the two rankings and the overlap of their
+    top ``top_k`` sets say whether the evaluation set is large enough for the ranking to be trusted. Only units
+    evaluated exactly on both halves take part.
+    """
+    check_score(score)
+    used = [o for o in outcomes if o.exact and o.halves[0].samples > 0 and o.halves[1].samples > 0]
+    result: dict[str, Any] = {
+        "units": len(used),
+        "half_samples": [baseline.halves[0].samples, baseline.halves[1].samples],
+        "spearman": math.nan,
+        "kendall": math.nan,
+        "top_k": min(top_k, len(used)),
+        "top_k_overlap": math.nan,
+    }
+    if len(used) < 2 or baseline.halves[0].samples == 0 or baseline.halves[1].samples == 0:
+        return result
+    keys = [[ranking_key(o.halves[h], baseline.halves[h], score) for o in used] for h in (0, 1)]
+    first, second = (_criticality_positions(k) for k in keys)
+    result["spearman"], result["kendall"] = _correlations(first, second)
+    k = result["top_k"]
+    tops = [set(sorted(range(len(used)), key=lambda i: (keys[h][i], i))[:k]) for h in (0, 1)]
+    result["top_k_overlap"] = len(tops[0] & tops[1]) / k if k else math.nan
+    return result
+
+
+def estimate_agreement(outcomes: Sequence[UnitOutcome], baseline: UnitOutcome) -> dict[str, Any]:
+    """Agreement between the engine's estimated Δloss and the exact Δloss, over the units that have both
+    (``hybrid`` evaluates the estimated top units exactly)."""
+    pairs = [
+        (o.estimate, o.total.loss - baseline.total.loss)
+        for o in outcomes
+        if o.exact and o.estimate is not None and math.isfinite(o.estimate) and math.isfinite(o.total.loss)
+    ]
+    estimated, exact = [p[0] for p in pairs], [p[1] for p in pairs]
+    spearman, kendall = _correlations(estimated, exact)
+    return {
+        "units": len(pairs),
+        "spearman": spearman,
+        "kendall": kendall,
+        "max_abs_error": max((abs(e - x) for e, x in pairs), default=math.nan),
+    }

@@ -1,0 +1,357 @@
+"""Prune → evaluate → exact restore (DWP §3.2, Wang et al. 2022, arXiv 2208.08677), and channel pruning in a given order.
+
+Lightning-free. The masks follow the original network-prune algorithm:
+
+* ``connections``: the L1 norm of every (out, in) kernel of a Conv2d (for a Linear, every (out, in) weight);
+* ``neurons``: the L1 norm of every output filter (a Linear's output row);
+* ``weights``: the magnitude of every single weight;
+* scope ``global``: the norms of all selected layers sorted together, the threshold is the norm at index
+  ``int(p_prune · N)`` of the ascending sort, the candidates are the norms strictly below it (ties at the threshold
+  survive, as in the original); ``p_prune = 1`` makes every unit a candidate (the original indexed past the end).
+  Scope ``layerwise`` applies the same rule to each layer on its own;
+* every candidate is pruned independently with probability ``p_bern``.
+
+The masks are applied through ``torch.nn.utils.prune`` (a custom mask, i.e. ``weight_orig`` × ``weight_mask`` with a
+forward pre-hook) and removed in ``finally``: the reparametrisation is removed and the original tensors, which pruning
+never writes to, are put back, so every parameter and buffer is bit-identical afterwards, in its original order.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from critnet.tally import Tally, criticality_key
+
+METHODS = ("connections", "neurons", "weights")
+SCOPES = ("global", "layerwise")
+CHANNEL_ORDERS = ("criticality", "l1", "random")
+
+Channel = tuple[str, int]  # (module name, output channel index)
+
+
+def check_fraction(name: str, value: float) -> float:
+    """``value`` as a float if it lies in [0, 1]; otherwise a ValueError naming ``name``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= number <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return number
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def prunable_layers(model: nn.Module, include_linear: bool = False) -> list[tuple[str, nn.Module]]:
+    """The Conv2d modules (and Linear ones when ``include_linear``) in model order, with their names."""
+    types: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear) if include_linear else (nn.Conv2d,)
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, types)]
+    if not layers:
+        kinds = "Conv2d or Linear" if include_linear else "Conv2d"
+        raise ValueError(f"the model has no {kinds} layer to prune")
+    for name, module in layers:
+        if torch_prune.is_pruned(module) or "weight" not in module._parameters:
+            raise ValueError(f"layer {name!r} already carries a pruning reparametrisation; remove it first")
+    return layers
+
+
+def unit_norms(weight: torch.Tensor, method: str) -> torch.Tensor:
+    """The float64 L1 norm of every pruning unit of ``weight`` (shape: (out, in), (out,) or the weight's shape)."""
+    _check_choice("method", method, METHODS)
+    # float64 makes the sums (≤ a few thousand terms) independent of the reduction order, so every implementation
+    # and every device sorts the same numbers.
+    magnitudes = weight.detach().abs().to(torch.float64)
+    if method == "weights":
+        return magnitudes
+    if method == "connections":
+        return magnitudes.sum(dim=tuple(range(2, weight.dim()))) if weight.dim() > 2 else magnitudes
+    return magnitudes.flatten(1).sum(dim=1)
+
+
+def _expand(unit_mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A (bool) mask over units broadcast to the full weight shape."""
+    return unit_mask.reshape(unit_mask.shape + (1,) * (weight.dim() - unit_mask.dim())).expand(weight.shape).clone()
+
+
+@dataclass
+class PruneMasks:
+    """Keep-masks (True = keep) per layer, shaped like each layer's weight, and what they prune.
+
+    ``ratio`` is the fraction of the selected weights that the masks zero; ``param_fraction`` the same count over all
+    parameters of the model; ``units``/``units_pruned`` count the pruning units (kernels, filters or weights).
+    """
+
+    masks: dict[str, torch.Tensor]
+    selected: int
+    pruned: int
+    total_parameters: int
+    units: int
+    units_pruned: int
+    seed: int | None = None
+    threshold: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.pruned / self.selected if self.selected else 0.0
+
+    @property
+    def param_fraction(self) -> float:
+        return self.pruned / self.total_parameters if self.total_parameters else 0.0
+
+    def fingerprint(self) -> int:
+        """A CRC32 of all masks in layer order: equal on every rank iff the masks are equal."""
+        crc = 0
+        for name in self.masks:
+            crc = zlib.crc32(name.encode(), crc)
+            crc = zlib.crc32(self.masks[name].to(torch.uint8).cpu().numpy().tobytes(), crc)
+        return crc
+
+
+def _total_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _finish(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], unit_masks: Sequence[torch.Tensor],
+            **extra: Any) -> PruneMasks:
+    masks: dict[str, torch.Tensor] = {}
+    selected = pruned = units = units_pruned = 0
+    for (name, module), keep_units in zip(layers, unit_masks):
+        weight = module.weight
+        mask = _expand(keep_units, weight)
+        masks[name] = mask
+        selected += weight.numel()
+        pruned += int((~mask).sum())
+        units += keep_units.numel()
+        units_pruned += int((~keep_units).sum())
+    return PruneMasks(masks, selected, pruned, _total_parameters(model), units, units_pruned, **extra)
+
+
+def _candidates(norms: torch.Tensor, p_prune: float) -> tuple[torch.Tensor, float | None]:
+    """Norms strictly below the one at index int(p_prune·N) of the ascending sort; all of them when that is N."""
+    count = norms.numel()
+    index = int(p_prune * count)
+    if index >= count:
+        return torch.ones_like(norms, dtype=torch.bool), None
+    threshold = torch.sort(norms).values[index]
+    return norms < threshold, float(threshold)
+
+
+def dwp_masks(model: nn.Module, method: str = "connections", scope: str = "global", p_prune: float = 0.0,
+              p_bern: float = 1.0, seed: int = 0, include_linear: bool = False) -> PruneMasks:
+    """The DWP §3.2 keep-masks for ``model``.
+
+    Args:
+        model: the network; it is only read.
+        method: ``connections``, ``neurons`` or ``weights``.
+        scope: ``global`` (one threshold over all selected layers) or ``layerwise`` (one per layer).
+        p_prune: the fraction of the sorted unit norms below which units are candidates, in [0, 1].
+        p_bern: the probability that a candidate is pruned, in [0, 1].
+        seed: seeds the CPU generator of the Bernoulli draws, so every rank draws the same masks. One uniform number is
+            drawn per unit in model order whatever p_prune and p_bern are, so the masks of one seed are nested.
+        include_linear: select Linear layers as well as Conv2d.
+    """
+    _check_choice("method", method, METHODS)
+    _check_choice("scope", scope, SCOPES)
+    p_prune = check_fraction("p_prune", p_prune)
+    p_bern = check_fraction("p_bern", p_bern)
+    layers = prunable_layers(model, include_linear)
+    norms = [unit_norms(module.weight, method).cpu() for _, module in layers]
+    sizes = [n.numel() for n in norms]
+    flat = torch.cat([n.flatten() for n in norms])
+
+    threshold: float | None = None
+    if scope == "global":
+        candidates, threshold = _candidates(flat, p_prune)
+    else:
+        candidates = torch.cat([_candidates(n.flatten(), p_prune)[0] for n in norms])
+    generator = torch.Generator().manual_seed(int(seed))
+    draws = torch.rand(flat.numel(), generator=generator, dtype=torch.float64)
+    prune_units = candidates & (draws < p_bern)
+    keep = [chunk.reshape(n.shape) for chunk, n in zip((~prune_units).split(sizes), norms)]
+    return _finish(model, layers, keep, seed=int(seed), threshold=threshold,
+                   info={"method": method, "scope": scope, "p_prune": p_prune, "p_bern": p_bern})
+
+
+def channel_l1(model: nn.Module, include_linear: bool = False) -> dict[Channel, float]:
+    """The float64 L1 norm of every output channel of the selected layers, in model order."""
+    result: dict[Channel, float] = {}
+    for name, module in prunable_layers(model, include_linear):
+        for index, norm in enumerate(unit_norms(module.weight, "neurons").tolist()):
+            result[(name, index)] = norm
+    return result
+
+
+def read_channel_ranking(path: str | Path) -> dict[Channel, float]:
+    """Channel scores (larger = more critical) from a ranking CSV with columns ``layer``, ``index``, ``score``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"criticality_csv {str(path)!r} does not exist")
+    scores: dict[Channel, float] = {}
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"layer", "index", "score"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"criticality_csv {str(path)!r} lacks the column(s) {', '.join(sorted(missing))}")
+        for line, row in enumerate(reader, start=2):
+            if row["index"] in ("", None):
+                continue  # tensor units carry no channel index; only channel rows order channels
+            try:
+                channel = (row["layer"], int(row["index"]))
+                scores[channel] = float(row["score"])
+            except ValueError:
+                raise ValueError(f"criticality_csv {str(path)!r} line {line}: bad index or score {row!r}") from None
+    if not scores:
+        raise ValueError(f"criticality_csv {str(path)!r} holds no channel rows")
+    return scores
+
+
+def channel_order(model: nn.Module, order: str, *, include_linear: bool = False,
+                  criticality: Mapping[Channel, float] | None = None, seed: int = 0) -> list[Channel]:
+    """The output channels of the selected layers in the order in which to prune them.
+
+    ``criticality``: least critical first (smallest score; NaN/inf count as most critical); ``l1``: smallest L1 norm
+    first; ``random``: a permutation drawn from ``seed``. Ties keep model order.
+    """
+    _check_choice("order", order, CHANNEL_ORDERS)
+    norms = channel_l1(model, include_linear)
+    channels = list(norms)
+    if order == "l1":
+        return sorted(channels, key=lambda c: norms[c])
+    if order == "random":
+        permutation = torch.randperm(len(channels), generator=torch.Generator().manual_seed(int(seed)))
+        return [channels[i] for i in permutation.tolist()]
+    if criticality is None:
+        raise ValueError("order 'criticality' needs channel scores (criticality_csv or a computed ranking)")
+    missing = [c for c in channels if c not in criticality]
+    if missing:
+        shown = ", ".join(f"{layer}[{index}]" for layer, index in missing[:5])
+        raise ValueError(f"the criticality ranking lacks {len(missing)} channel(s) of the pruned layers, e.g. {shown}")
+    return sorted(channels, key=lambda c: criticality_key(criticality[c]), reverse=True)
+
+
+def channel_count(ratio: float, total: int) -> int:
+    """How many of ``total`` channels a channel ratio prunes (rounded to the nearest channel)."""
+    return int(math.floor(check_fraction("ratio", ratio) * total + 0.5))
+
+
+def channel_masks(model: nn.Module, channels: Sequence[Channel], include_linear: bool = False) -> PruneMasks:
+    """Keep-masks that zero the whole filter of every listed output channel."""
+    layers = prunable_layers(model, include_linear)
+    keep = {name: torch.ones(module.weight.shape[0], dtype=torch.bool) for name, module in layers}
+    for name, index in channels:
+        if name not in keep or not 0 <= index < keep[name].numel():
+            raise ValueError(f"channel {name}[{index}] is not an output channel of a selected layer")
+        keep[name][index] = False
+    return _finish(model, layers, [keep[name] for name, _ in layers], info={"channels": len(channels)})
+
+
+def _named_module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"the model has no module {name!r} to prune") from None
+
+
+def _restore(module: nn.Module, original: nn.Parameter, data: torch.Tensor, order: list[str],
+             hooks_before: set[int]) -> None:
+    """Remove any pruning reparametrisation of ``module.weight`` and put back the original parameter and bits."""
+    if torch_prune.is_pruned(module):
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, torch_prune.BasePruningMethod) and hook._tensor_name == "weight":
+                torch_prune.remove(module, "weight")
+                break
+    # Anything a failed apply left behind goes too: the mask buffer, the plain attribute, the _orig parameter.
+    module._buffers.pop("weight_mask", None)
+    module._parameters.pop("weight_orig", None)
+    for key in [k for k in module._forward_pre_hooks if k not in hooks_before]:
+        del module._forward_pre_hooks[key]
+    if "weight" in module.__dict__:
+        del module.__dict__["weight"]
+    with torch.no_grad():
+        original.data = data  # pruning never wrote to this tensor, so this puts back the exact bits
+    parameters = dict(module._parameters)
+    parameters["weight"] = original
+    module._parameters.clear()
+    for key in order:  # keep named_parameters()/state_dict() order as it was (remove() re-appends weight last)
+        module._parameters[key] = parameters.pop(key)
+    module._parameters.update(parameters)
+
+
+@contextmanager
+def pruned(model: nn.Module, masks: PruneMasks) -> Iterator[PruneMasks]:
+    """Apply ``masks`` through torch.nn.utils.prune for the body of the ``with``; restore exactly on exit."""
+    saved: list[tuple[nn.Module, nn.Parameter, torch.Tensor, list[str], set[int]]] = []
+    try:
+        for name, mask in masks.masks.items():
+            module = _named_module(model, name)
+            original = module._parameters.get("weight")
+            if original is None or torch_prune.is_pruned(module):
+                raise ValueError(f"layer {name!r} has no plain weight parameter to prune")
+            if tuple(mask.shape) != tuple(original.shape):
+                raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, weight {tuple(original.shape)}")
+            saved.append((module, original, original.data, list(module._parameters), set(module._forward_pre_hooks)))
+            torch_prune.custom_from_mask(module, "weight", mask.to(original.device))
+        yield masks
+    finally:
+        for module, original, data, order, hooks_before in reversed(saved):
+            _restore(module, original, data, order, hooks_before)
+
+
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, device: torch.device | None = None,
+             rank: int = 0, world_size: int = 1,
+             all_gather: Callable[[Any], list[Any]] | None = None) -> Tally:
+    """Mean cross-entropy, top-1 and top-5 over all ``batches`` in eval mode (the mode is restored afterwards).
+
+    With ``world_size > 1`` rank r evaluates the batches r, r + world_size, …; the per-batch sums are gathered with
+    ``all_gather`` and added in batch order, so every rank returns exactly the single-process numbers.
+    """
+    if world_size > 1 and all_gather is None:
+        raise ValueError("evaluating on several ranks needs an all_gather function")
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    per_batch: dict[int, Tally] = {}
+    try:
+        with torch.no_grad():
+            for index, (x, y) in enumerate(batches):
+                if index % world_size != rank:
+                    continue
+                logits = model(x.to(device, non_blocking=True))
+                y = y.to(logits.device)
+                losses = F.cross_entropy(logits, y, reduction="none").to(torch.float64)
+                k = min(5, logits.shape[1])
+                hits = logits.topk(k, dim=1).indices == y[:, None]
+                per_batch[index] = Tally(
+                    loss_sum=float(losses.sum()),
+                    top1_correct=int(hits[:, 0].sum()),
+                    top5_correct=int(hits.any(dim=1).sum()),
+                    samples=int(y.numel()),
+                )
+    finally:
+        model.train(was_training)
+    if world_size > 1:
+        merged: dict[int, Tally] = {}
+        for part in all_gather(per_batch):  # type: ignore[misc]
+            merged.update(part)
+        per_batch = merged
+    total = Tally()
+    for index in sorted(per_batch):
+        total = total + per_batch[index]
+    return total

@@ -1,0 +1,222 @@
+"""The engine's entry points: the baseline and the per-unit evaluations of a ranking, by any method.
+
+Methods:
+    naive: perturb, full forward pass over the evaluation set, restore (the reference; slow).
+    exact: the same scores, computing only the part of the network after each unit (``critnet.engine.suffix``).
+    taylor: first-order estimates of Δloss from one forward and backward pass per batch (labelled exact=False).
+    hybrid: taylor estimates for all units, then exact scores for the most critical by estimate.
+    halving: successive halving on growing parts of the data; the survivors get exact full-set scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from critnet.engine.data import EvaluationSet
+from critnet.engine.naive import full_pass, run_naive
+from critnet.engine.resume import ResultStore, fingerprint, outcome_from_record
+from critnet.engine.sharding import assign, gather_outcomes
+from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
+from critnet.tally import SCORES, UnitOutcome
+
+METHODS = ("naive", "exact", "taylor", "hybrid", "halving")
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module, device: torch.device, deterministic: bool) -> Iterator[None]:
+    """Eval mode (BatchNorm running statistics stay untouched) and, for exact GPU scores, no TF32 and
+    deterministic cuDNN; everything is put back afterwards."""
+    training = {name: m.training for name, m in model.named_modules()}
+    flags = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    try:
+        model.eval()
+        if deterministic and device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        yield
+    finally:
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark,
+        ) = flags
+        for name, module in model.named_modules():
+            module.training = training[name]
+
+
+def evaluate_baseline(model: nn.Module, data: EvaluationSet) -> UnitOutcome:
+    """Tallies of the unperturbed model over the evaluation set (``unit=None``)."""
+    with evaluation_mode(model, data.device, deterministic=True), torch.no_grad():
+        pair = full_pass(model, data)
+    return UnitOutcome(unit=None, total=pair.total, halves=pair.halves)
+
+
+class _Run:
+    """The shared state of one ``evaluate_units`` call: sharding, resume records, progress."""
+
+    def __init__(self, model, units, perturbation, data, rank, world_size, all_gather, store, progress):
+        self.model = model
+        self.units = units
+        self.perturbation = perturbation
+        self.data = data
+        self.rank = rank
+        self.world_size = world_size
+        self.all_gather = all_gather
+        self.store = store
+        self.progress = progress
+        self.records: dict[tuple[str, int], dict[str, Any]] = {}
+        self.done = 0
+        self.total = 0
+        if store is not None:
+            loaded = store.load()
+            if world_size > 1:
+                # Every rank read before any rank writes (the gather is a barrier); keep what all of them saw.
+                views = all_gather(sorted(loaded))
+                common = set(map(tuple, views[0])).intersection(*(set(map(tuple, v)) for v in views[1:]))
+                loaded = {key: loaded[key] for key in loaded if key in common}
+            self.records = loaded
+
+    def evaluate(
+        self,
+        indices: Sequence[int],
+        phase: str,
+        runner: Callable[[Sequence[tuple[int, Unit]], Callable[[int, UnitOutcome], None]], None],
+        costs: Callable[[Sequence[int]], list[float]] | None = None,
+    ) -> dict[int, UnitOutcome]:
+        """Outcomes of ``indices`` on every rank: resumed where recorded, the rest shared among ranks."""
+        resumed = {
+            i: outcome_from_record(self.records[(phase, i)], self.units[i]) for i in indices if (phase, i) in self.records
+        }
+        todo = [i for i in indices if i not in resumed]
+        unit_costs = costs(todo) if costs is not None else [1.0] * len(todo)
+        mine = [todo[p] for p in assign(unit_costs, self.world_size)[self.rank]]
+        self.total += len(mine)
+        self._report()
+        local: dict[int, UnitOutcome] = {}
+
+        def record(index: int, outcome: UnitOutcome) -> None:
+            local[index] = outcome
+            if self.store is not None:
+                self.store.append(phase, index, outcome)
+            self.done += 1
+            self._report()
+
+        runner([(i, self.units[i]) for i in mine], record)
+        missing = [i for i in mine if i not in local]
+        if missing:
+            raise RuntimeError(f"engine: {len(missing)} units were not evaluated (first: {self.units[missing[0]].label})")
+        gathered = gather_outcomes(local, self.units, self.world_size, self.all_gather, phase)
+        gathered.update(resumed)
+        return gathered
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def _check_units(model: nn.Module, units: Sequence[Unit], perturbation: Perturbation) -> list[Unit]:
+    units = list(units)
+    if not units:
+        raise ValueError("units: no units to evaluate")
+    seen: set[Unit] = set()
+    for unit in units:
+        if not isinstance(unit, Unit):
+            raise ValueError(f"units: {unit!r} is not a critnet.perturb.Unit")
+        if unit in seen:
+            raise ValueError(f"units: {unit.label} appears twice")
+        seen.add(unit)
+        perturbation.check_unit_kind(unit.kind)
+        if unit.kind == "activation":
+            resolve_module(model, unit)
+        else:
+            resolve_parameter(model, unit)
+    return units
+
+
+def evaluate_units(
+    model: nn.Module,
+    units: Sequence[Unit],
+    perturbation: Perturbation,
+    data: EvaluationSet,
+    *,
+    method: str = "exact",
+    score: str = "loss",
+    top_k: int = 20,
+    rank: int = 0,
+    world_size: int = 1,
+    all_gather: Callable[[Any], list[Any]] | None = None,
+    resume_dir: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[UnitOutcome]:
+    """One outcome per unit, in the order of ``units``, on every rank.
+
+    Args:
+        model: the network (its train/eval flags are put back afterwards; it is evaluated in eval mode).
+        units: the units to perturb, one at a time.
+        perturbation: what is done to each unit.
+        data: the evaluation set.
+        method: ``naive``, ``exact``, ``taylor``, ``hybrid`` or ``halving`` (see the module docstring).
+        score: the score hybrid and halving select the top units by (``loss``, ``delta_loss``, ``top1_drop``,
+            ``top5_drop``); the other methods return all tallies and do not depend on it.
+        top_k: how many units hybrid and halving must get exactly right.
+        rank: this process's rank.
+        world_size: number of processes; units (not data) are shared among them.
+        all_gather: gathers one picklable object from every rank into a list (rank order); needed if
+            ``world_size > 1``.
+        resume_dir: where finished units are appended; a re-run with the same settings resumes from there.
+        progress: called as ``progress(done, total)`` with this rank's counts as its units finish.
+
+    Raises:
+        ValueError: an unknown method or score, bad ranks, a unit the model does not have, or a perturbation that
+            is not defined for a unit's kind. The model is bit-identical afterwards, also on any exception.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    if score not in SCORES:
+        raise ValueError(f"score: {score!r} is not one of {', '.join(SCORES)}")
+    if int(top_k) < 1:
+        raise ValueError(f"top_k: must be at least 1, got {top_k!r}")
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"rank/world_size: need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
+    if world_size > 1 and all_gather is None:
+        raise ValueError("all_gather: needed to share units among world_size > 1 processes")
+    units = _check_units(model, units, perturbation)
+
+    store = None
+    if resume_dir is not None:
+        settings: dict[str, Any] = {"method": method}
+        if method in ("hybrid", "halving"):
+            settings.update(score=score, top_k=int(top_k))
+        store = ResultStore(resume_dir, fingerprint(model, units, perturbation, data.checksum, settings), rank)
+    try:
+        with evaluation_mode(model, data.device, deterministic=method != "taylor"):
+            run = _Run(model, units, perturbation, data, rank, world_size, all_gather, store, progress)
+            outcomes = _dispatch(run, method, score, int(top_k))
+    finally:
+        if store is not None:
+            store.close()
+    return [outcomes[i] for i in range(len(units))]
+
+
+def _dispatch(run: _Run, method: str, score: str, top_k: int) -> dict[int, UnitOutcome]:
+    everything = list(range(len(run.units)))
+    if method == "naive":
+        with torch.no_grad():
+            return run.evaluate(
+                everything, "exact", lambda work, record: run_naive(run.model, work, run.perturbation, run.data, record)
+            )
+    raise ValueError(f"method: {method!r} is not available yet")

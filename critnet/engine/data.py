@@ -1,0 +1,127 @@
+"""The evaluation set of a ranking: batches read and decoded once, held on a device within a memory budget."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+
+class EvaluationSet:
+    """The evaluation batches of an analysis, in a fixed order.
+
+    Build it with :meth:`from_batches`. The batches are decoded once and kept on ``device`` while they fit in
+    ``memory_budget_mb``; beyond that budget the set streams: it keeps only the shape of the batches and reads them
+    again from the (re-iterable) source, always in the same order, for every pass.
+
+    Attributes:
+        samples: number of samples.
+        batch_sizes: the size of every batch, in order.
+        device: where the batches are delivered.
+        checksum: sha256 over the bytes of all inputs and targets (identifies the data in resume fingerprints).
+        in_memory: whether the batches are held (True) or streamed from the source (False).
+    """
+
+    def __init__(
+        self,
+        batches: list[tuple[Tensor, Tensor]] | None,
+        source: Iterable[tuple[Tensor, Tensor]] | None,
+        batch_sizes: list[int],
+        device: torch.device,
+        checksum: str,
+    ) -> None:
+        self._batches = batches
+        self._source = source
+        self.batch_sizes = batch_sizes
+        self.samples = sum(batch_sizes)
+        self.device = device
+        self.checksum = checksum
+        self.in_memory = batches is not None
+
+    @classmethod
+    def from_batches(
+        cls,
+        batches: Iterable[tuple[Tensor, Tensor]],
+        device: torch.device | str | None = None,
+        memory_budget_mb: float | None = None,
+    ) -> EvaluationSet:
+        """Read ``batches`` once (each an ``(inputs, integer targets)`` pair, e.g. a DataLoader).
+
+        Args:
+            batches: the evaluation batches in order; must be re-iterable (a list or a DataLoader) if they exceed
+                the memory budget.
+            device: where to keep them (default: where they come from, i.e. the CPU for a DataLoader).
+            memory_budget_mb: the most memory the held batches may take; None = no limit.
+
+        Raises:
+            ValueError: no samples, a batch that is not an (inputs, targets) pair of matching length, or a
+                one-shot iterator whose batches exceed the memory budget.
+        """
+        target_device = torch.device(device) if device is not None else None
+        budget = None if memory_budget_mb is None else float(memory_budget_mb) * 2**20
+        held: list[tuple[Tensor, Tensor]] | None = []
+        sizes: list[int] = []
+        digest = hashlib.sha256()
+        used = 0
+        for position, batch in enumerate(batches):
+            x, y = _as_pair(batch, position)
+            digest.update(_bytes_of(x))
+            digest.update(_bytes_of(y))
+            sizes.append(int(x.shape[0]))
+            used += x.element_size() * x.numel() + y.element_size() * y.numel()
+            if held is not None and budget is not None and used > budget:
+                held = None  # over budget: from here on only the shapes are kept, the data streams
+            if held is not None:
+                dev = target_device if target_device is not None else x.device
+                held.append((x.to(dev), y.to(dev)))
+        if not sizes or sum(sizes) == 0:
+            raise ValueError("evaluation set: the batches hold no samples")
+        if held is None and iter(batches) is batches:
+            raise ValueError(
+                f"evaluation set: the batches need {used / 2**20:.1f} MB, more than memory_budget_mb="
+                f"{memory_budget_mb}, and cannot be streamed because they come from a one-shot iterator; "
+                "pass a DataLoader or list, or raise the budget"
+            )
+        dev = target_device if target_device is not None else (held[0][0].device if held else torch.device("cpu"))
+        return cls(held, None if held is not None else batches, sizes, dev, digest.hexdigest())
+
+    def __len__(self) -> int:
+        return len(self.batch_sizes)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self._batches is not None:
+            yield from self._batches
+            return
+        for position, batch in enumerate(self._source):
+            x, y = _as_pair(batch, position)
+            if position >= len(self.batch_sizes) or x.shape[0] != self.batch_sizes[position]:
+                raise RuntimeError("evaluation set: the streamed source changed between passes")
+            yield x.to(self.device), y.to(self.device)
+
+    @property
+    def half(self) -> int:
+        """Samples in the first half; the second half holds the rest (dataset order)."""
+        return self.samples // 2
+
+    def offsets(self) -> list[int]:
+        """The index of the first sample of every batch."""
+        out, total = [], 0
+        for size in self.batch_sizes:
+            out.append(total)
+            total += size
+        return out
+
+
+def _as_pair(batch, position: int) -> tuple[Tensor, Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise ValueError(f"evaluation set: batch {position} is not an (inputs, targets) pair")
+    x, y = batch[0], batch[1]
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.shape[0] != y.shape[0]:
+        raise ValueError(f"evaluation set: batch {position} is not a pair of tensors with the same batch size")
+    return x, y
+
+
+def _bytes_of(t: Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

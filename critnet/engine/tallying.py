@@ -1,0 +1,70 @@
+"""Per-sample loss and top-k hits of logits, summed (float64) into the tallies of the two halves of the samples."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from critnet.tally import Tally
+
+
+def tally_variants(logits: Tensor, targets: Tensor, offset: int, half: int) -> list[tuple[Tally, Tally]]:
+    """Tallies of the first and second half of the samples for each variant.
+
+    Args:
+        logits: ``(variants, batch, classes)`` or ``(batch, classes)`` (one variant).
+        targets: ``(batch,)`` class indices.
+        offset: index of the batch's first sample in the evaluation set.
+        half: number of samples in the evaluation set's first half.
+    """
+    if logits.dim() == 2:
+        logits = logits.unsqueeze(0)
+    variants, batch, classes = logits.shape
+    flat = logits.reshape(variants * batch, classes)
+    # Per-sample cross-entropy in the logits' precision (what a plain loop computes), summed in float64.
+    losses = F.cross_entropy(flat, targets.repeat(variants), reduction="none").reshape(variants, batch).double()
+    k = min(5, classes)
+    top = flat.topk(k, dim=1).indices.reshape(variants, batch, k)
+    # A row with a NaN logit predicts nothing (topk would rank the NaN first and count it as a hit).
+    valid = ~torch.isnan(flat).any(dim=1).reshape(variants, batch, 1)
+    hits = (top == targets.view(1, batch, 1)) & valid
+    top1 = hits[..., 0]
+    top5 = hits.any(dim=2)
+    split = min(max(half - offset, 0), batch)
+    sums = torch.stack(
+        [
+            losses[:, :split].sum(1),
+            losses[:, split:].sum(1),
+            top1[:, :split].sum(1).double(),
+            top1[:, split:].sum(1).double(),
+            top5[:, :split].sum(1).double(),
+            top5[:, split:].sum(1).double(),
+        ],
+        dim=1,
+    ).cpu().tolist()
+    return [
+        (Tally(s[0], int(s[2]), int(s[4]), split), Tally(s[1], int(s[3]), int(s[5]), batch - split)) for s in sums
+    ]
+
+
+class TallyPair:
+    """Running first-half/second-half tallies of one variant."""
+
+    __slots__ = ("first", "second")
+
+    def __init__(self) -> None:
+        self.first = Tally()
+        self.second = Tally()
+
+    def add(self, pair: tuple[Tally, Tally]) -> None:
+        self.first = self.first + pair[0]
+        self.second = self.second + pair[1]
+
+    @property
+    def halves(self) -> tuple[Tally, Tally]:
+        return (self.first, self.second)
+
+    @property
+    def total(self) -> Tally:
+        return self.first + self.second

@@ -1,0 +1,90 @@
+"""The engine against an independent reference loop (perturb, full forward, restore) on the public ResNet20."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from critnet.engine import EvaluationSet, evaluate_baseline, evaluate_units
+from critnet.perturb import Perturbation, perturbed, select_units
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def state_checksum(model) -> str:
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def reference(model, units, perturbation, batches):
+    """Per unit: (loss sum, top-1 hits, top-5 hits) over all batches, and the same for the two halves."""
+    n = sum(len(y) for _, y in batches)
+    half = n // 2
+    results = []
+    for unit in units:
+        with torch.no_grad(), perturbed(model, unit, perturbation):
+            losses, hit1, hit5 = [], [], []
+            for x, y in batches:
+                logits = model(x)
+                losses.append(F.cross_entropy(logits, y, reduction="none").double())
+                hit1.append(logits.argmax(1) == y)
+                hit5.append((logits.topk(5, 1).indices == y[:, None]).any(1))
+            losses, hit1, hit5 = torch.cat(losses), torch.cat(hit1), torch.cat(hit5)
+        results.append(
+            {
+                "loss": losses.sum().item(),
+                "top1": int(hit1.sum()),
+                "top5": int(hit5.sum()),
+                "halves": [
+                    (losses[s].sum().item(), int(hit1[s].sum()), int(hit5[s].sum()))
+                    for s in (slice(0, half), slice(half, n))
+                ],
+            }
+        )
+    return results
+
+
+def assert_matches(outcomes, expected, units):
+    assert [o.unit for o in outcomes] == list(units)
+    for outcome, ref in zip(outcomes, expected):
+        label = outcome.unit.label
+        assert outcome.exact, label
+        assert outcome.total.samples == 256, label
+        assert outcome.total.top1_correct == ref["top1"], label
+        assert outcome.total.top5_correct == ref["top5"], label
+        assert outcome.total.loss_sum == pytest.approx(ref["loss"], abs=1e-4 * 256, rel=0), label
+        for half, (loss, top1, top5) in zip(outcome.halves, ref["halves"]):
+            assert (half.top1_correct, half.top5_correct, half.samples) == (top1, top5, 128), label
+            assert half.loss_sum == pytest.approx(loss, abs=1e-4 * 128, rel=0), label
+
+
+@pytest.fixture()
+def data(cifar_test_256):
+    return EvaluationSet.from_batches(cifar_test_256)
+
+
+def test_baseline_is_the_plain_forward_pass(resnet20_cifar, cifar_test_256, data):
+    baseline = evaluate_baseline(resnet20_cifar, data)
+    with torch.no_grad():
+        logits = torch.cat([resnet20_cifar(x) for x, _ in cifar_test_256])
+    y = torch.cat([y for _, y in cifar_test_256])
+    assert baseline.unit is None
+    assert baseline.total.samples == 256
+    assert baseline.total.top1_correct == int((logits.argmax(1) == y).sum())
+    assert baseline.total.loss == pytest.approx(F.cross_entropy(logits, y).item(), abs=1e-6)
+    assert baseline.halves[0].samples == baseline.halves[1].samples == 128
+
+
+def test_naive_matches_reference_and_restores(resnet20_cifar, cifar_test_256, data):
+    units = select_units(resnet20_cifar, "channel", include=[r"layer3\.2\.conv2"])[:2]
+    units += select_units(resnet20_cifar, "tensor", include=[r"layer2\.0\.bn1\.weight"])
+    before = state_checksum(resnet20_cifar)
+    outcomes = evaluate_units(resnet20_cifar, units, Perturbation("add", 0.5), data, method="naive")
+    assert state_checksum(resnet20_cifar) == before
+    assert_matches(outcomes, reference(resnet20_cifar, units, Perturbation("add", 0.5), cifar_test_256), units)

@@ -1,0 +1,73 @@
+"""Writes ``metrics.json`` and prints a summary table after every evaluation."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+from critnet.reporting.common import print_table, write_json
+
+
+class RunSummary(L.Callback):
+    """After validate/test (and each validation during fit), write the metrics beside the TensorBoard events.
+
+    ``metrics.json`` holds ``top1``/``top5`` (percent), ``loss`` (mean cross-entropy), ``samples`` (images
+    counted, each exactly once across devices), the model, the checkpoint's sha256 and the data root.
+
+    Args:
+        filename: Name of the JSON file written in the logger's ``log_dir``.
+        print_summary: Print a rich table of the metrics at the end of ``validate``/``test`` (rank 0).
+    """
+
+    def __init__(self, filename: str = "metrics.json", print_summary: bool = True) -> None:
+        self.filename = filename
+        self.print_summary = print_summary
+        self._started = 0.0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    on_test_start = on_validation_start
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._report(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, pl_module, "test")
+
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        metrics = getattr(pl_module, "last_metrics", {}).get(stage)
+        log_dir = trainer.log_dir  # broadcasts under DDP: every rank must ask
+        if metrics is None or not trainer.is_global_zero:
+            return
+        weights = getattr(pl_module, "weights_info", None)
+        datamodule = trainer.datamodule
+        record = {
+            "stage": stage,
+            "top1": metrics["top1"],
+            "top5": metrics["top5"],
+            "loss": metrics["loss"],
+            "samples": metrics["samples"],
+            "top1_correct": metrics["top1_correct"],
+            "top5_correct": metrics["top5_correct"],
+            "model": getattr(pl_module, "arch", type(pl_module).__name__),
+            "checkpoint": weights.path if weights else None,
+            "checkpoint_sha256": weights.sha256 if weights else None,
+            "data_root": str(getattr(datamodule, "root", "")) or None,
+            "epoch": trainer.current_epoch,
+            "devices": trainer.world_size,
+            "elapsed_s": round(time.perf_counter() - self._started, 3),
+            "torch": torch.__version__,
+        }
+        write_json(f"{log_dir}/{self.filename}", record)
+        if self.print_summary and trainer.state.fn in ("validate", "test"):
+            print_table(
+                f"{record['model']} · {stage} · {trainer.world_size} device(s) · written to {log_dir}",
+                ["top-1 %", "top-5 %", "loss", "samples", "checkpoint sha256"],
+                [[record["top1"], record["top5"], record["loss"], record["samples"],
+                  (record["checkpoint_sha256"] or "—")[:16]]],
+                digits=4,
+            )

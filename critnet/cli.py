@@ -1,0 +1,64 @@
+"""The command line: ``python analyze.py fit|validate|test|predict`` and ``python train.py``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from critnet.callbacks.summary import RunSummary
+from critnet.data import ClassificationDataModule
+from critnet.module import ClassifierModule
+
+
+class CritnetCLI(LightningCLI):
+    """LightningCLI with critnet's always-on callbacks and the data → model class-count link."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+        parser.link_arguments("data", "model.num_classes", compute_fn=lambda data: data.num_classes,
+                              apply_on="instantiate")
+
+
+class TrainCLI(CritnetCLI):
+    """``train.py``: also keeps the best checkpoint (by val/top1) in ``checkpoints/``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.dirpath": "checkpoints",
+            "checkpoint.filename": "finetuned-{epoch:02d}-top1={val/top1:.2f}",
+            "checkpoint.auto_insert_metric_name": False,
+            "checkpoint.monitor": "val/top1",
+            "checkpoint.mode": "max",
+            "checkpoint.save_top_k": 1,
+        })
+
+
+def _run(cli_class: type[CritnetCLI], args: Sequence[str] | None) -> CritnetCLI:
+    return cli_class(
+        ClassifierModule,
+        ClassificationDataModule,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=list(args) if args is not None else None,
+        auto_configure_optimizers=False,
+    )
+
+
+def main(args: Sequence[str] | None = None) -> CritnetCLI:
+    """Entry point of ``analyze.py``: ``main(["validate", "-c", "configs/resnet20_cifar10.yaml", ...])``."""
+    return _run(CritnetCLI, args)
+
+
+def train_main(args: Sequence[str] | None = None) -> CritnetCLI:
+    """Entry point of ``train.py``: always the ``fit`` subcommand, best checkpoint kept in ``checkpoints/``."""
+    args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["fit"]:
+        args = args[1:]
+    return _run(TrainCLI, ["fit", *args])

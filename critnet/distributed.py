@@ -1,0 +1,87 @@
+"""Lightning-free helpers for code that runs on every rank of a torch.distributed job.
+
+All of them degrade to the single-process answer when no process group exists,
+so the analysis code is the same on one CPU and on many GPUs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, TypeVar
+
+import torch.distributed as dist
+from torch.utils.data import Dataset, DistributedSampler
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_rank_zero() -> bool:
+    return rank() == 0
+
+
+def all_gather_objects(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order, on every rank (a collective: all ranks must call it)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank (a collective)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Shards a dataset across ranks without repeating samples.
+
+    torch's ``DistributedSampler`` pads the index list by repeating samples so that
+    every rank gets the same count; for evaluation those repeats would be counted
+    twice. Here rank ``r`` gets indices ``r, r + W, r + 2W, ...``; ranks may differ by
+    one sample, which is harmless in evaluation (no gradient all-reduce per step),
+    and metric sums over ranks count every sample exactly once.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(self.rank, len(self.dataset), self.num_replicas))  # type: ignore[arg-type]
+        self.total_size = len(self.dataset)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def shard_sizes(total: int, num_shards: int) -> list[int]:
+    """How many samples each rank of an :class:`UnpaddedDistributedSampler` sees."""
+    return [len(range(r, total, num_shards)) for r in range(num_shards)] if total else [0] * num_shards
+
+
+__all__ = [
+    "UnpaddedDistributedSampler",
+    "all_gather_objects",
+    "broadcast_object",
+    "is_distributed",
+    "is_rank_zero",
+    "rank",
+    "shard_sizes",
+    "world_size",
+]

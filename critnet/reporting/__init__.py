@@ -1,0 +1,1 @@
+"""Writing results: CSV/JSON artifacts, rich console tables and TensorBoard items."""

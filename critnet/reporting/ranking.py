@@ -1,0 +1,243 @@
+"""Reports of a ranking: ranking.csv / ranking.json, the rich top-K table and progress bar, TensorBoard items.
+
+Lightning-free: functions take rows (:func:`critnet.ranking.ranking_rows`) and a ``SummaryWriter``; the callback
+decides which rank calls them (rank 0 only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from critnet.ranking import RANKING_COLUMNS
+from rich.table import Table
+
+from critnet.reporting.common import console, format_cell, write_csv, write_json
+
+TOP_K_COLUMNS = ("rank", "unit", "perturbation", "level", "score", "loss", "delta_loss", "top1", "top5")
+
+
+def write_ranking_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Long-form rows, floats at full precision (``repr``) so that readers recover the exact scores."""
+    return write_csv(path, [{k: _full_precision(v) for k, v in row.items()} for row in rows], RANKING_COLUMNS)
+
+
+def _full_precision(value: Any) -> Any:
+    return repr(value) if isinstance(value, float) else value
+
+
+def write_ranking_json(path: str | Path, summary: Mapping[str, Any]) -> Path:
+    return write_json(path, summary)
+
+
+CONSOLE_COLUMNS = (("rank", "rank"), ("unit", "unit"), ("score", "score"), ("loss", "loss"),
+                   ("delta_loss", "Δloss"), ("top1", "top-1 %"), ("top5", "top-5 %"))
+
+
+def print_top_k(rows: Sequence[Mapping[str, Any]], k: int, title: str) -> Table:
+    """The top ``k`` rows as a rich table; unit names are never truncated (they fold)."""
+    table = Table(title=title, title_justify="left")
+    for key, header in CONSOLE_COLUMNS:
+        if key == "unit":
+            table.add_column(header, overflow="fold", ratio=3)
+        else:
+            table.add_column(header, justify="right", no_wrap=True)
+    for row in rows[:k]:
+        cells = [format_cell(row[key], 2 if key in ("top1", "top5") else 4) for key, _ in CONSOLE_COLUMNS]
+        if not row["exact"]:
+            cells[1] += " (estimate)"
+        table.add_row(*cells)
+    console.print(table)
+    return table
+
+
+def top_k_markdown(rows: Sequence[Mapping[str, Any]], k: int) -> str:
+    """The top-K table in Markdown (TensorBoard renders text summaries as Markdown)."""
+    lines = ["| " + " | ".join(TOP_K_COLUMNS) + " |", "|" + "---|" * len(TOP_K_COLUMNS)]
+    for row in rows[:k]:
+        lines.append("| " + " | ".join(format_cell(row[c], 5) for c in TOP_K_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _finite(values: Sequence[float]) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    return array[np.isfinite(array)]
+
+
+def top_k_figure(rows: Sequence[Mapping[str, Any]], k: int, score: str, title: str):
+    """A horizontal bar chart of the top K scores, most critical at the top; broken units (NaN/inf) are drawn as
+    red bars at the largest finite score and labelled with their value."""
+    from matplotlib.figure import Figure
+
+    top = list(rows[:k])
+    scores = [float(row["score"]) for row in top]
+    finite = _finite(scores)
+    cap = float(finite.max()) if finite.size else 1.0
+    heights = [s if math.isfinite(s) else cap for s in scores]
+    colors = ["tab:blue" if math.isfinite(s) else "tab:red" for s in scores]
+    figure = Figure(figsize=(8, 0.3 * len(top) + 1.2), dpi=100)
+    axes = figure.add_subplot()
+    positions = np.arange(len(top))
+    axes.barh(positions, heights, color=colors)
+    axes.set_yticks(positions, [str(row["unit"]) for row in top], fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xlabel(score)
+    axes.set_title(title, fontsize=9)
+    for position, value in zip(positions, scores):
+        if not math.isfinite(value):
+            axes.text(cap, position, f" {value}", va="center", fontsize=7)
+    if finite.size and finite.min() > 0:
+        # losses of perturbed networks cluster far from 0: start the axis near them so differences stay visible
+        low = float(finite.min())
+        axes.set_xlim(max(0.0, low - 0.05 * (cap - low + 1e-12) - 1e-12), cap + 0.05 * (cap - low + 1e-12))
+    figure.tight_layout()
+    return figure
+
+
+def channel_heatmap_figure(
+    rows: Sequence[Mapping[str, Any]], score: str, title: str, layer_order: Sequence[str] | None = None
+):
+    """Per-layer heatmap of channel scores: one row per layer, one column per channel index; units whose score is
+    not finite (a broken network) are marked with a red x. ``layer_order`` = the layers in model order (default:
+    natural sort of the names). None when the rows hold no channel or activation units."""
+    from matplotlib.figure import Figure
+
+    by_layer: dict[str, dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        if row["index"] == "" or row["index"] is None:
+            continue
+        by_layer[row["layer"]][int(row["index"])] = float(row["score"])
+    if not by_layer:
+        return None
+    layers = [layer for layer in (layer_order or sorted(by_layer, key=_natural_key)) if layer in by_layer]
+    width = max(max(channels) for channels in by_layer.values()) + 1
+    grid = np.full((len(layers), width), np.nan)
+    for i, layer in enumerate(layers):
+        for index, value in by_layer[layer].items():
+            grid[i, index] = value
+    finite = grid[np.isfinite(grid)]
+    figure = Figure(figsize=(min(16, max(6, width * 0.12 + 3)), 0.28 * len(layers) + 1.5), dpi=100)
+    axes = figure.add_subplot()
+    image = axes.imshow(
+        np.ma.masked_invalid(grid),
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        vmin=float(finite.min()) if finite.size else None,
+        vmax=float(finite.max()) if finite.size else None,
+    )
+    for i, layer in enumerate(layers):
+        for index, value in by_layer[layer].items():
+            if not math.isfinite(value):
+                axes.text(index, i, "x", ha="center", va="center", color="red", fontsize=6)
+    axes.set_yticks(np.arange(len(layers)), layers, fontsize=7)
+    axes.set_xlabel("output channel")
+    axes.set_title(title, fontsize=9)
+    figure.colorbar(image, ax=axes, label=score)
+    figure.tight_layout()
+    return figure
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in name.replace("[", ".").split(".")]
+
+
+def log_tensorboard(
+    writer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    baseline: Mapping[str, float],
+    agreement: Mapping[str, Any],
+    score: str,
+    top_k: int,
+    prefix: str = "ranking",
+    step: int = 0,
+    title: str = "",
+    layer_order: Sequence[str] | None = None,
+) -> list[str]:
+    """Write the ranking's TensorBoard items and return their tags.
+
+    ``{prefix}/top_k`` (text), ``{prefix}/top_k_bar`` (figure), ``{prefix}/scores/<layer>`` (histograms),
+    ``{prefix}/channel_heatmap`` (figure, channel/activation units), ``{prefix}/baseline/{loss,top1,top5}`` and
+    ``{prefix}/split_half_spearman`` (scalars).
+    """
+    tags = []
+    writer.add_text(f"{prefix}/top_k", top_k_markdown(rows, top_k), global_step=step)
+    tags.append(f"{prefix}/top_k")
+    writer.add_figure(f"{prefix}/top_k_bar", top_k_figure(rows, top_k, score, title), global_step=step, close=True)
+    tags.append(f"{prefix}/top_k_bar")
+
+    by_layer: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        by_layer[row["layer"] or "(model)"].append(float(row["score"]))
+    for layer, values in by_layer.items():
+        finite = _finite(values)
+        if finite.size:
+            writer.add_histogram(f"{prefix}/scores/{layer}", finite, global_step=step)
+            tags.append(f"{prefix}/scores/{layer}")
+
+    heatmap = channel_heatmap_figure(rows, score, title, layer_order)
+    if heatmap is not None:
+        writer.add_figure(f"{prefix}/channel_heatmap", heatmap, global_step=step, close=True)
+        tags.append(f"{prefix}/channel_heatmap")
+
+    for name in ("loss", "top1", "top5"):
+        writer.add_scalar(f"{prefix}/baseline/{name}", float(baseline[name]), global_step=step)
+        tags.append(f"{prefix}/baseline/{name}")
+    spearman = agreement.get("spearman", math.nan)
+    if isinstance(spearman, float) and math.isfinite(spearman):
+        writer.add_scalar(f"{prefix}/split_half_spearman", spearman, global_step=step)
+        tags.append(f"{prefix}/split_half_spearman")
+    writer.flush()
+    return tags
+
+
+class RankingProgress:
+    """A rich progress bar of the analysis (units done of total, elapsed, remaining); inert when disabled, so every
+    rank can hold one and only rank 0 draws it."""
+
+    def __init__(self, description: str, enabled: bool = True) -> None:
+        self.description = description
+        self.enabled = enabled
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> RankingProgress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("units"),
+                TimeElapsedColumn(),
+                TextColumn("remaining"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.description, total=None)
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=total)
+
+    def __exit__(self, *exc_info) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc_info)
+            self._progress = None

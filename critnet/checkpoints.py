@@ -18,6 +18,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from critnet.errors import CritnetError
+
 #: Where known checkpoints are downloaded to; ``CRITNET_CHECKPOINT_DIR`` overrides it.
 DEFAULT_CHECKPOINT_DIR = Path("checkpoints")
 
@@ -55,7 +57,7 @@ KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CritnetError):
     """A checkpoint that cannot be loaded into the requested model."""
 
 
@@ -148,7 +150,7 @@ def resolve_weights(source: str, arch: str) -> tuple[Path, str | None]:
             _download(tv_weights.url, dst, prefix)
         return dst, prefix
     if path.suffix or os.sep in source:
-        raise FileNotFoundError(f"--model.weights: no such file: {source}")
+        raise CheckpointError(f"--model.weights: no such file: {source}")
     raise CheckpointError(
         f"--model.weights {source!r} is neither a file nor a known checkpoint; known names: "
         f"{', '.join(KNOWN_CHECKPOINTS)} and torchvision weight names such as IMAGENET1K_V1 for ImageNet ResNets"

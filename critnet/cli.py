@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from critnet.callbacks.summary import RunSummary
 from critnet.data import ClassificationDataModule
+from critnet.errors import CritnetError
 from critnet.module import ClassifierModule
 
 
@@ -51,9 +52,18 @@ def _run(cli_class: type[CritnetCLI], args: Sequence[str] | None) -> CritnetCLI:
     )
 
 
+def _run_reporting_errors(cli_class: type[CritnetCLI], args: Sequence[str] | None) -> CritnetCLI:
+    try:
+        return _run(cli_class, args)
+    except CritnetError as err:
+        # Bad input is the user's to fix: one line naming the flag or file, not a traceback.
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
 def main(args: Sequence[str] | None = None) -> CritnetCLI:
     """Entry point of ``analyze.py``: ``main(["validate", "-c", "configs/resnet20_cifar10.yaml", ...])``."""
-    return _run(CritnetCLI, args)
+    return _run_reporting_errors(CritnetCLI, args)
 
 
 def train_main(args: Sequence[str] | None = None) -> CritnetCLI:
@@ -61,4 +71,4 @@ def train_main(args: Sequence[str] | None = None) -> CritnetCLI:
     args = list(sys.argv[1:] if args is None else args)
     if args[:1] == ["fit"]:
         args = args[1:]
-    return _run(TrainCLI, ["fit", *args])
+    return _run_reporting_errors(TrainCLI, ["fit", *args])

@@ -19,13 +19,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
 from critnet.distributed import UnpaddedDistributedSampler
+from critnet.errors import CritnetError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-class DataError(ValueError):
+class DataError(CritnetError):
     """A data root that cannot be used, with the path at fault in the message."""
 
 
@@ -100,7 +101,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.eval_dataset: Dataset | None = None
 
-    # Subclasses return (train, eval) datasets; `train` is only built when fitting.
+    # The training split is only built when fitting, so evaluating needs no train/ directory.
     def build_train_dataset(self) -> Dataset:
         raise NotImplementedError
 

@@ -12,6 +12,8 @@ from typing import Callable
 
 from torch import nn
 
+from critnet.errors import CritnetError
+
 ModelFactory = Callable[..., nn.Module]
 
 
@@ -53,11 +55,17 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+class UnknownModelError(CritnetError):
+    """A model name that is not registered."""
+
+
 def get_model_spec(name: str) -> ModelSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(list_models())}") from None
+        raise UnknownModelError(
+            f"unknown model {name!r} (--model.arch); registered models: {', '.join(list_models())}"
+        ) from None
 
 
 def build_model(name: str, num_classes: int | None = None) -> nn.Module:

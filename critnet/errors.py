@@ -1,0 +1,8 @@
+"""User-facing errors: bad input named by the flag, key or file at fault.
+
+The CLI prints these as one clean line and exits with status 2 instead of a traceback.
+"""
+
+
+class CritnetError(ValueError):
+    """Bad input from the user (a config value, a file, a data root)."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from critnet.callbacks.summary import RunSummary
@@ -19,9 +20,19 @@ class CritnetCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunSummary, "summary")
-        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
         parser.link_arguments("data", "model.num_classes", compute_fn=lambda data: data.num_classes,
                               apply_on="instantiate")
+
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # A rich progress bar by default, unless the user turned progress bars off or brought their own.
+        user_callbacks = config.get("callbacks") or []
+        if not isinstance(user_callbacks, list):
+            user_callbacks = [user_callbacks]
+        wants_bar = config.get("enable_progress_bar", True) is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in [*callbacks, *user_callbacks]):
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 class TrainCLI(CritnetCLI):

@@ -1,0 +1,112 @@
+"""The CLI end to end, through its real entry points, against an independent plain-PyTorch loop."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision import datasets, transforms
+
+from conftest import CIFAR_ROOT, REPO, RESNET20_WEIGHTS, requires_shared
+from critnet.cli import main, train_main
+
+pytestmark = requires_shared
+
+SUBSET = ["--data.subset_size", "600", "--data.subset_seed", "0"]
+
+
+def cli_args(tmp_path, *extra):
+    return ["validate", "-c", str(REPO / "configs/resnet20_cifar10.yaml"), "--data.root", str(CIFAR_ROOT),
+            "--model.weights", str(RESNET20_WEIGHTS), "--trainer.default_root_dir", str(tmp_path),
+            "--data.num_workers", "0", "--trainer.enable_progress_bar", "false", *extra]
+
+
+def read_metrics(root: Path) -> dict:
+    (path,) = root.glob("lightning_logs/version_*/metrics.json")
+    return json.loads(path.read_text())
+
+
+def plain_loop(indices):
+    """Evaluate the public ResNet20 with nothing but torch/torchvision over the same files."""
+    from critnet.models.cifar_resnet import CifarResNet  # the architecture only; weights loaded by hand
+
+    model = CifarResNet(3)
+    state = torch.load(RESNET20_WEIGHTS, map_location="cpu")["state_dict"]
+    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    model.eval()
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    ds = torch.utils.data.Subset(datasets.ImageFolder(CIFAR_ROOT / "test", tf), indices)
+    top1 = top5 = 0
+    loss = 0.0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(ds, batch_size=200):
+            logits = model(x)
+            top1 += (logits.argmax(1) == y).sum().item()
+            top5 += (logits.topk(5, 1).indices == y[:, None]).any(1).sum().item()
+            loss += F.cross_entropy(logits, y, reduction="sum").double().item()
+    return top1, top5, loss / len(ds), len(ds)
+
+
+def seeded_subset(size, seed):
+    return sorted(torch.randperm(10000, generator=torch.Generator().manual_seed(seed))[:size].tolist())
+
+
+def test_validate_agrees_with_a_plain_loop(tmp_path):
+    main(cli_args(tmp_path, *SUBSET))
+    m = read_metrics(tmp_path)
+    top1, top5, loss, n = plain_loop(seeded_subset(600, 0))
+    assert m["samples"] == n == 600
+    assert (m["top1_correct"], m["top5_correct"]) == (top1, top5)
+    assert m["top1"] == pytest.approx(100 * top1 / n, abs=1e-9)
+    assert m["loss"] == pytest.approx(loss, abs=1e-4)
+    assert m["checkpoint_sha256"].startswith("12fca82f") and m["model"] == "resnet20"
+    assert m["data_root"] == str(CIFAR_ROOT)
+
+
+def test_ddp_two_processes_count_every_image_once(tmp_path):
+    """301 images over 2 ranks: the default sampler would repeat one; metrics must equal one device."""
+    subset = ["--data.subset_size", "301", "--data.subset_seed", "1"]
+    main(cli_args(tmp_path / "single", *subset))
+    cmd = [sys.executable, str(REPO / "analyze.py"), *cli_args(tmp_path / "ddp", *subset),
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single, ddp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+    assert ddp["devices"] == 2 and ddp["samples"] == single["samples"] == 301
+    for key in ("top1", "top5", "top1_correct", "top5_correct"):
+        assert ddp[key] == single[key], key
+    # Per-sample float32 logits depend on the batch a sample shares (CPU conv blocking), so the mean loss
+    # agrees to float32 rounding, not bitwise; the counts are exact.
+    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-6)
+
+
+def test_short_fit_leaves_a_checkpoint_that_validate_loads(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    train_main(["-c", str(REPO / "configs/resnet20_cifar10.yaml"), "--data.root", str(CIFAR_ROOT),
+                "--model.weights", str(RESNET20_WEIGHTS), "--model.lr", "0.01", "--data.num_workers", "0",
+                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                "--data.batch_size", "32", *SUBSET, "--trainer.enable_progress_bar", "false",
+                "--trainer.default_root_dir", str(tmp_path / "fit"), "--checkpoint.dirpath", str(ckpt_dir)])
+    (ckpt,) = ckpt_dir.glob("*.ckpt")
+    fit_top1 = read_metrics(tmp_path / "fit")["top1"]
+    main(cli_args(tmp_path / "val", *SUBSET, "--model.weights", str(ckpt), "--data.batch_size", "32",
+                  "--trainer.limit_val_batches", "1"))
+    again = read_metrics(tmp_path / "val")
+    assert again["samples"] == 32 and again["top1"] == fit_top1
+    assert f"top1={fit_top1:.2f}" in ckpt.name
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--data.root", "/nonexistent/cifar", "--data.root: /nonexistent/cifar does not exist"),
+    ("--model.weights", "/nonexistent/w.th", "--model.weights: no such file: /nonexistent/w.th"),
+    ("--model.arch", "resnet21", "unknown model 'resnet21' (--model.arch)"),
+    ("--model.weights", str(RESNET20_WEIGHTS.with_name("resnet56-4bfd9763.th")), "unexpected keys: layer1.3"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli_args(tmp_path, flag, value))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -66,6 +66,16 @@ def test_validate_agrees_with_a_plain_loop(tmp_path):
     assert m["data_root"] == str(CIFAR_ROOT)
 
 
+def test_predict_writes_one_row_per_image(tmp_path):
+    args = cli_args(tmp_path, "--data.subset_size", "70", "--data.batch_size", "32")
+    main(["predict", *args[1:]])
+    (path,) = tmp_path.glob("lightning_logs/version_*/predictions.csv")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "sample,target,prediction,top5,loss" and len(lines) == 71
+    top1, _, _, _ = plain_loop(range(70))
+    assert sum(int(r.split(",")[1]) == int(r.split(",")[2]) for r in lines[1:]) == top1
+
+
 def test_ddp_two_processes_count_every_image_once(tmp_path):
     """301 images over 2 ranks: the default sampler would repeat one; metrics must equal one device."""
     subset = ["--data.subset_size", "301", "--data.subset_seed", "1"]

@@ -7,7 +7,8 @@ import time
 import lightning as L
 import torch
 
-from critnet.reporting.common import print_table, write_json
+from critnet.distributed import all_gather_objects
+from critnet.reporting.common import print_table, write_csv, write_json
 
 
 class RunSummary(L.Callback):
@@ -15,6 +16,7 @@ class RunSummary(L.Callback):
 
     ``metrics.json`` holds ``top1``/``top5`` (percent), ``loss`` (mean cross-entropy), ``samples`` (images
     counted, each exactly once across devices), the model, the checkpoint's sha256 and the data root.
+    ``predict`` writes ``predictions.csv``: one row per image of the evaluation split, in dataset order.
 
     Args:
         filename: Name of the JSON file written in the logger's ``log_dir``.
@@ -37,6 +39,34 @@ class RunSummary(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer, pl_module, "test")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._predictions: list[dict[str, torch.Tensor]] = []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._predictions.append({k: v.detach().cpu() for k, v in outputs.items()})
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        local = {k: torch.cat([p[k] for p in self._predictions]) for k in ("target", "top5", "loss")} \
+            if self._predictions else None
+        shards = all_gather_objects(local)
+        log_dir = trainer.log_dir  # a collective under DDP
+        if not trainer.is_global_zero:
+            return
+        rows = []
+        world = len(shards)
+        for rank, shard in enumerate(shards):
+            if shard is None:
+                continue
+            for k in range(len(shard["target"])):
+                # The unpadded sampler gives rank r the samples r, r + W, r + 2W, ...
+                rows.append({"sample": rank + k * world, "target": int(shard["target"][k]),
+                             "prediction": int(shard["top5"][k, 0]),
+                             "top5": " ".join(str(int(c)) for c in shard["top5"][k]),
+                             "loss": float(shard["loss"][k])})
+        rows.sort(key=lambda r: r["sample"])
+        path = write_csv(f"{log_dir}/predictions.csv", rows, ["sample", "target", "prediction", "top5", "loss"])
+        print(f"predictions for {len(rows)} images written to {path}")
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         metrics = getattr(pl_module, "last_metrics", {}).get(stage)

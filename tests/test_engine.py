@@ -88,3 +88,91 @@ def test_naive_matches_reference_and_restores(resnet20_cifar, cifar_test_256, da
     outcomes = evaluate_units(resnet20_cifar, units, Perturbation("add", 0.5), data, method="naive")
     assert state_checksum(resnet20_cifar) == before
     assert_matches(outcomes, reference(resnet20_cifar, units, Perturbation("add", 0.5), cifar_test_256), units)
+
+
+def some_units(model, kind):
+    """A few units spread over the network: the stem, a residual block, the last stage and the classifier."""
+    if kind == "tensor":
+        return select_units(model, "tensor", include=[r"^conv1\.", r"layer1\.0\.bn1", r"layer2\.0\.conv2", r"linear"])
+    layers = [r"^conv1$|^conv1\.", r"layer1\.0\.conv2", r"layer3\.2\.conv1", r"linear"]
+    units = []
+    for layer in layers:
+        units += select_units(model, kind, include=[layer])[:2]
+    return units
+
+
+@pytest.mark.parametrize(
+    "kind, perturbation",
+    [
+        ("channel", Perturbation("zero")),
+        ("channel", Perturbation("noise", 0.5, relative=True, seed=3)),
+        ("tensor", Perturbation("add", 0.1)),
+        ("tensor", Perturbation("bitflip", 27)),
+        ("activation", Perturbation("scale", -2.0)),
+        ("activation", Perturbation("noise", 1.0, seed=1)),
+    ],
+    ids=lambda v: v if isinstance(v, str) else v.label,
+)
+def test_exact_equals_reference_loop(resnet20_cifar, cifar_test_256, data, kind, perturbation):
+    units = some_units(resnet20_cifar, kind)
+    before = state_checksum(resnet20_cifar)
+    outcomes = evaluate_units(resnet20_cifar, units, perturbation, data, method="exact")
+    assert state_checksum(resnet20_cifar) == before
+    assert not any(m._forward_hooks for m in resnet20_cifar.modules())
+    assert_matches(outcomes, reference(resnet20_cifar, units, perturbation, cifar_test_256), units)
+
+
+def test_exact_in_segments_and_streamed_data_gives_the_same_tallies(resnet20_cifar, cifar_test_256):
+    units = select_units(resnet20_cifar, "channel", include=[r"layer1\.2\.conv1", r"layer3\.0\.conv2"])[::20]
+    held = EvaluationSet.from_batches(cifar_test_256)
+    streamed = EvaluationSet.from_batches([(x[:64], y[:64]) for x, y in cifar_test_256] * 2, memory_budget_mb=0.5)
+    assert held.in_memory and not streamed.in_memory and streamed.samples == 256
+    whole = evaluate_units(resnet20_cifar, units, Perturbation("zero"), held, method="exact")
+    # a budget below one batch's cached activations: every batch is its own segment
+    split = evaluate_units(resnet20_cifar, units, Perturbation("zero"), held, method="exact", memory_budget_mb=1)
+    assert [(o.total, o.halves) for o in split] == [(o.total, o.halves) for o in whole]
+    naive = evaluate_units(resnet20_cifar, units, Perturbation("zero"), streamed, method="naive")
+    fast = evaluate_units(resnet20_cifar, units, Perturbation("zero"), streamed, method="exact", memory_budget_mb=1)
+    for a, b in zip(naive, fast):
+        assert (a.total.top1_correct, a.total.top5_correct) == (b.total.top1_correct, b.total.top5_correct)
+        assert a.total.loss == pytest.approx(b.total.loss, abs=1e-6)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def raise_after(n):
+    def progress(done, total):
+        if done >= n:
+            raise Boom(f"injected after {done} units")
+
+    return progress
+
+
+@pytest.mark.parametrize("method", ["naive", "exact"])
+def test_model_is_bit_identical_after_an_exception(resnet20_cifar, data, method):
+    units = select_units(resnet20_cifar, "activation", include=[r"layer2\.1\.conv1"])[:2]
+    units += select_units(resnet20_cifar, "channel", include=[r"layer3\.1\.conv2"])[:3]
+    before = state_checksum(resnet20_cifar)
+    with pytest.raises(Boom):
+        evaluate_units(resnet20_cifar, units, Perturbation("add", 3.0), data, method=method, progress=raise_after(3))
+    assert state_checksum(resnet20_cifar) == before
+    assert not any(m._forward_hooks for m in resnet20_cifar.modules())
+    assert not resnet20_cifar.training
+
+
+def test_bad_arguments_are_named(resnet20_cifar, data):
+    from critnet.perturb import Unit
+
+    units = select_units(resnet20_cifar, "tensor", include=["linear"])
+    with pytest.raises(ValueError, match="method"):
+        evaluate_units(resnet20_cifar, units, Perturbation(), data, method="fast")
+    with pytest.raises(ValueError, match="score"):
+        evaluate_units(resnet20_cifar, units, Perturbation(), data, score="accuracy")
+    with pytest.raises(ValueError, match="all_gather"):
+        evaluate_units(resnet20_cifar, units, Perturbation(), data, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="no parameter"):
+        evaluate_units(resnet20_cifar, [Unit("tensor", "nope.weight")], Perturbation(), data)
+    with pytest.raises(ValueError, match="no samples"):
+        EvaluationSet.from_batches([])

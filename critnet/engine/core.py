@@ -21,6 +21,7 @@ from torch import nn
 from critnet.engine.data import EvaluationSet
 from critnet.engine.naive import full_pass, run_naive
 from critnet.engine.resume import ResultStore, fingerprint, outcome_from_record
+from critnet.engine.suffix import SuffixEvaluator
 from critnet.engine.sharding import assign, gather_outcomes
 from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
 from critnet.tally import SCORES, UnitOutcome
@@ -161,6 +162,7 @@ def evaluate_units(
     all_gather: Callable[[Any], list[Any]] | None = None,
     resume_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    memory_budget_mb: float | None = None,
 ) -> list[UnitOutcome]:
     """One outcome per unit, in the order of ``units``, on every rank.
 
@@ -179,6 +181,8 @@ def evaluate_units(
             ``world_size > 1``.
         resume_dir: where finished units are appended; a re-run with the same settings resumes from there.
         progress: called as ``progress(done, total)`` with this rank's counts as its units finish.
+        memory_budget_mb: the most memory the exact engine's cached activations may take (default 1024); beyond
+            it the evaluation set is processed in segments of whole batches (same scores).
 
     Raises:
         ValueError: an unknown method or score, bad ranks, a unit the model does not have, or a perturbation that
@@ -205,18 +209,22 @@ def evaluate_units(
     try:
         with evaluation_mode(model, data.device, deterministic=method != "taylor"):
             run = _Run(model, units, perturbation, data, rank, world_size, all_gather, store, progress)
-            outcomes = _dispatch(run, method, score, int(top_k))
+            outcomes = _dispatch(run, method, score, int(top_k), memory_budget_mb)
     finally:
         if store is not None:
             store.close()
     return [outcomes[i] for i in range(len(units))]
 
 
-def _dispatch(run: _Run, method: str, score: str, top_k: int) -> dict[int, UnitOutcome]:
+def _dispatch(run: _Run, method: str, score: str, top_k: int, memory_budget_mb: float | None) -> dict[int, UnitOutcome]:
     everything = list(range(len(run.units)))
     if method == "naive":
         with torch.no_grad():
             return run.evaluate(
                 everything, "exact", lambda work, record: run_naive(run.model, work, run.perturbation, run.data, record)
             )
+    if method == "exact":
+        evaluator = SuffixEvaluator(run.model, run.perturbation, run.data, memory_budget_mb)
+        with torch.no_grad():
+            return run.evaluate(everything, "exact", evaluator.run, lambda idx: evaluator.costs([run.units[i] for i in idx]))
     raise ValueError(f"method: {method!r} is not available yet")

@@ -1,0 +1,286 @@
+"""Suffix-only exact evaluation: run the unperturbed network once, evaluate only what comes after each unit.
+
+The model is traced with ``torch.fx``. A unit's *cut* is the position (in the graph's topological order) of the
+first node that uses it: the perturbed module call, or the ``get_attr`` of a parameter used functionally. Every
+value computed before the cut and used after it *crosses the cut* (with residual connections, more than the
+layer's input). One unperturbed walk over the graph, stopping at each cut in turn, yields the crossing values;
+for each unit only the suffix graph (the nodes from the cut on) runs, on the very same modules, so the scores
+equal the full forward pass bit for bit on the same device and batch sizes.
+
+Channel units of a plain ``Conv2d`` go one step further: the perturbed layer's output is the cached unperturbed
+output with one channel recomputed from the perturbed filter (the other channels do not depend on it), so the cut
+moves behind the convolution.
+
+The evaluation set is processed in *segments* of whole batches whose crossing values fit the memory budget;
+scores are sums, so segmenting stays exact.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from critnet.engine.data import EvaluationSet
+from critnet.engine.naive import run_naive
+from critnet.engine.tallying import TallyPair, tally_variants
+from critnet.perturb import Perturbation, Unit, perturbed
+from critnet.tally import UnitOutcome
+
+DEFAULT_MEMORY_BUDGET_MB = 1024.0
+
+
+@dataclass
+class _Plan:
+    """How one unit is evaluated: from which stop, and whether by recomputing one conv channel."""
+
+    stop: int  # position of the first suffix node
+    node: fx.Node | None  # the perturbed conv node (channel slice) or None (the suffix runs the perturbed node)
+
+
+@dataclass
+class _Stop:
+    position: int
+    keep: set = field(default_factory=set)  # values to hold at this stop: crossing values and conv inputs
+
+
+class TracedModel:
+    """A model traced by ``torch.fx`` with its cuts, suffix graphs and per-node costs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.gm = fx.symbolic_trace(model)  # shares the model's modules and parameters, so perturbations show
+        self.nodes: list[fx.Node] = list(self.gm.graph.nodes)
+        self.position = {node: i for i, node in enumerate(self.nodes)}
+        self.last_use = {node: max((self.position[u] for u in node.users), default=-1) for node in self.nodes}
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise ValueError(f"the traced model takes {len(placeholders)} inputs; the engine handles exactly one")
+        self.input_node = placeholders[0]
+        self.first = self.position[self.input_node] + 1
+        self.modules = dict(model.named_modules())
+        self._suffixes: dict[tuple, fx.GraphModule] = {}
+        self.node_cost: dict[fx.Node, float] = {}
+
+    def crossing(self, position: int) -> list[fx.Node]:
+        """Values computed before ``position`` and used at or after it, in graph order."""
+        return [n for n in self.nodes[:position] if self.last_use[n] >= position]
+
+    def plan(self, unit: Unit) -> _Plan | None:
+        """Where ``unit`` enters the graph; None if no traced node uses it (it is then evaluated naively)."""
+        if unit.kind == "activation":
+            layer, attr = unit.name, None
+        else:
+            layer, _, attr = unit.name.rpartition(".")
+        users = [
+            i
+            for i, n in enumerate(self.nodes)
+            if (n.op == "call_module" and n.target == layer) or (n.op == "get_attr" and n.target == unit.name)
+        ]
+        if not users:
+            return None
+        first = min(users)
+        node = self.nodes[first]
+        if unit.kind == "channel" and attr == "weight" and len(users) == 1 and self._channel_sliceable(node):
+            return _Plan(stop=first + 1, node=node)
+        return _Plan(stop=first, node=None)
+
+    def _channel_sliceable(self, node: fx.Node) -> bool:
+        module = self.modules.get(node.target) if node.op == "call_module" else None
+        return (
+            type(module) is nn.Conv2d
+            and module.groups == 1
+            and len(node.args) == 1
+            and not node.kwargs
+            and isinstance(node.args[0], fx.Node)
+            and not module._forward_hooks
+            and not module._forward_pre_hooks
+        )
+
+    def suffix(self, position: int, inputs: Sequence[fx.Node]) -> fx.GraphModule:
+        """A module computing the model's output from the values ``inputs`` crossing the cut at ``position``."""
+        key = (position, tuple(inputs))
+        if key not in self._suffixes:
+            graph = fx.Graph()
+            env: dict[fx.Node, fx.Node] = {}
+            for node in inputs:
+                env[node] = graph.placeholder(node.name)
+            for node in self.nodes[position:]:
+                env[node] = graph.node_copy(node, lambda n: env[n])
+            self._suffixes[key] = fx.GraphModule(self.gm, graph)
+        return self._suffixes[key]
+
+    def advance(self, env: dict, start: int, stop: int, keep: set) -> None:
+        """Run the unperturbed nodes ``[start, stop)`` on ``env`` and drop values not needed from ``stop`` on."""
+        interpreter = fx.Interpreter(self.gm)
+        interpreter.env = env
+        for node in self.nodes[start:stop]:
+            env[node] = interpreter.run_node(node)
+        for node in [n for n in env if n not in keep]:
+            del env[node]
+
+    def measure(self, x: Tensor) -> float:
+        """Per-sample cost of every node (multiply-adds for conv/linear, output size otherwise) from one batch;
+        returns the per-sample bytes of the largest set of values crossing any cut."""
+        env = {self.input_node: x}
+        interpreter = fx.Interpreter(self.gm)
+        interpreter.env = env
+        batch = x.shape[0]
+        peak = 0.0
+        for position, node in enumerate(self.nodes[self.first :], start=self.first):
+            value = interpreter.run_node(node)
+            env[node] = value
+            module = self.modules.get(node.target) if node.op == "call_module" else None
+            cost = 0.0
+            if isinstance(value, Tensor) and value.dim() > 0:
+                per_sample = value.numel() / batch
+                if isinstance(module, nn.Conv2d):
+                    cost = per_sample * module.in_channels // module.groups * math.prod(module.kernel_size)
+                elif isinstance(module, nn.Linear):
+                    cost = per_sample * module.in_features
+                else:
+                    cost = per_sample
+            self.node_cost[node] = cost
+            live = sum(
+                v.numel() * v.element_size()
+                for n, v in env.items()
+                if isinstance(v, Tensor) and self.last_use[n] > position
+            )
+            peak = max(peak, live / batch)
+            for n in [n for n in env if self.last_use[n] <= position and n is not node]:
+                del env[n]
+        return 2 * peak  # a conv unit's stop also holds the layer's input and output
+
+    def suffix_cost(self, plan: _Plan) -> float:
+        cost = sum(self.node_cost.get(n, 0.0) for n in self.nodes[plan.stop :])
+        if plan.node is not None:
+            cost += self.node_cost.get(plan.node, 0.0) / self.modules[plan.node.target].out_channels
+        return cost
+
+    @property
+    def full_cost(self) -> float:
+        return sum(self.node_cost.values())
+
+
+def trace(model: nn.Module) -> TracedModel | None:
+    """The traced model, or None (with a warning) if ``torch.fx`` cannot trace it."""
+    try:
+        return TracedModel(model)
+    except Exception as err:  # noqa: BLE001 - any tracing failure means: fall back to full forward passes
+        warnings.warn(
+            f"exact engine: torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {err}); "
+            "evaluating every unit with full forward passes",
+            stacklevel=3,
+        )
+        return None
+
+
+class SuffixEvaluator:
+    """Exact per-unit tallies by suffix-only evaluation (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        perturbation: Perturbation,
+        data: EvaluationSet,
+        memory_budget_mb: float | None = None,
+    ) -> None:
+        self.model = model
+        self.perturbation = perturbation
+        self.data = data
+        self.traced = trace(model)
+        self.budget = (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
+        self.bytes_per_sample = 0.0
+        if self.traced is not None:
+            with torch.no_grad():
+                x, _ = next(iter(data))
+                self.bytes_per_sample = self.traced.measure(x)
+        self._plans: dict[Unit, _Plan | None] = {}
+
+    def plan(self, unit: Unit) -> _Plan | None:
+        if unit not in self._plans:
+            self._plans[unit] = self.traced.plan(unit) if self.traced is not None else None
+        return self._plans[unit]
+
+    def costs(self, units: Sequence[Unit]) -> list[float]:
+        """Per-sample cost of evaluating each unit (deterministic, so every rank shares units the same way)."""
+        if self.traced is None:
+            return [1.0] * len(units)
+        full = self.traced.full_cost
+        return [full if self.plan(u) is None else self.traced.suffix_cost(self.plan(u)) for u in units]
+
+    def segments(self) -> list[list[int]]:
+        """Batch positions per segment: whole batches whose crossing values fit the memory budget."""
+        segments: list[list[int]] = [[]]
+        held = 0.0
+        for position, size in enumerate(self.data.batch_sizes):
+            need = size * self.bytes_per_sample
+            if segments[-1] and held + need > self.budget:
+                segments.append([])
+                held = 0.0
+            segments[-1].append(position)
+            held += need
+        return segments
+
+    def run(self, work: Sequence[tuple[int, Unit]], record: Callable[[int, UnitOutcome], None]) -> None:
+        """Evaluate every ``(index, unit)``; ``record`` gets each outcome as soon as it is complete."""
+        planned = [(i, u, self.plan(u)) for i, u in work]
+        unplanned = [(i, u) for i, u, p in planned if p is None]
+        if unplanned:
+            run_naive(self.model, unplanned, self.perturbation, self.data, record)
+        planned = [(i, u, p) for i, u, p in planned if p is not None]
+        if not planned:
+            return
+        traced = self.traced
+        stops: dict[int, _Stop] = {}
+        for _, _, plan in planned:
+            stop = stops.setdefault(plan.stop, _Stop(plan.stop, set(traced.crossing(plan.stop))))
+            if plan.node is not None:
+                stop.keep.add(plan.node.args[0])
+        order = sorted(stops)
+        by_stop: dict[int, list[tuple[int, Unit, _Plan]]] = {s: [] for s in order}
+        for item in planned:
+            by_stop[item[2].stop].append(item)
+
+        segments = self.segments()
+        sums = {i: TallyPair() for i, _, _ in planned}
+        offsets = self.data.offsets()
+        half = self.data.half
+        for segment_number, segment in enumerate(segments):
+            last_segment = segment_number == len(segments) - 1
+            wanted = set(segment)
+            batches = [(x, y, offsets[p]) for p, (x, y) in enumerate(self.data) if p in wanted]
+            states = [{traced.input_node: x} for x, _, _ in batches]
+            position = traced.first
+            for stop_position in order:
+                keep = stops[stop_position].keep
+                for env in states:
+                    traced.advance(env, position, stop_position, keep)
+                position = stop_position
+                inputs = traced.crossing(stop_position)
+                suffix = traced.suffix(stop_position, inputs)
+                for index, unit, plan in by_stop[stop_position]:
+                    pair = sums[index]
+                    if plan.node is None:
+                        with perturbed(self.model, unit, self.perturbation):
+                            for env, (_, y, offset) in zip(states, batches):
+                                logits = suffix(*[env[n] for n in inputs])
+                                pair.add(tally_variants(logits, y, offset, half)[0])
+                    else:
+                        conv = traced.modules[plan.node.target]
+                        channel = unit.index
+                        weight = self.perturbation.apply(conv.weight.detach()[channel].clone(), unit).unsqueeze(0)
+                        bias = None if conv.bias is None else conv.bias.detach()[channel : channel + 1]
+                        for env, (_, y, offset) in zip(states, batches):
+                            out = env[plan.node].clone()
+                            out[:, channel] = conv._conv_forward(env[plan.node.args[0]], weight, bias)[:, 0]
+                            logits = suffix(*[out if n is plan.node else env[n] for n in inputs])
+                            pair.add(tally_variants(logits, y, offset, half)[0])
+                    if last_segment:
+                        record(index, UnitOutcome(unit=unit, total=pair.total, halves=pair.halves))
+            del states

@@ -14,6 +14,16 @@ from critnet.perturb import Perturbation, perturbed, select_units
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine two OpenMP threads spin against other processes and run
+    about ten times slower; the scores do not depend on it (both sides of every comparison use the same setting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def state_checksum(model) -> str:
     digest = hashlib.sha256()
     for name, t in model.state_dict().items():

@@ -16,8 +16,9 @@ import lightning as L
 import torch
 
 from critnet import distributed
-from critnet.engine import EvaluationSet, evaluate_baseline, evaluate_units
-from critnet.perturb import PERTURBATION_KINDS, Perturbation, Unit, select_units
+from critnet.engine import METHODS, EvaluationSet, evaluate_baseline, evaluate_units
+from critnet.errors import CritnetError
+from critnet.perturb import PERTURBATION_KINDS, UNIT_KINDS, Perturbation, Unit, select_units
 from critnet.ranking import (
     estimate_agreement,
     order_outcomes,
@@ -27,12 +28,17 @@ from critnet.ranking import (
 )
 from critnet.reporting.common import console, tensorboard_experiment
 from critnet.reporting.ranking import RankingProgress, log_tensorboard, print_top_k, write_ranking_csv, write_ranking_json
+from critnet.tally import SCORES
 
 UnitKind = Literal["tensor", "channel", "activation"]
 PerturbationKind = Literal["add", "scale", "noise", "zero", "sign_flip", "bitflip", "prune"]
 Score = Literal["loss", "delta_loss", "top1_drop", "top5_drop"]
 Method = Literal["exact", "naive", "taylor", "hybrid", "halving"]
 Stage = Literal["fit", "validate"]
+
+
+class RankingError(CritnetError):
+    """A bad setting of the ranking callback (the CLI prints it as one line naming the key)."""
 
 
 class CriticalRanking(L.Callback):
@@ -96,24 +102,17 @@ class CriticalRanking(L.Callback):
         print_table: bool = True,
     ) -> None:
         super().__init__()
-        if perturbation not in PERTURBATION_KINDS:
-            raise ValueError(f"CriticalRanking: perturbation {perturbation!r} is not one of {PERTURBATION_KINDS}")
-        if num_batches is not None and num_batches < 1:
-            raise ValueError(f"CriticalRanking: num_batches must be at least 1 or null, got {num_batches}")
-        if top_k < 1:
-            raise ValueError(f"CriticalRanking: top_k must be at least 1, got {top_k}")
-        if not levels and perturbation not in ("zero", "sign_flip"):
-            raise ValueError(f"CriticalRanking: levels is empty; {perturbation} needs at least one level")
-        for stage in run_on:
-            if stage not in ("fit", "validate"):
-                raise ValueError(f"CriticalRanking: run_on entry {stage!r} is not 'fit' or 'validate'")
         self.unit = unit
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude or [])
         self.module_types = list(module_types) if module_types is not None else None
+        self.perturbation = perturbation
+        self.levels = list(levels)
+        self.relative = relative
+        self.seed = seed
         self.score = score
         self.method = method
-        self.top_k = int(top_k)
+        self.top_k = top_k
         self.num_batches = num_batches
         self.run_on = list(run_on)
         self.resume = resume
@@ -122,25 +121,55 @@ class CriticalRanking(L.Callback):
         self.filename = filename
         self.progress = progress
         self.print_table = print_table
+        self.perturbations: list[Perturbation] = []
+        self.units: list[Unit] | None = None
+        #: The last analysis as written to ranking.json (every rank holds it), plus the rows under "rows".
+        self.result: dict[str, Any] | None = None
+
+    def check_settings(self) -> list[Perturbation]:
+        """Validate the settings and build the perturbations (one per distinct level).
+
+        Called at ``setup`` rather than in ``__init__``: the CLI wraps errors raised while it instantiates
+        callbacks into a generic type-union message, while errors raised at setup reach the user as one line.
+
+        Raises:
+            RankingError: naming the setting at fault.
+        """
+        choices = {"unit": (self.unit, UNIT_KINDS), "perturbation": (self.perturbation, PERTURBATION_KINDS),
+                   "score": (self.score, SCORES), "method": (self.method, METHODS)}  # fmt: skip
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise RankingError(f"CriticalRanking: {key} {value!r} is not one of {', '.join(allowed)}")
+        if self.num_batches is not None and self.num_batches < 1:
+            raise RankingError(f"CriticalRanking: num_batches must be at least 1 or null, got {self.num_batches}")
+        if self.top_k < 1:
+            raise RankingError(f"CriticalRanking: top_k must be at least 1, got {self.top_k}")
+        if not self.levels and self.perturbation not in ("zero", "sign_flip"):
+            raise RankingError(f"CriticalRanking: levels is empty; {self.perturbation} needs at least one level")
+        for stage in self.run_on:
+            if stage not in ("fit", "validate"):
+                raise RankingError(f"CriticalRanking: run_on entry {stage!r} is not 'fit' or 'validate'")
         try:
-            perturbations = [Perturbation(perturbation, float(level), relative, seed) for level in (levels or [0.0])]
+            perturbations = [
+                Perturbation(self.perturbation, float(level), self.relative, self.seed)
+                for level in (self.levels or [0.0])
+            ]
             for p in perturbations:
-                p.check_unit_kind(unit)
+                p.check_unit_kind(self.unit)
         except ValueError as err:
-            raise ValueError(f"CriticalRanking: {err}") from None
+            raise RankingError(f"CriticalRanking: {err}") from None
         # zero and sign_flip ignore the level: one ranking, not one per level
         unique: dict[str, Perturbation] = {}
         for p in perturbations:
             unique.setdefault(p.label, p)
         self.perturbations = list(unique.values())
-        self.units: list[Unit] | None = None
-        #: The last analysis as written to ranking.json (every rank holds it), plus the rows under "rows".
-        self.result: dict[str, Any] | None = None
+        return self.perturbations
 
     # ----------------------------------------------------------------- scheduling
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Select now so that a bad selection fails before the validation loop runs, not after it.
+        # Check and select now so that bad settings fail before the validation loop runs, not after it.
+        self.check_settings()
         try:
             self.units = self._select(self._network(pl_module))
         except ValueError as err:
@@ -167,12 +196,12 @@ class CriticalRanking(L.Callback):
         try:
             return select_units(network, self.unit, self.include, self.exclude, self.module_types, example_input)
         except ValueError as err:
-            raise ValueError(f"CriticalRanking: {err}") from None
+            raise RankingError(f"CriticalRanking: {err}") from None
 
     def _evaluation_set(self, trainer: L.Trainer, device: torch.device) -> tuple[EvaluationSet, int]:
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "analysis_dataloader"):
-            raise ValueError(
+            raise RankingError(
                 "CriticalRanking needs a data module with analysis_dataloader() (critnet.data.*DataModule) "
                 "to read the validation set in dataset order"
             )
@@ -193,6 +222,7 @@ class CriticalRanking(L.Callback):
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, Any]:
         """Run the analysis on every rank (each reaches every collective); rank 0 writes and prints."""
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        self.check_settings()
         rank, world_size = distributed.rank(), distributed.world_size()
         network = self._network(pl_module)
         started = time.perf_counter()
@@ -249,16 +279,15 @@ class CriticalRanking(L.Callback):
         return result
 
     def _settings(self) -> dict[str, Any]:
-        first = self.perturbations[0]
         return {
             "unit": self.unit,
             "include": self.include,
             "exclude": self.exclude,
             "module_types": self.module_types,
-            "perturbation": first.kind,
+            "perturbation": self.perturbation,
             "levels": [p.level for p in self.perturbations],
-            "relative": first.relative,
-            "seed": first.seed,
+            "relative": self.relative,
+            "seed": self.seed,
             "num_batches": self.num_batches,
             "score": self.score,
             "method": self.method,

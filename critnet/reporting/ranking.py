@@ -178,7 +178,7 @@ def log_tensorboard(
     for layer, values in by_layer.items():
         finite = _finite(values)
         if finite.size:
-            writer.add_histogram(f"{prefix}/scores/{layer}", finite, global_step=step)
+            _add_histogram(writer, f"{prefix}/scores/{layer}", finite, step)
             tags.append(f"{prefix}/scores/{layer}")
 
     heatmap = channel_heatmap_figure(rows, score, title, layer_order)
@@ -195,6 +195,27 @@ def log_tensorboard(
         tags.append(f"{prefix}/split_half_spearman")
     writer.flush()
     return tags
+
+
+def _add_histogram(writer: Any, tag: str, values: np.ndarray, step: int) -> None:
+    # TensorBoard's own binning (exponential buckets) drops values beyond ~1e20, which a broken unit easily
+    # reaches, and then refuses the "empty" histogram; linear bins over the actual range keep every value.
+    try:
+        counts, edges = np.histogram(values, bins=min(30, max(1, values.size)))
+    except ValueError:  # a range wider than float64 can hold (e.g. -3e38 .. 3e38): bins at quantiles instead
+        edges = np.unique(np.quantile(values, np.linspace(0.0, 1.0, min(31, values.size + 1))))
+        counts, edges = np.histogram(values, bins=edges)
+    writer.add_histogram_raw(
+        tag,
+        min=float(values.min()),
+        max=float(values.max()),
+        num=int(values.size),
+        sum=float(values.sum()),
+        sum_squares=float(np.square(values).sum()),
+        bucket_limits=edges[1:].tolist(),
+        bucket_counts=counts.tolist(),
+        global_step=step,
+    )
 
 
 class RankingProgress:

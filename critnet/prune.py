@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from critnet.errors import CritnetError
 from critnet.tally import Tally, criticality_key
 
 METHODS = ("connections", "neurons", "weights")
@@ -41,20 +42,24 @@ CHANNEL_ORDERS = ("criticality", "l1", "random")
 Channel = tuple[str, int]  # (module name, output channel index)
 
 
+class PruneError(CritnetError):
+    """A pruning setting, ranking file or model that cannot be pruned, named in the message."""
+
+
 def check_fraction(name: str, value: float) -> float:
     """``value`` as a float if it lies in [0, 1]; otherwise a ValueError naming ``name``."""
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
+        raise PruneError(f"{name} must be a number in [0, 1], got {value!r}") from None
     if not 0.0 <= number <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+        raise PruneError(f"{name} must lie in [0, 1], got {value!r}")
     return number
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        raise PruneError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
 def prunable_layers(model: nn.Module, include_linear: bool = False) -> list[tuple[str, nn.Module]]:
@@ -63,10 +68,10 @@ def prunable_layers(model: nn.Module, include_linear: bool = False) -> list[tupl
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, types)]
     if not layers:
         kinds = "Conv2d or Linear" if include_linear else "Conv2d"
-        raise ValueError(f"the model has no {kinds} layer to prune")
+        raise PruneError(f"the model has no {kinds} layer to prune")
     for name, module in layers:
         if torch_prune.is_pruned(module) or "weight" not in module._parameters:
-            raise ValueError(f"layer {name!r} already carries a pruning reparametrisation; remove it first")
+            raise PruneError(f"layer {name!r} already carries a pruning reparametrisation; remove it first")
     return layers
 
 
@@ -201,13 +206,13 @@ def read_channel_ranking(path: str | Path) -> dict[Channel, float]:
     """Channel scores (larger = more critical) from a ranking CSV with columns ``layer``, ``index``, ``score``."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"criticality_csv {str(path)!r} does not exist")
+        raise PruneError(f"criticality_csv {str(path)!r} does not exist")
     scores: dict[Channel, float] = {}
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         missing = {"layer", "index", "score"} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"criticality_csv {str(path)!r} lacks the column(s) {', '.join(sorted(missing))}")
+            raise PruneError(f"criticality_csv {str(path)!r} lacks the column(s) {', '.join(sorted(missing))}")
         for line, row in enumerate(reader, start=2):
             if row["index"] in ("", None):
                 continue  # tensor units carry no channel index; only channel rows order channels
@@ -215,9 +220,9 @@ def read_channel_ranking(path: str | Path) -> dict[Channel, float]:
                 channel = (row["layer"], int(row["index"]))
                 scores[channel] = float(row["score"])
             except ValueError:
-                raise ValueError(f"criticality_csv {str(path)!r} line {line}: bad index or score {row!r}") from None
+                raise PruneError(f"criticality_csv {str(path)!r} line {line}: bad index or score {row!r}") from None
     if not scores:
-        raise ValueError(f"criticality_csv {str(path)!r} holds no channel rows")
+        raise PruneError(f"criticality_csv {str(path)!r} holds no channel rows")
     return scores
 
 
@@ -237,11 +242,11 @@ def channel_order(model: nn.Module, order: str, *, include_linear: bool = False,
         permutation = torch.randperm(len(channels), generator=torch.Generator().manual_seed(int(seed)))
         return [channels[i] for i in permutation.tolist()]
     if criticality is None:
-        raise ValueError("order 'criticality' needs channel scores (criticality_csv or a computed ranking)")
+        raise PruneError("order 'criticality' needs channel scores (criticality_csv or a computed ranking)")
     missing = [c for c in channels if c not in criticality]
     if missing:
         shown = ", ".join(f"{layer}[{index}]" for layer, index in missing[:5])
-        raise ValueError(f"the criticality ranking lacks {len(missing)} channel(s) of the pruned layers, e.g. {shown}")
+        raise PruneError(f"the criticality ranking lacks {len(missing)} channel(s) of the pruned layers, e.g. {shown}")
     return sorted(channels, key=lambda c: criticality_key(criticality[c]), reverse=True)
 
 
@@ -256,7 +261,7 @@ def channel_masks(model: nn.Module, channels: Sequence[Channel], include_linear:
     keep = {name: torch.ones(module.weight.shape[0], dtype=torch.bool) for name, module in layers}
     for name, index in channels:
         if name not in keep or not 0 <= index < keep[name].numel():
-            raise ValueError(f"channel {name}[{index}] is not an output channel of a selected layer")
+            raise PruneError(f"channel {name}[{index}] is not an output channel of a selected layer")
         keep[name][index] = False
     return _finish(model, layers, [keep[name] for name, _ in layers], info={"channels": len(channels)})
 
@@ -265,7 +270,7 @@ def _named_module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise ValueError(f"the model has no module {name!r} to prune") from None
+        raise PruneError(f"the model has no module {name!r} to prune") from None
 
 
 def _restore(module: nn.Module, original: nn.Parameter, data: torch.Tensor, order: list[str],
@@ -302,9 +307,9 @@ def pruned(model: nn.Module, masks: PruneMasks) -> Iterator[PruneMasks]:
             module = _named_module(model, name)
             original = module._parameters.get("weight")
             if original is None or torch_prune.is_pruned(module):
-                raise ValueError(f"layer {name!r} has no plain weight parameter to prune")
+                raise PruneError(f"layer {name!r} has no plain weight parameter to prune")
             if tuple(mask.shape) != tuple(original.shape):
-                raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, weight {tuple(original.shape)}")
+                raise PruneError(f"mask for {name!r} has shape {tuple(mask.shape)}, weight {tuple(original.shape)}")
             saved.append((module, original, original.data, list(module._parameters), set(module._forward_pre_hooks)))
             torch_prune.custom_from_mask(module, "weight", mask.to(original.device))
         yield masks

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from jsonargparse.typing import ClosedUnitInterval
+from jsonargparse.typing import ClosedUnitInterval, Path_fr
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -22,6 +22,7 @@ from critnet import distributed
 from critnet.prune import (
     CHANNEL_ORDERS,
     Channel,
+    PruneError,
     PruneMasks,
     channel_count,
     channel_l1,
@@ -53,7 +54,7 @@ def _fractions(key: str, values: Sequence[float]) -> list[float]:
         values = [values]
     checked = [check_fraction(f"{key} (value {i})", v) for i, v in enumerate(values)]
     if not checked:
-        raise ValueError(f"{key} must list at least one value in [0, 1]")
+        raise PruneError(f"{key} must list at least one value in [0, 1]")
     return checked
 
 
@@ -104,7 +105,7 @@ class PruneSweep(L.Callback):
         include_linear: bool = False,
         guided_orders: Sequence[Literal["criticality", "l1", "random"]] = (),
         guided_ratios: Sequence[ClosedUnitInterval] = (0.0, 0.05, 0.1, 0.2, 0.3),
-        criticality_csv: str | None = None,
+        criticality_csv: Path_fr | None = None,
         criticality_score: Literal["delta_loss", "loss", "top1_drop", "top5_drop"] = "delta_loss",
         criticality_method: Literal["exact", "naive"] = "exact",
         criticality_samples: int | None = None,
@@ -112,34 +113,34 @@ class PruneSweep(L.Callback):
         print_tables: bool = True,
     ) -> None:
         if method not in ("connections", "neurons", "weights"):
-            raise ValueError(f"method must be connections, neurons or weights, got {method!r}")
+            raise PruneError(f"method must be connections, neurons or weights, got {method!r}")
         if scope not in ("global", "layerwise"):
-            raise ValueError(f"scope must be global or layerwise, got {scope!r}")
+            raise PruneError(f"scope must be global or layerwise, got {scope!r}")
         self.method = method
         self.scope = scope
         self.p_prune = _fractions("p_prune", p_prune)
         self.p_bern = _fractions("p_bern", p_bern)
         if int(repeats) < 1:
-            raise ValueError(f"repeats must be at least 1, got {repeats}")
+            raise PruneError(f"repeats must be at least 1, got {repeats}")
         self.repeats = int(repeats)
         self.seed = int(seed)
         self.include_linear = include_linear
         for order in guided_orders:
             if order not in CHANNEL_ORDERS:
-                raise ValueError(f"guided_orders: unknown order {order!r}; choose from {', '.join(CHANNEL_ORDERS)}")
+                raise PruneError(f"guided_orders: unknown order {order!r}; choose from {', '.join(CHANNEL_ORDERS)}")
         self.guided_orders = list(dict.fromkeys(guided_orders))
         self.guided_ratios = _fractions("guided_ratios", guided_ratios)
-        if criticality_csv is not None and not Path(criticality_csv).is_file():
-            raise ValueError(f"criticality_csv {criticality_csv!r} does not exist")
-        self.criticality_csv = criticality_csv
+        if criticality_csv is not None and not Path(str(criticality_csv)).is_file():
+            raise PruneError(f"criticality_csv {str(criticality_csv)!r} does not exist")
+        self.criticality_csv = None if criticality_csv is None else str(criticality_csv)
         if criticality_score not in SCORES:
-            raise ValueError(f"criticality_score must be one of {', '.join(SCORES)}, got {criticality_score!r}")
+            raise PruneError(f"criticality_score must be one of {', '.join(SCORES)}, got {criticality_score!r}")
         self.criticality_score = criticality_score
         if criticality_method not in ENGINE_METHODS:
-            raise ValueError(f"criticality_method must be one of {', '.join(ENGINE_METHODS)}, got {criticality_method!r}")
+            raise PruneError(f"criticality_method must be one of {', '.join(ENGINE_METHODS)}, got {criticality_method!r}")
         self.criticality_method = criticality_method
         if criticality_samples is not None and criticality_samples < 1:
-            raise ValueError(f"criticality_samples must be positive, got {criticality_samples}")
+            raise PruneError(f"criticality_samples must be positive, got {criticality_samples}")
         self.criticality_samples = criticality_samples
         self.memory_budget_mb = memory_budget_mb
         self.print_tables = print_tables
@@ -164,7 +165,7 @@ class PruneSweep(L.Callback):
         lead = rank == 0
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "analysis_dataloader"):
-            raise ValueError("PruneSweep needs a critnet datamodule (with analysis_dataloader) to evaluate on")
+            raise PruneError("PruneSweep needs a critnet datamodule (with analysis_dataloader) to evaluate on")
         started = time.perf_counter()
         checksum = _state_checksum(model)
         data = EvaluationSet.from_batches(datamodule.analysis_dataloader(), device=pl_module.device,
@@ -270,7 +271,7 @@ class PruneSweep(L.Callback):
             dataset = datamodule.eval_dataset
             size = len(dataset)
             if self.criticality_samples > size:
-                raise ValueError(f"criticality_samples={self.criticality_samples} exceeds the {size} validation images")
+                raise PruneError(f"criticality_samples={self.criticality_samples} exceeds the {size} validation images")
             picked = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))[: self.criticality_samples]
             subset = Subset(dataset, sorted(picked.tolist()))
             loader = DataLoader(subset, batch_size=datamodule.batch_size, shuffle=False,

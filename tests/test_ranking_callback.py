@@ -1,0 +1,172 @@
+"""The callback through Lightning's own Trainer: the restore guarantee (also when the analysis raises midway),
+ranking at the end of fit, and activation units."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CIFAR_ROOT, RESNET20_WEIGHTS, first_test_images, requires_shared
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from critnet.callbacks.ranking import CriticalRanking
+from critnet.data import CIFAR10DataModule
+from critnet.module import ClassifierModule
+
+
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    """One thread per process: on the shared 2-core machine, competing thread pools make each forward pass
+    tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+pytestmark = requires_shared
+
+
+def checksum(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def hook_count(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in module.modules())
+
+
+def make_trainer(tmp_path: Path, callback: CriticalRanking, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(str(tmp_path), name="logs"),
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+        **kwargs,
+    )
+
+
+def datamodule(subset: int, batch_size: int = 32) -> CIFAR10DataModule:
+    return CIFAR10DataModule(str(CIFAR_ROOT), batch_size=batch_size, num_workers=0, subset_size=subset, augment=False)
+
+
+@pytest.mark.parametrize("method", ["naive", "exact"])
+@pytest.mark.parametrize(
+    "unit, perturbation, level",
+    [("channel", "bitflip", 30), ("tensor", "noise", 0.5), ("activation", "prune", 0.5)],
+)
+def test_model_is_bit_identical_after_an_exception_midway(tmp_path, method, unit, perturbation, level):
+    module = ClassifierModule("resnet20", weights=str(RESNET20_WEIGHTS))
+    network = module.model
+    before = checksum(module)
+    calls = {"n": 0}
+
+    def fail_midway(_module, _inputs, _output):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the baseline and a few units have run; some unit is perturbed right now
+            raise RuntimeError("injected failure")
+
+    injector = network.linear.register_forward_hook(fail_midway)
+    callback = CriticalRanking(
+        unit=unit, include=["layer3.2"], perturbation=perturbation, levels=[level], method=method, num_batches=1,
+        progress=False, print_table=False,
+    )  # fmt: skip
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            make_trainer(tmp_path, callback).validate(module, datamodule=datamodule(32), verbose=False)
+    finally:
+        injector.remove()
+    assert calls["n"] == 6
+    assert checksum(module) == before
+    assert hook_count(module) == 0
+    assert not list(tmp_path.rglob("ranking.csv"))
+
+    # and after a complete run too
+    callback = CriticalRanking(
+        unit=unit, include=["linear" if unit == "activation" else "linear.weight"], perturbation=perturbation,
+        levels=[level], method=method,
+        num_batches=1, progress=False, print_table=False,
+    )  # fmt: skip
+    make_trainer(tmp_path / "ok", callback).validate(module, datamodule=datamodule(32), verbose=False)
+    assert checksum(module) == before
+    assert hook_count(module) == 0
+    assert callback.result["units"] == (1 if unit == "tensor" else 10)
+
+
+def test_activation_units_against_an_independent_hook_loop(tmp_path):
+    """Zeroing output channel c of layer3.2.bn2 (before the residual sum), scored against a loop written here."""
+    module = ClassifierModule("resnet20", weights=str(RESNET20_WEIGHTS))
+    callback = CriticalRanking(
+        unit="activation", include=["^layer3\\.2\\.bn2$"], module_types=["BatchNorm2d"], perturbation="zero",
+        score="top1_drop", method="exact", progress=False, print_table=False,
+    )  # fmt: skip
+    make_trainer(tmp_path, callback).validate(module, datamodule=datamodule(32), verbose=False)
+    rows = callback.result["rows"]
+    assert len(rows) == 64 and rows[0]["unit"].startswith("layer3.2.bn2[")
+
+    network = module.model.eval()
+    images, labels = first_test_images(32, 32)[0]
+    expected = {}
+    with torch.no_grad():
+        for channel in range(64):
+
+            def zero(_m, _i, output, channel=channel):
+                output = output.clone()
+                output[:, channel] = 0
+                return output
+
+            handle = network.layer3[2].bn2.register_forward_hook(zero)
+            logits = network(images)
+            handle.remove()
+            expected[f"layer3.2.bn2[{channel}]"] = (
+                F.cross_entropy(logits, labels).item(),
+                100.0 * (logits.argmax(1) == labels).double().mean().item(),
+            )
+    for row in rows:
+        loss, top1 = expected[row["unit"]]
+        assert abs(row["loss"] - loss) <= 1e-5
+        assert abs(row["top1"] - top1) <= 1e-9
+    drops = [row["score"] for row in rows]
+    assert drops == sorted(drops, reverse=True)
+
+
+def test_ranks_at_the_end_of_fit_when_asked(tmp_path):
+    module = ClassifierModule("resnet20", weights=str(RESNET20_WEIGHTS), lr=0.01)
+    callback = CriticalRanking(
+        include=["linear.weight"], run_on=["fit"], num_batches=1, progress=False, print_table=False
+    )  # fmt: skip
+    trainer = make_trainer(tmp_path, callback, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(module, datamodule=datamodule(32))
+    log_dir = Path(trainer.log_dir)
+    summary = json.loads((log_dir / "ranking.json").read_text())
+    assert summary["stage"] == "fit" and summary["units"] == 1
+    with open(log_dir / "ranking.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    # scored on the fine-tuned weights, not the checkpoint's
+    network = module.model.eval()
+    images, labels = first_test_images(32, 32)[0]
+    with torch.no_grad():
+        weight = network.linear.weight
+        original = weight.data.clone()
+        weight.data += 0.1
+        loss = F.cross_entropy(network(images), labels).item()
+        weight.data = original
+    assert abs(float(row["loss"]) - loss) <= 1e-5
+
+    # the validation inside fit did not trigger a ranking; a plain validate does not either with run_on=[fit]
+    trainer = make_trainer(tmp_path / "v", callback)
+    trainer.validate(module, datamodule=datamodule(32), verbose=False)
+    assert not (Path(trainer.log_dir) / "ranking.csv").exists()

@@ -1,0 +1,77 @@
+"""Under DDP (2 CPU processes, gloo) the ranking equals the single-device ranking and only rank 0 writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import CIFAR_ROOT, REPO, RESNET20_WEIGHTS, requires_shared
+
+pytestmark = requires_shared
+
+# Relative noise on channel units: the draws must not depend on which process evaluates a unit.
+ANALYSIS = [
+    "--trainer.callbacks.init_args.unit", "channel",
+    "--trainer.callbacks.init_args.include", '["layer3.2.conv1.weight", "linear.weight"]',
+    "--trainer.callbacks.init_args.perturbation", "noise",
+    "--trainer.callbacks.init_args.levels", "[1.0]",
+    "--trainer.callbacks.init_args.relative", "true",
+    "--trainer.callbacks.init_args.seed", "5",
+    "--trainer.callbacks.init_args.num_batches", "null",
+    "--trainer.callbacks.init_args.score", "delta_loss",
+    "--trainer.callbacks.init_args.progress", "false",
+]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def analyze(root: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [
+        sys.executable, "analyze.py", "validate",
+        "-c", "configs/resnet20_cifar10.yaml", "-c", "configs/rank_seed.yaml",
+        "--data.root", str(CIFAR_ROOT), "--model.weights", str(RESNET20_WEIGHTS),
+        "--data.subset_size", "48", "--data.batch_size", "16", "--data.num_workers", "0",
+        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+        *ANALYSIS, *extra,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def read_rows(root: Path) -> tuple[list[dict[str, str]], dict]:
+    (csv_path,) = list(root.rglob("ranking.csv"))  # exactly one file: only rank 0 writes
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return rows, json.loads((csv_path.parent / "ranking.json").read_text())
+
+
+def test_two_cpu_processes_equal_one(tmp_path):
+    analyze(tmp_path / "single", "--trainer.accelerator", "cpu", "--trainer.devices", "1")
+    analyze(
+        tmp_path / "ddp",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+    )  # fmt: skip
+    single, single_summary = read_rows(tmp_path / "single")
+    ddp, ddp_summary = read_rows(tmp_path / "ddp")
+    assert single_summary["devices"] == 1 and ddp_summary["devices"] == 2
+    assert ddp_summary["samples"] == single_summary["samples"] == 48
+    assert len(single) == 64 + 10
+    assert [row["unit"] for row in ddp] == [row["unit"] for row in single]
+    for a, b in zip(single, ddp):
+        for column in ("score", "loss", "delta_loss", "top1", "top5"):
+            assert abs(float(a[column]) - float(b[column])) <= 1e-5, (a["unit"], column)
+        assert a["samples"] == b["samples"] == "48"
+    assert abs(ddp_summary["split_half_spearman"] - single_summary["split_half_spearman"]) <= 1e-9
+    assert len(list((tmp_path / "ddp").rglob("version_*"))) == 1
+    assert len(list((tmp_path / "ddp").rglob("events.out.tfevents*"))) == 1

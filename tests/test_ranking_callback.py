@@ -170,3 +170,54 @@ def test_ranks_at_the_end_of_fit_when_asked(tmp_path):
     trainer = make_trainer(tmp_path / "v", callback)
     trainer.validate(module, datamodule=datamodule(32), verbose=False)
     assert not (Path(trainer.log_dir) / "ranking.csv").exists()
+
+
+def test_approximate_methods_are_labelled_and_hybrid_reports_engine_agreement(tmp_path):
+    module = ClassifierModule("resnet20", weights=str(RESNET20_WEIGHTS))
+    settings = dict(
+        unit="channel", include=["layer3.2.conv1.weight", "linear.weight"], perturbation="zero",
+        score="delta_loss", top_k=5, progress=False, print_table=False,
+    )  # fmt: skip
+    results = {}
+    for method in ("exact", "hybrid", "taylor"):
+        callback = CriticalRanking(method=method, **settings)
+        trainer = make_trainer(tmp_path / method, callback)
+        trainer.validate(module, datamodule=datamodule(32), verbose=False)
+        results[method] = (callback.result, json.loads((Path(trainer.log_dir) / "ranking.json").read_text()))
+
+    exact_rows = results["exact"][0]["rows"]
+    hybrid, hybrid_json = results["hybrid"]
+    agreement = hybrid_json["levels"][0]["engine_agreement"]
+    assert agreement["units"] >= 10 and -1.0 <= agreement["spearman"] <= 1.0
+    assert hybrid_json["levels"][0]["exact_units"] == agreement["units"]
+    # rows evaluated exactly come first and carry the same scores as the exact method
+    exact_scores = {row["unit"]: row["score"] for row in exact_rows}
+    exact_part = [row for row in hybrid["rows"] if row["exact"]]
+    assert hybrid["rows"][: len(exact_part)] == exact_part
+    for row in exact_part:
+        assert abs(row["score"] - exact_scores[row["unit"]]) <= 1e-5
+        assert row["estimate"] != ""
+
+    taylor, taylor_json = results["taylor"]
+    assert not any(row["exact"] for row in taylor["rows"])
+    assert all(row["samples"] == 0 and row["estimate"] != "" for row in taylor["rows"])
+    estimates = [row["score"] for row in taylor["rows"]]
+    assert estimates == sorted(estimates, reverse=True)
+    assert taylor_json["split_half_spearman"] == "nan"  # no exact halves to compare: said, not invented
+    assert results["exact"][1]["levels"][0]["engine_agreement"] is None
+
+
+def test_resume_reuses_the_partial_results(tmp_path):
+    module = ClassifierModule("resnet20", weights=str(RESNET20_WEIGHTS))
+    settings = dict(
+        unit="channel", include=["linear.weight"], perturbation="add", levels=[0.5], resume=True,
+        resume_dir=str(tmp_path / "partial"), progress=False, print_table=False,
+    )  # fmt: skip
+    first = CriticalRanking(**settings)
+    make_trainer(tmp_path / "a", first).validate(module, datamodule=datamodule(32), verbose=False)
+    records = list((tmp_path / "partial").glob("*.jsonl"))
+    assert len(records) == 1 and len(records[0].read_text().splitlines()) == 10
+    second = CriticalRanking(**settings)
+    make_trainer(tmp_path / "b", second).validate(module, datamodule=datamodule(32), verbose=False)
+    assert len(records[0].read_text().splitlines()) == 10  # nothing evaluated again
+    assert second.result["rows"] == first.result["rows"]

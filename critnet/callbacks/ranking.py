@@ -73,7 +73,8 @@ class CriticalRanking(L.Callback):
         resume: Append finished units to a partial-results file and resume from it when the same analysis is run
             again after an interruption.
         resume_dir: Where the partial results live; default ``<trainer.default_root_dir>/ranking_partial``.
-        memory_budget_mb: The most memory the evaluation batches may hold on the device; beyond it they stream.
+        memory_budget_mb: The most memory (MB) the evaluation batches may hold on the device (beyond it they
+            stream) and the engine may spend on cached activations (beyond it it works in chunks); null = no limit.
         filename: Stem of the files written in log_dir (``<filename>.csv``, ``<filename>.json``).
         progress: Show a rich progress bar of the analysis (rank 0).
         print_table: Print the top ``top_k`` as a rich table (rank 0).
@@ -255,6 +256,7 @@ class CriticalRanking(L.Callback):
                         all_gather=distributed.all_gather_objects if world_size > 1 else None,
                         resume_dir=resume_dir,
                         progress=bar.update,
+                        memory_budget_mb=self.memory_budget_mb,
                     )
                 ranked = order_outcomes(outcomes, baseline, self.score)
                 rankings.append(

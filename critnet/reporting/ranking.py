@@ -35,8 +35,9 @@ def write_ranking_json(path: str | Path, summary: Mapping[str, Any]) -> Path:
     return write_json(path, summary)
 
 
-CONSOLE_COLUMNS = (("rank", "rank"), ("unit", "unit"), ("score", "score"), ("loss", "loss"),
-                   ("delta_loss", "Δloss"), ("top1", "top-1 %"), ("top5", "top-5 %"))
+# loss is left out: it is the score (score=loss) or baseline + Δloss
+CONSOLE_COLUMNS = (("rank", "rank"), ("unit", "unit"), ("score", "score"), ("delta_loss", "Δloss"),
+                   ("top1", "top-1 %"), ("top5", "top-5 %"))
 
 
 def print_top_k(rows: Sequence[Mapping[str, Any]], k: int, title: str) -> Table:

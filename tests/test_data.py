@@ -76,3 +76,10 @@ def test_unpadded_sampler_counts_every_sample_once(total, world):
     assert sorted(i for s in shards for i in s) == dataset
     assert [len(s) for s in shards] == shard_sizes(total, world)
     assert len(UnpaddedDistributedSampler(dataset, world, 0)) == len(shards[0])
+
+
+def test_corrupt_binary_format_names_the_root(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match=f"--data.root: {tmp_path}: Dataset not found or corrupted"):
+        CIFAR10DataModule(str(tmp_path)).setup("validate")

@@ -11,6 +11,7 @@ Methods:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,14 @@ from critnet.engine.data import EvaluationSet
 from critnet.engine.naive import full_pass, run_naive
 from critnet.engine.resume import ResultStore, fingerprint, outcome_from_record
 from critnet.engine.suffix import SuffixEvaluator
+from critnet.engine.taylor import estimate_outcome, taylor_estimates
 from critnet.engine.sharding import assign, gather_outcomes
 from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
-from critnet.tally import SCORES, UnitOutcome
+from critnet.tally import SCORES, UnitOutcome, criticality_key, score_of
 
 METHODS = ("naive", "exact", "taylor", "hybrid", "halving")
+# The first halving stage scores every unit on at least this many samples.
+HALVING_MIN_SAMPLES = 64
 
 
 @contextlib.contextmanager
@@ -223,8 +227,78 @@ def _dispatch(run: _Run, method: str, score: str, top_k: int, memory_budget_mb: 
             return run.evaluate(
                 everything, "exact", lambda work, record: run_naive(run.model, work, run.perturbation, run.data, record)
             )
+    if method == "taylor":
+        estimates = taylor_estimates(run.model, run.units, run.perturbation, run.data)
+        return {i: estimate_outcome(run.units[i], e) for i, e in enumerate(estimates)}
     if method == "exact":
-        evaluator = SuffixEvaluator(run.model, run.perturbation, run.data, memory_budget_mb)
-        with torch.no_grad():
-            return run.evaluate(everything, "exact", evaluator.run, lambda idx: evaluator.costs([run.units[i] for i in idx]))
-    raise ValueError(f"method: {method!r} is not available yet")
+        return _exact(run, everything, run.data, "exact", memory_budget_mb)
+    if method == "hybrid":
+        return _hybrid(run, score, top_k, memory_budget_mb)
+    return _halving(run, score, top_k, memory_budget_mb)
+
+
+def _exact(
+    run: _Run, indices: Sequence[int], data: EvaluationSet, phase: str, memory_budget_mb: float | None
+) -> dict[int, UnitOutcome]:
+    evaluator = SuffixEvaluator(run.model, run.perturbation, data, memory_budget_mb)
+    with torch.no_grad():
+        return run.evaluate(indices, phase, evaluator.run, lambda idx: evaluator.costs([run.units[i] for i in idx]))
+
+
+def _order(outcomes: dict[int, UnitOutcome], baseline: UnitOutcome, score: str) -> list[int]:
+    """Indices of ``outcomes``, most critical first (ties by unit order)."""
+    return sorted(outcomes, key=lambda i: (criticality_key(score_of(outcomes[i].total, baseline.total, score)), i))
+
+
+def _hybrid(run: _Run, score: str, top_k: int, memory_budget_mb: float | None) -> dict[int, UnitOutcome]:
+    """Taylor estimates for every unit, then exact scores in the order of the estimates, in rounds of ``top_k``
+    units, until a whole round (after at least two) brings no unit into the exact top ``top_k``."""
+    estimates = taylor_estimates(run.model, run.units, run.perturbation, run.data)
+    baseline = evaluate_baseline(run.model, run.data)
+    order = sorted(range(len(run.units)), key=lambda i: (criticality_key(estimates[i]), i))
+    exact: dict[int, UnitOutcome] = {}
+    position = 0
+    while position < len(order):
+        size = 2 * top_k if position == 0 else top_k
+        batch = order[position : position + size]
+        position += len(batch)
+        exact.update(_exact(run, batch, run.data, "exact", memory_budget_mb))
+        if position > len(batch) and not set(batch) & set(_order(exact, baseline, score)[:top_k]):
+            break
+    outcomes = {i: estimate_outcome(run.units[i], e) for i, e in enumerate(estimates)}
+    for i, outcome in exact.items():
+        outcomes[i] = UnitOutcome(outcome.unit, outcome.total, outcome.halves, exact=True, estimate=estimates[i])
+    return outcomes
+
+
+def _subset(data: EvaluationSet, stride: int) -> EvaluationSet:
+    """Every ``stride``-th sample (the test sets are sorted by class, so a stride covers every class)."""
+    batches = []
+    for (x, y), offset in zip(data, data.offsets()):
+        keep = (torch.arange(offset, offset + len(y), device=y.device) % stride) == 0
+        if keep.any():
+            batches.append((x[keep], y[keep]))
+    return EvaluationSet.from_batches(batches)
+
+
+def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None) -> dict[int, UnitOutcome]:
+    """Successive halving: score the remaining units on every ``stride``-th sample, keep the more critical half
+    (never fewer than ``2 * top_k``), halve the stride, until the survivors are scored exactly on the full set."""
+    stride = 1
+    while run.data.samples // (2 * stride) >= HALVING_MIN_SAMPLES:
+        stride *= 2
+    remaining = list(range(len(run.units)))
+    outcomes: dict[int, UnitOutcome] = {}
+    while stride > 1 and len(remaining) > 2 * top_k:
+        subset = _subset(run.data, stride)
+        baseline = evaluate_baseline(run.model, subset)
+        scored = _exact(run, remaining, subset, f"halving/{stride}", memory_budget_mb)
+        ranked = _order(scored, baseline, score)
+        keep = max(2 * top_k, math.ceil(len(ranked) / 2))
+        for i in ranked[keep:]:
+            o = scored[i]
+            outcomes[i] = UnitOutcome(o.unit, o.total, o.halves, exact=False)
+        remaining = sorted(ranked[:keep])
+        stride //= 2
+    outcomes.update(_exact(run, remaining, run.data, "exact", memory_budget_mb))
+    return outcomes

@@ -28,11 +28,15 @@ from torch import Tensor, nn
 
 from critnet.engine.data import EvaluationSet
 from critnet.engine.naive import run_naive
-from critnet.engine.tallying import TallyPair, tally_variants
+from critnet.engine.tallying import TallyPair, sum_halves
+from critnet.engine.tallying import per_sample as sample_stats
 from critnet.perturb import Perturbation, Unit, perturbed
 from critnet.tally import UnitOutcome
 
 DEFAULT_MEMORY_BUDGET_MB = 1024.0
+# Perturbed variants are stacked along the batch up to about this many samples per suffix pass: enough to hide
+# per-call overhead on small batches; larger stacks do not run faster per sample on a CPU (they leave the caches).
+STACK_SAMPLES = 256 if torch.cuda.is_available() else 128
 
 
 @dataclass
@@ -63,6 +67,11 @@ class TracedModel:
             raise ValueError(f"the traced model takes {len(placeholders)} inputs; the engine handles exactly one")
         self.input_node = placeholders[0]
         self.first = self.position[self.input_node] + 1
+        # Values that depend on the input carry the batch; the others (parameters, constants) are shared by all.
+        self.batched: set[fx.Node] = set()
+        for node in self.nodes:
+            if node is self.input_node or any(a in self.batched for a in node.all_input_nodes):
+                self.batched.add(node)
         self.modules = dict(model.named_modules())
         self._suffixes: dict[tuple, fx.GraphModule] = {}
         self.node_cost: dict[fx.Node, float] = {}
@@ -227,11 +236,22 @@ class SuffixEvaluator:
             held += need
         return segments
 
-    def run(self, work: Sequence[tuple[int, Unit]], record: Callable[[int, UnitOutcome], None]) -> None:
-        """Evaluate every ``(index, unit)``; ``record`` gets each outcome as soon as it is complete."""
+    def run(
+        self,
+        work: Sequence[tuple[int, Unit]],
+        record: Callable[[int, object], None],
+        per_sample: bool = False,
+    ) -> None:
+        """Evaluate every ``(index, unit)``; ``record`` gets each result as soon as it is complete.
+
+        The result is a :class:`UnitOutcome`, or with ``per_sample`` the ``(losses, top1, top5)`` vectors over the
+        evaluation set in its order (float64 losses, bool hits).
+        """
         planned = [(i, u, self.plan(u)) for i, u in work]
         unplanned = [(i, u) for i, u, p in planned if p is None]
         if unplanned:
+            if per_sample:
+                raise ValueError("per-sample results need a traced model")
             run_naive(self.model, unplanned, self.perturbation, self.data, record)
         planned = [(i, u, p) for i, u, p in planned if p is not None]
         if not planned:
@@ -248,9 +268,17 @@ class SuffixEvaluator:
             by_stop[item[2].stop].append(item)
 
         segments = self.segments()
-        sums = {i: TallyPair() for i, _, _ in planned}
         offsets = self.data.offsets()
         half = self.data.half
+        sums: dict[int, TallyPair] = {i: TallyPair() for i, _, _ in planned}
+        samples: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {i: [] for i, _, _ in planned}
+
+        def consume(index: int, result: tuple[Tensor, Tensor, Tensor], offset: int) -> None:
+            if per_sample:
+                samples[index].append(result)
+            else:
+                sums[index].add(sum_halves(*(r.unsqueeze(0) for r in result), offset, half)[0])
+
         for segment_number, segment in enumerate(segments):
             last_segment = segment_number == len(segments) - 1
             wanted = set(segment)
@@ -264,23 +292,73 @@ class SuffixEvaluator:
                 position = stop_position
                 inputs = traced.crossing(stop_position)
                 suffix = traced.suffix(stop_position, inputs)
-                for index, unit, plan in by_stop[stop_position]:
-                    pair = sums[index]
-                    if plan.node is None:
-                        with perturbed(self.model, unit, self.perturbation):
-                            for env, (_, y, offset) in zip(states, batches):
-                                logits = suffix(*[env[n] for n in inputs])
-                                pair.add(tally_variants(logits, y, offset, half)[0])
-                    else:
-                        conv = traced.modules[plan.node.target]
-                        channel = unit.index
-                        weight = self.perturbation.apply(conv.weight.detach()[channel].clone(), unit).unsqueeze(0)
-                        bias = None if conv.bias is None else conv.bias.detach()[channel : channel + 1]
+                module_units = [item for item in by_stop[stop_position] if item[2].node is None]
+                slice_units = [item for item in by_stop[stop_position] if item[2].node is not None]
+                for index, unit, _ in module_units:
+                    with perturbed(self.model, unit, self.perturbation):
                         for env, (_, y, offset) in zip(states, batches):
-                            out = env[plan.node].clone()
-                            out[:, channel] = conv._conv_forward(env[plan.node.args[0]], weight, bias)[:, 0]
-                            logits = suffix(*[out if n is plan.node else env[n] for n in inputs])
-                            pair.add(tally_variants(logits, y, offset, half)[0])
+                            logits = suffix(*[env[n] for n in inputs])
+                            losses, top1, top5 = sample_stats(logits.unsqueeze(0), y)
+                            consume(index, (losses[0], top1[0], top5[0]), offset)
                     if last_segment:
-                        record(index, UnitOutcome(unit=unit, total=pair.total, halves=pair.halves))
+                        self._finish(index, unit, sums, samples, per_sample, record)
+                if slice_units:
+                    node = slice_units[0][2].node
+                    variants = self._variants(suffix, inputs, node, states[0])
+                    for start in range(0, len(slice_units), variants):
+                        chunk = slice_units[start : start + variants]
+                        conv = traced.modules[node.target]
+                        filters = []
+                        for _, unit, _ in chunk:
+                            weight = self.perturbation.apply(conv.weight.detach()[unit.index].clone(), unit)
+                            bias = None if conv.bias is None else conv.bias.detach()[unit.index : unit.index + 1]
+                            filters.append((unit.index, weight.unsqueeze(0), bias))
+                        for env, (_, y, offset) in zip(states, batches):
+                            outs = []
+                            for channel, weight, bias in filters:
+                                out = env[node].clone()
+                                out[:, channel] = conv._conv_forward(env[node.args[0]], weight, bias)[:, 0]
+                                outs.append(out)
+                            v = len(outs)
+                            args = [torch.cat(outs) if n is node else _repeat(env[n], v, n in traced.batched) for n in inputs]
+                            logits = suffix(*args)
+                            losses, top1, top5 = sample_stats(logits.reshape(v, len(y), -1), y)
+                            for k, (index, _, _) in enumerate(chunk):
+                                consume(index, (losses[k], top1[k], top5[k]), offset)
+                        if last_segment:
+                            for index, unit, _ in chunk:
+                                self._finish(index, unit, sums, samples, per_sample, record)
             del states
+
+    @staticmethod
+    def _finish(index, unit, sums, samples, per_sample, record) -> None:
+        if per_sample:
+            parts = samples.pop(index)
+            record(index, tuple(torch.cat([p[j] for p in parts]) for j in range(3)))
+        else:
+            pair = sums.pop(index)
+            record(index, UnitOutcome(unit=unit, total=pair.total, halves=pair.halves))
+
+    def _variants(self, suffix: fx.GraphModule, inputs: list[fx.Node], node: fx.Node, env: dict) -> int:
+        """How many perturbed variants to stack along the batch: enough to fill about ``STACK_SAMPLES`` samples
+        within the memory budget, and only if stacking gives bit-identical logits on this suffix and device."""
+        batch = env[node].shape[0]
+        wanted = max(1, STACK_SAMPLES // batch)
+        if self.bytes_per_sample > 0:
+            wanted = min(wanted, max(1, int(self.budget // (4 * batch * self.bytes_per_sample))))
+        if wanted == 1:
+            return 1
+        try:
+            single = suffix(*[env[n] for n in inputs])
+            double = suffix(*[_repeat(env[n], 2, n in self.traced.batched) for n in inputs])
+        except Exception:  # noqa: BLE001 - a suffix that cannot take a stacked batch is run one variant at a time
+            return 1
+        if not (isinstance(double, Tensor) and double.shape[0] == 2 * batch):
+            return 1
+        return wanted if torch.equal(double[:batch], single) and torch.equal(double[batch:], single) else 1
+
+
+def _repeat(value, times: int, batched: bool):
+    if times == 1 or not batched or not isinstance(value, Tensor) or value.dim() == 0:
+        return value
+    return torch.cat([value] * times)

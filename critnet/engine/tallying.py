@@ -9,28 +9,31 @@ from torch import Tensor
 from critnet.tally import Tally
 
 
-def tally_variants(logits: Tensor, targets: Tensor, offset: int, half: int) -> list[tuple[Tally, Tally]]:
-    """Tallies of the first and second half of the samples for each variant.
+def per_sample(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample cross-entropy (float64 copy of the logits-precision value), top-1 and top-5 hits.
 
     Args:
-        logits: ``(variants, batch, classes)`` or ``(batch, classes)`` (one variant).
+        logits: ``(variants, batch, classes)``.
         targets: ``(batch,)`` class indices.
-        offset: index of the batch's first sample in the evaluation set.
-        half: number of samples in the evaluation set's first half.
+
+    Returns:
+        ``(variants, batch)`` tensors: losses (float64), top-1 hits and top-5 hits (bool).
     """
-    if logits.dim() == 2:
-        logits = logits.unsqueeze(0)
     variants, batch, classes = logits.shape
     flat = logits.reshape(variants * batch, classes)
-    # Per-sample cross-entropy in the logits' precision (what a plain loop computes), summed in float64.
+    # The loss in the logits' precision (what a plain loop computes), summed later in float64.
     losses = F.cross_entropy(flat, targets.repeat(variants), reduction="none").reshape(variants, batch).double()
     k = min(5, classes)
     top = flat.topk(k, dim=1).indices.reshape(variants, batch, k)
     # A row with a NaN logit predicts nothing (topk would rank the NaN first and count it as a hit).
     valid = ~torch.isnan(flat).any(dim=1).reshape(variants, batch, 1)
     hits = (top == targets.view(1, batch, 1)) & valid
-    top1 = hits[..., 0]
-    top5 = hits.any(dim=2)
+    return losses, hits[..., 0], hits.any(dim=2)
+
+
+def sum_halves(losses: Tensor, top1: Tensor, top5: Tensor, offset: int, half: int) -> list[tuple[Tally, Tally]]:
+    """Per variant: the tallies of the samples of this batch in the first and in the second half of the set."""
+    batch = losses.shape[1]
     split = min(max(half - offset, 0), batch)
     sums = torch.stack(
         [
@@ -46,6 +49,20 @@ def tally_variants(logits: Tensor, targets: Tensor, offset: int, half: int) -> l
     return [
         (Tally(s[0], int(s[2]), int(s[4]), split), Tally(s[1], int(s[3]), int(s[5]), batch - split)) for s in sums
     ]
+
+
+def tally_variants(logits: Tensor, targets: Tensor, offset: int, half: int) -> list[tuple[Tally, Tally]]:
+    """Tallies of the first and second half of the samples for each variant.
+
+    Args:
+        logits: ``(variants, batch, classes)`` or ``(batch, classes)`` (one variant).
+        targets: ``(batch,)`` class indices.
+        offset: index of the batch's first sample in the evaluation set.
+        half: number of samples in the evaluation set's first half.
+    """
+    if logits.dim() == 2:
+        logits = logits.unsqueeze(0)
+    return sum_halves(*per_sample(logits, targets), offset, half)
 
 
 class TallyPair:

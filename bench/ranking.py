@@ -1,0 +1,182 @@
+"""Benchmark of the ranking engine against the naive loop on the public ResNet20 (a benchmark, not a test).
+
+In one run, on the first 256 shared CIFAR-10 test images (channel units, zero ablation: ResNet20's 698 conv and linear
+output channels) and the first 1000 (tensor units, +0.1, the original experiment): times the naive loop (perturb,
+forward over the already-decoded evaluation set, restore) and every engine mode, checks that exact scores equal the
+naive loop's and that hybrid and halving find the exact top 20, and times ``validate`` against a plain PyTorch loop
+over the same files. The last line is machine-readable:
+
+    channel_exact_speedup=<x> tensor_exact_speedup=<x> top20_speedup=<x> top20_identical=<true|false> max_abs_diff=<y>
+
+Usage: python bench/ranking.py [--data-root ../shared/data/cifar10] [--weights <resnet20 checkpoint>] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from critnet.checkpoints import load_weights  # noqa: E402
+from critnet.engine import EvaluationSet, evaluate_baseline, evaluate_units  # noqa: E402
+from critnet.engine.suffix import SuffixEvaluator  # noqa: E402
+from critnet.models import build_model  # noqa: E402
+from critnet.perturb import Perturbation, select_units  # noqa: E402
+from critnet.tally import criticality_key, score_of  # noqa: E402
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_batches(root: Path, n: int, batch_size: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    ds = torch.utils.data.Subset(datasets.ImageFolder(str(root / "test"), tf), range(n))
+    return list(torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False))
+
+
+def top(outcomes, baseline, k: int, score: str = "loss") -> list[int]:
+    ids = [i for i, o in enumerate(outcomes) if o.exact]
+    return sorted(ids, key=lambda i: (criticality_key(score_of(outcomes[i].total, baseline.total, score)), i))[:k]
+
+
+def timed(fn):
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+def rank_units(model, kind, perturbation, data, label, rows, methods):
+    units = select_units(model, kind)
+    baseline = evaluate_baseline(model, data)
+    evaluator = SuffixEvaluator(model, perturbation, data)
+    costs = evaluator.costs(units)
+    flop_bound = len(units) * evaluator.traced.full_cost / sum(costs)
+    results = {}
+    for method in methods:
+        seconds, outcomes = timed(lambda: evaluate_units(model, units, perturbation, data, method=method, top_k=20))
+        results[method] = (seconds, outcomes)
+        print(f"  {label:8s} {method:8s} {seconds:8.1f} s", flush=True)
+    naive_s, naive = results["naive"]
+    exact_s, exact = results["exact"]
+    diff = max(
+        abs(score_of(a.total, baseline.total, "loss") - score_of(b.total, baseline.total, "loss"))
+        for a, b in zip(naive, exact)
+    )
+    counts_equal = all(
+        (a.total.top1_correct, a.total.top5_correct) == (b.total.top1_correct, b.total.top5_correct)
+        for a, b in zip(naive, exact)
+    )
+    exact_top = top(exact, baseline, 20)
+    summary = {"units": len(units), "samples": data.samples, "flop_bound": flop_bound, "max_abs_diff": diff,
+               "counts_equal": counts_equal, "exact_s": exact_s, "naive_s": naive_s, "top20": {}}
+    for method, (seconds, outcomes) in results.items():
+        identical = None
+        if method in ("hybrid", "halving"):
+            found = top(outcomes, baseline, 20)
+            identical = found == exact_top and all(outcomes[i].total == exact[i].total for i in found)
+            summary["top20"][method] = (seconds, identical)
+        speedup = naive_s / seconds
+        rows.append([label, method, f"{len(units)}", f"{data.samples}", f"{seconds:.1f}", f"{speedup:.2f}",
+                     f"{exact_s / seconds:.2f}",
+                     f"{speedup / flop_bound:.2f}" if method == "exact" else "",
+                     "" if identical is None else str(identical).lower()])
+    return summary
+
+
+def validate_throughput(root: Path, weights: Path, batch_size: int, workers: int) -> tuple[float, float]:
+    """Images per second of ``Trainer.validate`` (critnet's module and datamodule) and of a plain loop."""
+    import lightning as L
+
+    from critnet.data import CIFAR10DataModule
+    from critnet.module import ClassifierModule
+
+    datamodule = CIFAR10DataModule(root=str(root), batch_size=batch_size, num_workers=workers)
+    module = ClassifierModule("resnet20", weights=str(weights))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    datamodule.setup("validate")
+    n = len(datamodule.eval_dataset)
+    lightning_s, _ = timed(lambda: trainer.validate(module, datamodule=datamodule, verbose=False))
+
+    model = module.model.eval()
+    loader = torch.utils.data.DataLoader(datamodule.eval_dataset, batch_size=batch_size, num_workers=workers)
+
+    def plain():
+        correct = 0
+        with torch.inference_mode():
+            for x, y in loader:
+                correct += int((model(x).argmax(1) == y).sum())
+        return correct
+
+    plain_s, _ = timed(plain)
+    return n / lightning_s, n / plain_s
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "cifar10"))
+    parser.add_argument("--weights", default=str(REPO.parent / "shared" / "checkpoints" / "cifar10" / "resnet20-12fca82f.th"))
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the validate comparison")
+    parser.add_argument("--skip-validate", action="store_true", help="leave out the validate throughput part")
+    args = parser.parse_args(argv)
+    root, weights = Path(args.data_root), Path(args.weights)
+    for path, flag in ((root / "test", "--data-root"), (weights, "--weights")):
+        if not path.exists():
+            parser.error(f"{flag}: {path} does not exist")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = build_model("resnet20")
+    load_weights(model, str(weights), "resnet20")
+    model.eval()
+    print(f"ResNet20 {weights.name}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+
+    rows: list[list[str]] = []
+    all_methods = ["naive", "exact", "taylor", "hybrid", "halving"]
+    channel = rank_units(model, "channel", Perturbation("zero"), EvaluationSet.from_batches(load_batches(root, 256)),
+                         "channel", rows, all_methods)
+    tensor = rank_units(model, "tensor", Perturbation("add", 0.1), EvaluationSet.from_batches(load_batches(root, 1000)),
+                        "tensor", rows, ["naive", "exact", "taylor"])
+
+    header = ["units", "method", "n", "images", "time s", "× naive", "× exact", "of FLOP bound", "top-20 = exact"]
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    for name, s in (("channel", channel), ("tensor", tensor)):
+        print(f"{name}: {s['units']} units on {s['samples']} images; FLOP lower bound of exact = {s['flop_bound']:.2f}× "
+              f"naive; identical top-1/top-5 counts: {str(s['counts_equal']).lower()}; "
+              f"largest |Δscore| to naive: {s['max_abs_diff']:.3g}")
+
+    if not args.skip_validate:
+        lightning_ips, plain_ips = validate_throughput(root, weights, 128, args.workers)
+        print(f"validate: {lightning_ips:.0f} images/s, plain PyTorch loop: {plain_ips:.0f} images/s, "
+              f"ratio {lightning_ips / plain_ips:.3f}")
+
+    fastest_method, (fastest_s, identical) = min(channel["top20"].items(), key=lambda kv: kv[1][0])
+    top20_identical = all(ok for _, ok in channel["top20"].values())
+    max_diff = max(channel["max_abs_diff"], tensor["max_abs_diff"])
+    if not (channel["counts_equal"] and tensor["counts_equal"]):
+        max_diff = max(max_diff, math.inf)  # different correct counts are never "equal scores"
+    print(f"fastest top-20 method: {fastest_method}")
+    print(
+        f"channel_exact_speedup={channel['naive_s'] / channel['exact_s']:.2f} "
+        f"tensor_exact_speedup={tensor['naive_s'] / tensor['exact_s']:.2f} "
+        f"top20_speedup={channel['exact_s'] / fastest_s:.2f} "
+        f"top20_identical={str(top20_identical).lower()} "
+        f"max_abs_diff={max_diff:.3g}"
+    )
+
+
+if __name__ == "__main__":
+    main()

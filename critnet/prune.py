@@ -157,8 +157,15 @@ def _candidates(norms: torch.Tensor, p_prune: float) -> tuple[torch.Tensor, floa
     return norms < threshold, float(threshold)
 
 
+def layer_norms(model: nn.Module, method: str = "connections", include_linear: bool = False) -> list[torch.Tensor]:
+    """The unit norms of every selected layer (CPU, float64), in model order: computed once, reusable by
+    :func:`dwp_masks` for every setting of a sweep over an unchanged model."""
+    return [unit_norms(module.weight, method).cpu() for _, module in prunable_layers(model, include_linear)]
+
+
 def dwp_masks(model: nn.Module, method: str = "connections", scope: str = "global", p_prune: float = 0.0,
-              p_bern: float = 1.0, seed: int = 0, include_linear: bool = False) -> PruneMasks:
+              p_bern: float = 1.0, seed: int = 0, include_linear: bool = False,
+              norms: Sequence[torch.Tensor] | None = None) -> PruneMasks:
     """The DWP §3.2 keep-masks for ``model``.
 
     Args:
@@ -170,13 +177,18 @@ def dwp_masks(model: nn.Module, method: str = "connections", scope: str = "globa
         seed: seeds the CPU generator of the Bernoulli draws, so every rank draws the same masks. One uniform number is
             drawn per unit in model order whatever p_prune and p_bern are, so the masks of one seed are nested.
         include_linear: select Linear layers as well as Conv2d.
+        norms: the result of :func:`layer_norms` for the same model, method and include_linear (saves recomputing
+            them for every setting); None = compute them here.
     """
     _check_choice("method", method, METHODS)
     _check_choice("scope", scope, SCOPES)
     p_prune = check_fraction("p_prune", p_prune)
     p_bern = check_fraction("p_bern", p_bern)
     layers = prunable_layers(model, include_linear)
-    norms = [unit_norms(module.weight, method).cpu() for _, module in layers]
+    if norms is None:
+        norms = layer_norms(model, method, include_linear)
+    if len(norms) != len(layers):
+        raise PruneError(f"norms cover {len(norms)} layers, the selection has {len(layers)}")
     sizes = [n.numel() for n in norms]
     flat = torch.cat([n.flatten() for n in norms])
 

@@ -18,6 +18,7 @@ from critnet.prune import (
     channel_order,
     dwp_masks,
     evaluate,
+    layer_norms,
     pruned,
     read_channel_ranking,
 )
@@ -219,6 +220,8 @@ def test_bernoulli_draws_are_seeded_nested_and_near_p_bern(resnet20_cifar):
     again = dwp_masks(resnet20_cifar, "connections", "global", 0.4, p_bern=0.5, seed=7)
     other = dwp_masks(resnet20_cifar, "connections", "global", 0.4, p_bern=0.5, seed=8)
     assert half.fingerprint() == again.fingerprint() != other.fingerprint()
+    norms = layer_norms(resnet20_cifar, "connections")  # precomputed once for a sweep: the same masks
+    assert dwp_masks(resnet20_cifar, "connections", "global", 0.4, 0.5, seed=7, norms=norms).fingerprint() == half.fingerprint()
     for name in full.masks:  # whatever half prunes, full prunes as well
         assert not (~half.masks[name] & full.masks[name]).any()
     assert abs(half.units_pruned / full.units_pruned - 0.5) < 0.02  # ~ 10^4 candidate kernels

@@ -31,6 +31,7 @@ from critnet.prune import (
     check_fraction,
     dwp_masks,
     evaluate,
+    layer_norms,
     pruned,
     read_channel_ranking,
 )
@@ -183,13 +184,15 @@ class PruneSweep(L.Callback):
                                                   all_gather=distributed.all_gather_objects)
             return cache[fingerprint]
 
+        norms = layer_norms(model, self.method, self.include_linear)
         sweep_plan = self._sweep_plan()
         guided_plan = self._guided_plan() if self.guided_orders else []
         with _Progress(lead and self.print_tables, len(sweep_plan) + len(guided_plan)) as progress:
-            baseline = run_masks(dwp_masks(model, self.method, self.scope, 0.0, 0.0, self.seed, self.include_linear))
+            baseline = run_masks(dwp_masks(model, self.method, self.scope, 0.0, 0.0, self.seed, self.include_linear,
+                                           norms))
             self.sweep_rows = []
             for p_prune, p_bern, repeat, seed in sweep_plan:
-                masks = dwp_masks(model, self.method, self.scope, p_prune, p_bern, seed, self.include_linear)
+                masks = dwp_masks(model, self.method, self.scope, p_prune, p_bern, seed, self.include_linear, norms)
                 tally = baseline if (p_prune, p_bern) == (0.0, 0.0) else run_masks(masks)
                 self.sweep_rows.append(self._sweep_row(network, p_prune, p_bern, repeat, seed, masks, tally))
                 progress.advance(f"{self.method} p_prune={p_prune:g} p_bern={p_bern:g} #{repeat}")

@@ -59,6 +59,20 @@ def outcome_from_record(record: dict[str, Any], unit: Unit) -> UnitOutcome:
                        estimate=None if estimate is None else float(estimate))
 
 
+def samples_to_record(phase: str, index: int, samples: tuple) -> dict[str, Any]:
+    losses, top1, top5 = samples
+    return {"phase": phase, "index": index, "losses": losses.tolist(), "top1": top1.int().tolist(),
+            "top5": top5.int().tolist()}
+
+
+def samples_from_record(record: dict[str, Any], unit: Unit) -> tuple:
+    return (
+        torch.tensor(record["losses"], dtype=torch.float64),
+        torch.tensor(record["top1"], dtype=torch.bool),
+        torch.tensor(record["top5"], dtype=torch.bool),
+    )
+
+
 class ResultStore:
     """Append-only JSON-lines files ``<fingerprint>.rank<r>.jsonl`` under ``directory``.
 
@@ -88,11 +102,11 @@ class ResultStore:
                     records[(record["phase"], int(record["index"]))] = record
         return records
 
-    def append(self, phase: str, index: int, outcome: UnitOutcome) -> None:
+    def append(self, record: dict[str, Any]) -> None:
         if self._handle is None:
             self._handle = open(self.path, "a", encoding="utf-8")
         # json writes NaN/Infinity for non-finite sums and reads them back, so broken units resume too.
-        self._handle.write(json.dumps(outcome_to_record(phase, index, outcome), allow_nan=True) + "\n")
+        self._handle.write(json.dumps(record, allow_nan=True) + "\n")
         self._handle.flush()  # a killed process loses at most the unit it was working on
 
     def close(self) -> None:

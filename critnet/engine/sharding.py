@@ -32,13 +32,15 @@ def gather_outcomes(
     world_size: int,
     all_gather: Callable[[Any], list[Any]] | None,
     phase: str,
-) -> dict[int, UnitOutcome]:
+    encode: Callable = outcome_to_record,
+    decode: Callable = outcome_from_record,
+) -> dict[int, Any]:
     """Every rank's outcomes, on every rank (plain records travel, so any object gather works)."""
     if world_size == 1:
         return dict(local)
-    records = [outcome_to_record(phase, i, o) for i, o in sorted(local.items())]
-    merged: dict[int, UnitOutcome] = {}
+    records = [encode(phase, i, o) for i, o in sorted(local.items())]
+    merged: dict[int, Any] = {}
     for part in all_gather(records):
         for record in part:
-            merged[int(record["index"])] = outcome_from_record(record, units[int(record["index"])])
+            merged[int(record["index"])] = decode(record, units[int(record["index"])])
     return merged

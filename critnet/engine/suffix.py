@@ -18,6 +18,7 @@ scores are sums, so segmenting stays exact.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from critnet.perturb import Perturbation, Unit, perturbed
 from critnet.tally import UnitOutcome
 
 DEFAULT_MEMORY_BUDGET_MB = 1024.0
+_TRACE_LOCK = threading.Lock()
 # Perturbed variants are stacked along the batch up to about this many samples per suffix pass: enough to hide
 # per-call overhead on small batches; larger stacks do not run faster per sample on a CPU (they leave the caches).
 STACK_SAMPLES = 256 if torch.cuda.is_available() else 128
@@ -58,7 +60,8 @@ class TracedModel:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.gm = fx.symbolic_trace(model)  # shares the model's modules and parameters, so perturbations show
+        with _TRACE_LOCK:  # tracing patches torch functions process-wide for its duration
+            self.gm = fx.symbolic_trace(model)  # shares the model's modules and parameters, so perturbations show
         self.nodes: list[fx.Node] = list(self.gm.graph.nodes)
         self.position = {node: i for i, node in enumerate(self.nodes)}
         self.last_use = {node: max((self.position[u] for u in node.users), default=-1) for node in self.nodes}

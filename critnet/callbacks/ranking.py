@@ -346,11 +346,12 @@ class CriticalRanking(L.Callback):
         layer_order = list(dict.fromkeys(unit.layer for unit in units))
         writer = tensorboard_experiment(trainer)
         for ranking, level in zip(rankings, result["levels"]):
-            title = (
-                f"{result['model']} · top {min(self.top_k, len(ranking['rows']))} of {len(units)} {self.unit} units · "
-                f"{level['perturbation']} · {result['samples']} images · score={self.score} · "
+            context = (
+                f"{result['model']} · {len(units)} {self.unit} units · {level['perturbation']} · "
+                f"{result['samples']} images · score={self.score} · "
                 f"split-half Spearman {level['split_half']['spearman']:.3f}"
             )
+            title = f"top {min(self.top_k, len(ranking['rows']))} · {context}"
             if self.print_table:
                 print_top_k(ranking["rows"], self.top_k, title)
             if writer is not None:
@@ -364,7 +365,7 @@ class CriticalRanking(L.Callback):
                     top_k=self.top_k,
                     prefix=prefix,
                     step=trainer.global_step,
-                    title=title,
+                    title=context,
                     layer_order=layer_order,
                 )
         console.print(

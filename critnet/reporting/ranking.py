@@ -88,14 +88,15 @@ def top_k_figure(rows: Sequence[Mapping[str, Any]], k: int, score: str, title: s
     axes.set_yticks(positions, [str(row["unit"]) for row in top], fontsize=7)
     axes.invert_yaxis()
     axes.set_xlabel(score)
-    axes.set_title(title, fontsize=9)
+    axes.set_title(f"top {len(top)}\n{title}", fontsize=9)
     for position, value in zip(positions, scores):
         if not math.isfinite(value):
             axes.text(cap, position, f" {value}", va="center", fontsize=7)
-    if finite.size and finite.min() > 0:
-        # losses of perturbed networks cluster far from 0: start the axis near them so differences stay visible
+    if score == "loss" and finite.size and finite.min() > 0:
+        # perturbed losses cluster far from 0: start the axis near them so that their differences stay visible
         low = float(finite.min())
-        axes.set_xlim(max(0.0, low - 0.05 * (cap - low + 1e-12) - 1e-12), cap + 0.05 * (cap - low + 1e-12))
+        margin = 0.05 * (cap - low) or 0.05 * cap
+        axes.set_xlim(max(0.0, low - margin), cap + margin)
     figure.tight_layout()
     return figure
 
@@ -138,7 +139,7 @@ def channel_heatmap_figure(
                 axes.text(index, i, "x", ha="center", va="center", color="red", fontsize=6)
     axes.set_yticks(np.arange(len(layers)), layers, fontsize=7)
     axes.set_xlabel("output channel")
-    axes.set_title(title, fontsize=9)
+    axes.set_title(f"{sum(len(c) for c in by_layer.values())} units by layer and channel\n{title}", fontsize=9)
     figure.colorbar(image, ax=axes, label=score)
     figure.tight_layout()
     return figure
@@ -165,7 +166,8 @@ def log_tensorboard(
 
     ``{prefix}/top_k`` (text), ``{prefix}/top_k_bar`` (figure), ``{prefix}/scores/<layer>`` (histograms),
     ``{prefix}/channel_heatmap`` (figure, channel/activation units), ``{prefix}/baseline/{loss,top1,top5}`` and
-    ``{prefix}/split_half_spearman`` (scalars).
+    ``{prefix}/split_half_spearman`` (scalars). ``title`` describes the analysis (model, perturbation, images);
+    ``layer_order`` lists the layers in model order (histograms and heatmap rows follow it).
     """
     tags = []
     writer.add_text(f"{prefix}/top_k", top_k_markdown(rows, top_k), global_step=step)
@@ -173,9 +175,9 @@ def log_tensorboard(
     writer.add_figure(f"{prefix}/top_k_bar", top_k_figure(rows, top_k, score, title), global_step=step, close=True)
     tags.append(f"{prefix}/top_k_bar")
 
-    by_layer: dict[str, list[float]] = defaultdict(list)
+    by_layer: dict[str, list[float]] = {layer or "(model)": [] for layer in layer_order or []}
     for row in rows:
-        by_layer[row["layer"] or "(model)"].append(float(row["score"]))
+        by_layer.setdefault(row["layer"] or "(model)", []).append(float(row["score"]))
     for layer, values in by_layer.items():
         finite = _finite(values)
         if finite.size:

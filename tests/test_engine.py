@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from critnet.engine import EvaluationSet, evaluate_baseline, evaluate_units
 from critnet.perturb import Perturbation, perturbed, select_units
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 
 
 @pytest.fixture(autouse=True)
@@ -186,3 +186,75 @@ def test_bad_arguments_are_named(resnet20_cifar, data):
         evaluate_units(resnet20_cifar, [Unit("tensor", "nope.weight")], Perturbation(), data)
     with pytest.raises(ValueError, match="no samples"):
         EvaluationSet.from_batches([])
+
+
+def test_exact_on_a_torchvision_resnet_with_in_place_ops():
+    """torchvision's ResNet adds the shortcut in place (``out += identity``) and uses ReLU(inplace=True): the
+    cached values crossing a cut must survive every unit's pass."""
+    from critnet.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10).eval()
+    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(2)]
+    units = select_units(model, "channel", include=[r"layer2\.0\.downsample\.0", r"layer2\.0\.conv2"])[:3]
+    units += select_units(model, "channel", include=[r"layer2\.0\.downsample\.0"])[:3]
+    units += select_units(model, "tensor", include=[r"layer2\.0\.bn2\.weight", r"layer3\.1\.bn1\.weight"])
+    units += select_units(model, "activation", include=[r"layer3\.0\.conv1"])[:2]
+    # ReLU(inplace=True) right at the cut: it would overwrite the cached BatchNorm output
+    units += select_units(model, "activation", include=[r"layer2\.1\.relu"], module_types=["ReLU"],
+                          example_input=batches[0][0])[:3]
+    units = list(dict.fromkeys(units))
+    data = EvaluationSet.from_batches(batches)
+    perturbation = Perturbation("scale", 3.0)
+    outcomes = evaluate_units(model, units, perturbation, data, method="exact")
+    expected = reference(model, units, perturbation, batches)
+    for outcome, ref in zip(outcomes, expected):
+        assert outcome.total.top1_correct == ref["top1"] and outcome.total.top5_correct == ref["top5"]
+        assert outcome.total.loss_sum == pytest.approx(ref["loss"], abs=1e-4 * 16, rel=0), outcome.unit.label
+
+
+def test_untraceable_model_falls_back_to_full_passes():
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.linear = torch.nn.Linear(4, 6)
+
+        def forward(self, x):
+            h = self.conv(x).mean((2, 3))
+            if h.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+                h = h * 2
+            return self.linear(h)
+
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    batches = [(torch.randn(6, 3, 8, 8), torch.randint(0, 6, (6,)))]
+    units = select_units(model, "channel")
+    data = EvaluationSet.from_batches(batches)
+    with pytest.warns(UserWarning, match="cannot trace"):
+        outcomes = evaluate_units(model, units, Perturbation("zero"), data, method="exact")
+    naive = evaluate_units(model, units, Perturbation("zero"), data, method="naive")
+    assert [(o.total, o.halves) for o in outcomes] == [(o.total, o.halves) for o in naive]
+
+
+def test_in_place_ops_after_the_cut_do_not_corrupt_cached_values():
+    class InPlace(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+            self.linear = torch.nn.Linear(4, 5)
+
+        def forward(self, x):
+            h = self.conv1(x)
+            a = self.conv2(h)
+            h.mul_(2)  # after conv2's cut, on a value that crosses it
+            return self.linear((a + h).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = InPlace().eval()
+    batches = [(torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))) for _ in range(2)]
+    units = select_units(model, "channel", include=["conv2"]) + select_units(model, "tensor", include=["conv2"])
+    outcomes = evaluate_units(model, units, Perturbation("add", 0.3), EvaluationSet.from_batches(batches))
+    for outcome, ref in zip(outcomes, reference(model, units, Perturbation("add", 0.3), batches)):
+        assert outcome.total.loss_sum == pytest.approx(ref["loss"], rel=1e-6), outcome.unit.label

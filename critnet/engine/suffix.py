@@ -36,6 +36,8 @@ from critnet.tally import UnitOutcome
 
 DEFAULT_MEMORY_BUDGET_MB = 1024.0
 _TRACE_LOCK = threading.Lock()
+_INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+                      "ilshift", "irshift", "imatmul"}
 # Perturbed variants are stacked along the batch up to about this many samples per suffix pass: enough to hide
 # per-call overhead on small batches; larger stacks do not run faster per sample on a CPU (they leave the caches).
 STACK_SAMPLES = 256 if torch.cuda.is_available() else 128
@@ -122,10 +124,27 @@ class TracedModel:
             env: dict[fx.Node, fx.Node] = {}
             for node in inputs:
                 env[node] = graph.placeholder(node.name)
+                if any(self._mutates(user, node) for user in node.users):
+                    # the cached value is shared by every unit's pass: an in-place op must work on a copy
+                    env[node] = graph.call_method("clone", (env[node],))
             for node in self.nodes[position:]:
                 env[node] = graph.node_copy(node, lambda n: env[n])
             self._suffixes[key] = fx.GraphModule(self.gm, graph)
         return self._suffixes[key]
+
+    def _mutates(self, user: fx.Node, value: fx.Node) -> bool:
+        """Whether ``user`` may write into ``value`` in place (``+=``, ``relu_``, ``ReLU(inplace=True)``...)."""
+        first = user.args[0] if user.args else None
+        if user.op == "call_function":
+            return bool(user.kwargs.get("inplace")) or (
+                first is value and getattr(user.target, "__name__", "") in _INPLACE_OPERATORS
+            )
+        if user.op == "call_method":
+            name = str(user.target)
+            return first is value and name.endswith("_") and not name.endswith("__")
+        if user.op == "call_module":
+            return first is value and bool(getattr(self.modules.get(user.target), "inplace", False))
+        return False
 
     def advance(self, env: dict, start: int, stop: int, keep: set) -> None:
         """Run the unperturbed nodes ``[start, stop)`` on ``env`` and drop values not needed from ``stop`` on."""

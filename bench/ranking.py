@@ -92,24 +92,33 @@ def rank_units(model, kind, perturbation, data, label, rows, methods):
 
 
 def validate_throughput(root: Path, weights: Path, batch_size: int, workers: int) -> tuple[float, float]:
-    """Images per second of ``Trainer.validate`` (critnet's module and datamodule) and of a plain loop."""
-    import lightning as L
+    """Images per second of ``python analyze.py validate`` (its own timing of the validation loop, from
+    ``metrics.json``) and of a plain PyTorch loop over the same files with the same loader settings."""
+    import json
+    import os
+    import subprocess
+    import tempfile
 
-    from critnet.data import CIFAR10DataModule
-    from critnet.module import ClassifierModule
+    from torchvision import datasets, transforms
 
-    datamodule = CIFAR10DataModule(root=str(root), batch_size=batch_size, num_workers=workers)
-    module = ClassifierModule("resnet20", weights=str(weights))
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    datamodule.setup("validate")
-    n = len(datamodule.eval_dataset)
-    lightning_s, _ = timed(lambda: trainer.validate(module, datamodule=datamodule, verbose=False))
+    with tempfile.TemporaryDirectory() as run_dir:
+        command = [sys.executable, str(REPO / "analyze.py"), "validate", "-c", str(REPO / "configs" / "resnet20_cifar10.yaml"),
+                   "--data.root", str(root), "--model.weights", str(weights), "--data.batch_size", str(batch_size),
+                   "--data.num_workers", str(workers), "--trainer.default_root_dir", run_dir,
+                   "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+        subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+        metrics = json.loads(next(Path(run_dir).rglob("metrics.json")).read_text())
+    validate_ips = metrics["samples"] / metrics["elapsed_s"]
 
-    model = module.model.eval()
-    loader = torch.utils.data.DataLoader(datamodule.eval_dataset, batch_size=batch_size, num_workers=workers)
+    model = build_model("resnet20")
+    load_weights(model, str(weights), "resnet20")
+    model.eval()
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    dataset = datasets.ImageFolder(str(root / "test"), tf)
 
     def plain():
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
         correct = 0
         with torch.inference_mode():
             for x, y in loader:
@@ -117,7 +126,7 @@ def validate_throughput(root: Path, weights: Path, batch_size: int, workers: int
         return correct
 
     plain_s, _ = timed(plain)
-    return n / lightning_s, n / plain_s
+    return validate_ips, len(dataset) / plain_s
 
 
 def main(argv=None) -> None:
@@ -127,6 +136,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the validate comparison")
     parser.add_argument("--skip-validate", action="store_true", help="leave out the validate throughput part")
+    parser.add_argument("--validate-only", action="store_true", help="only the validate throughput part")
     args = parser.parse_args(argv)
     root, weights = Path(args.data_root), Path(args.weights)
     for path, flag in ((root / "test", "--data-root"), (weights, "--weights")):
@@ -139,6 +149,12 @@ def main(argv=None) -> None:
     load_weights(model, str(weights), "resnet20")
     model.eval()
     print(f"ResNet20 {weights.name}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+
+    if args.validate_only:
+        validate_ips, plain_ips = validate_throughput(root, weights, 128, args.workers)
+        print(f"validate: {validate_ips:.0f} images/s, plain PyTorch loop: {plain_ips:.0f} images/s, "
+              f"ratio {validate_ips / plain_ips:.3f}")
+        return
 
     rows: list[list[str]] = []
     all_methods = ["naive", "exact", "taylor", "hybrid", "halving"]
@@ -159,9 +175,9 @@ def main(argv=None) -> None:
               f"largest |Δscore| to naive: {s['max_abs_diff']:.3g}")
 
     if not args.skip_validate:
-        lightning_ips, plain_ips = validate_throughput(root, weights, 128, args.workers)
-        print(f"validate: {lightning_ips:.0f} images/s, plain PyTorch loop: {plain_ips:.0f} images/s, "
-              f"ratio {lightning_ips / plain_ips:.3f}")
+        validate_ips, plain_ips = validate_throughput(root, weights, 128, args.workers)
+        print(f"validate: {validate_ips:.0f} images/s, plain PyTorch loop: {plain_ips:.0f} images/s, "
+              f"ratio {validate_ips / plain_ips:.3f}")
 
     fastest_method, (fastest_s, identical) = min(channel["top20"].items(), key=lambda kv: kv[1][0])
     top20_identical = all(ok for _, ok in channel["top20"].values())

@@ -226,6 +226,8 @@ def evaluate_units(
         settings: dict[str, Any] = {"method": method}
         if method in ("hybrid", "halving"):
             settings.update(score=score, top_k=int(top_k))
+        if method == "halving":
+            settings.update(min_samples=HALVING_MIN_SAMPLES, margin=HALVING_MARGIN)
         store = ResultStore(resume_dir, fingerprint(model, units, perturbation, data.checksum, settings), rank)
     try:
         with evaluation_mode(model, data.device, deterministic=method != "taylor"):

@@ -1,4 +1,4 @@
-"""Prune → evaluate → exact restore (DWP §3.2, Wang et al. 2022, arXiv 2208.08677), and channel pruning in a given order.
+"""Prune → evaluate → exact restore (DWP §3.2, arXiv 2208.08677), and channel pruning in a given order.
 
 Lightning-free. The masks follow the original network-prune algorithm:
 
@@ -330,8 +330,8 @@ def pruned(model: nn.Module, masks: PruneMasks) -> Iterator[PruneMasks]:
             _restore(module, original, data, order, hooks_before)
 
 
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, device: torch.device | None = None,
-             rank: int = 0, world_size: int = 1,
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+             device: torch.device | None = None, rank: int = 0, world_size: int = 1,
              all_gather: Callable[[Any], list[Any]] | None = None) -> Tally:
     """Mean cross-entropy, top-1 and top-5 over all ``batches`` in eval mode (the mode is restored afterwards).
 

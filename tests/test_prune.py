@@ -1,4 +1,5 @@
-"""critnet.prune against an independent implementation of DWP §3.2 written here, on the public ResNet20 and real images."""
+"""critnet.prune against an independent implementation of DWP §3.2 written here, on the public ResNet20 and real
+images."""
 
 from __future__ import annotations
 
@@ -145,8 +146,8 @@ def test_linear_layers_selected_on_request(resnet20_cifar):
 def test_pruned_metrics_match_reference_and_restore_is_exact(resnet20_cifar, cifar_test_256, method, p_prune):
     before = snapshot(resnet20_cifar)
     masks = dwp_masks(resnet20_cifar, method, "global", p_prune)
-    reference = reference_evaluate(masked_copy(resnet20_cifar, reference_masks(resnet20_cifar, method, "global", p_prune)),
-                                   cifar_test_256)
+    expected_masks = reference_masks(resnet20_cifar, method, "global", p_prune)
+    reference = reference_evaluate(masked_copy(resnet20_cifar, expected_masks), cifar_test_256)
     with pruned(resnet20_cifar, masks):
         for name, mask in masks.masks.items():  # the live weight is the masked one, through the prune hook
             module = resnet20_cifar.get_submodule(name)
@@ -211,7 +212,8 @@ def test_ties_at_the_threshold_survive():
         masks = dwp_masks(model, "neurons", "global", p_prune)
         assert masks.masks["0"].flatten().tolist() == [True, True, False, True, True]
         assert masks.threshold == 2.0
-    assert dwp_masks(model, "neurons", "global", 0.8).masks["0"].flatten().tolist() == [True, False, False, False, False]
+    everything_below_3 = dwp_masks(model, "neurons", "global", 0.8).masks["0"].flatten().tolist()
+    assert everything_below_3 == [True, False, False, False, False]
 
 
 def test_bernoulli_draws_are_seeded_nested_and_near_p_bern(resnet20_cifar):
@@ -221,7 +223,8 @@ def test_bernoulli_draws_are_seeded_nested_and_near_p_bern(resnet20_cifar):
     other = dwp_masks(resnet20_cifar, "connections", "global", 0.4, p_bern=0.5, seed=8)
     assert half.fingerprint() == again.fingerprint() != other.fingerprint()
     norms = layer_norms(resnet20_cifar, "connections")  # precomputed once for a sweep: the same masks
-    assert dwp_masks(resnet20_cifar, "connections", "global", 0.4, 0.5, seed=7, norms=norms).fingerprint() == half.fingerprint()
+    reused = dwp_masks(resnet20_cifar, "connections", "global", 0.4, 0.5, seed=7, norms=norms)
+    assert reused.fingerprint() == half.fingerprint()
     for name in full.masks:  # whatever half prunes, full prunes as well
         assert not (~half.masks[name] & full.masks[name]).any()
     assert abs(half.units_pruned / full.units_pruned - 0.5) < 0.02  # ~ 10^4 candidate kernels

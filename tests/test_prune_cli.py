@@ -94,7 +94,7 @@ def test_connections_sweep_matches_the_reference_and_restores(tmp_path, resnet20
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(log_dir)).Reload()
-    top1 = events.Scalars("prune_connections/1.0/top1")
+    top1 = events.Scalars("prune_connections/p_bern=1.0/top1")
     assert [e.step for e in top1] == sorted(e.step for e in top1)
     assert top1[-1].value == pytest.approx(float(rows[3]["top1"]))
     assert top1[-1].step == round(10_000 * float(rows[3]["ratio"]))
@@ -138,7 +138,8 @@ def test_guided_orders_from_a_ranking_csv(tmp_path, resnet20_cifar):
         row = next(r for r in rows if r["order"] == order and r["channel_ratio"] == "0.1")
         assert (float(row["loss"]), float(row["top1"]), float(row["top5"])) == expected
     random_rows = [r for r in rows if r["order"] == "random" and r["channel_ratio"] == "0.1"]
-    assert random_rows[0]["seed"] == "0" and random_rows[1]["seed"] == "1" and random_rows[0]["loss"] != random_rows[1]["loss"]
+    assert random_rows[0]["seed"] == "0" and random_rows[1]["seed"] == "1"
+    assert random_rows[0]["loss"] != random_rows[1]["loss"]
     summary = json.loads((log_dir / "prune_guided.json").read_text())
     assert summary["criticality_source"] == str(ranking) and len(summary["settings"]) == 6
     assert (log_dir / "prune_guided.png").is_file() and (log_dir / "prune_guided.md").is_file()
@@ -170,3 +171,39 @@ def test_a_ranking_without_the_pruned_channels_is_one_clear_line(tmp_path, capsy
                 f"--trainer.callbacks.init_args.criticality_csv={ranking}")
     assert exit_info.value.code == 2
     assert "lacks 687 channel(s)" in capsys.readouterr().err
+
+
+def test_criticality_computed_with_the_engine(tmp_path, resnet20_cifar):
+    cli = run_cli(tmp_path, "--trainer.callbacks.init_args.p_prune=[0.0]", "--trainer.callbacks.init_args.p_bern=[1.0]",
+                  "--trainer.callbacks.init_args.guided_orders=[criticality]",
+                  "--trainer.callbacks.init_args.guided_ratios=[0.05]",
+                  "--trainer.callbacks.init_args.criticality_samples=16")
+    log_dir = Path(cli.trainer.log_dir)
+    ranking = read_csv(log_dir / "prune_criticality.csv")
+    assert len(ranking) == 688 and all(r["samples"] == "16" for r in ranking)
+
+    # the ranking subset: 16 of the 128 evaluation images drawn with the sweep's seed, in dataset order
+    images = torch.cat([x for x, _ in subset_batches()])
+    labels = torch.cat([y for _, y in subset_batches()])
+    picked = sorted(torch.randperm(SUBSET, generator=torch.Generator().manual_seed(0))[:16].tolist())
+    x, y = images[picked], labels[picked]
+    with torch.no_grad():
+        base = torch.nn.functional.cross_entropy(resnet20_cifar(x), y, reduction="none").double().mean().item()
+        for row in ranking[:: 97]:  # a spread of channels across the layers
+            weight = resnet20_cifar.get_submodule(row["layer"]).weight
+            saved = weight[int(row["index"])].clone()
+            weight[int(row["index"])] = 0
+            loss = torch.nn.functional.cross_entropy(resnet20_cifar(x), y, reduction="none").double().mean().item()
+            weight[int(row["index"])] = saved
+            assert math.isclose(float(row["score"]), loss - base, rel_tol=1e-6, abs_tol=1e-9), row["unit"]
+
+    scores = {(r["layer"], int(r["index"])): float(r["score"]) for r in ranking}
+    least = sorted(scores, key=lambda c: scores[c])[:34]  # 5 % of 688 channels, least critical first
+    masks = {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in resnet20_cifar.named_modules()
+             if isinstance(m, torch.nn.Conv2d)}
+    for layer, index in least:
+        masks[layer][index] = False
+    (row,) = [r for r in read_csv(log_dir / "prune_guided.csv") if r["channel_ratio"] == "0.05"]
+    assert row["channels_pruned"] == "34"
+    expected = reference_evaluate(masked_copy(resnet20_cifar, masks), subset_batches())
+    assert (float(row["loss"]), float(row["top1"]), float(row["top5"])) == expected

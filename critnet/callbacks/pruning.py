@@ -1,4 +1,4 @@
-"""The pruning sweep (DWP §3.2 prune → evaluate → restore) and criticality-guided channel pruning, after ``validate``.
+"""The pruning sweep (DWP §3.2 prune → evaluate → restore) and criticality-guided channel pruning.
 
 The callback only schedules, synchronises ranks and reports; the masks and the evaluation live in
 :mod:`critnet.prune`, the criticality ranking in :mod:`critnet.engine`, the reports in :mod:`critnet.reporting.pruning`.
@@ -138,7 +138,8 @@ class PruneSweep(L.Callback):
             raise PruneError(f"criticality_score must be one of {', '.join(SCORES)}, got {criticality_score!r}")
         self.criticality_score = criticality_score
         if criticality_method not in ENGINE_METHODS:
-            raise PruneError(f"criticality_method must be one of {', '.join(ENGINE_METHODS)}, got {criticality_method!r}")
+            raise PruneError(
+                f"criticality_method must be one of {', '.join(ENGINE_METHODS)}, got {criticality_method!r}")
         self.criticality_method = criticality_method
         if criticality_samples is not None and criticality_samples < 1:
             raise PruneError(f"criticality_samples must be positive, got {criticality_samples}")
@@ -275,7 +276,8 @@ class PruneSweep(L.Callback):
             size = len(dataset)
             if self.criticality_samples > size:
                 raise PruneError(f"criticality_samples={self.criticality_samples} exceeds the {size} validation images")
-            picked = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))[: self.criticality_samples]
+            generator = torch.Generator().manual_seed(self.seed)
+            picked = torch.randperm(size, generator=generator)[: self.criticality_samples]
             subset = Subset(dataset, sorted(picked.tolist()))
             loader = DataLoader(subset, batch_size=datamodule.batch_size, shuffle=False,
                                 num_workers=datamodule.num_workers)

@@ -48,7 +48,8 @@ def summarize(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[di
         for name in ("ratio", "param_fraction", *METRICS):
             values = [float(m[name]) for m in members]
             entry[name] = statistics.fmean(values) if all(map(math.isfinite, values)) else math.nan
-            entry[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 and all(map(math.isfinite, values)) else 0.0
+            several = len(values) > 1 and all(map(math.isfinite, values))
+            entry[f"{name}_std"] = statistics.stdev(values) if several else 0.0
         if "nominal_ratio" in members[0]:
             entry["nominal_ratio"] = members[0]["nominal_ratio"]
         for name in ("network", "samples"):
@@ -143,13 +144,13 @@ def save_figure(figure, path: str | Path) -> Path:
 
 def log_tensorboard(writer, tag: str, summary: Sequence[Mapping[str, Any]], x_key: str, series_key: str,
                     figure=None, markdown: str | None = None, hparam_keys: Sequence[str] = ()) -> None:
-    """Scalars ``{tag}/{series}/{metric}`` with the measured ratio in basis points (1/10,000) as the step, the
-    figure, the Markdown table as text, and one hparams entry per setting."""
+    """Scalars ``{tag}/{series_key}={value}/{metric}`` with the measured ratio in basis points (1/10,000) as the
+    step, the figure, the Markdown table as text, and one hparams entry per setting."""
     for entry in summary:
         step = int(round(10_000 * entry[x_key]))
         for metric in METRICS:
             if math.isfinite(entry[metric]):
-                writer.add_scalar(f"{tag}/{entry[series_key]}/{metric}", entry[metric], step)
+                writer.add_scalar(f"{tag}/{series_key}={entry[series_key]}/{metric}", entry[metric], step)
     if figure is not None:
         writer.add_figure(f"{tag}/curves", figure)
     if markdown is not None:

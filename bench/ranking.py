@@ -107,7 +107,9 @@ def validate_throughput(root: Path, weights: Path, batch_size: int, workers: int
                    "--data.num_workers", str(workers), "--trainer.default_root_dir", run_dir,
                    "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
         env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-        subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"analyze.py validate failed:\n{proc.stderr[-3000:]}")
         metrics = json.loads(next(Path(run_dir).rglob("metrics.json")).read_text())
     validate_ips = metrics["samples"] / metrics["elapsed_s"]
 

@@ -241,7 +241,7 @@ class CriticalRanking(L.Callback):
             rankings = []
             for perturbation in self.perturbations:
                 level_started = time.perf_counter()
-                description = f"ranking {len(units)} {self.unit} units · {perturbation.label} · {self.method}"
+                description = f"ranking · {perturbation.label} · {self.method}"
                 with RankingProgress(description, enabled=self.progress and rank == 0) as bar:
                     outcomes = evaluate_units(
                         network,

@@ -244,11 +244,11 @@ class RankingProgress:
 
             self._progress = Progress(
                 TextColumn("{task.description}"),
-                BarColumn(),
+                BarColumn(bar_width=20),
                 MofNCompleteColumn(),
                 TextColumn("units"),
                 TimeElapsedColumn(),
-                TextColumn("remaining"),
+                TextColumn("left"),
                 TimeRemainingColumn(),
                 console=console,
                 transient=False,

@@ -248,6 +248,9 @@ def _dispatch(run: _Run, method: str, score: str, top_k: int, memory_budget_mb: 
             )
     if method == "taylor":
         estimates = taylor_estimates(run.model, run.units, run.perturbation, run.data)
+        run.total += len(estimates)
+        run.done += len(estimates)
+        run._report()
         return {i: estimate_outcome(run.units[i], e) for i, e in enumerate(estimates)}
     if method == "exact":
         return _exact(run, everything, run.data, "exact", memory_budget_mb)

@@ -234,8 +234,8 @@ class Perturbation:
             deviation ``level``), ``zero`` (ablation), ``sign_flip``, ``bitflip`` (flip bit ``level`` (0..31) of every
             float32 value), ``prune`` (zero the ``level`` fraction of the unit's values with the smallest magnitude).
         level: the amount, see ``kind``; ignored by ``zero`` and ``sign_flip``.
-        relative: ``noise`` only: the standard deviation is ``level`` times the standard deviation of the unit's
-            values.
+        relative: ``noise`` only: the standard deviation is ``level`` times the (population) standard deviation of
+            the unit's values.
         seed: ``noise`` only: the draw for a unit depends on (seed, unit label) only, so it is the same on any
             number of processes and in any order of evaluation.
     """
@@ -301,7 +301,8 @@ class Perturbation:
             shape = values.shape[1:] if unit.kind == "activation" else values.shape
             generator = torch.Generator(device="cpu").manual_seed(unit_seed(self.seed, unit))
             draw = torch.randn(shape, generator=generator, dtype=torch.float32).to(values.device, values.dtype)
-            sigma = self.level * values.std().item() if self.relative else self.level
+            # population std (correction 0): the unit's values are the whole population, and one value gives 0
+            sigma = self.level * values.double().std(correction=0).item() if self.relative else self.level
             return values + sigma * draw
         if kind == "prune":
             if unit.kind == "activation":

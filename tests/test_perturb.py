@@ -208,7 +208,10 @@ def test_noise_relative_uses_the_unit_std():
     unit = Unit("tensor", "w")
     absolute = Perturbation("noise", 1.0, seed=3).apply(torch.zeros(10), unit)
     relative = Perturbation("noise", 0.2, relative=True, seed=3).apply(values, unit)
-    torch.testing.assert_close(relative, values + 0.2 * values.std() * absolute, rtol=0, atol=1e-6)
+    population_std = (values - values.mean()).pow(2).mean().sqrt()  # 2.8723, not the sample std 3.0277
+    torch.testing.assert_close(relative, values + 0.2 * population_std * absolute, rtol=0, atol=1e-6)
+    single = Perturbation("noise", 0.2, relative=True).apply(torch.tensor([4.0]), unit)
+    assert single.tolist() == [4.0]  # one value: no spread, no noise (never NaN)
 
 
 def test_noise_draw_is_the_same_in_another_process():

@@ -259,3 +259,25 @@ def test_in_place_ops_after_the_cut_do_not_corrupt_cached_values():
     outcomes = evaluate_units(model, units, Perturbation("add", 0.3), EvaluationSet.from_batches(batches))
     for outcome, ref in zip(outcomes, reference(model, units, Perturbation("add", 0.3), batches)):
         assert outcome.total.loss_sum == pytest.approx(ref["loss"], rel=1e-6), outcome.unit.label
+
+
+def test_tied_weights_are_cut_at_their_first_use():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = torch.nn.Linear(6, 6)
+            self.middle = torch.nn.Linear(6, 6)
+            self.second = torch.nn.Linear(6, 6)
+            self.second.weight = self.first.weight  # listed as first.weight, but used first by `second`
+
+        def forward(self, x):
+            return self.first(torch.relu(self.middle(torch.relu(self.second(x)))))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    batches = [(torch.randn(10, 6), torch.randint(0, 6, (10,)))]
+    units = select_units(model, "channel", module_types=["Linear"])
+    assert "second.weight" not in {u.name for u in units}  # named_parameters lists the tied tensor once
+    outcomes = evaluate_units(model, units, Perturbation("scale", 2.0), EvaluationSet.from_batches(batches))
+    for outcome, ref in zip(outcomes, reference(model, units, Perturbation("scale", 2.0), batches)):
+        assert outcome.total.loss_sum == pytest.approx(ref["loss"], rel=1e-6), outcome.unit.label

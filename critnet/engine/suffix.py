@@ -78,6 +78,7 @@ class TracedModel:
             if node is self.input_node or any(a in self.batched for a in node.all_input_nodes):
                 self.batched.add(node)
         self.modules = dict(model.named_modules())
+        self.parameters = dict(model.named_parameters(remove_duplicate=False))
         self._suffixes: dict[tuple, fx.GraphModule] = {}
         self.node_cost: dict[fx.Node, float] = {}
 
@@ -88,13 +89,17 @@ class TracedModel:
     def plan(self, unit: Unit) -> _Plan | None:
         """Where ``unit`` enters the graph; None if no traced node uses it (it is then evaluated naively)."""
         if unit.kind == "activation":
-            layer, attr = unit.name, None
+            owners, aliases, attr = {unit.name}, set(), None
         else:
-            layer, _, attr = unit.name.rpartition(".")
+            # A tied parameter lives under several names; its first use under any of them is the cut.
+            param = self.parameters.get(unit.name)
+            aliases = {name for name, q in self.parameters.items() if q is param} | {unit.name}
+            owners = {name.rpartition(".")[0] for name in aliases}
+            attr = unit.name.rpartition(".")[2]
         users = [
             i
             for i, n in enumerate(self.nodes)
-            if (n.op == "call_module" and n.target == layer) or (n.op == "get_attr" and n.target == unit.name)
+            if (n.op == "call_module" and n.target in owners) or (n.op == "get_attr" and n.target in aliases)
         ]
         if not users:
             return None

@@ -75,6 +75,17 @@ def rank_units(model, kind, perturbation, data, label, rows, methods):
         for a, b in zip(naive, exact)
     )
     exact_top = top(exact, baseline, 20)
+    if "taylor" in results:
+        from scipy.stats import kendalltau, spearmanr
+
+        estimates = [o.estimate for o in results["taylor"][1]]
+        deltas = [o.total.loss - baseline.total.loss for o in exact]
+        print(f"  {label:8s} taylor vs exact Δloss over all units: Spearman {spearmanr(estimates, deltas)[0]:.3f}, "
+              f"Kendall {kendalltau(estimates, deltas)[0]:.3f}")
+    for method in ("hybrid", "halving"):
+        if method in results:
+            outcomes = results[method][1]
+            print(f"  {label:8s} {method}: {sum(o.exact for o in outcomes)} of {len(units)} units scored exactly")
     summary = {"units": len(units), "samples": data.samples, "flop_bound": flop_bound, "max_abs_diff": diff,
                "counts_equal": counts_equal, "exact_s": exact_s, "naive_s": naive_s, "top20": {}}
     for method, (seconds, outcomes) in results.items():

@@ -309,7 +309,12 @@ class SuffixEvaluator:
         for segment_number, segment in enumerate(segments):
             last_segment = segment_number == len(segments) - 1
             wanted = set(segment)
-            batches = [(x, y, offsets[p]) for p, (x, y) in enumerate(self.data) if p in wanted]
+            batches = []
+            for p, (x, y) in enumerate(self.data):
+                if p in wanted:
+                    batches.append((x, y, offsets[p]))
+                if p >= segment[-1]:
+                    break  # a streamed set need not be read past this segment
             states = [{traced.input_node: x} for x, _, _ in batches]
             position = traced.first
             for stop_position in order:

@@ -57,8 +57,8 @@ class Tally:
 class UnitOutcome:
     """The evaluation of one perturbed unit (or of the unperturbed model when ``unit`` is None).
 
-    ``halves`` are the tallies over the first and the second half of the evaluation samples (disjoint, in dataset
-    order); ``exact`` is False when ``total`` is not a full evaluation (taylor estimates, or units that hybrid/halving
+    ``halves`` are the tallies over the two disjoint halves of the evaluation samples, the even and the odd sample
+    indices (interleaved, so both halves see every class of a class-sorted dataset); ``exact`` is False when ``total`` is not a full evaluation (taylor estimates, or units that hybrid/halving
     did not evaluate on the full set), and ``estimate`` holds the Taylor estimate of Δloss where one was computed.
     """
 

@@ -31,7 +31,7 @@ from critnet.engine.resume import (
 )
 from critnet.engine.suffix import SuffixEvaluator
 from critnet.engine.taylor import estimate_outcome, taylor_estimates
-from critnet.engine.tallying import TallyPair, per_sample, sum_halves
+from critnet.engine.tallying import TallyPair, in_first_half, per_sample, sum_halves
 from critnet.engine.sharding import assign, gather_outcomes
 from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
 from critnet.tally import SCORES, Tally, UnitOutcome, criticality_key, score_of
@@ -397,17 +397,14 @@ def _tally_over(parts, n: int, data: EvaluationSet, only: list[int] | None = Non
         mask[torch.tensor(only)] = True
         present &= mask
     pair = TallyPair()
-    half = data.half
     for offset, size in zip(data.offsets(), data.batch_sizes):
         rows = slice(offset, offset + size)
         if present[rows].all():
-            pair.add(sum_halves(losses[rows][None], top1[rows][None], top5[rows][None], offset, half)[0])
+            pair.add(sum_halves(losses[rows][None], top1[rows][None], top5[rows][None], offset)[0])
         else:
             keep = present[rows]
-            split = min(max(half - offset, 0), size)
-            first, second = keep.clone(), keep.clone()
-            first[split:] = False
-            second[:split] = False
+            even = in_first_half(offset, size)
+            first, second = keep & even, keep & ~even
             for mask, slot in ((first, 0), (second, 1)):
                 tally = Tally(losses[rows][mask].sum().item(), int(top1[rows][mask].sum()), int(top5[rows][mask].sum()),
                               int(mask.sum()))

@@ -100,11 +100,6 @@ class EvaluationSet:
                 raise RuntimeError("evaluation set: the streamed source changed between passes")
             yield x.to(self.device), y.to(self.device)
 
-    @property
-    def half(self) -> int:
-        """Samples in the first half; the second half holds the rest (dataset order)."""
-        return self.samples // 2
-
     def offsets(self) -> list[int]:
         """The index of the first sample of every batch."""
         out, total = [], 0

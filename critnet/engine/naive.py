@@ -15,9 +15,8 @@ from critnet.tally import UnitOutcome
 def full_pass(model: nn.Module, data: EvaluationSet) -> TallyPair:
     """Tallies of one forward pass of ``model`` over the whole evaluation set."""
     pair = TallyPair()
-    half = data.half
     for (x, y), offset in zip(data, data.offsets()):
-        pair.add(tally_variants(model(x), y, offset, half)[0])
+        pair.add(tally_variants(model(x), y, offset)[0])
     return pair
 
 

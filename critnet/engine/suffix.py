@@ -296,7 +296,6 @@ class SuffixEvaluator:
 
         segments = self.segments()
         offsets = self.data.offsets()
-        half = self.data.half
         sums: dict[int, TallyPair] = {i: TallyPair() for i, _, _ in planned}
         samples: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {i: [] for i, _, _ in planned}
 
@@ -304,7 +303,7 @@ class SuffixEvaluator:
             if per_sample:
                 samples[index].append(result)
             else:
-                sums[index].add(sum_halves(*(r.unsqueeze(0) for r in result), offset, half)[0])
+                sums[index].add(sum_halves(*(r.unsqueeze(0) for r in result), offset)[0])
 
         for segment_number, segment in enumerate(segments):
             last_segment = segment_number == len(segments) - 1

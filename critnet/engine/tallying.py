@@ -1,4 +1,9 @@
-"""Per-sample loss and top-k hits of logits, summed (float64) into the tallies of the two halves of the samples."""
+"""Per-sample loss and top-k hits of logits, summed (float64) into the tallies of the two halves of the samples.
+
+The halves interleave: samples with an even index in the evaluation set form the first half, odd ones the second.
+Datasets such as ImageFolder trees are sorted by class, so first-half/second-half splits would be class-disjoint and
+their disagreement would measure class specificity rather than whether the evaluation set is large enough.
+"""
 
 from __future__ import annotations
 
@@ -31,42 +36,49 @@ def per_sample(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return losses, hits[..., 0], hits.any(dim=2)
 
 
-def sum_halves(losses: Tensor, top1: Tensor, top5: Tensor, offset: int, half: int) -> list[tuple[Tally, Tally]]:
+def in_first_half(offset: int, batch: int, device: torch.device | str | None = None) -> Tensor:
+    """Which samples of a batch starting at ``offset`` belong to the first (even-index) half of the set."""
+    return (torch.arange(offset, offset + batch, device=device) % 2) == 0
+
+
+def sum_halves(losses: Tensor, top1: Tensor, top5: Tensor, offset: int) -> list[tuple[Tally, Tally]]:
     """Per variant: the tallies of the samples of this batch in the first and in the second half of the set."""
-    batch = losses.shape[1]
-    split = min(max(half - offset, 0), batch)
+    first = in_first_half(offset, losses.shape[1], losses.device)
+    second = ~first
+    # Indexing, not multiplying by a 0/1 mask: an infinite loss times 0 would turn into NaN.
     sums = torch.stack(
         [
-            losses[:, :split].sum(1),
-            losses[:, split:].sum(1),
-            top1[:, :split].sum(1).double(),
-            top1[:, split:].sum(1).double(),
-            top5[:, :split].sum(1).double(),
-            top5[:, split:].sum(1).double(),
+            losses[:, first].sum(1),
+            losses[:, second].sum(1),
+            top1[:, first].sum(1).double(),
+            top1[:, second].sum(1).double(),
+            top5[:, first].sum(1).double(),
+            top5[:, second].sum(1).double(),
         ],
         dim=1,
     ).cpu().tolist()
+    n_first = int(first.sum())
+    n_second = losses.shape[1] - n_first
     return [
-        (Tally(s[0], int(s[2]), int(s[4]), split), Tally(s[1], int(s[3]), int(s[5]), batch - split)) for s in sums
+        (Tally(s[0], int(s[2]), int(s[4]), n_first), Tally(s[1], int(s[3]), int(s[5]), n_second)) for s in sums
     ]
 
 
-def tally_variants(logits: Tensor, targets: Tensor, offset: int, half: int) -> list[tuple[Tally, Tally]]:
+def tally_variants(logits: Tensor, targets: Tensor, offset: int) -> list[tuple[Tally, Tally]]:
     """Tallies of the first and second half of the samples for each variant.
 
     Args:
         logits: ``(variants, batch, classes)`` or ``(batch, classes)`` (one variant).
         targets: ``(batch,)`` class indices.
         offset: index of the batch's first sample in the evaluation set.
-        half: number of samples in the evaluation set's first half.
     """
     if logits.dim() == 2:
         logits = logits.unsqueeze(0)
-    return sum_halves(*per_sample(logits, targets), offset, half)
+    return sum_halves(*per_sample(logits, targets), offset)
 
 
 class TallyPair:
-    """Running first-half/second-half tallies of one variant."""
+    """Running tallies of one variant over the two (even/odd) halves of the set."""
 
     __slots__ = ("first", "second")
 

@@ -175,8 +175,9 @@ def split_half_agreement(
 ) -> dict[str, Any]:
     """How well the rankings from the two disjoint halves of the evaluation set agree.
 
-    Each unit is ranked on the first half and on the second half (same score, same criticality order as the
-    full ranking, ties averaged); the Spearman and Kendall correlations of the two rankings and the overlap of their
+    Each unit is ranked on each of the two halves the engine tallies (the even- and the odd-indexed samples of the
+    evaluation set, so that class-sorted data gives class-balanced halves), with the same score and criticality
+    order as the full ranking (ties averaged); the Spearman and Kendall correlations of the two rankings and the overlap of their
     top ``top_k`` sets say whether the evaluation set is large enough for the ranking to be trusted. Only units
     evaluated exactly on both halves take part.
     """

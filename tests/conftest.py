@@ -16,6 +16,17 @@ RESNET20_WEIGHTS = CIFAR_CHECKPOINTS / "resnet20-12fca82f.th"
 requires_shared = pytest.mark.skipif(not RESNET20_WEIGHTS.is_file(), reason="../shared is not beside the repo")
 
 
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    """One intra-op thread per test process. The suite runs on 2-core machines where DDP tests start two
+    processes and other jobs may run beside it: competing OpenMP thread pools make a forward pass many times
+    slower. No result depends on it (both sides of every comparison run with the same setting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

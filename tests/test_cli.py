@@ -1,6 +1,7 @@
 """The CLI end to end, through its real entry points, against an independent plain-PyTorch loop."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,8 @@ def test_ddp_two_processes_count_every_image_once(tmp_path):
     main(cli_args(tmp_path / "single", *subset))
     cmd = [sys.executable, str(REPO / "analyze.py"), *cli_args(tmp_path / "ddp", *subset),
            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # two processes on two cores
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     single, ddp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
     assert ddp["devices"] == 2 and ddp["samples"] == single["samples"] == 301

@@ -14,14 +14,6 @@ from critnet.perturb import Perturbation, perturbed, select_units
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two OpenMP threads spin against other processes and run
-    about ten times slower; the scores do not depend on it (both sides of every comparison use the same setting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def state_checksum(model) -> str:

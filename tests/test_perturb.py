@@ -21,14 +21,6 @@ from critnet.perturb import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """One thread per process: on the shared 2-core machine, competing thread pools make each forward pass
-    tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,14 +20,6 @@ from critnet.ranking import (
 from critnet.tally import Tally, UnitOutcome
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """One thread per process: on the shared 2-core machine, competing thread pools make each forward pass
-    tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tally(loss: float, top1: int = 0, top5: int = 0, samples: int = 10) -> Tally:

@@ -20,14 +20,6 @@ from critnet.data import CIFAR10DataModule
 from critnet.module import ClassifierModule
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """One thread per process: on the shared 2-core machine, competing thread pools make each forward pass
-    tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 pytestmark = requires_shared

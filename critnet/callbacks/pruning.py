@@ -188,7 +188,8 @@ class PruneSweep(L.Callback):
         norms = layer_norms(model, self.method, self.include_linear)
         sweep_plan = self._sweep_plan()
         guided_plan = self._guided_plan() if self.guided_orders else []
-        with _Progress(lead and self.print_tables, len(sweep_plan) + len(guided_plan)) as progress:
+        lightning_bar = getattr(trainer.progress_bar_callback, "progress", None)
+        with _Progress(lead and self.print_tables, len(sweep_plan) + len(guided_plan), lightning_bar) as progress:
             baseline = run_masks(dwp_masks(model, self.method, self.scope, 0.0, 0.0, self.seed, self.include_linear,
                                            norms))
             self.sweep_rows = []
@@ -354,33 +355,46 @@ def _metrics(tally: Tally) -> dict[str, Any]:
 
 
 class _Progress:
-    """A rich progress bar over the settings on rank 0; nothing elsewhere."""
+    """A rich progress bar over the settings on rank 0; nothing elsewhere. While Lightning's rich bar is live (it is
+    during ``validate``), the task joins that display, since rich allows one live display at a time."""
 
-    def __init__(self, enabled: bool, total: int) -> None:
+    def __init__(self, enabled: bool, total: int, running: Any = None) -> None:
         self.enabled = enabled
         self.total = total
+        self._running = running
         self._progress = None
+        self._owned = False
         self._task = None
 
     def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        if not self.enabled:
+            return self
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._progress = Progress(TextColumn("[bold]prune[/]"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
-                                      transient=True)
+        if self._running is not None and getattr(self._running, "live", None) is not None \
+                and self._running.live.is_started:
+            self._progress = self._running
+        else:
+            progress = Progress(TextColumn("[bold]prune[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                TextColumn("{task.description}"), console=console, transient=True)
             try:
-                self._progress.start()
-            except Exception:  # another live display (e.g. Lightning's bar) is active: go without a bar
-                self._progress = None
-            else:
-                self._task = self._progress.add_task("", total=self.total)
+                progress.start()
+            except Exception:  # another live display we cannot join: go without a bar
+                return self
+            self._progress, self._owned = progress, True
+        self._task = self._progress.add_task("prune", total=self.total)
         return self
 
     def advance(self, description: str) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, advance=1, description=description)
+            self._progress.update(self._task, advance=1, description=f"prune: {description}")
+            if not self._owned:  # Lightning's display does not refresh itself
+                self._progress.refresh()
 
     def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
+        if self._progress is None:
+            return
+        if self._owned:
             self._progress.stop()
+        else:
+            self._progress.remove_task(self._task)

@@ -319,6 +319,8 @@ class PruneSweep(L.Callback):
             "p_bern": self.p_bern, "repeats": self.repeats, "seed": self.seed, "include_linear": self.include_linear,
             "samples": samples, "devices": distributed.world_size(), "baseline": _metrics(baseline),
             "validate_metrics": validated, "settings": summary, "seconds": sweep_seconds,
+            # checked by a CRC over the whole state dict before writing anything; a mismatch raises instead
+            "weights_restored_bit_identical": True,
         })
         figure = report.curves_figure(summary, "p_bern", "ratio", "measured pruning ratio (% of selected weights)",
                                       title)

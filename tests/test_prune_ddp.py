@@ -24,8 +24,9 @@ def run(tmp_path: Path, devices: int) -> Path:
         "--data.subset_size", "96", "--data.subset_seed", "1", "--data.batch_size", "32", "--data.num_workers", "0",
         "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
         "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.default_root_dir", str(root),
-        "--trainer.callbacks.init_args.p_prune=[0.0, 0.3]", "--trainer.callbacks.init_args.p_bern=[1.0, 0.5]",
-        "--trainer.callbacks.init_args.repeats=2", "--trainer.callbacks.init_args.guided_orders=[l1, random]",
+        # the Bernoulli draws and the random channel order are where ranks could disagree
+        "--trainer.callbacks.init_args.p_prune=[0.3]", "--trainer.callbacks.init_args.p_bern=[0.5]",
+        "--trainer.callbacks.init_args.repeats=2", "--trainer.callbacks.init_args.guided_orders=[random]",
         "--trainer.callbacks.init_args.guided_ratios=[0.1]",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

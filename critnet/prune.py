@@ -22,7 +22,7 @@ import csv
 import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,8 +332,12 @@ def pruned(model: nn.Module, masks: PruneMasks) -> Iterator[PruneMasks]:
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
              device: torch.device | None = None, rank: int = 0, world_size: int = 1,
-             all_gather: Callable[[Any], list[Any]] | None = None) -> Tally:
+             all_gather: Callable[[Any], list[Any]] | None = None,
+             forward_context: Callable[[], AbstractContextManager] | None = None) -> Tally:
     """Mean cross-entropy, top-1 and top-5 over all ``batches`` in eval mode (the mode is restored afterwards).
+
+    ``forward_context`` wraps every forward pass (e.g. the trainer's autocast for bf16-mixed, so the sweep sees the
+    numerics of ``validate``); the loss is always computed from float32 logits.
 
     With ``world_size > 1`` rank r evaluates the batches r, r + world_size, …; the per-batch sums are gathered with
     ``all_gather`` and added in batch order, so every rank returns exactly the single-process numbers.
@@ -350,7 +354,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             for index, (x, y) in enumerate(batches):
                 if index % world_size != rank:
                     continue
-                logits = model(x.to(device, non_blocking=True))
+                with forward_context() if forward_context is not None else nullcontext():
+                    logits = model(x.to(device, non_blocking=True))
+                logits = logits.float()
                 y = y.to(logits.device)
                 losses = F.cross_entropy(logits, y, reduction="none").to(torch.float64)
                 k = min(5, logits.shape[1])

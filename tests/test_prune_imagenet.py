@@ -5,6 +5,8 @@ weight, and the model is bit-identical afterwards."""
 from __future__ import annotations
 
 import csv
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,10 @@ def test_imagenet_sweep_runs_and_restores(tmp_path, tiny_imagenet, arch, preset,
     expected_units = sum(m.weight.shape[0] * (m.weight.shape[1] if "connections" in preset else 1)
                          for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert int(rows[0]["units"]) == expected_units
+    # the sweep runs in the precision of validate (the configs use bf16-mixed): its baseline is the validated model
+    metrics = json.loads((log_dir / "metrics.json").read_text())
+    assert (metrics["top1"], metrics["top5"]) == (float(rows[0]["top1"]), float(rows[0]["top5"]))
+    assert math.isclose(metrics["loss"], float(rows[0]["loss"]), rel_tol=1e-6)
     after = cli.model.model.state_dict()
     for key, value in model.state_dict().items():
         assert after[key].numpy().tobytes() == value.numpy().tobytes(), key

@@ -173,6 +173,8 @@ class PruneSweep(L.Callback):
         data = EvaluationSet.from_batches(datamodule.analysis_dataloader(), device=pl_module.device,
                                           memory_budget_mb=self.memory_budget_mb)
         cache: dict[int, Tally] = {}
+        # the precision of validate (e.g. bf16-mixed autocast), so the unpruned baseline is the validated model
+        precision_context = getattr(trainer.precision_plugin, "val_step_context", None)
 
         def run_masks(masks: PruneMasks) -> Tally:
             fingerprint = masks.fingerprint()
@@ -182,7 +184,8 @@ class PruneSweep(L.Callback):
             if fingerprint not in cache:
                 with pruned(model, masks):
                     cache[fingerprint] = evaluate(model, data, rank=rank, world_size=world,
-                                                  all_gather=distributed.all_gather_objects)
+                                                  all_gather=distributed.all_gather_objects,
+                                                  forward_context=precision_context)
             return cache[fingerprint]
 
         norms = layer_norms(model, self.method, self.include_linear)

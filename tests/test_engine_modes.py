@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from critnet.engine import EvaluationSet, evaluate_baseline, evaluate_units
 from critnet.perturb import Perturbation, select_units
 from critnet.tally import criticality_key, score_of
-from test_engine import one_thread, state_checksum  # noqa: F401 - the fixture applies here too
+from test_engine import state_checksum
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -14,7 +14,7 @@ import pytest
 
 from critnet.engine import EvaluationSet, evaluate_units
 from critnet.perturb import Perturbation, select_units
-from test_engine import Boom, one_thread, raise_after, state_checksum  # noqa: F401 - the fixture applies here too
+from test_engine import Boom, raise_after, state_checksum
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 REPO = Path(__file__).resolve().parents[1]

@@ -48,7 +48,7 @@ def main() -> None:
             logits = model(x)
             top1 += (logits.argmax(1) == y).sum().item()
             top5 += (logits.topk(5, 1).indices == y[:, None]).any(1).sum().item()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double().item()
+            loss_sum += F.cross_entropy(logits, y, reduction="none").double().sum().item()
     elapsed = time.perf_counter() - start
     n = len(dataset)
     print(f"samples={n} top1_correct={top1} top5_correct={top5} top1={100 * top1 / n:.2f} "

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection, SumMetric
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from critnet.checkpoints import WeightsInfo, load_weights
@@ -17,15 +17,53 @@ from critnet.models import build_model, get_model_spec
 EVAL_STAGES = ("val", "test")
 
 
+class LossSum(Metric):
+    """Mean of per-sample losses, summed in float64 on every rank and reduced by summing.
+
+    torchmetrics' MeanMetric casts each update to the metric's dtype, which Lightning resets to float32 when it
+    moves the module; per-batch float32 sums then drift by ~1e-8 over 10,000 images and differ between one and
+    several devices. Here the sum is float64 whatever the module's dtype.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, losses: torch.Tensor) -> None:
+        self.total += losses.detach().double().sum()
+        self.count += losses.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
+
+
+class SampleCount(Metric):
+    """Images counted (int64), summed over ranks."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("count", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, targets: torch.Tensor) -> None:
+        self.count += targets.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.count
+
+
 def _eval_metrics(num_classes: int) -> MetricCollection:
     # micro = fraction of samples; torchmetrics' default (macro) would average per-class recalls instead.
     return MetricCollection(
         {
             "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
             "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
-            # float64: per-sample losses summed over 50,000 images drift in float32.
-            "loss": MeanMetric().set_dtype(torch.float64),
-            "samples": SumMetric().set_dtype(torch.float64),
+            "loss": LossSum(),
+            "samples": SampleCount(),
         }
     )
 
@@ -96,8 +134,8 @@ class ClassifierModule(L.LightningModule):
         metrics = self.eval_metrics[stage]
         metrics["top1"].update(logits, y)
         metrics["top5"].update(logits, y)
-        metrics["loss"].update(losses.double())
-        metrics["samples"].update(torch.tensor(float(len(y)), dtype=torch.float64, device=y.device))
+        metrics["loss"].update(losses)
+        metrics["samples"].update(y)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -39,15 +39,6 @@ def all_gather_objects(obj: T) -> list[T]:
     return gathered
 
 
-def broadcast_object(obj: T, src: int = 0) -> T:
-    """Rank ``src``'s ``obj`` on every rank (a collective)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 class UnpaddedDistributedSampler(DistributedSampler):
     """Shards a dataset across ranks without repeating samples.
 
@@ -70,18 +61,11 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return self.num_samples
 
 
-def shard_sizes(total: int, num_shards: int) -> list[int]:
-    """How many samples each rank of an :class:`UnpaddedDistributedSampler` sees."""
-    return [len(range(r, total, num_shards)) for r in range(num_shards)] if total else [0] * num_shards
-
-
 __all__ = [
     "UnpaddedDistributedSampler",
     "all_gather_objects",
-    "broadcast_object",
     "is_distributed",
     "is_rank_zero",
     "rank",
-    "shard_sizes",
     "world_size",
 ]

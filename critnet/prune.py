@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from critnet.errors import CritnetError
-from critnet.tally import Tally, criticality_key
+from critnet.tally import Tally, criticality_key, per_sample
 
 METHODS = ("connections", "neurons", "weights")
 SCOPES = ("global", "layerwise")
@@ -357,14 +356,11 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
                 with forward_context() if forward_context is not None else nullcontext():
                     logits = model(x.to(device, non_blocking=True))
                 logits = logits.float()
-                y = y.to(logits.device)
-                losses = F.cross_entropy(logits, y, reduction="none").to(torch.float64)
-                k = min(5, logits.shape[1])
-                hits = logits.topk(k, dim=1).indices == y[:, None]
+                losses, top1, top5 = per_sample(logits[None], y.to(logits.device))
                 per_batch[index] = Tally(
                     loss_sum=float(losses.sum()),
-                    top1_correct=int(hits[:, 0].sum()),
-                    top5_correct=int(hits.any(dim=1).sum()),
+                    top1_correct=int(top1.sum()),
+                    top5_correct=int(top5.sum()),
                     samples=int(y.numel()),
                 )
     finally:

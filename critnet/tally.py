@@ -10,10 +10,36 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
 if TYPE_CHECKING:  # perturb imports nothing from here, but keep the import graph one-way at runtime
     from critnet.perturb import Unit
 
 SCORES = ("loss", "delta_loss", "top1_drop", "top5_drop")
+
+
+def per_sample(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample cross-entropy (float64 copy of the logits-precision value), top-1 and top-5 hits.
+
+    Args:
+        logits: ``(variants, batch, classes)``.
+        targets: ``(batch,)`` class indices.
+
+    Returns:
+        ``(variants, batch)`` tensors: losses (float64), top-1 hits and top-5 hits (bool).
+    """
+    variants, batch, classes = logits.shape
+    flat = logits.reshape(variants * batch, classes)
+    # The loss in the logits' precision (what a plain loop computes), summed later in float64.
+    losses = F.cross_entropy(flat, targets.repeat(variants), reduction="none").reshape(variants, batch).double()
+    k = min(5, classes)
+    top = flat.topk(k, dim=1).indices.reshape(variants, batch, k)
+    # A row with a NaN logit predicts nothing (topk would rank the NaN first and count it as a hit).
+    valid = ~torch.isnan(flat).any(dim=1).reshape(variants, batch, 1)
+    hits = (top == targets.view(1, batch, 1)) & valid
+    return losses, hits[..., 0], hits.any(dim=2)
 
 
 @dataclass

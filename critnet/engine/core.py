@@ -31,10 +31,10 @@ from critnet.engine.resume import (
 )
 from critnet.engine.suffix import SuffixEvaluator
 from critnet.engine.taylor import estimate_outcome, taylor_estimates
-from critnet.engine.tallying import TallyPair, in_first_half, per_sample, sum_halves
+from critnet.engine.tallying import TallyPair, in_first_half, sum_halves
 from critnet.engine.sharding import assign, gather_outcomes
 from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
-from critnet.tally import SCORES, Tally, UnitOutcome, criticality_key, score_of
+from critnet.tally import SCORES, Tally, UnitOutcome, criticality_key, per_sample, score_of
 
 METHODS = ("naive", "exact", "taylor", "hybrid", "halving")
 # Successive halving: the first stage scores every unit on at least this many samples (evenly spread); no stage

@@ -67,7 +67,8 @@ class CriticalRanking(L.Callback):
             against the unperturbed baseline, ``top1_drop`` or ``top5_drop`` (percentage points).
         method: The engine: ``exact`` (suffix-only exact evaluation, the default), ``naive`` (full forward per unit;
             the reference), ``taylor`` (first-order estimates only), ``hybrid`` (estimates, then the top units
-            exactly) or ``halving`` (successive halving: an exact top ``top_k``).
+            exactly) or ``halving`` (successive halving with confidence bounds: exact full-set scores for the
+            top ``top_k``, chosen by a statistical test on growing parts of the data).
         top_k: Units shown in the console table and TensorBoard, and the exact top of hybrid/halving.
         run_on: When to run: ``[validate]`` (end of ``validate``) and/or ``fit`` (end of ``fit``).
         resume: Append finished units to a partial-results file and resume from it when the same analysis is run

@@ -36,7 +36,8 @@ from critnet.prune import (
     read_channel_ranking,
 )
 from critnet.reporting import pruning as report
-from critnet.reporting.common import console, tensorboard_experiment
+from critnet.reporting.common import tensorboard_experiment
+from critnet.reporting.progress import AnalysisProgress
 from critnet.tally import SCORES, Tally
 
 ENGINE_METHODS = ("naive", "exact")
@@ -192,7 +193,8 @@ class PruneSweep(L.Callback):
         sweep_plan = self._sweep_plan()
         guided_plan = self._guided_plan() if self.guided_orders else []
         lightning_bar = getattr(trainer.progress_bar_callback, "progress", None)
-        with _Progress(lead and self.print_tables, len(sweep_plan) + len(guided_plan), lightning_bar) as progress:
+        with AnalysisProgress("prune", lead and self.print_tables, total=len(sweep_plan) + len(guided_plan),
+                              step_name="settings", running=lightning_bar) as progress:
             baseline = run_masks(dwp_masks(model, self.method, self.scope, 0.0, 0.0, self.seed, self.include_linear,
                                            norms))
             self.sweep_rows = []
@@ -357,49 +359,3 @@ class PruneSweep(L.Callback):
 
 def _metrics(tally: Tally) -> dict[str, Any]:
     return {"loss": tally.loss, "top1": tally.top1, "top5": tally.top5, "samples": tally.samples}
-
-
-class _Progress:
-    """A rich progress bar over the settings on rank 0; nothing elsewhere. While Lightning's rich bar is live (it is
-    during ``validate``), the task joins that display, since rich allows one live display at a time."""
-
-    def __init__(self, enabled: bool, total: int, running: Any = None) -> None:
-        self.enabled = enabled
-        self.total = total
-        self._running = running
-        self._progress = None
-        self._owned = False
-        self._task = None
-
-    def __enter__(self) -> _Progress:
-        if not self.enabled:
-            return self
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        if self._running is not None and getattr(self._running, "live", None) is not None \
-                and self._running.live.is_started:
-            self._progress = self._running
-        else:
-            progress = Progress(TextColumn("[bold]prune[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                TextColumn("{task.description}"), console=console, transient=True)
-            try:
-                progress.start()
-            except Exception:  # another live display we cannot join: go without a bar
-                return self
-            self._progress, self._owned = progress, True
-        self._task = self._progress.add_task("prune", total=self.total)
-        return self
-
-    def advance(self, description: str) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, advance=1, description=f"prune: {description}")
-            if not self._owned:  # Lightning's display does not refresh itself
-                self._progress.refresh()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._progress is None:
-            return
-        if self._owned:
-            self._progress.stop()
-        else:
-            self._progress.remove_task(self._task)

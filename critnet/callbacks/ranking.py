@@ -27,7 +27,8 @@ from critnet.ranking import (
     tally_summary,
 )
 from critnet.reporting.common import console, tensorboard_experiment
-from critnet.reporting.ranking import RankingProgress, log_tensorboard, print_top_k, write_ranking_csv, write_ranking_json
+from critnet.reporting.progress import AnalysisProgress
+from critnet.reporting.ranking import log_tensorboard, print_top_k, write_ranking_csv, write_ranking_json
 from critnet.tally import SCORES
 
 UnitKind = Literal["tensor", "channel", "activation"]
@@ -243,7 +244,9 @@ class CriticalRanking(L.Callback):
             for perturbation in self.perturbations:
                 level_started = time.perf_counter()
                 description = f"ranking · {perturbation.label} · {self.method}"
-                with RankingProgress(description, enabled=self.progress and rank == 0) as bar:
+                running = getattr(trainer.progress_bar_callback, "progress", None)
+                with AnalysisProgress(description, self.progress and rank == 0, step_name="units",
+                                      running=running) as bar:
                     outcomes = evaluate_units(
                         network,
                         units,

@@ -1,0 +1,98 @@
+"""One rich progress bar for the long analyses (ranking, pruning sweeps). Lightning-free; rank 0 draws it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from critnet.reporting.common import console
+
+
+class AnalysisProgress:
+    """A progress bar of one analysis: steps done of total, elapsed and remaining time, the current step.
+
+    Inert when ``enabled`` is false, so every rank can hold one and only rank 0 draws it. Rich allows one live
+    display at a time; while Lightning's rich bar is live (it is during ``validate``), pass it as ``running`` and
+    the task joins that display instead. If neither works the analysis runs without a bar.
+
+    Args:
+        label: what is running, e.g. ``"ranking · zero · exact"``.
+        enabled: draw the bar (rank 0 and progress wanted).
+        total: the number of steps, or None while unknown (set it with :meth:`update`).
+        step_name: what a step is, shown after the count (``"units"``, ``"settings"``).
+        running: Lightning's live ``rich.progress.Progress``, if any.
+    """
+
+    def __init__(self, label: str, enabled: bool = True, total: int | None = None, step_name: str = "",
+                 running: Any = None) -> None:
+        self.label = label
+        self.enabled = enabled
+        self.total = total
+        self.step_name = step_name
+        self._running = running
+        self._progress = None
+        self._owned = False
+        self._task = None
+
+    def __enter__(self) -> AnalysisProgress:
+        if not self.enabled:
+            return self
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        live = getattr(self._running, "live", None)
+        if live is not None and live.is_started:
+            self._progress = self._running
+        else:
+            progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=20),
+                MofNCompleteColumn(),
+                TextColumn(self.step_name),
+                TimeElapsedColumn(),
+                TextColumn("left"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            try:
+                progress.start()
+            except Exception:  # noqa: BLE001 - another live display we cannot join: go without a bar
+                return self
+            self._progress, self._owned = progress, True
+        # Lightning's display needs a number (None = not yet known is rich's own convention); the first update
+        # sets the real total.
+        total = self.total if self.total is not None or self._owned else 0
+        self._task = self._progress.add_task(self.label, total=total)
+        return self
+
+    def update(self, done: int, total: int | None = None) -> None:
+        """Set the count of finished steps (and the total, once known)."""
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=total if total is not None else self.total)
+            self._refresh()
+
+    def advance(self, step: str | None = None) -> None:
+        """One more step finished; ``step`` describes the next thing shown beside the label."""
+        if self._progress is not None:
+            description = self.label if step is None else f"{self.label}: {step}"
+            self._progress.update(self._task, advance=1, description=description)
+            self._refresh()
+
+    def _refresh(self) -> None:
+        if not self._owned:  # Lightning's display does not refresh itself between its own steps
+            self._progress.refresh()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._progress is None:
+            return
+        if self._owned:
+            self._progress.stop()
+        else:
+            self._progress.remove_task(self._task)
+        self._progress = None

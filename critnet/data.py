@@ -154,13 +154,39 @@ class ClassificationDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader()
 
-    def analysis_dataloader(self) -> DataLoader:
-        """The whole evaluation split (subset applied) in dataset order, unsharded, for analyses
-        that share work among ranks by unit rather than by image."""
+    def analysis_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """The evaluation split (subset applied) in dataset order, for analyses.
+
+        With the defaults every rank gets the whole split (rankings share units, not images, among ranks). With
+        ``world_size > 1`` rank ``r`` gets only the batches ``r, r + world_size, …`` of that order, so a sweep that
+        shares images among ranks reads and decodes each image once in all.
+        """
         if self.eval_dataset is None:
             self.setup("validate")
         assert self.eval_dataset is not None
-        return DataLoader(self.eval_dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        if world_size == 1:
+            return DataLoader(self.eval_dataset, batch_size=self.batch_size, shuffle=False,
+                              num_workers=self.num_workers)
+        batches = BatchShard(len(self.eval_dataset), self.batch_size, rank, world_size)  # type: ignore[arg-type]
+        return DataLoader(self.eval_dataset, batch_sampler=batches, num_workers=self.num_workers)
+
+
+class BatchShard:
+    """The index lists of batches ``rank, rank + world_size, …`` of a sequential, unshuffled batching of
+    ``size`` samples (the last batch may be short)."""
+
+    def __init__(self, size: int, batch_size: int, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank/world_size: need 0 <= rank < world_size, got {rank}, {world_size}")
+        self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
+
+    def __iter__(self):
+        for start in range(self.rank * self.batch_size, self.size, self.world_size * self.batch_size):
+            yield list(range(start, min(start + self.batch_size, self.size)))
+
+    def __len__(self) -> int:
+        batches = -(-self.size // self.batch_size)
+        return len(range(self.rank, batches, self.world_size))
 
 
 class CIFAR10DataModule(ClassificationDataModule):

@@ -332,14 +332,16 @@ def pruned(model: nn.Module, masks: PruneMasks) -> Iterator[PruneMasks]:
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
              device: torch.device | None = None, rank: int = 0, world_size: int = 1,
              all_gather: Callable[[Any], list[Any]] | None = None,
-             forward_context: Callable[[], AbstractContextManager] | None = None) -> Tally:
+             forward_context: Callable[[], AbstractContextManager] | None = None, sharded: bool = False) -> Tally:
     """Mean cross-entropy, top-1 and top-5 over all ``batches`` in eval mode (the mode is restored afterwards).
 
     ``forward_context`` wraps every forward pass (e.g. the trainer's autocast for bf16-mixed, so the sweep sees the
     numerics of ``validate``); the loss is always computed from float32 logits.
 
     With ``world_size > 1`` rank r evaluates the batches r, r + world_size, …; the per-batch sums are gathered with
-    ``all_gather`` and added in batch order, so every rank returns exactly the single-process numbers.
+    ``all_gather`` and added in batch order, so every rank returns exactly the single-process numbers. With
+    ``sharded`` the ``batches`` are already this rank's share (exactly those batches, in that order), so no rank
+    reads the others' images.
     """
     if world_size > 1 and all_gather is None:
         raise ValueError("evaluating on several ranks needs an all_gather function")
@@ -350,7 +352,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     per_batch: dict[int, Tally] = {}
     try:
         with torch.no_grad():
-            for index, (x, y) in enumerate(batches):
+            for position, (x, y) in enumerate(batches):
+                index = rank + position * world_size if sharded else position
                 if index % world_size != rank:
                     continue
                 with forward_context() if forward_context is not None else nullcontext():

@@ -83,3 +83,16 @@ def test_corrupt_binary_format_names_the_root(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(DataError, match=f"--data.root: {tmp_path}: Dataset not found or corrupted"):
         CIFAR10DataModule(str(tmp_path)).setup("validate")
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_sharded_analysis_loader_deals_out_whole_batches(tmp_path, world):
+    make_image_folder(tmp_path, "test", 10, 1)  # 10 images, batches of 4: sizes 4, 4, 2
+    dm = CIFAR10DataModule(str(tmp_path), batch_size=4, num_workers=0)
+    whole = [y.tolist() for _, y in dm.analysis_dataloader()]
+    shards = [[y.tolist() for _, y in dm.analysis_dataloader(rank, world)] for rank in range(world)]
+    assert [len(dm.analysis_dataloader(rank, world)) for rank in range(world)] == [len(s) for s in shards]
+    # rank r holds batches r, r + world, ... of the unsharded order, each image once in all
+    assert all(shards[rank] == whole[rank::world] for rank in range(world))
+    if world == 4:
+        assert shards[3] == []  # more ranks than batches: nothing to read

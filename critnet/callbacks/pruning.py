@@ -171,8 +171,10 @@ class PruneSweep(L.Callback):
             raise PruneError("PruneSweep needs a critnet datamodule (with analysis_dataloader) to evaluate on")
         started = time.perf_counter()
         checksum = _state_checksum(model)
-        data = EvaluationSet.from_batches(datamodule.analysis_dataloader(), device=pl_module.device,
-                                          memory_budget_mb=self.memory_budget_mb)
+        # Images are shared among ranks (each reads and decodes only its batches); the tallies are gathered.
+        loader = datamodule.analysis_dataloader(rank, world)
+        data: Any = [] if len(loader) == 0 else EvaluationSet.from_batches(  # more ranks than batches: none here
+            loader, device=pl_module.device, memory_budget_mb=self.memory_budget_mb)
         cache: dict[int, Tally] = {}
         # the precision of validate (e.g. bf16-mixed autocast), so the unpruned baseline is the validated model
         precision_context = getattr(trainer.precision_plugin, "val_step_context", None)
@@ -186,7 +188,7 @@ class PruneSweep(L.Callback):
                 with pruned(model, masks):
                     cache[fingerprint] = evaluate(model, data, rank=rank, world_size=world,
                                                   all_gather=distributed.all_gather_objects,
-                                                  forward_context=precision_context)
+                                                  forward_context=precision_context, sharded=True)
             return cache[fingerprint]
 
         norms = layer_norms(model, self.method, self.include_linear)
@@ -211,7 +213,7 @@ class PruneSweep(L.Callback):
                 guided_started = time.perf_counter()
                 scores = None
                 if "criticality" in self.guided_orders:
-                    scores, criticality_info = self._criticality(trainer, pl_module, model, data, log_dir, lead)
+                    scores, criticality_info = self._criticality(trainer, pl_module, model, log_dir, lead)
                 orders: dict[tuple[str, int], list[Channel]] = {}
                 total = len(channel_l1(model, self.include_linear))
                 for order, ratio, repeat, seed in guided_plan:
@@ -232,7 +234,7 @@ class PruneSweep(L.Callback):
         if _state_checksum(model) != checksum:  # the restore is tested; this guards every real run too
             raise RuntimeError("PruneSweep: the model's weights changed during the sweep")
         if lead:
-            self._report(trainer, log_dir, network, baseline, data.samples, sweep_seconds, criticality_info,
+            self._report(trainer, log_dir, network, baseline, baseline.samples, sweep_seconds, criticality_info,
                          pl_module)
 
     def _sweep_plan(self) -> list[tuple[float, float, int, int]]:
@@ -266,8 +268,8 @@ class PruneSweep(L.Callback):
 
     # ------------------------------------------------------------------ criticality ranking
 
-    def _criticality(self, trainer: L.Trainer, pl_module: L.LightningModule, model: nn.Module, data: Any,
-                     log_dir: Path, lead: bool) -> tuple[dict[Channel, float], dict[str, Any]]:
+    def _criticality(self, trainer: L.Trainer, pl_module: L.LightningModule, model: nn.Module, log_dir: Path,
+                     lead: bool) -> tuple[dict[Channel, float], dict[str, Any]]:
         if self.criticality_csv is not None:
             return read_channel_ranking(self.criticality_csv), {"criticality_source": str(self.criticality_csv)}
         from critnet.engine import EvaluationSet, evaluate_baseline, evaluate_units
@@ -275,9 +277,12 @@ class PruneSweep(L.Callback):
         from critnet.tally import score_of
 
         started = time.perf_counter()
-        ranking_data = data
-        if self.criticality_samples is not None:
-            datamodule = trainer.datamodule
+        datamodule = trainer.datamodule
+        if self.criticality_samples is None:
+            # a ranking shares units among ranks, so every rank needs every image
+            ranking_data = EvaluationSet.from_batches(datamodule.analysis_dataloader(), device=pl_module.device,
+                                                      memory_budget_mb=self.memory_budget_mb)
+        else:
             dataset = datamodule.eval_dataset
             size = len(dataset)
             if self.criticality_samples > size:

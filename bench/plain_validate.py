@@ -43,7 +43,7 @@ def main() -> None:
     top1 = top5 = 0
     loss_sum = 0.0
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.inference_mode():
         for x, y in loader:
             logits = model(x)
             top1 += (logits.argmax(1) == y).sum().item()
@@ -52,7 +52,7 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     n = len(dataset)
     print(f"samples={n} top1_correct={top1} top5_correct={top5} top1={100 * top1 / n:.2f} "
-          f"top5={100 * top5 / n:.2f} loss={loss_sum / n:.10f} elapsed_s={elapsed:.1f}")
+          f"top5={100 * top5 / n:.2f} loss={loss_sum / n:.10f} elapsed_s={elapsed:.3f}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,13 @@ class CritnetCLI(LightningCLI):
         parser.link_arguments("data", "model.num_classes", compute_fn=lambda data: data.num_classes,
                               apply_on="instantiate")
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # RunSummary prints the exact numbers (float64 loss, counts); Lightning's own table repeats them as float32
+        # (81.02999877929688). Off by default; `--verbose true` brings it back.
+        if "verbose" in self._subcommand_method_arguments.get(subcommand, ()):
+            parser.set_defaults(verbose=False)
+        return parser
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # A rich progress bar by default, unless the user turned progress bars off or brought their own.

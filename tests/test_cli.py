@@ -68,6 +68,15 @@ def test_validate_agrees_with_a_plain_loop(tmp_path):
     assert m["data_root"] == str(CIFAR_ROOT)
 
 
+def test_one_summary_table_unless_lightnings_is_asked_for(tmp_path, capsys):
+    subset = ["--data.subset_size", "40"]
+    main(cli_args(tmp_path / "default", *subset))
+    out = capsys.readouterr().out
+    assert "Validate metric" not in out and "top-1" in out.lower()  # our exact summary only
+    main(cli_args(tmp_path / "verbose", *subset, "--verbose", "true"))
+    assert "Validate metric" in capsys.readouterr().out
+
+
 def test_predict_writes_one_row_per_image(tmp_path):
     args = cli_args(tmp_path, "--data.subset_size", "70", "--data.batch_size", "32")
     main(["predict", *args[1:]])

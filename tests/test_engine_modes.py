@@ -50,6 +50,48 @@ def test_taylor_is_the_first_order_term(resnet20_cifar, cifar_test_256, data):
     assert all(p.grad is None for p in resnet20_cifar.parameters())
 
 
+def test_second_order_adds_half_the_squared_per_sample_derivatives(resnet20_cifar, cifar_test_256):
+    """Against per-sample gradients from one backward pass per image on a copy of the model."""
+    from critnet.engine.taylor import taylor_estimates
+
+    batches = [(cifar_test_256[0][0][:12], cifar_test_256[0][1][:12]), (cifar_test_256[1][0][:7], cifar_test_256[1][1][:7])]
+    data = EvaluationSet.from_batches(batches)
+    clone = copy.deepcopy(resnet20_cifar).eval()
+    params = dict(clone.named_parameters())
+    units = select_units(resnet20_cifar, "channel", include=[r"layer2\.0\.conv1", r"linear"])[::5]
+    units += select_units(resnet20_cifar, "tensor", include=[r"layer3\.1\.bn1", r"layer1\.0\.conv2"])
+    acts = select_units(resnet20_cifar, "activation", include=[r"layer2\.2\.conv2"])[:3]
+    modules = dict(clone.named_modules())
+    for perturbation in (Perturbation("zero"), Perturbation("add", 0.1)):
+        first = taylor_estimates(resnet20_cifar, units + acts, perturbation, data, order=1)
+        second = taylor_estimates(resnet20_cifar, units + acts, perturbation, data, order=2)
+        fisher = [0.0] * len(units + acts)
+        for x, y in batches:
+            for i in range(len(y)):
+                captured = {}
+                handles = [modules[u.name].register_forward_hook(
+                    lambda m, a, out, name=u.name: captured.__setitem__(name, out)) for u in acts]
+                loss = F.cross_entropy(clone(x[i : i + 1]), y[i : i + 1])
+                for h in handles:
+                    h.remove()
+                wrt = [params[u.name] for u in units] + [captured[u.name] for u in acts]
+                grads = torch.autograd.grad(loss, wrt)
+                for k, (unit, g) in enumerate(zip(units + acts, grads)):
+                    if unit.kind == "activation":
+                        v = captured[unit.name][:, unit.index].detach()
+                        d = ((perturbation.apply(v, unit) - v) * g[:, unit.index]).sum()
+                    else:
+                        v = params[unit.name].detach()
+                        if unit.index is not None:
+                            v, g = v[unit.index], g[unit.index]
+                        d = ((perturbation.apply(v.clone(), unit) - v) * g).sum()
+                    fisher[k] += 0.5 * d.double().item() ** 2
+        n = sum(len(y) for _, y in batches)
+        for unit, a, b, f in zip(units + acts, first, second, fisher):
+            assert b - a == pytest.approx(f / n, rel=1e-3, abs=1e-9), (perturbation.kind, unit.label)
+            assert f > 0, unit.label  # a check that could not fail on zeros
+
+
 def test_taylor_activation_estimate_tracks_small_exact_changes(resnet20_cifar, data):
     units = select_units(resnet20_cifar, "activation", include=[r"layer2\.1\.conv2"])[:6]
     perturbation = Perturbation("add", 1e-2)

@@ -171,8 +171,8 @@ def test_approximate_methods_are_labelled_and_hybrid_reports_engine_agreement(tm
         score="delta_loss", top_k=5, progress=False, print_table=False,
     )  # fmt: skip
     results = {}
-    for method in ("exact", "hybrid", "taylor"):
-        callback = CriticalRanking(method=method, **settings)
+    for method, order in (("exact", 1), ("hybrid", 1), ("taylor", 1), ("taylor2", 2)):
+        callback = CriticalRanking(method=method.rstrip("2"), taylor_order=order, **settings)
         trainer = make_trainer(tmp_path / method, callback)
         trainer.validate(module, datamodule=datamodule(32), verbose=False)
         results[method] = (callback.result, json.loads((Path(trainer.log_dir) / "ranking.json").read_text()))
@@ -197,6 +197,13 @@ def test_approximate_methods_are_labelled_and_hybrid_reports_engine_agreement(tm
     assert estimates == sorted(estimates, reverse=True)
     assert taylor_json["split_half_spearman"] == "nan"  # no exact halves to compare: said, not invented
     assert results["exact"][1]["levels"][0]["engine_agreement"] is None
+
+    # second order: the same first-order part plus a positive (squared) term, recorded in the settings
+    second, second_json = results["taylor2"]
+    first_by_unit = {row["unit"]: row["score"] for row in taylor["rows"]}
+    assert all(row["score"] >= first_by_unit[row["unit"]] for row in second["rows"])
+    assert sum(row["score"] > first_by_unit[row["unit"]] for row in second["rows"]) > len(second["rows"]) // 2
+    assert second_json["settings"]["taylor_order"] == 2 and taylor_json["settings"]["taylor_order"] == 1
 
 
 def test_resume_reuses_the_partial_results(tmp_path):

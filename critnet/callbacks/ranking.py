@@ -17,6 +17,7 @@ import torch
 
 from critnet import distributed
 from critnet.engine import METHODS, EvaluationSet, evaluate_baseline, evaluate_units
+from critnet.engine.taylor import TAYLOR_ORDERS
 from critnet.errors import CritnetError
 from critnet.perturb import PERTURBATION_KINDS, UNIT_KINDS, Perturbation, Unit, select_units
 from critnet.ranking import (
@@ -67,10 +68,13 @@ class CriticalRanking(L.Callback):
         score: What ranks the units (larger = more critical): the perturbed ``loss`` (the original), ``delta_loss``
             against the unperturbed baseline, ``top1_drop`` or ``top5_drop`` (percentage points).
         method: The engine: ``exact`` (suffix-only exact evaluation, the default), ``naive`` (full forward per unit;
-            the reference), ``taylor`` (first-order estimates only), ``hybrid`` (estimates, then the top units
+            the reference), ``taylor`` (Taylor estimates only), ``hybrid`` (estimates, then the top units
             exactly) or ``halving`` (successive halving with confidence bounds: exact full-set scores for the
             top ``top_k``, chosen by a statistical test on growing parts of the data).
         top_k: Units shown in the console table and TensorBoard, and the exact top of hybrid/halving.
+        taylor_order: The estimates of ``taylor``/``hybrid``: ``1`` (first order) or ``2`` (plus the
+            empirical-Fisher second-order term; on ResNet20 it lifts the Spearman agreement with exact Δloss for
+            ``add 0.1`` on whole tensors from 0.00 to 0.57 but lowers it for zeroed channels from 0.80 to 0.48).
         run_on: When to run: ``[validate]`` (end of ``validate``) and/or ``fit`` (end of ``fit``).
         resume: Append finished units to a partial-results file and resume from it when the same analysis is run
             again after an interruption.
@@ -96,6 +100,7 @@ class CriticalRanking(L.Callback):
         score: Score = "loss",
         method: Method = "exact",
         top_k: int = 20,
+        taylor_order: Literal[1, 2] = 1,
         run_on: list[Stage] = ["validate"],  # noqa: B006 - read only
         resume: bool = False,
         resume_dir: str | None = None,
@@ -116,6 +121,7 @@ class CriticalRanking(L.Callback):
         self.score = score
         self.method = method
         self.top_k = top_k
+        self.taylor_order = taylor_order
         self.num_batches = num_batches
         self.run_on = list(run_on)
         self.resume = resume
@@ -139,10 +145,11 @@ class CriticalRanking(L.Callback):
             RankingError: naming the setting at fault.
         """
         choices = {"unit": (self.unit, UNIT_KINDS), "perturbation": (self.perturbation, PERTURBATION_KINDS),
-                   "score": (self.score, SCORES), "method": (self.method, METHODS)}  # fmt: skip
+                   "score": (self.score, SCORES), "method": (self.method, METHODS),
+                   "taylor_order": (self.taylor_order, TAYLOR_ORDERS)}  # fmt: skip
         for key, (value, allowed) in choices.items():
             if value not in allowed:
-                raise RankingError(f"CriticalRanking: {key} {value!r} is not one of {', '.join(allowed)}")
+                raise RankingError(f"CriticalRanking: {key} {value!r} is not one of {', '.join(map(str, allowed))}")
         if self.num_batches is not None and self.num_batches < 1:
             raise RankingError(f"CriticalRanking: num_batches must be at least 1 or null, got {self.num_batches}")
         if self.top_k < 1:
@@ -261,6 +268,7 @@ class CriticalRanking(L.Callback):
                         resume_dir=resume_dir,
                         progress=bar.update,
                         memory_budget_mb=self.memory_budget_mb,
+                        taylor_order=self.taylor_order,
                     )
                 ranked = order_outcomes(outcomes, baseline, self.score)
                 rankings.append(
@@ -298,6 +306,7 @@ class CriticalRanking(L.Callback):
             "score": self.score,
             "method": self.method,
             "top_k": self.top_k,
+            "taylor_order": self.taylor_order,
             "resume": self.resume,
         }
 

@@ -3,7 +3,8 @@
 Methods:
     naive: perturb, full forward pass over the evaluation set, restore (the reference; slow).
     exact: the same scores, computing only the part of the network after each unit (``critnet.engine.suffix``).
-    taylor: first-order estimates of Δloss from one forward and backward pass per batch (labelled exact=False).
+    taylor: Taylor estimates of Δloss (first order, or with the empirical-Fisher second-order term) from one
+        forward and backward pass per batch (labelled exact=False).
     hybrid: taylor estimates for all units, then exact scores for the most critical by estimate.
     halving: successive halving on growing parts of the data; the survivors get exact full-set scores.
 """
@@ -30,7 +31,7 @@ from critnet.engine.resume import (
     samples_to_record,
 )
 from critnet.engine.suffix import SuffixEvaluator
-from critnet.engine.taylor import estimate_outcome, taylor_estimates
+from critnet.engine.taylor import TAYLOR_ORDERS, estimate_outcome, taylor_estimates
 from critnet.engine.tallying import TallyPair, in_first_half, sum_halves
 from critnet.engine.sharding import assign, gather_outcomes
 from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
@@ -188,6 +189,7 @@ def evaluate_units(
     resume_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     memory_budget_mb: float | None = None,
+    taylor_order: int = 1,
 ) -> list[UnitOutcome]:
     """One outcome per unit, in the order of ``units``, on every rank.
 
@@ -208,6 +210,8 @@ def evaluate_units(
         progress: called as ``progress(done, total)`` with this rank's counts as its units finish.
         memory_budget_mb: the most memory the exact engine's cached activations may take (default 1024); beyond
             it the evaluation set is processed in segments of whole batches (same scores).
+        taylor_order: the estimates of ``taylor`` and ``hybrid``: 1 (first order) or 2 (plus the empirical-Fisher
+            second-order term, which helps where first-order terms cancel, e.g. ``add`` on whole tensors).
 
     Raises:
         ValueError: an unknown method or score, bad ranks, a unit the model does not have, or a perturbation that
@@ -217,6 +221,8 @@ def evaluate_units(
         raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
     if score not in SCORES:
         raise ValueError(f"score: {score!r} is not one of {', '.join(SCORES)}")
+    if taylor_order not in TAYLOR_ORDERS:
+        raise ValueError(f"taylor_order: must be 1 or 2, got {taylor_order!r}")
     if int(top_k) < 1:
         raise ValueError(f"top_k: must be at least 1, got {top_k!r}")
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
@@ -230,20 +236,24 @@ def evaluate_units(
         settings: dict[str, Any] = {"method": method}
         if method in ("hybrid", "halving"):
             settings.update(score=score, top_k=int(top_k))
+        if method == "hybrid":
+            settings.update(taylor_order=taylor_order)
         if method == "halving":
             settings.update(min_samples=HALVING_MIN_SAMPLES, confidence=HALVING_CONFIDENCE)
         store = ResultStore(resume_dir, fingerprint(model, units, perturbation, data.checksum, settings), rank)
     try:
         with evaluation_mode(model, data.device, deterministic=method != "taylor"):
             run = _Run(model, units, perturbation, data, rank, world_size, all_gather, store, progress)
-            outcomes = _dispatch(run, method, score, int(top_k), memory_budget_mb)
+            outcomes = _dispatch(run, method, score, int(top_k), memory_budget_mb, taylor_order)
     finally:
         if store is not None:
             store.close()
     return [outcomes[i] for i in range(len(units))]
 
 
-def _dispatch(run: _Run, method: str, score: str, top_k: int, memory_budget_mb: float | None) -> dict[int, UnitOutcome]:
+def _dispatch(
+    run: _Run, method: str, score: str, top_k: int, memory_budget_mb: float | None, taylor_order: int
+) -> dict[int, UnitOutcome]:
     everything = list(range(len(run.units)))
     if method == "naive":
         with torch.no_grad():
@@ -251,7 +261,7 @@ def _dispatch(run: _Run, method: str, score: str, top_k: int, memory_budget_mb: 
                 everything, "exact", lambda work, record: run_naive(run.model, work, run.perturbation, run.data, record)
             )
     if method == "taylor":
-        estimates = taylor_estimates(run.model, run.units, run.perturbation, run.data)
+        estimates = taylor_estimates(run.model, run.units, run.perturbation, run.data, taylor_order)
         run.total += len(estimates)
         run.done += len(estimates)
         run._report()
@@ -259,7 +269,7 @@ def _dispatch(run: _Run, method: str, score: str, top_k: int, memory_budget_mb: 
     if method == "exact":
         return _exact(run, everything, run.data, "exact", memory_budget_mb)
     if method == "hybrid":
-        return _hybrid(run, score, top_k, memory_budget_mb)
+        return _hybrid(run, score, top_k, memory_budget_mb, taylor_order)
     return _halving(run, score, top_k, memory_budget_mb)
 
 
@@ -276,10 +286,12 @@ def _order(outcomes: dict[int, UnitOutcome], baseline: UnitOutcome, score: str) 
     return sorted(outcomes, key=lambda i: (criticality_key(score_of(outcomes[i].total, baseline.total, score)), i))
 
 
-def _hybrid(run: _Run, score: str, top_k: int, memory_budget_mb: float | None) -> dict[int, UnitOutcome]:
+def _hybrid(
+    run: _Run, score: str, top_k: int, memory_budget_mb: float | None, taylor_order: int
+) -> dict[int, UnitOutcome]:
     """Taylor estimates for every unit, then exact scores in the order of the estimates, in rounds of ``top_k``
     units, until a whole round (after at least two) brings no unit into the exact top ``top_k``."""
-    estimates = taylor_estimates(run.model, run.units, run.perturbation, run.data)
+    estimates = taylor_estimates(run.model, run.units, run.perturbation, run.data, taylor_order)
     baseline = evaluate_baseline(run.model, run.data)
     order = sorted(range(len(run.units)), key=lambda i: (criticality_key(estimates[i]), i))
     exact: dict[int, UnitOutcome] = {}

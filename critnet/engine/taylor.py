@@ -1,10 +1,17 @@
-"""First-order (Taylor) estimates of every unit's Δloss from one forward and backward pass per batch.
+"""Taylor estimates of every unit's Δloss from one forward and backward pass per batch.
 
-For a unit with values ``v`` perturbed to ``v'`` the estimate is ``Σ (v' − v) · ∂L/∂v`` with ``L`` the mean
-cross-entropy over the evaluation set: for ``add δ`` that is ``δ · Σ ∂L/∂v``, for ``zero`` it is ``−Σ v · ∂L/∂v``.
-Activation units use the same formula on the module's output channel, summed over samples and positions. The
-perturbed values come from the perturbation itself (``Perturbation.apply``), so every kind is covered; the
-estimates are labelled ``exact=False``.
+For a unit with values ``v`` perturbed to ``v'`` the first-order estimate is ``Σ (v' − v) · ∂L/∂v`` with ``L`` the
+mean cross-entropy over the evaluation set: for ``add δ`` that is ``δ · Σ ∂L/∂v``, for ``zero`` it is
+``−Σ v · ∂L/∂v``. Activation units use the same formula on the module's output channel, summed over samples and
+positions. The perturbed values come from the perturbation itself (``Perturbation.apply``), so every kind is
+covered; the estimates are labelled ``exact=False``.
+
+The second order adds ``½ Δvᵀ F Δv`` with ``F`` the empirical Fisher (the diagonal of the Hessian along the
+perturbation approximated by squared per-sample gradients): ``(1/N) Σᵢ ½ dᵢ²`` with ``dᵢ = Δv · ∂ℓᵢ/∂v`` the
+per-sample directional derivative. It matters where the first-order term cancels: at a trained minimum the
+gradient summed over a whole weight tensor is close to zero, so ``add δ`` on tensors has almost no first-order
+signal. ``dᵢ`` comes from the owning module's output gradient and the change of its output along ``Δv`` (a
+Jacobian-vector product of that module alone; one small convolution per layer for conv/linear channel units).
 """
 
 from __future__ import annotations
@@ -20,14 +27,22 @@ from critnet.perturb import Perturbation, Unit, resolve_module, resolve_paramete
 from critnet.tally import Tally, UnitOutcome
 
 
+TAYLOR_ORDERS = (1, 2)
+
+
 def taylor_estimates(
-    model: nn.Module, units: Sequence[Unit], perturbation: Perturbation, data: EvaluationSet
+    model: nn.Module, units: Sequence[Unit], perturbation: Perturbation, data: EvaluationSet, order: int = 1
 ) -> list[float]:
     """The estimated Δloss of every unit (mean loss over the evaluation set), in the order of ``units``.
+
+    Args:
+        order: 1 (first order) or 2 (first order plus the empirical-Fisher second-order term).
 
     Gradients are taken with ``torch.autograd.grad``, so no ``.grad`` attribute and no ``requires_grad`` flag of the
     model is left changed.
     """
+    if order not in TAYLOR_ORDERS:
+        raise ValueError(f"taylor_order: must be 1 or 2, got {order!r}")
     param_units = [u for u in units if u.kind != "activation"]
     act_units = [u for u in units if u.kind == "activation"]
     names = sorted({u.name for u in param_units})
@@ -49,20 +64,43 @@ def taylor_estimates(
 
         return hook
 
+    # order 2: per-sample directional derivatives need each parameter owner's inputs and output gradients
+    owners: dict[str, list[Unit]] = {}
+    if order == 2:
+        for u in param_units:
+            owners.setdefault(u.name.rpartition(".")[0], []).append(u)
+    named_modules = dict(model.named_modules())
+    calls: dict[str, list[tuple[tuple, torch.Tensor]]] = {}
+
+    def call_recorder(name: str):
+        def hook(_module, inputs, output):
+            calls.setdefault(name, []).append((inputs, output))
+
+        return hook
+
+    fisher = {u: torch.zeros((), dtype=torch.float64) for u in units}
     flags = {name: p.requires_grad for name, p in params.items()}
     handles = [modules[name].register_forward_hook(recorder(name)) for name in layers]
+    handles += [named_modules[name].register_forward_hook(call_recorder(name)) for name in owners]
     try:
         for p in params.values():
             p.requires_grad_(True)
         with torch.enable_grad():
             for x, y in data:
                 outputs.clear()
+                calls.clear()
                 if act_units:
                     x = x.detach().requires_grad_(True)  # so that every activation is part of the graph
                 loss = F.cross_entropy(model(x), y, reduction="sum")
                 acts = [outputs[name] for name in layers]
-                wrt = list(params.values()) + acts
+                owner_calls = [(name, call) for name in owners for call in calls.get(name, [])]
+                wrt = list(params.values()) + acts + [output for _, (_, output) in owner_calls]
                 gradients = torch.autograd.grad(loss, wrt, allow_unused=True)
+                owner_grads = gradients[len(params) + len(acts):]
+                gradients = gradients[: len(params) + len(acts)]
+                for (name, (inputs, _)), g in zip(owner_calls, owner_grads):
+                    if g is not None:
+                        _add_fisher(named_modules[name], owners[name], perturbation, inputs, g, fisher)
                 for name, g in zip(params, gradients[: len(params)]):
                     if g is not None:
                         grads[name] += g.double()
@@ -73,7 +111,10 @@ def taylor_estimates(
                     for unit in by_layer[name]:
                         values = act[:, unit.index]
                         delta = perturbation.apply(values, unit).double() - values.double()
-                        act_sums[unit] += (delta * g[:, unit.index].double()).sum().cpu()
+                        per_sample = (delta * g[:, unit.index].double()).reshape(len(delta), -1).sum(1)
+                        act_sums[unit] += per_sample.sum().cpu()
+                        if order == 2:
+                            fisher[unit] += 0.5 * per_sample.square().sum().cpu()
     finally:
         for handle in handles:
             handle.remove()
@@ -84,16 +125,66 @@ def taylor_estimates(
     estimates = []
     with torch.no_grad():
         for unit in units:
+            second = fisher[unit].item() / samples if order == 2 else 0.0
             if unit.kind == "activation":
-                estimates.append(act_sums[unit].item() / samples)
+                estimates.append(act_sums[unit].item() / samples + second)
                 continue
             values = params[unit.name].detach()
             grad = grads[unit.name]
             if unit.index is not None:
                 values, grad = values[unit.index], grad[unit.index]
             delta = perturbation.apply(values.clone(), unit).double() - values.double()
-            estimates.append((delta * grad).sum().item() / samples)
+            estimates.append((delta * grad).sum().item() / samples + second)
     return estimates
+
+
+def _add_fisher(module: nn.Module, units: list[Unit], perturbation: Perturbation, inputs: tuple,
+                grad_out: torch.Tensor, fisher: dict[Unit, torch.Tensor]) -> None:
+    """Add ``½ Σᵢ dᵢ²`` over one call of ``module`` for each of its units, ``dᵢ = ⟨Δyᵢ, ∂L/∂yᵢ⟩`` with ``Δy``
+    the change of the module's output along the unit's perturbation (samples are independent in eval mode, so
+    ``∂L/∂yᵢ`` is sample i's own gradient)."""
+    inputs = tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in inputs)
+    g = grad_out.detach()
+    by_param: dict[str, list[Unit]] = {}
+    for unit in units:
+        by_param.setdefault(unit.name.rpartition(".")[2], []).append(unit)
+    for attr, group in by_param.items():
+        p = getattr(module, attr).detach()
+        sliced = [u for u in group if u.index is not None]
+        if sliced and attr == "weight" and _linear_in_weight(module):
+            # Conv/linear output channel c changes only in channel c: all units of the layer in one small call.
+            deltas = torch.stack([perturbation.apply(p[u.index].clone(), u) - p[u.index] for u in sliced])
+            change = _weight_forward(module, inputs[0], deltas)  # (batch, units, ...)
+            index = torch.tensor([u.index for u in sliced], device=g.device)
+            d = (change.double() * g.index_select(1, index).double()).reshape(len(g), len(sliced), -1).sum(2)
+            for k, u in enumerate(sliced):
+                fisher[u] += 0.5 * d[:, k].square().sum().cpu()
+            group = [u for u in group if u.index is None]
+        for u in group:
+            delta = torch.zeros_like(p)
+            if u.index is None:
+                delta = perturbation.apply(p.clone(), u) - p
+            else:
+                delta[u.index] = perturbation.apply(p[u.index].clone(), u) - p[u.index]
+
+            def output(q: torch.Tensor, name: str = attr) -> torch.Tensor:
+                return torch.func.functional_call(module, {name: q}, inputs)
+
+            _, change = torch.func.jvp(output, (p,), (delta,))
+            d = (change.double() * g.double()).reshape(len(g), -1).sum(1)
+            fisher[u] += 0.5 * d.square().sum().cpu()
+
+
+def _linear_in_weight(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1
+                                             and not module.transposed)
+
+
+def _weight_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The module's output with ``weight`` (some output channels' filters) and no bias."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight)
+    return module._conv_forward(x, weight, None)
 
 
 def estimate_outcome(unit: Unit, estimate: float) -> UnitOutcome:

@@ -2,13 +2,14 @@
 
 In one run, on the first 256 shared CIFAR-10 test images (channel units, zero ablation: ResNet20's 698 conv and linear
 output channels) and the first 1000 (tensor units, +0.1, the original experiment): times the naive loop (perturb,
-forward over the already-decoded evaluation set, restore) and every engine mode, checks that exact scores equal the
-naive loop's and that hybrid and halving find the exact top 20, and times ``validate`` against a plain PyTorch loop
-over the same files. The last line is machine-readable:
+forward over the already-decoded evaluation set, restore) and every engine mode (taylor also with its second-order
+term, "taylor2"), checks that exact scores equal the naive loop's and that hybrid and halving find the exact top 20,
+and times ``validate`` against a plain PyTorch loop over the same files. The last line is machine-readable:
 
     channel_exact_speedup=<x> tensor_exact_speedup=<x> top20_speedup=<x> top20_identical=<true|false> max_abs_diff=<y>
 
 Usage: python bench/ranking.py [--data-root ../shared/data/cifar10] [--weights <resnet20 checkpoint>] [--threads N]
+       [--repeats N] [--validate-only | --skip-validate]
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def rank_units(model, kind, perturbation, data, label, rows, methods):
     flop_bound = len(units) * evaluator.traced.full_cost / sum(costs)
     results = {}
     for method in methods:
-        seconds, outcomes = timed(lambda: evaluate_units(model, units, perturbation, data, method=method, top_k=20))
+        # "taylor2": the taylor method with the second-order (empirical Fisher) term
+        engine_method, order = ("taylor", 2) if method == "taylor2" else (method, 1)
+        seconds, outcomes = timed(lambda: evaluate_units(model, units, perturbation, data, method=engine_method,
+                                                         top_k=20, taylor_order=order))
         results[method] = (seconds, outcomes)
         print(f"  {label:8s} {method:8s} {seconds:8.1f} s", flush=True)
     naive_s, naive = results["naive"]
@@ -75,12 +79,14 @@ def rank_units(model, kind, perturbation, data, label, rows, methods):
         for a, b in zip(naive, exact)
     )
     exact_top = top(exact, baseline, 20)
-    if "taylor" in results:
+    for method in ("taylor", "taylor2"):
+        if method not in results:
+            continue
         from scipy.stats import kendalltau, spearmanr
 
-        estimates = [o.estimate for o in results["taylor"][1]]
+        estimates = [o.estimate for o in results[method][1]]
         deltas = [o.total.loss - baseline.total.loss for o in exact]
-        print(f"  {label:8s} taylor vs exact Δloss over all units: Spearman {spearmanr(estimates, deltas)[0]:.3f}, "
+        print(f"  {label:8s} {method} vs exact Δloss over all units: Spearman {spearmanr(estimates, deltas)[0]:.3f}, "
               f"Kendall {kendalltau(estimates, deltas)[0]:.3f}")
     for method in ("hybrid", "halving"):
         if method in results:
@@ -181,11 +187,11 @@ def main(argv=None) -> None:
         return
 
     rows: list[list[str]] = []
-    all_methods = ["naive", "exact", "taylor", "hybrid", "halving"]
+    all_methods = ["naive", "exact", "taylor", "taylor2", "hybrid", "halving"]
     channel = rank_units(model, "channel", Perturbation("zero"), EvaluationSet.from_batches(load_batches(root, 256)),
                          "channel", rows, all_methods)
     tensor = rank_units(model, "tensor", Perturbation("add", 0.1), EvaluationSet.from_batches(load_batches(root, 1000)),
-                        "tensor", rows, ["naive", "exact", "taylor"])
+                        "tensor", rows, ["naive", "exact", "taylor", "taylor2"])
 
     header = ["units", "method", "n", "images", "time s", "× naive", "× exact", "of FLOP bound", "top-20 = exact"]
     print()

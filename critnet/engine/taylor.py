@@ -166,6 +166,10 @@ def _add_fisher(module: nn.Module, units: list[Unit], perturbation: Perturbation
                 delta = perturbation.apply(p.clone(), u) - p
             else:
                 delta[u.index] = perturbation.apply(p[u.index].clone(), u) - p[u.index]
+            if attr == "weight" and _linear_in_weight(module):  # the output is linear in the weight: no JVP needed
+                d = (_weight_forward(module, inputs[0], delta).double() * g.double()).reshape(len(g), -1).sum(1)
+                fisher[u] += 0.5 * d.square().sum().cpu()
+                continue
 
             def output(q: torch.Tensor, name: str = attr) -> torch.Tensor:
                 return torch.func.functional_call(module, {name: q}, inputs)

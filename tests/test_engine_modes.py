@@ -92,6 +92,41 @@ def test_second_order_adds_half_the_squared_per_sample_derivatives(resnet20_cifa
             assert f > 0, unit.label  # a check that could not fail on zeros
 
 
+class _SharedLayer(torch.nn.Module):
+    """The same Linear applied twice: its per-sample derivative is the sum over both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+def test_second_order_of_a_module_called_twice_sums_its_calls_first():
+    from critnet.engine.taylor import taylor_estimates
+
+    model = _SharedLayer().eval()
+    x, y = torch.randn(9, 6, generator=torch.Generator().manual_seed(1)), torch.arange(9) % 4
+    data = EvaluationSet.from_batches([(x[:5], y[:5]), (x[5:], y[5:])])
+    units = select_units(model, "channel", include=[r"inner\.weight"]) + select_units(model, "tensor")
+    perturbation = Perturbation("add", 0.05)
+    gap = [b - a for a, b in zip(taylor_estimates(model, units, perturbation, data, order=1),
+                                 taylor_estimates(model, units, perturbation, data, order=2))]
+    params = dict(model.named_parameters())
+    expected = [0.0] * len(units)
+    for i in range(len(y)):
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), [params[u.name] for u in units])
+        for k, (unit, g) in enumerate(zip(units, grads)):
+            v = params[unit.name].detach()
+            if unit.index is not None:
+                v, g = v[unit.index], g[unit.index]
+            expected[k] += 0.5 * ((perturbation.apply(v.clone(), unit) - v) * g).sum().item() ** 2 / len(y)
+    assert gap == pytest.approx(expected, rel=1e-4, abs=1e-10)
+
+
 def test_taylor_activation_estimate_tracks_small_exact_changes(resnet20_cifar, data):
     units = select_units(resnet20_cifar, "activation", include=[r"layer2\.1\.conv2"])[:6]
     perturbation = Perturbation("add", 1e-2)

@@ -6,9 +6,10 @@ mean cross-entropy over the evaluation set: for ``add δ`` that is ``δ · Σ �
 positions. The perturbed values come from the perturbation itself (``Perturbation.apply``), so every kind is
 covered; the estimates are labelled ``exact=False``.
 
-The second order adds ``½ Δvᵀ F Δv`` with ``F`` the empirical Fisher (the diagonal of the Hessian along the
-perturbation approximated by squared per-sample gradients): ``(1/N) Σᵢ ½ dᵢ²`` with ``dᵢ = Δv · ∂ℓᵢ/∂v`` the
-per-sample directional derivative. It matters where the first-order term cancels: at a trained minimum the
+The second order adds ``½ Δvᵀ F Δv`` with ``F`` the empirical Fisher standing in for the Hessian:
+``(1/N) Σᵢ ½ dᵢ²`` with ``dᵢ = Δv · ∂ℓᵢ/∂v`` the per-sample directional derivative. This is the Fisher along the
+perturbation itself, so the unit's off-diagonal terms are included, and it needs no per-weight per-sample
+gradients (the usual diagonal approximation would need them and drop those terms). It matters where the first-order term cancels: at a trained minimum the
 gradient summed over a whole weight tensor is close to zero, so ``add δ`` on tensors has almost no first-order
 signal. ``dᵢ`` comes from the owning module's output gradient and the change of its output along ``Δv`` (a
 Jacobian-vector product of that module alone; one small convolution per layer for conv/linear channel units).
@@ -98,9 +99,15 @@ def taylor_estimates(
                 gradients = torch.autograd.grad(loss, wrt, allow_unused=True)
                 owner_grads = gradients[len(params) + len(acts):]
                 gradients = gradients[: len(params) + len(acts)]
+                derivatives: dict[Unit, torch.Tensor] = {}
                 for (name, (inputs, _)), g in zip(owner_calls, owner_grads):
-                    if g is not None:
-                        _add_fisher(named_modules[name], owners[name], perturbation, inputs, g, fisher)
+                    if g is None:
+                        continue
+                    # a module called more than once adds up its calls before the square
+                    for unit, d in _directional(named_modules[name], owners[name], perturbation, inputs, g).items():
+                        derivatives[unit] = derivatives[unit] + d if unit in derivatives else d
+                for unit, d in derivatives.items():
+                    fisher[unit] += 0.5 * d.square().sum().cpu()
                 for name, g in zip(params, gradients[: len(params)]):
                     if g is not None:
                         grads[name] += g.double()
@@ -138,11 +145,12 @@ def taylor_estimates(
     return estimates
 
 
-def _add_fisher(module: nn.Module, units: list[Unit], perturbation: Perturbation, inputs: tuple,
-                grad_out: torch.Tensor, fisher: dict[Unit, torch.Tensor]) -> None:
-    """Add ``½ Σᵢ dᵢ²`` over one call of ``module`` for each of its units, ``dᵢ = ⟨Δyᵢ, ∂L/∂yᵢ⟩`` with ``Δy``
-    the change of the module's output along the unit's perturbation (samples are independent in eval mode, so
-    ``∂L/∂yᵢ`` is sample i's own gradient)."""
+def _directional(module: nn.Module, units: list[Unit], perturbation: Perturbation, inputs: tuple,
+                 grad_out: torch.Tensor) -> dict[Unit, torch.Tensor]:
+    """Per-sample ``dᵢ = ⟨Δyᵢ, ∂L/∂yᵢ⟩`` (float64, one value per sample) over one call of ``module`` for each of
+    its units, with ``Δy`` the change of the module's output along the unit's perturbation (samples are
+    independent in eval mode, so ``∂L/∂yᵢ`` is sample i's own gradient)."""
+    result: dict[Unit, torch.Tensor] = {}
     inputs = tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in inputs)
     g = grad_out.detach()
     by_param: dict[str, list[Unit]] = {}
@@ -158,7 +166,7 @@ def _add_fisher(module: nn.Module, units: list[Unit], perturbation: Perturbation
             index = torch.tensor([u.index for u in sliced], device=g.device)
             d = (change.double() * g.index_select(1, index).double()).reshape(len(g), len(sliced), -1).sum(2)
             for k, u in enumerate(sliced):
-                fisher[u] += 0.5 * d[:, k].square().sum().cpu()
+                result[u] = d[:, k]
             group = [u for u in group if u.index is None]
         for u in group:
             delta = torch.zeros_like(p)
@@ -167,16 +175,16 @@ def _add_fisher(module: nn.Module, units: list[Unit], perturbation: Perturbation
             else:
                 delta[u.index] = perturbation.apply(p[u.index].clone(), u) - p[u.index]
             if attr == "weight" and _linear_in_weight(module):  # the output is linear in the weight: no JVP needed
-                d = (_weight_forward(module, inputs[0], delta).double() * g.double()).reshape(len(g), -1).sum(1)
-                fisher[u] += 0.5 * d.square().sum().cpu()
+                change = _weight_forward(module, inputs[0], delta)
+                result[u] = (change.double() * g.double()).reshape(len(g), -1).sum(1)
                 continue
 
             def output(q: torch.Tensor, name: str = attr) -> torch.Tensor:
                 return torch.func.functional_call(module, {name: q}, inputs)
 
             _, change = torch.func.jvp(output, (p,), (delta,))
-            d = (change.double() * g.double()).reshape(len(g), -1).sum(1)
-            fisher[u] += 0.5 * d.square().sum().cpu()
+            result[u] = (change.double() * g.double()).reshape(len(g), -1).sum(1)
+    return result
 
 
 def _linear_in_weight(module: nn.Module) -> bool:

@@ -202,9 +202,16 @@ def split_half_agreement(
     return result
 
 
-def estimate_agreement(outcomes: Sequence[UnitOutcome], baseline: UnitOutcome) -> dict[str, Any]:
+def estimate_agreement(
+    outcomes: Sequence[UnitOutcome], baseline: UnitOutcome, score: str = "loss", top_k: int | None = None
+) -> dict[str, Any]:
     """Agreement between the engine's estimated Δloss and the exact Δloss, over the units that have both
-    (``hybrid`` evaluates the estimated top units exactly)."""
+    (``hybrid`` evaluates the estimated top units exactly).
+
+    With ``top_k``, ``deepest_top_k`` is the lowest position (1 = most critical) in the estimate order of any unit
+    in the exact top ``top_k`` by ``score``: top units found near the end of the checked list mean the estimates
+    order poorly and unchecked units may belong in the top.
+    """
     pairs = [
         (o.estimate, o.total.loss - baseline.total.loss)
         for o in outcomes
@@ -212,9 +219,17 @@ def estimate_agreement(outcomes: Sequence[UnitOutcome], baseline: UnitOutcome) -
     ]
     estimated, exact = [p[0] for p in pairs], [p[1] for p in pairs]
     spearman, kendall = _correlations(estimated, exact)
-    return {
+    result = {
         "units": len(pairs),
         "spearman": spearman,
         "kendall": kendall,
         "max_abs_error": max((abs(e - x) for e, x in pairs), default=math.nan),
     }
+    if top_k is not None:
+        with_estimate = [i for i, o in enumerate(outcomes) if o.estimate is not None]
+        by_estimate = sorted(with_estimate, key=lambda i: (criticality_key(outcomes[i].estimate), i))
+        position = {i: p + 1 for p, i in enumerate(by_estimate)}
+        checked = [i for i in with_estimate if outcomes[i].exact]
+        top = sorted(checked, key=lambda i: (ranking_key(outcomes[i].total, baseline.total, score), i))[:top_k]
+        result["deepest_top_k"] = max((position[i] for i in top), default=0)
+    return result

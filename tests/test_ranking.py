@@ -155,3 +155,18 @@ def test_estimate_agreement():
     assert agreement["spearman"] == pytest.approx(1.0)
     assert agreement["kendall"] == pytest.approx(1.0)
     assert agreement["max_abs_error"] == pytest.approx(0.1)
+
+
+def test_estimate_agreement_reports_how_deep_the_exact_top_sits_in_the_estimate_order():
+    from critnet.ranking import estimate_agreement
+    from critnet.tally import Tally, UnitOutcome
+
+    baseline = UnitOutcome(None, Tally(10.0, 5, 9, 10), (Tally(), Tally()))
+    # estimates rank units 0..5 in order; exact losses make units 4 and 1 the top two
+    losses = [11.0, 30.0, 12.0, 13.0, 40.0, 10.5]
+    outcomes = [UnitOutcome(None, Tally(loss, 5, 9, 10), (Tally(), Tally()), exact=i < 5, estimate=float(6 - i))
+                for i, loss in enumerate(losses)]
+    agreement = estimate_agreement(outcomes, baseline, "loss", top_k=2)
+    assert agreement["units"] == 5 and agreement["deepest_top_k"] == 5  # unit 4 is 5th by estimate
+    assert estimate_agreement(outcomes, baseline, "loss", top_k=1)["deepest_top_k"] == 5
+    assert "deepest_top_k" not in estimate_agreement(outcomes, baseline)

@@ -164,7 +164,7 @@ def test_ranks_at_the_end_of_fit_when_asked(tmp_path):
     assert not (Path(trainer.log_dir) / "ranking.csv").exists()
 
 
-def test_approximate_methods_are_labelled_and_hybrid_reports_engine_agreement(tmp_path):
+def test_approximate_methods_are_labelled_and_hybrid_reports_engine_agreement(tmp_path, capsys):
     module = ClassifierModule("resnet20", weights=str(RESNET20_WEIGHTS))
     settings = dict(
         unit="channel", include=["layer3.2.conv1.weight", "linear.weight"], perturbation="zero",
@@ -180,6 +180,7 @@ def test_approximate_methods_are_labelled_and_hybrid_reports_engine_agreement(tm
     exact_rows = results["exact"][0]["rows"]
     hybrid, hybrid_json = results["hybrid"]
     agreement = hybrid_json["levels"][0]["engine_agreement"]
+    assert f"hybrid: {agreement['units']} units checked exactly" in capsys.readouterr().out
     assert agreement["units"] >= 10 and -1.0 <= agreement["spearman"] <= 1.0
     assert hybrid_json["levels"][0]["exact_units"] == agreement["units"]
     # rows evaluated exactly come first and carry the same scores as the exact method
@@ -220,3 +221,12 @@ def test_resume_reuses_the_partial_results(tmp_path):
     make_trainer(tmp_path / "b", second).validate(module, datamodule=datamodule(32), verbose=False)
     assert len(records[0].read_text().splitlines()) == 10  # nothing evaluated again
     assert second.result["rows"] == first.result["rows"]
+
+
+def test_hybrid_note_warns_when_top_units_come_from_deep_in_the_estimate_order():
+    from critnet.callbacks.ranking import hybrid_note
+
+    good = hybrid_note({"units": 40, "deepest_top_k": 12, "spearman": 0.91, "kendall": 0.8})
+    assert "40 units checked exactly" in good and "12th by estimate" in good and "warning" not in good
+    assert "warning" not in hybrid_note({"units": 40, "deepest_top_k": 20, "spearman": 0.91, "kendall": 0.8})
+    assert "warning" in hybrid_note({"units": 40, "deepest_top_k": 21, "spearman": 0.91, "kendall": 0.8})

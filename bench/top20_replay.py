@@ -8,6 +8,7 @@ ranking's suffix FLOPs (``SuffixEvaluator.costs``):
 - first- and second-order Taylor estimates and a logit-space linearisation (one backward pass per class);
 - exact scores on a part of the images (evenly spread or random), also with oracle least-squares image weights;
 - racing with confidence bounds (the rule of ``method: halving``) over 20 random image orders and the strided one;
+- ``method: hybrid`` with its console note, and how many true top-20 units it never checked;
 - the time of a bf16 channels-last forward pass against fp32.
 
 Usage: python bench/top20_replay.py [--data-root ../shared/data/cifar10] [--weights <resnet20 checkpoint>]
@@ -29,13 +30,16 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from ranking import load_batches  # noqa: E402
 
+from critnet.callbacks.ranking import hybrid_note  # noqa: E402
 from critnet.checkpoints import load_weights  # noqa: E402
-from critnet.engine import EvaluationSet  # noqa: E402
+from critnet.engine import EvaluationSet, evaluate_baseline, evaluate_units  # noqa: E402
 from critnet.engine.core import _baseline_samples, halving_stages, survivors  # noqa: E402
 from critnet.engine.suffix import SuffixEvaluator  # noqa: E402
 from critnet.engine.taylor import taylor_estimates  # noqa: E402
 from critnet.models import build_model  # noqa: E402
 from critnet.perturb import Perturbation, select_units  # noqa: E402
+from critnet.ranking import estimate_agreement  # noqa: E402
+from critnet.reporting.common import console  # noqa: E402
 
 K = 20
 
@@ -130,6 +134,13 @@ def main() -> None:
             print(f"  {confidence} s.e. from {start}: exact top 20 in {sum(ok for ok, _ in runs)}/{len(runs)}, "
                   f"cost {sum(costs) / len(costs):.3f} on average, {max(costs):.3f} at most")
     print(f"  (halving's stages on {n} images start at {n // halving_stages(n)[0]} samples)")
+
+    outcomes = evaluate_units(model, units, zero, data, method="hybrid", top_k=K)
+    checked = {i for i, o in enumerate(outcomes) if o.exact}
+    agreement = estimate_agreement(outcomes, evaluate_baseline(model, data), "loss", K)
+    print()
+    console.print(hybrid_note(agreement))
+    print(f"  true top-20 units that hybrid never checked: {len(set(truth.tolist()) - checked)}")
 
     x = torch.randn(256, 3, 32, 32)
     fp32 = timed_forward(model, x)

@@ -108,6 +108,11 @@ class ClassificationDataModule(L.LightningDataModule):
     def build_eval_dataset(self) -> Dataset:
         raise NotImplementedError
 
+    def build_held_out_dataset(self) -> Dataset:
+        """The training split with the evaluation transforms: images for calibrating an analysis (e.g. a criticality
+        ranking) that the evaluation never sees."""
+        raise NotImplementedError
+
     def _check_root(self) -> None:
         if not self.root.is_dir():
             raise DataError(f"--data.root: {self.root} does not exist or is not a directory")
@@ -250,8 +255,9 @@ class CIFAR10DataModule(ClassificationDataModule):
             "add --data.download true to fetch it) nor an ImageFolder tree train/ and test/"
         )
 
-    def _dataset(self, train: bool) -> Dataset:
-        transform = self.train_transform if train else self.eval_transform
+    def _dataset(self, train: bool, transform=None) -> Dataset:
+        if transform is None:
+            transform = self.train_transform if train else self.eval_transform
         if self._layout() == "binary":
             try:
                 return datasets.CIFAR10(str(self.root), train=train, transform=transform, download=False)
@@ -264,6 +270,10 @@ class CIFAR10DataModule(ClassificationDataModule):
 
     def build_eval_dataset(self) -> Dataset:
         return self._dataset(train=False)
+
+    def build_held_out_dataset(self) -> Dataset:
+        self._check_root()
+        return self._dataset(train=True, transform=self.eval_transform)
 
 
 class ImageNetDataModule(ClassificationDataModule):
@@ -310,3 +320,7 @@ class ImageNetDataModule(ClassificationDataModule):
 
     def build_eval_dataset(self) -> Dataset:
         return image_folder(self.root / "val", self.eval_transform, expected_classes=self.num_classes)
+
+    def build_held_out_dataset(self) -> Dataset:
+        self._check_root()
+        return image_folder(self.root / "train", self.eval_transform, expected_classes=self.num_classes)

@@ -207,3 +207,43 @@ def test_criticality_computed_with_the_engine(tmp_path, resnet20_cifar):
     assert row["channels_pruned"] == "34"
     expected = reference_evaluate(masked_copy(resnet20_cifar, masks), subset_batches())
     assert (float(row["loss"]), float(row["top1"]), float(row["top5"])) == expected
+
+
+def test_criticality_on_held_out_training_images(tmp_path, resnet20_cifar):
+    from torchvision import datasets, transforms
+
+    cli = run_cli(tmp_path, "--trainer.callbacks.init_args.p_prune=[0.0]", "--trainer.callbacks.init_args.p_bern=[1.0]",
+                  "--trainer.callbacks.init_args.guided_orders=[criticality]",
+                  "--trainer.callbacks.init_args.guided_ratios=[0.05]",
+                  "--trainer.callbacks.init_args.criticality_split=train",
+                  "--trainer.callbacks.init_args.criticality_samples=8")
+    log_dir = Path(cli.trainer.log_dir)
+    ranking = read_csv(log_dir / "prune_criticality.csv")
+    assert all(r["samples"] == "8" for r in ranking)
+    info = json.loads((log_dir / "prune_guided.json").read_text())
+    assert info["criticality_split"] == "train" and info["criticality_samples"] == 8
+
+    # 8 training images drawn with the sweep's seed, evaluation transforms (no crop or flip)
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    train = datasets.ImageFolder(CIFAR_ROOT / "train", tf)
+    picked = sorted(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:8].tolist())
+    x = torch.stack([train[i][0] for i in picked])
+    y = torch.tensor([train[i][1] for i in picked])
+    with torch.no_grad():
+        base = torch.nn.functional.cross_entropy(resnet20_cifar(x), y, reduction="none").double().mean().item()
+        for row in ranking[::150]:
+            weight = resnet20_cifar.get_submodule(row["layer"]).weight
+            saved = weight[int(row["index"])].clone()
+            weight[int(row["index"])] = 0
+            loss = torch.nn.functional.cross_entropy(resnet20_cifar(x), y, reduction="none").double().mean().item()
+            weight[int(row["index"])] = saved
+            assert math.isclose(float(row["score"]), loss - base, rel_tol=1e-6, abs_tol=1e-9), row["unit"]
+
+
+def test_held_out_criticality_needs_a_sample_count(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(tmp_path, "--trainer.callbacks.init_args.guided_orders=[criticality]",
+                "--trainer.callbacks.init_args.criticality_split=train")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "criticality_split train needs criticality_samples" in err and "Traceback" not in err

@@ -89,8 +89,12 @@ class PruneSweep(L.Callback):
             zeroing every output channel.
         criticality_score: Score of the computed ranking: ``delta_loss``, ``loss``, ``top1_drop`` or ``top5_drop``.
         criticality_method: Engine method of the computed ranking: ``exact`` (suffix-only) or ``naive``.
-        criticality_samples: Rank on a seeded random subset of this many validation images (``None`` = all of them);
-            the pruned networks are always evaluated on the whole validation set.
+        criticality_samples: Rank on a seeded random subset of this many images of ``criticality_split``
+            (``None`` = all of them; required for ``train``); the pruned networks are always evaluated on the whole
+            validation set.
+        criticality_split: Which images the computed ranking uses: ``val`` (the evaluated images themselves) or
+            ``train`` (the training split with the evaluation transforms: held out from the evaluation, so the
+            comparison is not judged on the images the order was chosen on).
         memory_budget_mb: Keep the decoded validation batches in memory (on the model's device) up to this size;
             beyond it they are read again for every setting. ``None`` = no limit.
         print_tables: Print the rich tables and progress bar (rank 0).
@@ -111,6 +115,7 @@ class PruneSweep(L.Callback):
         criticality_score: Literal["delta_loss", "loss", "top1_drop", "top5_drop"] = "delta_loss",
         criticality_method: Literal["exact", "naive"] = "exact",
         criticality_samples: int | None = None,
+        criticality_split: Literal["val", "train"] = "val",
         memory_budget_mb: float | None = 4096.0,
         print_tables: bool = True,
     ) -> None:
@@ -145,6 +150,9 @@ class PruneSweep(L.Callback):
         if criticality_samples is not None and criticality_samples < 1:
             raise PruneError(f"criticality_samples must be positive, got {criticality_samples}")
         self.criticality_samples = criticality_samples
+        if criticality_split not in ("val", "train"):
+            raise PruneError(f"criticality_split must be val or train, got {criticality_split!r}")
+        self.criticality_split = criticality_split
         self.memory_budget_mb = memory_budget_mb
         self.print_tables = print_tables
         #: The rows of the last sweep / guided comparison (every rank holds them), for programmatic use.
@@ -152,6 +160,13 @@ class PruneSweep(L.Callback):
         self.guided_rows: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ scheduling
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Checked here rather than in __init__: the CLI turns errors raised while it builds callbacks into a generic
+        # type-union message, while errors raised at setup reach the user as one line, before the validation loop.
+        computes_ranking = "criticality" in self.guided_orders and self.criticality_csv is None
+        if computes_ranking and self.criticality_split == "train" and self.criticality_samples is None:
+            raise PruneError("criticality_split train needs criticality_samples (how many training images to rank on)")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "validate":
@@ -283,10 +298,14 @@ class PruneSweep(L.Callback):
             ranking_data = EvaluationSet.from_batches(datamodule.analysis_dataloader(), device=pl_module.device,
                                                       memory_budget_mb=self.memory_budget_mb)
         else:
-            dataset = datamodule.eval_dataset
+            if self.criticality_split == "train":
+                dataset = datamodule.build_held_out_dataset()
+            else:
+                dataset = datamodule.eval_dataset
             size = len(dataset)
             if self.criticality_samples > size:
-                raise PruneError(f"criticality_samples={self.criticality_samples} exceeds the {size} validation images")
+                raise PruneError(f"criticality_samples={self.criticality_samples} exceeds the {size} "
+                                 f"{'training' if self.criticality_split == 'train' else 'validation'} images")
             generator = torch.Generator().manual_seed(self.seed)
             picked = torch.randperm(size, generator=generator)[: self.criticality_samples]
             subset = Subset(dataset, sorted(picked.tolist()))
@@ -310,7 +329,8 @@ class PruneSweep(L.Callback):
         return scores, {
             "criticality_source": str(path), "criticality_score": self.criticality_score,
             "criticality_perturbation": "zero", "criticality_method": self.criticality_method,
-            "criticality_samples": ranking_data.samples, "criticality_seconds": time.perf_counter() - started,
+            "criticality_samples": ranking_data.samples, "criticality_split": self.criticality_split,
+            "criticality_seconds": time.perf_counter() - started,
         }
 
     # ------------------------------------------------------------------ reports (rank 0)

@@ -247,3 +247,48 @@ def test_held_out_criticality_needs_a_sample_count(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "criticality_split train needs criticality_samples" in err and "Traceback" not in err
+
+
+def test_an_interrupted_sweep_resumes_with_the_same_numbers(tmp_path, monkeypatch):
+    import critnet.callbacks.pruning as pruning_module
+
+    args = ("--trainer.callbacks.init_args.p_prune=[0.0, 0.2, 0.4]", "--trainer.callbacks.init_args.p_bern=[1.0, 0.5]",
+            "--trainer.callbacks.init_args.repeats=2")
+    whole = read_csv(Path(run_cli(tmp_path / "whole", *args).trainer.log_dir) / "prune_sweep.csv")
+
+    calls = []
+    real_evaluate = pruning_module.evaluate
+
+    def counting_evaluate(*positional, **keywords):
+        calls.append(1)
+        return real_evaluate(*positional, **keywords)
+
+    monkeypatch.setattr(pruning_module, "evaluate", counting_evaluate)
+    resumable = (*args, "--trainer.callbacks.init_args.resume=true")
+    run_cli(tmp_path / "resumed", *resumable)
+    evaluations = len(calls)
+    (partial,) = (tmp_path / "resumed" / "prune_partial").glob("*.jsonl")
+    lines = partial.read_text().splitlines(keepends=True)
+    # the baseline (p_prune 0 prunes nothing at any p_bern), 0.2 and 0.4 at p_bern 1, two draws each at 0.5
+    assert len(lines) == evaluations == 7
+    partial.write_text("".join(lines[:3]) + lines[3][:25])  # killed while writing the fourth record
+
+    calls.clear()
+    again = run_cli(tmp_path / "resumed", *resumable)
+    assert len(calls) == evaluations - 3
+    assert read_csv(Path(again.trainer.log_dir) / "prune_sweep.csv") == whole
+
+
+def test_the_criticality_ranking_of_a_resumed_sweep_is_not_recomputed(tmp_path, monkeypatch):
+    import critnet.engine.core as engine_core
+
+    args = ("--trainer.callbacks.init_args.p_prune=[0.0]", "--trainer.callbacks.init_args.p_bern=[1.0]",
+            "--trainer.callbacks.init_args.guided_orders=[criticality]", "--trainer.callbacks.init_args.guided_ratios=[0.05]",
+            "--trainer.callbacks.init_args.criticality_samples=8", "--trainer.callbacks.init_args.resume=true")
+    first = read_csv(Path(run_cli(tmp_path, *args).trainer.log_dir) / "prune_guided.csv")
+
+    def no_evaluation(_evaluator, work, _record, per_sample=False):
+        assert not list(work), "a resumed ranking evaluated a unit again"
+
+    monkeypatch.setattr(engine_core.SuffixEvaluator, "run", no_evaluation)
+    assert read_csv(Path(run_cli(tmp_path, *args).trainer.log_dir) / "prune_guided.csv") == first

@@ -6,6 +6,8 @@ The callback only schedules, synchronises ranks and reports; the masks and the e
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import zlib
 from collections.abc import Sequence
@@ -97,6 +99,9 @@ class PruneSweep(L.Callback):
             comparison is not judged on the images the order was chosen on).
         memory_budget_mb: Keep the decoded validation batches in memory (on the model's device) up to this size;
             beyond it they are read again for every setting. ``None`` = no limit.
+        resume: Append every evaluated setting to a partial-results file and skip the settings found there when the
+            same sweep (same weights, data, device count and precision) is run again after an interruption.
+        resume_dir: Where the partial results live; default ``<trainer.default_root_dir>/prune_partial``.
         print_tables: Print the rich tables and progress bar (rank 0).
     """
 
@@ -117,6 +122,8 @@ class PruneSweep(L.Callback):
         criticality_samples: int | None = None,
         criticality_split: Literal["val", "train"] = "val",
         memory_budget_mb: float | None = 4096.0,
+        resume: bool = False,
+        resume_dir: str | None = None,
         print_tables: bool = True,
     ) -> None:
         if method not in ("connections", "neurons", "weights"):
@@ -153,6 +160,8 @@ class PruneSweep(L.Callback):
         if criticality_split not in ("val", "train"):
             raise PruneError(f"criticality_split must be val or train, got {criticality_split!r}")
         self.criticality_split = criticality_split
+        self.resume = resume
+        self.resume_dir = resume_dir
         self.memory_budget_mb = memory_budget_mb
         self.print_tables = print_tables
         #: The rows of the last sweep / guided comparison (every rank holds them), for programmatic use.
@@ -193,6 +202,9 @@ class PruneSweep(L.Callback):
         cache: dict[int, Tally] = {}
         # the precision of validate (e.g. bf16-mixed autocast), so the unpruned baseline is the validated model
         precision_context = getattr(trainer.precision_plugin, "val_step_context", None)
+        store = None
+        if self.resume:
+            store, cache = self._open_store(trainer, checksum, data, lead)
 
         def run_masks(masks: PruneMasks) -> Tally:
             fingerprint = masks.fingerprint()
@@ -204,6 +216,11 @@ class PruneSweep(L.Callback):
                     cache[fingerprint] = evaluate(model, data, rank=rank, world_size=world,
                                                   all_gather=distributed.all_gather_objects,
                                                   forward_context=precision_context, sharded=True)
+                if store is not None:
+                    tally = cache[fingerprint]
+                    store.append({"phase": "prune", "index": fingerprint, "loss_sum": tally.loss_sum,
+                                  "top1_correct": tally.top1_correct, "top5_correct": tally.top5_correct,
+                                  "samples": tally.samples})
             return cache[fingerprint]
 
         norms = layer_norms(model, self.method, self.include_linear)
@@ -246,11 +263,37 @@ class PruneSweep(L.Callback):
                     progress.advance(f"{order} channels={ratio:g} #{repeat}")
                 criticality_info["guided_seconds"] = time.perf_counter() - guided_started
 
+        if store is not None:
+            store.close()
         if _state_checksum(model) != checksum:  # the restore is tested; this guards every real run too
             raise RuntimeError("PruneSweep: the model's weights changed during the sweep")
         if lead:
             self._report(trainer, log_dir, network, baseline, baseline.samples, sweep_seconds, criticality_info,
                          pl_module)
+
+    def _open_store(self, trainer: L.Trainer, checksum: int, data: Any, lead: bool) -> tuple[Any, dict[int, Tally]]:
+        """The partial-results file of this sweep (rank 0 writes it) and the tallies already in it (every rank).
+
+        Records are keyed by the mask fingerprint; the file by the weights, every rank's share of the data and
+        the precision, so a changed model, data subset, device count or precision starts afresh.
+        """
+        from critnet.engine.resume import ResultStore
+
+        shares = distributed.all_gather_objects(getattr(data, "checksum", ""))
+        precision = str(getattr(trainer.precision_plugin, "precision", ""))
+        key = hashlib.sha256(json.dumps(["prune-sweep/1", checksum, shares, precision]).encode()).hexdigest()[:24]
+        directory = self.resume_dir or str(Path(trainer.default_root_dir) / "prune_partial")
+        store = None
+        loaded: dict[int, Tally] = {}
+        if lead:
+            try:
+                store = ResultStore(directory, key, 0)
+            except ValueError as err:
+                raise PruneError(str(err)) from None
+            loaded = {index: Tally(r["loss_sum"], r["top1_correct"], r["top5_correct"], r["samples"])
+                      for (_, index), r in store.load().items()}
+        # rank 0's view decides for everyone: every rank must skip the same settings (evaluate is a collective)
+        return store, distributed.all_gather_objects(loaded)[0]
 
     def _sweep_plan(self) -> list[tuple[float, float, int, int]]:
         plan = [(0.0, 0.0, 0, self.seed)]  # the unpruned baseline first, as in the original table
@@ -316,9 +359,12 @@ class PruneSweep(L.Callback):
         channels = list(channel_l1(model, self.include_linear))
         units = [Unit("channel", f"{layer}.weight", index) for layer, index in channels]
         baseline = evaluate_baseline(model, ranking_data)
+        resume_dir = None
+        if self.resume:  # the engine's own resume file, keyed by weights, units, data and method
+            resume_dir = Path(self.resume_dir or Path(trainer.default_root_dir) / "prune_partial") / "criticality"
         outcomes = evaluate_units(model, units, Perturbation("zero"), ranking_data, method=self.criticality_method,
                                   rank=distributed.rank(), world_size=distributed.world_size(),
-                                  all_gather=distributed.all_gather_objects)
+                                  all_gather=distributed.all_gather_objects, resume_dir=resume_dir)
         scores = {channel: score_of(o.total, baseline.total, self.criticality_score)
                   for channel, o in zip(channels, outcomes)}
         path = log_dir / "prune_criticality.csv"

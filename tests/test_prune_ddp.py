@@ -14,7 +14,7 @@ from conftest import CIFAR_ROOT, REPO, RESNET20_WEIGHTS, requires_shared
 pytestmark = requires_shared
 
 
-def run(tmp_path: Path, devices: int) -> Path:
+def run(tmp_path: Path, devices: int, *extra: str) -> Path:
     root = tmp_path / f"devices{devices}"
     command = [
         sys.executable, str(REPO / "analyze.py"), "validate",
@@ -27,13 +27,13 @@ def run(tmp_path: Path, devices: int) -> Path:
         # the Bernoulli draws and the random channel order are where ranks could disagree
         "--trainer.callbacks.init_args.p_prune=[0.3]", "--trainer.callbacks.init_args.p_bern=[0.5]",
         "--trainer.callbacks.init_args.repeats=2", "--trainer.callbacks.init_args.guided_orders=[random]",
-        "--trainer.callbacks.init_args.guided_ratios=[0.1]",
+        "--trainer.callbacks.init_args.guided_ratios=[0.1]", *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    (log_dir,) = [p.parent for p in root.rglob("prune_sweep.csv")]  # written once, by rank 0
-    return log_dir
+    log_dirs = sorted(p.parent for p in root.rglob("prune_sweep.csv"))  # written once per run, by rank 0
+    return log_dirs[-1]
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -49,3 +49,16 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
         assert one == two  # masks, ratios, seeds, loss sums, hit counts: identical to the last digit
     assert all(r["samples"] == "96" for r in rows(double / "prune_sweep.csv"))
     assert '"devices": 2' in (double / "prune_sweep.json").read_text()
+
+
+def test_a_resumed_two_process_sweep_gives_the_same_numbers(tmp_path):
+    first = run(tmp_path, 2, "--trainer.callbacks.init_args.resume=true")
+    (partial,) = (tmp_path / "devices2" / "prune_partial").glob("*.jsonl")  # rank 0 alone writes
+    lines = partial.read_text().splitlines(keepends=True)
+    assert len(lines) >= 3
+    partial.write_text("".join(lines[:2]))  # as if stopped after two settings
+    second = run(tmp_path, 2, "--trainer.callbacks.init_args.resume=true")
+    assert second != first
+    for name in ("prune_sweep.csv", "prune_guided.csv"):
+        assert rows(second / name) == rows(first / name)
+    assert len(partial.read_text().splitlines()) == len(lines)  # only the missing settings were evaluated again

@@ -230,3 +230,17 @@ def test_hybrid_note_warns_when_top_units_come_from_deep_in_the_estimate_order()
     assert "40 units checked exactly" in good and "12th by estimate" in good and "warning" not in good
     assert "warning" not in hybrid_note({"units": 40, "deepest_top_k": 20, "spearman": 0.91, "kendall": 0.8})
     assert "warning" in hybrid_note({"units": 40, "deepest_top_k": 21, "spearman": 0.91, "kendall": 0.8})
+
+
+def test_halving_through_the_callback_has_the_exact_top_rows(tmp_path):
+    module = ClassifierModule("resnet20", weights=str(RESNET20_WEIGHTS))
+    settings = dict(unit="channel", include=["layer3.2.conv1.weight", "linear.weight"], perturbation="zero",
+                    score="delta_loss", top_k=3, progress=False, print_table=False)
+    rows = {}
+    for method in ("exact", "halving"):
+        callback = CriticalRanking(method=method, **settings)
+        make_trainer(tmp_path / method, callback).validate(module, datamodule=datamodule(64), verbose=False)
+        rows[method] = callback.result["rows"]
+    assert rows["halving"][:3] == rows["exact"][:3]  # same units, order, scores and tallies
+    assert all(row["exact"] for row in rows["halving"][:3])
+    assert not all(row["exact"] for row in rows["halving"])  # it did skip work

@@ -252,7 +252,9 @@ class CriticalRanking(L.Callback):
                 level_started = time.perf_counter()
                 description = f"ranking · {perturbation.label} · {self.method}"
                 running = getattr(trainer.progress_bar_callback, "progress", None)
-                with AnalysisProgress(description, self.progress and rank == 0, step_name="units",
+                # halving counts one step per unit and stage
+                steps = "unit·stages" if self.method == "halving" else "units"
+                with AnalysisProgress(description, self.progress and rank == 0, step_name=steps,
                                       running=running) as bar:
                     outcomes = evaluate_units(
                         network,

@@ -207,7 +207,7 @@ def test_hybrid_checks_the_estimated_top_exactly(resnet20_cifar, data):
 
 
 RANK_SCRIPT = """
-import json, sys, torch, torch.distributed as dist
+import json, os, sys, torch, torch.distributed as dist
 repo, rank, world_size, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 sys.path[:0] = [repo, repo + "/tests"]
 torch.set_num_threads(1)
@@ -233,8 +233,14 @@ for method in ("exact", "halving"):
                               progress=lambda done, total: counts.__setitem__(method, total))
     result[method] = [[o.unit.label, o.exact] + [[t.loss_sum, t.top1_correct, t.top5_correct, t.samples]
                       for t in o.halves] for o in outcomes]
-json.dump({"result": result, "counts": counts}, open(out, "w"))
+with open(out, "w") as handle:
+    json.dump({"result": result, "counts": counts}, handle)
+# Leave together, then skip interpreter finalization: gloo's worker threads can abort the process there
+# ("terminate called without an active exception", pytorch/pytorch#179291) after all the work is written.
+dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
 """
 
 

@@ -292,3 +292,15 @@ def test_the_criticality_ranking_of_a_resumed_sweep_is_not_recomputed(tmp_path, 
 
     monkeypatch.setattr(engine_core.SuffixEvaluator, "run", no_evaluation)
     assert read_csv(Path(run_cli(tmp_path, *args).trainer.log_dir) / "prune_guided.csv") == first
+
+
+def test_a_damaged_partial_file_is_one_clear_line(tmp_path, capsys):
+    args = ("--trainer.callbacks.init_args.p_prune=[0.0, 0.2]", "--trainer.callbacks.init_args.resume=true")
+    run_cli(tmp_path, *args)
+    (partial,) = (tmp_path / "prune_partial").glob("*.jsonl")
+    partial.write_text("{not json\n" + partial.read_text())
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(tmp_path, *args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: resume_dir" in err and "line 1, is damaged" in err and "Traceback" not in err

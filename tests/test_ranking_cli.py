@@ -203,3 +203,14 @@ def test_bad_settings_end_in_one_line_before_the_analysis(tmp_path, capsys, flag
     assert "error: " + message in err
     assert "Traceback" not in err
     assert not list(tmp_path.rglob("ranking.csv"))
+
+
+def test_a_damaged_partial_file_is_one_clear_line(tmp_path, capsys):
+    run_cli(tmp_path, "--trainer.callbacks.init_args.resume", "true", subset=16)
+    (partial,) = (tmp_path / "ranking_partial").glob("*.jsonl")
+    partial.write_text(partial.read_text() + '{"phase": "exact"}\n')  # a complete line without an index
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(tmp_path, "--trainer.callbacks.init_args.resume", "true", subset=16)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: CriticalRanking: resume_dir:" in err and "is damaged" in err and "Traceback" not in err

@@ -277,7 +277,7 @@ class PruneSweep(L.Callback):
         Records are keyed by the mask fingerprint; the file by the weights, every rank's share of the data and
         the precision, so a changed model, data subset, device count or precision starts afresh.
         """
-        from critnet.engine.resume import ResultStore
+        from critnet.engine.resume import ResultStore, ResumeError
 
         shares = distributed.all_gather_objects(getattr(data, "checksum", ""))
         precision = str(getattr(trainer.precision_plugin, "precision", ""))
@@ -285,15 +285,22 @@ class PruneSweep(L.Callback):
         directory = self.resume_dir or str(Path(trainer.default_root_dir) / "prune_partial")
         store = None
         loaded: dict[int, Tally] = {}
+        problem = None
         if lead:
             try:
                 store = ResultStore(directory, key, 0)
-            except ValueError as err:
-                raise PruneError(str(err)) from None
-            loaded = {index: Tally(r["loss_sum"], r["top1_correct"], r["top5_correct"], r["samples"])
-                      for (_, index), r in store.load().items()}
-        # rank 0's view decides for everyone: every rank must skip the same settings (evaluate is a collective)
-        return store, distributed.all_gather_objects(loaded)[0]
+                loaded = {index: Tally(r["loss_sum"], r["top1_correct"], r["top5_correct"], r["samples"])
+                          for (_, index), r in store.load().items()}
+            except ResumeError as err:  # an uncreatable directory or a damaged line, named in the message
+                problem = str(err)
+            except (KeyError, TypeError) as err:
+                problem = f"resume_dir {directory!r}: a record without {err} (not written by this sweep?)"
+        # rank 0's view decides for everyone: every rank must skip the same settings (evaluate is a collective), and
+        # every rank must raise together, or the others would wait for rank 0 forever
+        problem, loaded = distributed.all_gather_objects((problem, loaded))[0]
+        if problem is not None:
+            raise PruneError(problem)
+        return store, loaded
 
     def _sweep_plan(self) -> list[tuple[float, float, int, int]]:
         plan = [(0.0, 0.0, 0, self.seed)]  # the unpruned baseline first, as in the original table

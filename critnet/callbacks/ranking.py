@@ -6,6 +6,7 @@ reads the evaluation set, calls them on every rank and has rank 0 write the repo
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -17,6 +18,7 @@ import torch
 
 from critnet import distributed
 from critnet.engine import METHODS, EvaluationSet, evaluate_baseline, evaluate_units
+from critnet.engine.resume import ResumeError
 from critnet.engine.taylor import TAYLOR_ORDERS
 from critnet.errors import CritnetError
 from critnet.perturb import PERTURBATION_KINDS, UNIT_KINDS, Perturbation, Unit, select_units
@@ -255,7 +257,7 @@ class CriticalRanking(L.Callback):
                 # halving counts one step per unit and stage
                 steps = "unit·stages" if self.method == "halving" else "units"
                 with AnalysisProgress(description, self.progress and rank == 0, step_name=steps,
-                                      running=running) as bar:
+                                      running=running) as bar, _resume_errors():
                     outcomes = evaluate_units(
                         network,
                         units,
@@ -409,3 +411,12 @@ def hybrid_note(agreement: dict[str, Any]) -> str:
         line += ("\n[yellow]warning: top units came from the second half of the checked list, so unchecked units "
                  "may belong in the top k; method: halving or exact give a dependable top k[/]")
     return line
+
+
+@contextlib.contextmanager
+def _resume_errors():
+    """A partial-results file that cannot be used is the user's to fix: one line naming it, not a traceback."""
+    try:
+        yield
+    except ResumeError as err:
+        raise RankingError(f"CriticalRanking: {err}") from None

@@ -18,6 +18,10 @@ from critnet.perturb import Perturbation, Unit
 from critnet.tally import Tally, UnitOutcome
 
 
+class ResumeError(ValueError):
+    """A partial-results directory that cannot be created or a file in it that cannot be read back."""
+
+
 def model_checksum(model: nn.Module) -> str:
     """sha256 over the names, dtypes, shapes and bytes of every parameter and buffer."""
     digest = hashlib.sha256()
@@ -85,7 +89,7 @@ class ResultStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ValueError(f"resume_dir: cannot create {str(self.directory)!r} ({err})") from None
+            raise ResumeError(f"resume_dir: cannot create {str(self.directory)!r} ({err})") from None
         self.key = key
         self.path = self.directory / f"{key}.rank{rank}.jsonl"
         self._handle = None
@@ -95,11 +99,15 @@ class ResultStore:
         records: dict[tuple[str, int], dict[str, Any]] = {}
         for path in sorted(self.directory.glob(f"{self.key}.rank*.jsonl")):
             with open(path, encoding="utf-8") as handle:
-                for line in handle:
+                for number, line in enumerate(handle, 1):
                     if not line.endswith("\n"):
                         break  # the writer was killed mid-line
-                    record = json.loads(line)
-                    records[(record["phase"], int(record["index"]))] = record
+                    try:
+                        record = json.loads(line)
+                        records[(record["phase"], int(record["index"]))] = record
+                    except (ValueError, KeyError, TypeError) as err:
+                        raise ResumeError(f"resume_dir: {path}, line {number}, is damaged ({err!r}); remove the file "
+                                          "to start afresh") from None
         return records
 
     def append(self, record: dict[str, Any]) -> None:

@@ -45,6 +45,19 @@ def subset_batches(batch_size: int = 64):
     return list(torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size))
 
 
+def assert_zeroing_scores(model, rows, x, y):
+    """Each row's score is the mean-loss increase on (x, y) when its output channel is zeroed, by a plain loop."""
+    with torch.no_grad():
+        base = torch.nn.functional.cross_entropy(model(x), y, reduction="none").double().mean().item()
+        for row in rows:
+            weight = model.get_submodule(row["layer"]).weight
+            saved = weight[int(row["index"])].clone()
+            weight[int(row["index"])] = 0
+            loss = torch.nn.functional.cross_entropy(model(x), y, reduction="none").double().mean().item()
+            weight[int(row["index"])] = saved
+            assert math.isclose(float(row["score"]), loss - base, rel_tol=1e-6, abs_tol=1e-9), row["unit"]
+
+
 def test_connections_sweep_matches_the_reference_and_restores(tmp_path, resnet20_cifar):
     cli = run_cli(tmp_path, "--trainer.callbacks.init_args.p_prune=[0.0, 0.4]",
                   "--trainer.callbacks.init_args.p_bern=[1.0, 0.5]", "--trainer.callbacks.init_args.repeats=2")
@@ -187,15 +200,7 @@ def test_criticality_computed_with_the_engine(tmp_path, resnet20_cifar):
     labels = torch.cat([y for _, y in subset_batches()])
     picked = sorted(torch.randperm(SUBSET, generator=torch.Generator().manual_seed(0))[:16].tolist())
     x, y = images[picked], labels[picked]
-    with torch.no_grad():
-        base = torch.nn.functional.cross_entropy(resnet20_cifar(x), y, reduction="none").double().mean().item()
-        for row in ranking[:: 97]:  # a spread of channels across the layers
-            weight = resnet20_cifar.get_submodule(row["layer"]).weight
-            saved = weight[int(row["index"])].clone()
-            weight[int(row["index"])] = 0
-            loss = torch.nn.functional.cross_entropy(resnet20_cifar(x), y, reduction="none").double().mean().item()
-            weight[int(row["index"])] = saved
-            assert math.isclose(float(row["score"]), loss - base, rel_tol=1e-6, abs_tol=1e-9), row["unit"]
+    assert_zeroing_scores(resnet20_cifar, ranking[::97], x, y)  # a spread of channels across the layers
 
     scores = {(r["layer"], int(r["index"])): float(r["score"]) for r in ranking}
     least = sorted(scores, key=lambda c: scores[c])[:34]  # 5 % of 688 channels, least critical first
@@ -229,15 +234,7 @@ def test_criticality_on_held_out_training_images(tmp_path, resnet20_cifar):
     picked = sorted(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:8].tolist())
     x = torch.stack([train[i][0] for i in picked])
     y = torch.tensor([train[i][1] for i in picked])
-    with torch.no_grad():
-        base = torch.nn.functional.cross_entropy(resnet20_cifar(x), y, reduction="none").double().mean().item()
-        for row in ranking[::150]:
-            weight = resnet20_cifar.get_submodule(row["layer"]).weight
-            saved = weight[int(row["index"])].clone()
-            weight[int(row["index"])] = 0
-            loss = torch.nn.functional.cross_entropy(resnet20_cifar(x), y, reduction="none").double().mean().item()
-            weight[int(row["index"])] = saved
-            assert math.isclose(float(row["score"]), loss - base, rel_tol=1e-6, abs_tol=1e-9), row["unit"]
+    assert_zeroing_scores(resnet20_cifar, ranking[::150], x, y)
 
 
 def test_held_out_criticality_needs_a_sample_count(tmp_path, capsys):

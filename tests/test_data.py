@@ -1,5 +1,4 @@
 import pytest
-import torch
 from PIL import Image
 
 from critnet.data import CIFAR10DataModule, DataError, ImageNetDataModule, ImageReadError

@@ -6,6 +6,8 @@ so the analysis code is the same on one CPU and on many GPUs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Iterator, TypeVar
 
 import torch.distributed as dist
@@ -39,6 +41,51 @@ def all_gather_objects(obj: T) -> list[T]:
     return gathered
 
 
+@dataclass(frozen=True)
+class Distributed:
+    """How an analysis shares its work among the processes of a job: this process's rank, the number of
+    processes, and a function that gathers one picklable object from every rank (in rank order) on every rank.
+
+    The library functions take ``distributed=None`` (one process) or such a handle; the Lightning callbacks pass
+    :meth:`current`, and any other launcher can pass its own gather.
+
+    >>> Distributed.single()
+    Distributed(rank=0, world_size=1, all_gather=None)
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    all_gather: Callable[[Any], list[Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.world_size, int) and self.world_size >= 1 and isinstance(self.rank, int)
+                and 0 <= self.rank < self.world_size):
+            raise ValueError(f"distributed: need 0 <= rank < world_size, got rank={self.rank!r}, "
+                             f"world_size={self.world_size!r}")
+        if self.world_size > 1 and self.all_gather is None:
+            raise ValueError("distributed: all_gather is needed when world_size > 1")
+
+    @classmethod
+    def single(cls) -> Distributed:
+        """One process, nothing to gather."""
+        return cls()
+
+    @classmethod
+    def current(cls) -> Distributed:
+        """The torch.distributed job this process belongs to (one process when none is initialised)."""
+        size = world_size()
+        return cls(rank(), size, all_gather_objects if size > 1 else None)
+
+    @property
+    def is_lead(self) -> bool:
+        """Whether this process writes files and prints (rank 0)."""
+        return self.rank == 0
+
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's ``obj`` in rank order (a collective when world_size > 1)."""
+        return [obj] if self.world_size == 1 else self.all_gather(obj)  # type: ignore[misc]
+
+
 class UnpaddedDistributedSampler(DistributedSampler):
     """Shards a dataset across ranks without repeating samples.
 
@@ -62,6 +109,7 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
 
 __all__ = [
+    "Distributed",
     "UnpaddedDistributedSampler",
     "all_gather_objects",
     "is_distributed",

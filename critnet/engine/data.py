@@ -120,3 +120,24 @@ def _as_pair(batch, position: int) -> tuple[Tensor, Tensor]:
 
 def _bytes_of(t: Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def as_evaluation_set(data, *, device: torch.device | str | None = None,
+                      memory_budget_mb: float | None = None) -> EvaluationSet:
+    """The evaluation set behind any form of ``data`` the public API accepts.
+
+    ``data`` may be an :class:`EvaluationSet` (returned as it is), a DataLoader or any re-iterable of
+    ``(inputs, targets)`` batches, a one-shot iterator of such batches, or one ``(inputs, targets)`` pair of
+    tensors (a single batch).
+
+    >>> data = as_evaluation_set((torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)))
+    >>> data.samples
+    4
+    """
+    if isinstance(data, EvaluationSet):
+        return data
+    if (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor)
+            and isinstance(data[1], Tensor) and data[1].dim() == 1 and data[0].dim() >= 2
+            and data[0].shape[0] == data[1].shape[0]):
+        data = [(data[0], data[1])]
+    return EvaluationSet.from_batches(data, device=device, memory_budget_mb=memory_budget_mb)

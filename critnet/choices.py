@@ -1,0 +1,100 @@
+"""Every set of choices critnet offers, declared once.
+
+Each choice set is a ``Literal`` type (what LightningCLI and type checkers read) and the runtime tuple derived
+from it with ``typing.get_args`` (what the library validates against), so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
+
+from critnet.errors import CritnetError
+
+UnitKind = Literal["tensor", "channel", "activation"]
+PerturbationKind = Literal["add", "scale", "noise", "zero", "sign_flip", "bitflip", "prune"]
+Score = Literal["loss", "delta_loss", "top1_drop", "top5_drop"]
+Method = Literal["exact", "naive", "taylor", "hybrid", "halving"]
+TaylorOrder = Literal[1, 2]
+PruneMethod = Literal["connections", "neurons", "weights"]
+PruneScope = Literal["global", "layerwise"]
+ChannelOrder = Literal["criticality", "l1", "random"]
+CriticalityMethod = Literal["exact", "naive"]
+CriticalitySplit = Literal["val", "train"]
+Stage = Literal["fit", "validate"]
+
+UNIT_KINDS: tuple[str, ...] = get_args(UnitKind)
+PERTURBATION_KINDS: tuple[str, ...] = get_args(PerturbationKind)
+SCORES: tuple[str, ...] = get_args(Score)
+METHODS: tuple[str, ...] = get_args(Method)
+TAYLOR_ORDERS: tuple[int, ...] = get_args(TaylorOrder)
+PRUNE_METHODS: tuple[str, ...] = get_args(PruneMethod)
+PRUNE_SCOPES: tuple[str, ...] = get_args(PruneScope)
+CHANNEL_ORDERS: tuple[str, ...] = get_args(ChannelOrder)
+CRITICALITY_METHODS: tuple[str, ...] = get_args(CriticalityMethod)
+CRITICALITY_SPLITS: tuple[str, ...] = get_args(CriticalitySplit)
+STAGES: tuple[str, ...] = get_args(Stage)
+#: Perturbations that ignore their level (one ranking, not one per level).
+LEVELLESS: tuple[str, ...] = ("zero", "sign_flip")
+
+
+class SettingError(CritnetError):
+    """A setting with a value outside what is allowed; the message names the key, the value and the choices."""
+
+
+def check_choice(key: str, value: Any, allowed: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``allowed``; otherwise a :class:`SettingError` naming ``key``.
+
+    >>> check_choice("unit", "channel", UNIT_KINDS)
+    'channel'
+    """
+    if isinstance(value, bool) or value not in allowed:
+        raise SettingError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+    return value
+
+
+def check_fraction(key: str, value: Any) -> float:
+    """``value`` as a float in [0, 1] (NaN is refused); otherwise a :class:`SettingError` naming ``key``.
+
+    >>> check_fraction("p_bern", 0.5)
+    0.5
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingError(f"{key}: {value!r} is not a number in [0, 1]") from None
+    if not 0.0 <= number <= 1.0:  # also refuses NaN
+        raise SettingError(f"{key}: {value!r} is outside [0, 1]")
+    return number
+
+
+def check_fractions(key: str, values: Any) -> list[float]:
+    """A non-empty list of fractions in [0, 1]; a single number counts as a list of one."""
+    if isinstance(values, (int, float)):
+        values = [values]
+    checked = [check_fraction(f"{key}[{i}]", v) for i, v in enumerate(values)]
+    if not checked:
+        raise SettingError(f"{key}: must list at least one value in [0, 1]")
+    return checked
+
+
+def check_finite(key: str, value: Any) -> float:
+    """``value`` as a finite float; otherwise a :class:`SettingError` naming ``key``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingError(f"{key}: {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise SettingError(f"{key}: {value!r} is not a finite number")
+    return number
+
+
+def check_positive_int(key: str, value: Any, minimum: int = 1, allow_none: bool = False) -> int | None:
+    """``value`` as an int ≥ ``minimum`` (or None when allowed); otherwise a :class:`SettingError` naming ``key``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or null" if allow_none else "")
+        raise SettingError(f"{key}: {value!r} is not {allowed}")
+    return value

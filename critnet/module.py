@@ -11,8 +11,8 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from critnet.checkpoints import WeightsInfo, load_weights
-from critnet.models import build_model, get_model_spec
+from critnet.checkpoints import WeightsInfo
+from critnet.models import get_model_spec, load_model, weights_info
 
 EVAL_STAGES = ("val", "test")
 
@@ -108,10 +108,8 @@ class ClassifierModule(L.LightningModule):
         spec = get_model_spec(arch)
         self.arch = arch
         self.num_classes = num_classes or spec.default_num_classes
-        self.model: nn.Module = build_model(arch, self.num_classes)
-        self.weights_info: WeightsInfo | None = None
-        if weights is not None:
-            self.weights_info = load_weights(self.model, weights, arch)
+        self.model: nn.Module = load_model(arch, weights, self.num_classes)
+        self.weights_info: WeightsInfo | None = weights_info(self.model)
         self.eval_metrics = nn.ModuleDict({stage: _eval_metrics(self.num_classes) for stage in EVAL_STAGES})
         #: The last computed evaluation metrics per stage (percent for accuracy), for reports.
         self.last_metrics: dict[str, dict[str, float]] = {}

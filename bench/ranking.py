@@ -25,12 +25,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from critnet.checkpoints import load_weights  # noqa: E402
-from critnet.engine import EvaluationSet, evaluate_baseline, evaluate_units  # noqa: E402
+import critnet  # noqa: E402
 from critnet.engine.suffix import SuffixEvaluator  # noqa: E402
-from critnet.models import build_model  # noqa: E402
-from critnet.perturb import Perturbation, select_units  # noqa: E402
-from critnet.tally import criticality_key, score_of  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -43,9 +39,9 @@ def load_batches(root: Path, n: int, batch_size: int = 128) -> list[tuple[torch.
     return list(torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False))
 
 
-def top(outcomes, baseline, k: int, score: str = "loss") -> list[int]:
-    ids = [i for i, o in enumerate(outcomes) if o.exact]
-    return sorted(ids, key=lambda i: (criticality_key(score_of(outcomes[i].total, baseline.total, score)), i))[:k]
+def top(ranking, k: int) -> list[tuple[str, float]]:
+    """The exactly scored top ``k`` as (unit, score) pairs."""
+    return [(row["unit"], row["score"]) for row in ranking.rows if row["exact"]][:k]
 
 
 def timed(fn):
@@ -55,53 +51,50 @@ def timed(fn):
 
 
 def rank_units(model, kind, perturbation, data, label, rows, methods):
-    units = select_units(model, kind)
-    baseline = evaluate_baseline(model, data)
-    evaluator = SuffixEvaluator(model, perturbation, data)
-    costs = evaluator.costs(units)
-    flop_bound = len(units) * evaluator.traced.full_cost / sum(costs)
+    units = critnet.select_units(model, kind)
+    evaluator = SuffixEvaluator(model, perturbation, data)  # only for the FLOP lower bound of suffix evaluation
+    flop_bound = len(units) * evaluator.traced.full_cost / sum(evaluator.costs(units))
     results = {}
     for method in methods:
         # "taylor2": the taylor method with the second-order (empirical Fisher) term
         engine_method, order = ("taylor", 2) if method == "taylor2" else (method, 1)
-        seconds, outcomes = timed(lambda: evaluate_units(model, units, perturbation, data, method=engine_method,
-                                                         top_k=20, taylor_order=order))
-        results[method] = (seconds, outcomes)
+        seconds, ranking = timed(lambda: critnet.rank(
+            model, data, units=units, perturbation=perturbation.kind, levels=[perturbation.level],
+            method=engine_method, top_k=20, taylor_order=order))
+        results[method] = (seconds, ranking)
         print(f"  {label:8s} {method:8s} {seconds:8.1f} s", flush=True)
     naive_s, naive = results["naive"]
     exact_s, exact = results["exact"]
-    diff = max(
-        abs(score_of(a.total, baseline.total, "loss") - score_of(b.total, baseline.total, "loss"))
-        for a, b in zip(naive, exact)
-    )
-    counts_equal = all(
-        (a.total.top1_correct, a.total.top5_correct) == (b.total.top1_correct, b.total.top5_correct)
-        for a, b in zip(naive, exact)
-    )
-    exact_top = top(exact, baseline, 20)
+    by_unit = {row["unit"]: row for row in naive.rows}
+    diff = max(abs(row["loss"] - by_unit[row["unit"]]["loss"]) for row in exact.rows)
+    # top-1/top-5 in percent of the same samples: equal percentages are equal correct counts
+    counts_equal = all((row["top1"], row["top5"]) == (by_unit[row["unit"]]["top1"], by_unit[row["unit"]]["top5"])
+                       for row in exact.rows)
+    exact_top = top(exact, 20)
+    deltas = {row["unit"]: row["delta_loss"] for row in exact.rows}
     for method in ("taylor", "taylor2"):
         if method not in results:
             continue
         from scipy.stats import kendalltau, spearmanr
 
-        estimates = [o.estimate for o in results[method][1]]
-        deltas = [o.total.loss - baseline.total.loss for o in exact]
-        print(f"  {label:8s} {method} vs exact Δloss over all units: Spearman {spearmanr(estimates, deltas)[0]:.3f}, "
-              f"Kendall {kendalltau(estimates, deltas)[0]:.3f}")
+        pairs = [(row["estimate"], deltas[row["unit"]]) for row in results[method][1].rows]
+        estimates, exact_deltas = zip(*pairs)
+        print(f"  {label:8s} {method} vs exact Δloss over all units: Spearman "
+              f"{spearmanr(estimates, exact_deltas)[0]:.3f}, Kendall {kendalltau(estimates, exact_deltas)[0]:.3f}")
     for method in ("hybrid", "halving"):
         if method in results:
-            outcomes = results[method][1]
-            print(f"  {label:8s} {method}: {sum(o.exact for o in outcomes)} of {len(units)} units scored exactly")
-    summary = {"units": len(units), "samples": data.samples, "flop_bound": flop_bound, "max_abs_diff": diff,
+            ranking = results[method][1]
+            print(f"  {label:8s} {method}: {sum(row['exact'] for row in ranking.rows)} of {len(units)} units scored "
+                  "exactly")
+    summary = {"units": len(units), "samples": exact.samples, "flop_bound": flop_bound, "max_abs_diff": diff,
                "counts_equal": counts_equal, "exact_s": exact_s, "naive_s": naive_s, "top20": {}}
-    for method, (seconds, outcomes) in results.items():
+    for method, (seconds, ranking) in results.items():
         identical = None
         if method in ("hybrid", "halving"):
-            found = top(outcomes, baseline, 20)
-            identical = found == exact_top and all(outcomes[i].total == exact[i].total for i in found)
+            identical = top(ranking, 20) == exact_top
             summary["top20"][method] = (seconds, identical)
         speedup = naive_s / seconds
-        rows.append([label, method, f"{len(units)}", f"{data.samples}", f"{seconds:.1f}", f"{speedup:.2f}",
+        rows.append([label, method, f"{len(units)}", f"{exact.samples}", f"{seconds:.1f}", f"{speedup:.2f}",
                      f"{exact_s / seconds:.2f}",
                      f"{speedup / flop_bound:.2f}" if method == "exact" else "",
                      "" if identical is None else str(identical).lower()])
@@ -177,8 +170,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = build_model("resnet20")
-    load_weights(model, str(weights), "resnet20")
+    model = critnet.load_model("resnet20", str(weights))
     model.eval()
     print(f"ResNet20 {weights.name}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 
@@ -188,9 +180,9 @@ def main(argv=None) -> None:
 
     rows: list[list[str]] = []
     all_methods = ["naive", "exact", "taylor", "taylor2", "hybrid", "halving"]
-    channel = rank_units(model, "channel", Perturbation("zero"), EvaluationSet.from_batches(load_batches(root, 256)),
+    channel = rank_units(model, "channel", critnet.Perturbation("zero"), critnet.EvaluationSet.from_batches(load_batches(root, 256)),
                          "channel", rows, all_methods)
-    tensor = rank_units(model, "tensor", Perturbation("add", 0.1), EvaluationSet.from_batches(load_batches(root, 1000)),
+    tensor = rank_units(model, "tensor", critnet.Perturbation("add", 0.1), critnet.EvaluationSet.from_batches(load_batches(root, 1000)),
                         "tensor", rows, ["naive", "exact", "taylor", "taylor2"])
 
     header = ["units", "method", "n", "images", "time s", "× naive", "× exact", "of FLOP bound", "top-20 = exact"]

@@ -30,11 +30,12 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from ranking import load_batches  # noqa: E402
 
-from critnet.callbacks.ranking import hybrid_note  # noqa: E402
+from critnet.reporting.ranking import hybrid_note  # noqa: E402
 from critnet.checkpoints import load_weights  # noqa: E402
 from critnet.engine import EvaluationSet, evaluate_baseline, evaluate_units  # noqa: E402
-from critnet.engine.core import _baseline_samples, halving_stages, survivors  # noqa: E402
+from critnet.engine.core import halving_stages, survivors  # noqa: E402
 from critnet.engine.suffix import SuffixEvaluator  # noqa: E402
+from critnet.evaluation import sample_pass  # noqa: E402
 from critnet.engine.taylor import taylor_estimates  # noqa: E402
 from critnet.models import build_model  # noqa: E402
 from critnet.perturb import Perturbation, select_units  # noqa: E402
@@ -98,7 +99,7 @@ def main() -> None:
     with torch.no_grad():
         evaluator.run(list(enumerate(units)), lambda i, result: losses.__setitem__(i, result[0]), per_sample=True)
     exact_s = time.perf_counter() - started
-    base = _baseline_samples(model, data)[0]
+    base = sample_pass(model, data)[0]
     delta = torch.stack([losses[i] for i in range(len(units))]) - base  # (units, images) per-image Δloss
     n = delta.shape[1]
     total = delta.sum(1)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
@@ -11,8 +12,69 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from critnet.callbacks.summary import RunSummary
 from critnet.data import ClassificationDataModule
-from critnet.errors import CritnetError
+from critnet.errors import CritnetError, Interrupted
 from critnet.module import ClassifierModule
+
+
+_STRUCTURE = ("Does not validate", "Subtypes:", "Errors:", "Given value type:", "Given value:")
+
+
+def _readable_reason(reason: str) -> str:
+    """jsonargparse's "Expected a <type>. Got value: <v>" as "'<v>' is not <what is allowed>"."""
+    match = re.match(r"Expected a (.+?)\. Got value: (.*)$", reason)
+    if not match:
+        return reason
+    expected, value = match.groups()
+    literal = re.match(r"typing\.Literal\[(.*)\]$", expected)
+    if literal:
+        choices = ", ".join(c.strip().strip("'\"") for c in literal.group(1).split(","))
+        return f"{value!r} is not one of {choices}"
+    simple = re.match(r"<class '(?:[\w.]+\.)?(\w+)'>$", expected)
+    names = {"float": "a finite number", "int": "an integer", "bool": "true or false", "str": "a string"}
+    allowed = names.get(simple.group(1), simple.group(1)) if simple else expected
+    return f"{value!r} is not {allowed}"
+
+
+def one_line_error(message: str) -> str:
+    """jsonargparse's (often nested, multi-line) parse error as one line naming the flag, the value and what is
+    allowed: the most specific problem wins, and the generic ``lightning.Callback`` alternative is ignored."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else message
+    keys: list[str] = []
+    owner = None
+    for line in lines:
+        problem = re.match(r"- Problem with given class_path '([^']+)':", line)
+        if problem:
+            owner, keys = problem.group(1), keys[:1]
+            continue
+        key = re.match(r'(?:- )?Parser key "([^"]+)":?(.*)$', line)
+        if key:
+            keys.append(key.group(1))
+            if key.group(2).strip():
+                return _flag(keys, owner) + ": " + _readable_reason(key.group(2).strip())
+            continue
+        if line.startswith(_STRUCTURE) or not keys:
+            continue
+        return _flag(keys, owner) + ": " + _readable_reason(line.lstrip("- "))
+    return " ".join(lines)
+
+
+def _flag(keys: list[str], owner: str | None) -> str:
+    if owner and len(keys) > 1:
+        return f"--{keys[0]}.init_args.{'.'.join(keys[1:])} ({owner.rpartition('.')[2]})"
+    return "--" + ".".join(keys)
+
+
+class CritnetArgumentParser(LightningArgumentParser):
+    """Parse errors end in one line naming the flag at fault (exit status 2), not in the usage and a nested
+    type-union report."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        print(f"error: {one_line_error(message)}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 class CritnetCLI(LightningCLI):
@@ -67,6 +129,7 @@ def _run(cli_class: type[CritnetCLI], args: Sequence[str] | None) -> CritnetCLI:
         save_config_kwargs={"overwrite": True},
         args=list(args) if args is not None else None,
         auto_configure_optimizers=False,
+        parser_class=CritnetArgumentParser,
     )
 
 
@@ -77,6 +140,9 @@ def _run_reporting_errors(cli_class: type[CritnetCLI], args: Sequence[str] | Non
         # Bad input is the user's to fix: one line naming the flag or file, not a traceback.
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+    except Interrupted as stop:
+        print(f"interrupted: {stop}", file=sys.stderr)
+        raise SystemExit(130) from stop
 
 
 def main(args: Sequence[str] | None = None) -> CritnetCLI:

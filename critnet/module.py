@@ -108,7 +108,8 @@ class ClassifierModule(L.LightningModule):
         spec = get_model_spec(arch)
         self.arch = arch
         self.num_classes = num_classes or spec.default_num_classes
-        self.model: nn.Module = load_model(arch, weights, self.num_classes)
+        # a fresh LightningModule is in train mode, like any nn.Module (Lightning 2.x no longer switches it for fit)
+        self.model: nn.Module = load_model(arch, weights, self.num_classes).train()
         self.weights_info: WeightsInfo | None = weights_info(self.model)
         self.eval_metrics = nn.ModuleDict({stage: _eval_metrics(self.num_classes) for stage in EVAL_STAGES})
         #: The last computed evaluation metrics per stage (percent for accuracy), for reports.

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import csv
 import math
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,34 +30,15 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from critnet.checksums import tensors_digest
+from critnet.choices import CHANNEL_ORDERS, PRUNE_METHODS, PRUNE_SCOPES, check_choice, check_fraction
 from critnet.errors import CritnetError
-from critnet.tally import Tally, criticality_key, per_sample
-
-METHODS = ("connections", "neurons", "weights")
-SCOPES = ("global", "layerwise")
-CHANNEL_ORDERS = ("criticality", "l1", "random")
-
-Channel = tuple[str, int]  # (module name, output channel index)
+from critnet.perturb import Unit
+from critnet.scoring import criticality_key
 
 
 class PruneError(CritnetError):
     """A pruning setting, ranking file or model that cannot be pruned, named in the message."""
-
-
-def check_fraction(name: str, value: float) -> float:
-    """``value`` as a float if it lies in [0, 1]; otherwise a ValueError naming ``name``."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise PruneError(f"{name} must be a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= number <= 1.0:  # also rejects NaN
-        raise PruneError(f"{name} must lie in [0, 1], got {value!r}")
-    return number
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise PruneError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
 def prunable_layers(model: nn.Module, include_linear: bool = False) -> list[tuple[str, nn.Module]]:
@@ -76,7 +56,7 @@ def prunable_layers(model: nn.Module, include_linear: bool = False) -> list[tupl
 
 def unit_norms(weight: torch.Tensor, method: str) -> torch.Tensor:
     """The float64 L1 norm of every pruning unit of ``weight`` (shape: (out, in), (out,) or the weight's shape)."""
-    _check_choice("method", method, METHODS)
+    check_choice("method", method, PRUNE_METHODS)
     # float64 makes the sums (≤ a few thousand terms) independent of the reduction order, so every implementation
     # and every device sorts the same numbers.
     magnitudes = weight.detach().abs().to(torch.float64)
@@ -119,12 +99,9 @@ class PruneMasks:
         return self.pruned / self.total_parameters if self.total_parameters else 0.0
 
     def fingerprint(self) -> int:
-        """A CRC32 of all masks in layer order: equal on every rank iff the masks are equal."""
-        crc = 0
-        for name in self.masks:
-            crc = zlib.crc32(name.encode(), crc)
-            crc = zlib.crc32(self.masks[name].to(torch.uint8).cpu().numpy().tobytes(), crc)
-        return crc
+        """A digest of all masks in layer order (64 bits, as an int: it keys records of the resume file): equal on
+        every rank iff the masks are equal."""
+        return int(tensors_digest(self.masks.items())[:16], 16)
 
 
 def _total_parameters(model: nn.Module) -> int:
@@ -179,8 +156,8 @@ def dwp_masks(model: nn.Module, method: str = "connections", scope: str = "globa
         norms: the result of :func:`layer_norms` for the same model, method and include_linear (saves recomputing
             them for every setting); None = compute them here.
     """
-    _check_choice("method", method, METHODS)
-    _check_choice("scope", scope, SCOPES)
+    check_choice("method", method, PRUNE_METHODS)
+    check_choice("scope", scope, PRUNE_SCOPES)
     p_prune = check_fraction("p_prune", p_prune)
     p_bern = check_fraction("p_bern", p_bern)
     layers = prunable_layers(model, include_linear)
@@ -204,21 +181,27 @@ def dwp_masks(model: nn.Module, method: str = "connections", scope: str = "globa
                    info={"method": method, "scope": scope, "p_prune": p_prune, "p_bern": p_bern})
 
 
-def channel_l1(model: nn.Module, include_linear: bool = False) -> dict[Channel, float]:
-    """The float64 L1 norm of every output channel of the selected layers, in model order."""
-    result: dict[Channel, float] = {}
+def channel_unit(layer: str, index: int) -> Unit:
+    """The channel unit of output channel ``index`` of layer ``layer`` (its filter ``<layer>.weight[index]``)."""
+    return Unit("channel", f"{layer}.weight", int(index))
+
+
+def channel_l1(model: nn.Module, include_linear: bool = False) -> dict[Unit, float]:
+    """The float64 L1 norm of every output channel (a channel :class:`~critnet.perturb.Unit`) of the selected
+    layers, in model order."""
+    result: dict[Unit, float] = {}
     for name, module in prunable_layers(model, include_linear):
         for index, norm in enumerate(unit_norms(module.weight, "neurons").tolist()):
-            result[(name, index)] = norm
+            result[channel_unit(name, index)] = norm
     return result
 
 
-def read_channel_ranking(path: str | Path) -> dict[Channel, float]:
+def read_channel_ranking(path: str | Path) -> dict[Unit, float]:
     """Channel scores (larger = more critical) from a ranking CSV with columns ``layer``, ``index``, ``score``."""
     path = Path(path)
     if not path.is_file():
         raise PruneError(f"criticality_csv {str(path)!r} does not exist")
-    scores: dict[Channel, float] = {}
+    scores: dict[Unit, float] = {}
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         missing = {"layer", "index", "score"} - set(reader.fieldnames or ())
@@ -228,7 +211,7 @@ def read_channel_ranking(path: str | Path) -> dict[Channel, float]:
             if row["index"] in ("", None):
                 continue  # tensor units carry no channel index; only channel rows order channels
             try:
-                channel = (row["layer"], int(row["index"]))
+                channel = channel_unit(row["layer"], int(row["index"]))
                 scores[channel] = float(row["score"])
             except ValueError:
                 raise PruneError(f"criticality_csv {str(path)!r} line {line}: bad index or score {row!r}") from None
@@ -238,13 +221,13 @@ def read_channel_ranking(path: str | Path) -> dict[Channel, float]:
 
 
 def channel_order(model: nn.Module, order: str, *, include_linear: bool = False,
-                  criticality: Mapping[Channel, float] | None = None, seed: int = 0) -> list[Channel]:
+                  criticality: Mapping[Unit, float] | None = None, seed: int = 0) -> list[Unit]:
     """The output channels of the selected layers in the order in which to prune them.
 
     ``criticality``: least critical first (smallest score; NaN/inf count as most critical); ``l1``: smallest L1 norm
     first; ``random``: a permutation drawn from ``seed``. Ties keep model order.
     """
-    _check_choice("order", order, CHANNEL_ORDERS)
+    check_choice("order", order, CHANNEL_ORDERS)
     norms = channel_l1(model, include_linear)
     channels = list(norms)
     if order == "l1":
@@ -256,7 +239,7 @@ def channel_order(model: nn.Module, order: str, *, include_linear: bool = False,
         raise PruneError("order 'criticality' needs channel scores (criticality_csv or a computed ranking)")
     missing = [c for c in channels if c not in criticality]
     if missing:
-        shown = ", ".join(f"{layer}[{index}]" for layer, index in missing[:5])
+        shown = ", ".join(unit.label for unit in missing[:5])
         raise PruneError(f"the criticality ranking lacks {len(missing)} channel(s) of the pruned layers, e.g. {shown}")
     return sorted(channels, key=lambda c: criticality_key(criticality[c]), reverse=True)
 
@@ -266,13 +249,14 @@ def channel_count(ratio: float, total: int) -> int:
     return int(math.floor(check_fraction("ratio", ratio) * total + 0.5))
 
 
-def channel_masks(model: nn.Module, channels: Sequence[Channel], include_linear: bool = False) -> PruneMasks:
+def channel_masks(model: nn.Module, channels: Sequence[Unit], include_linear: bool = False) -> PruneMasks:
     """Keep-masks that zero the whole filter of every listed output channel."""
     layers = prunable_layers(model, include_linear)
     keep = {name: torch.ones(module.weight.shape[0], dtype=torch.bool) for name, module in layers}
-    for name, index in channels:
-        if name not in keep or not 0 <= index < keep[name].numel():
-            raise PruneError(f"channel {name}[{index}] is not an output channel of a selected layer")
+    for channel in channels:
+        name, index = channel.layer, channel.index
+        if channel.kind != "channel" or name not in keep or not 0 <= index < keep[name].numel():
+            raise PruneError(f"channel {channel.label} is not an output channel of a selected layer")
         keep[name][index] = False
     return _finish(model, layers, [keep[name] for name, _ in layers], info={"channels": len(channels)})
 
@@ -327,53 +311,3 @@ def pruned(model: nn.Module, masks: PruneMasks) -> Iterator[PruneMasks]:
     finally:
         for module, original, data, order, hooks_before in reversed(saved):
             _restore(module, original, data, order, hooks_before)
-
-
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-             device: torch.device | None = None, rank: int = 0, world_size: int = 1,
-             all_gather: Callable[[Any], list[Any]] | None = None,
-             forward_context: Callable[[], AbstractContextManager] | None = None, sharded: bool = False) -> Tally:
-    """Mean cross-entropy, top-1 and top-5 over all ``batches`` in eval mode (the mode is restored afterwards).
-
-    ``forward_context`` wraps every forward pass (e.g. the trainer's autocast for bf16-mixed, so the sweep sees the
-    numerics of ``validate``); the loss is always computed from float32 logits.
-
-    With ``world_size > 1`` rank r evaluates the batches r, r + world_size, …; the per-batch sums are gathered with
-    ``all_gather`` and added in batch order, so every rank returns exactly the single-process numbers. With
-    ``sharded`` the ``batches`` are already this rank's share (exactly those batches, in that order), so no rank
-    reads the others' images.
-    """
-    if world_size > 1 and all_gather is None:
-        raise ValueError("evaluating on several ranks needs an all_gather function")
-    if device is None:
-        device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    per_batch: dict[int, Tally] = {}
-    try:
-        with torch.no_grad():
-            for position, (x, y) in enumerate(batches):
-                index = rank + position * world_size if sharded else position
-                if index % world_size != rank:
-                    continue
-                with forward_context() if forward_context is not None else nullcontext():
-                    logits = model(x.to(device, non_blocking=True))
-                logits = logits.float()
-                losses, top1, top5 = per_sample(logits[None], y.to(logits.device))
-                per_batch[index] = Tally(
-                    loss_sum=float(losses.sum()),
-                    top1_correct=int(top1.sum()),
-                    top5_correct=int(top5.sum()),
-                    samples=int(y.numel()),
-                )
-    finally:
-        model.train(was_training)
-    if world_size > 1:
-        merged: dict[int, Tally] = {}
-        for part in all_gather(per_batch):  # type: ignore[misc]
-            merged.update(part)
-        per_batch = merged
-    total = Tally()
-    for index in sorted(per_batch):
-        total = total + per_batch[index]
-    return total

@@ -1,6 +1,6 @@
 """Ordering unit outcomes by criticality, and how far the order can be trusted (Lightning-free).
 
-The engine (:mod:`critnet.engine`) produces one :class:`~critnet.tally.UnitOutcome` per unit; this module turns
+The engine (:mod:`critnet.engine`) produces one :class:`~critnet.scoring.UnitOutcome` per unit; this module turns
 them into a ranking (one row per unit, most critical first), measures split-half agreement (the Spearman
 correlation between the rankings computed on the two disjoint halves of the evaluation set) and, for the
 approximate engine modes, the agreement between estimated and exact scores.
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from critnet.perturb import Perturbation
-from critnet.tally import SCORES, Tally, UnitOutcome, criticality_key, score_of
+from critnet.choices import LEVELLESS, SCORES, check_choice
+from critnet.scoring import Tally, UnitOutcome, criticality_key, outcome_score, estimated_score, ranking_key
 
 RANKING_COLUMNS = (
     "rank",
@@ -36,21 +37,6 @@ RANKING_COLUMNS = (
     "exact",
     "estimate",
 )
-_LEVELLESS = ("zero", "sign_flip")
-
-
-def check_score(score: str) -> str:
-    if score not in SCORES:
-        raise ValueError(f"score: {score!r} is not one of {', '.join(SCORES)}")
-    return score
-
-
-def ranking_key(tally: Tally, baseline: Tally, score: str) -> tuple[int, tuple[int, float]]:
-    """Sort key, most critical first: a NaN or infinite loss ranks above every finite one whatever the score
-    (the perturbation broke the network), then :func:`critnet.tally.criticality_key` of the score."""
-    loss = tally.loss
-    broken = math.isnan(loss) or math.isinf(loss)
-    return (0 if broken else 1, criticality_key(score_of(tally, baseline, score)))
 
 
 @dataclass(frozen=True)
@@ -62,24 +48,6 @@ class RankedOutcome:
     score: float
 
 
-def estimated_score(outcome: UnitOutcome, baseline: UnitOutcome, score: str) -> float:
-    """The score implied by a Taylor estimate of Δloss (NaN for accuracy scores, which have no estimate)."""
-    if outcome.estimate is None:
-        return math.nan
-    if score == "loss":
-        return baseline.total.loss + outcome.estimate
-    if score == "delta_loss":
-        return outcome.estimate
-    return math.nan
-
-
-def outcome_score(outcome: UnitOutcome, baseline: UnitOutcome, score: str) -> float:
-    """The unit's score: over its evaluated samples, or from its estimate when it was not evaluated at all."""
-    if outcome.total.samples == 0:
-        return estimated_score(outcome, baseline, score)
-    return score_of(outcome.total, baseline.total, score)
-
-
 def order_outcomes(outcomes: Sequence[UnitOutcome], baseline: UnitOutcome, score: str = "loss") -> list[RankedOutcome]:
     """The outcomes, most critical first.
 
@@ -88,7 +56,7 @@ def order_outcomes(outcomes: Sequence[UnitOutcome], baseline: UnitOutcome, score
     are not exact full-set evaluations (approximate engine modes) come after every exact one, ordered by their
     partial evaluation, or by their estimate when they were not evaluated at all.
     """
-    check_score(score)
+    check_choice("score", score, SCORES)
     for outcome in outcomes:
         if outcome.exact and outcome.total.samples != baseline.total.samples:
             raise ValueError(
@@ -124,7 +92,7 @@ def ranking_rows(
                 "layer": unit.layer,
                 "index": "" if unit.index is None else unit.index,
                 "perturbation": perturbation.kind,
-                "level": "" if perturbation.kind in _LEVELLESS else perturbation.level,
+                "level": "" if perturbation.kind in LEVELLESS else perturbation.level,
                 "score": item.score,
                 "loss": tally.loss,
                 "delta_loss": tally.loss - base.loss,
@@ -181,7 +149,7 @@ def split_half_agreement(
     top ``top_k`` sets say whether the evaluation set is large enough for the ranking to be trusted. Only units
     evaluated exactly on both halves take part.
     """
-    check_score(score)
+    check_choice("score", score, SCORES)
     used = [o for o in outcomes if o.exact and o.halves[0].samples > 0 and o.halves[1].samples > 0]
     result: dict[str, Any] = {
         "units": len(used),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from critnet.engine import EvaluationSet, evaluate_baseline, evaluate_units
 from critnet.perturb import Perturbation, select_units
-from critnet.tally import criticality_key, score_of
+from critnet.scoring import criticality_key, score_of
 from test_engine import state_checksum
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -12,17 +12,24 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from critnet.distributed import Distributed
+from critnet.engine.data import as_evaluation_set
+from critnet.evaluation import batch_tallies
 from critnet.prune import (
     channel_count,
     channel_l1,
     channel_masks,
     channel_order,
     dwp_masks,
-    evaluate,
     layer_norms,
     pruned,
     read_channel_ranking,
 )
+
+
+def evaluate(model, batches, rank=0, world_size=1, all_gather=None):
+    """critnet's evaluation of one mask setting, as pruning runs it."""
+    return batch_tallies(model, as_evaluation_set(batches), distributed=Distributed(rank, world_size, all_gather))
 
 
 # ---------------------------------------------------------------- the independent reference (plain Python loops)
@@ -260,7 +267,8 @@ def test_channel_orders(resnet20_cifar, tmp_path):
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["rank", "unit", "layer", "index", "score"])
-        for n, (layer, index) in enumerate(norms):
+        for n, channel in enumerate(norms):
+            layer, index = channel.layer, channel.index
             score = float("nan") if n == 5 else float((n * 37) % 101)
             writer.writerow([n, f"{layer}.weight[{index}]", layer, index, score])
         writer.writerow([9999, "linear.weight[0]", "linear", 0, 0.5])  # a layer outside the selection is ignored
@@ -286,8 +294,8 @@ def test_channel_masks_zero_whole_filters(resnet20_cifar, cifar_test_256):
     masks = channel_masks(resnet20_cifar, order[:count])
     assert masks.units_pruned == count
     zeroed = {}
-    for layer, index in order[:count]:
-        zeroed.setdefault(layer, []).append(index)
+    for channel in order[:count]:
+        zeroed.setdefault(channel.layer, []).append(channel.index)
     reference = {}
     for name, module in resnet20_cifar.named_modules():
         if isinstance(module, nn.Conv2d):

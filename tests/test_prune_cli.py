@@ -125,7 +125,8 @@ def test_guided_orders_from_a_ranking_csv(tmp_path, resnet20_cifar):
     with ranking.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["rank", "unit", "layer", "index", "score"])
-        for n, ((layer, index), score) in enumerate(zip(channels, scores)):
+        for n, (channel, score) in enumerate(zip(channels, scores)):
+            layer, index = channel.layer, channel.index
             writer.writerow([n + 1, f"{layer}.weight[{index}]", layer, index, score])
     cli = run_cli(tmp_path, "--trainer.callbacks.init_args.p_prune=[0.0]", "--trainer.callbacks.init_args.p_bern=[1.0]",
                   "--trainer.callbacks.init_args.guided_orders=[criticality, l1, random]",
@@ -145,8 +146,8 @@ def test_guided_orders_from_a_ranking_csv(tmp_path, resnet20_cifar):
     for order, chosen in (("criticality", by_score), ("l1", by_l1)):
         masks = {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in resnet20_cifar.named_modules()
                  if isinstance(m, torch.nn.Conv2d)}
-        for layer, index in chosen:
-            masks[layer][index] = False
+        for channel in chosen:
+            masks[channel.layer][channel.index] = False
         expected = reference_evaluate(masked_copy(resnet20_cifar, masks), batches)
         row = next(r for r in rows if r["order"] == order and r["channel_ratio"] == "0.1")
         assert (float(row["loss"]), float(row["top1"]), float(row["top5"])) == expected
@@ -243,24 +244,24 @@ def test_held_out_criticality_needs_a_sample_count(tmp_path, capsys):
                 "--trainer.callbacks.init_args.criticality_split=train")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "criticality_split train needs criticality_samples" in err and "Traceback" not in err
+    assert "criticality_split: train needs criticality_samples" in err and "Traceback" not in err
 
 
 def test_an_interrupted_sweep_resumes_with_the_same_numbers(tmp_path, monkeypatch):
-    import critnet.callbacks.pruning as pruning_module
+    import critnet.analysis.pruning as pruning_module
 
     args = ("--trainer.callbacks.init_args.p_prune=[0.0, 0.2, 0.4]", "--trainer.callbacks.init_args.p_bern=[1.0, 0.5]",
             "--trainer.callbacks.init_args.repeats=2")
     whole = read_csv(Path(run_cli(tmp_path / "whole", *args).trainer.log_dir) / "prune_sweep.csv")
 
     calls = []
-    real_evaluate = pruning_module.evaluate
+    real_evaluate = pruning_module.batch_tallies
 
     def counting_evaluate(*positional, **keywords):
         calls.append(1)
         return real_evaluate(*positional, **keywords)
 
-    monkeypatch.setattr(pruning_module, "evaluate", counting_evaluate)
+    monkeypatch.setattr(pruning_module, "batch_tallies", counting_evaluate)
     resumable = (*args, "--trainer.callbacks.init_args.resume=true")
     run_cli(tmp_path / "resumed", *resumable)
     evaluations = len(calls)
@@ -300,4 +301,4 @@ def test_a_damaged_partial_file_is_one_clear_line(tmp_path, capsys):
         run_cli(tmp_path, *args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "error: resume_dir" in err and "line 1, is damaged" in err and "Traceback" not in err
+    assert "error: PruneSweep: resume_dir" in err and "line 1, is damaged" in err and "Traceback" not in err

@@ -17,7 +17,7 @@ from critnet.ranking import (
     ranking_rows,
     split_half_agreement,
 )
-from critnet.tally import Tally, UnitOutcome
+from critnet.scoring import Tally, UnitOutcome
 
 
 
@@ -159,7 +159,7 @@ def test_estimate_agreement():
 
 def test_estimate_agreement_reports_how_deep_the_exact_top_sits_in_the_estimate_order():
     from critnet.ranking import estimate_agreement
-    from critnet.tally import Tally, UnitOutcome
+    from critnet.scoring import Tally, UnitOutcome
 
     baseline = UnitOutcome(None, Tally(10.0, 5, 9, 10), (Tally(), Tally()))
     # estimates rank units 0..5 in order; exact losses make units 4 and 1 the top two

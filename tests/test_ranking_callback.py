@@ -95,7 +95,7 @@ def test_model_is_bit_identical_after_an_exception_midway(tmp_path, method, unit
     make_trainer(tmp_path / "ok", callback).validate(module, datamodule=datamodule(32), verbose=False)
     assert checksum(module) == before
     assert hook_count(module) == 0
-    assert callback.result["units"] == (1 if unit == "tensor" else 10)
+    assert callback.ranking.summary["units"] == (1 if unit == "tensor" else 10)
 
 
 def test_activation_units_against_an_independent_hook_loop(tmp_path):
@@ -106,7 +106,7 @@ def test_activation_units_against_an_independent_hook_loop(tmp_path):
         score="top1_drop", method="exact", progress=False, print_table=False,
     )  # fmt: skip
     make_trainer(tmp_path, callback).validate(module, datamodule=datamodule(32), verbose=False)
-    rows = callback.result["rows"]
+    rows = callback.ranking.rows
     assert len(rows) == 64 and rows[0]["unit"].startswith("layer3.2.bn2[")
 
     network = module.model.eval()
@@ -175,7 +175,7 @@ def test_approximate_methods_are_labelled_and_hybrid_reports_engine_agreement(tm
         callback = CriticalRanking(method=method.rstrip("2"), taylor_order=order, **settings)
         trainer = make_trainer(tmp_path / method, callback)
         trainer.validate(module, datamodule=datamodule(32), verbose=False)
-        results[method] = (callback.result, json.loads((Path(trainer.log_dir) / "ranking.json").read_text()))
+        results[method] = ({"rows": callback.ranking.rows}, json.loads((Path(trainer.log_dir) / "ranking.json").read_text()))
 
     exact_rows = results["exact"][0]["rows"]
     hybrid, hybrid_json = results["hybrid"]
@@ -220,11 +220,11 @@ def test_resume_reuses_the_partial_results(tmp_path):
     second = CriticalRanking(**settings)
     make_trainer(tmp_path / "b", second).validate(module, datamodule=datamodule(32), verbose=False)
     assert len(records[0].read_text().splitlines()) == 10  # nothing evaluated again
-    assert second.result["rows"] == first.result["rows"]
+    assert second.ranking.rows == first.ranking.rows
 
 
 def test_hybrid_note_warns_when_top_units_come_from_deep_in_the_estimate_order():
-    from critnet.callbacks.ranking import hybrid_note
+    from critnet.reporting.ranking import hybrid_note
 
     good = hybrid_note({"units": 40, "deepest_top_k": 12, "spearman": 0.91, "kendall": 0.8})
     assert "40 units checked exactly" in good and "12th by estimate" in good and "warning" not in good
@@ -240,7 +240,7 @@ def test_halving_through_the_callback_has_the_exact_top_rows(tmp_path):
     for method in ("exact", "halving"):
         callback = CriticalRanking(method=method, **settings)
         make_trainer(tmp_path / method, callback).validate(module, datamodule=datamodule(64), verbose=False)
-        rows[method] = callback.result["rows"]
+        rows[method] = callback.ranking.rows
     assert rows["halving"][:3] == rows["exact"][:3]  # same units, order, scores and tallies
     assert all(row["exact"] for row in rows["halving"][:3])
     assert not all(row["exact"] for row in rows["halving"])  # it did skip work

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from critnet.engine.data import EvaluationSet
-from critnet.engine.naive import full_pass, run_naive
+from critnet.engine.naive import run_naive
 from critnet.engine.resume import (
     ResultStore,
     fingerprint,
@@ -31,13 +31,14 @@ from critnet.engine.resume import (
     samples_to_record,
 )
 from critnet.engine.suffix import SuffixEvaluator
-from critnet.engine.taylor import TAYLOR_ORDERS, estimate_outcome, taylor_estimates
+from critnet.engine.taylor import estimate_outcome, taylor_estimates
 from critnet.engine.tallying import TallyPair, in_first_half, sum_halves
 from critnet.engine.sharding import assign, gather_outcomes
 from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
-from critnet.tally import SCORES, Tally, UnitOutcome, criticality_key, per_sample, score_of
+from critnet.choices import METHODS, SCORES, TAYLOR_ORDERS, check_choice, check_positive_int
+from critnet.evaluation import evaluation_mode, sample_pass, tally_pass
+from critnet.scoring import Tally, UnitOutcome, criticality_key, per_sample_criticality, score_of
 
-METHODS = ("naive", "exact", "taylor", "hybrid", "halving")
 # Successive halving: the first stage scores every unit on HALVING_MIN_SAMPLES samples (evenly spread), each later
 # stage doubles the samples, and after every stage a unit drops out once its mean per-sample score plus
 # HALVING_CONFIDENCE standard errors falls below the top_k-th best mean minus as many standard errors. Scores are
@@ -50,40 +51,10 @@ HALVING_MIN_SAMPLES = 16
 HALVING_CONFIDENCE = 2.0
 
 
-@contextlib.contextmanager
-def evaluation_mode(model: nn.Module, device: torch.device, deterministic: bool) -> Iterator[None]:
-    """Eval mode (BatchNorm running statistics stay untouched) and, for exact GPU scores, no TF32 and
-    deterministic cuDNN; everything is put back afterwards."""
-    training = {name: m.training for name, m in model.named_modules()}
-    flags = (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.backends.cudnn.deterministic,
-        torch.backends.cudnn.benchmark,
-    )
-    try:
-        model.eval()
-        if deterministic and device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
-        yield
-    finally:
-        (
-            torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32,
-            torch.backends.cudnn.deterministic,
-            torch.backends.cudnn.benchmark,
-        ) = flags
-        for name, module in model.named_modules():
-            module.training = training[name]
-
-
 def evaluate_baseline(model: nn.Module, data: EvaluationSet) -> UnitOutcome:
     """Tallies of the unperturbed model over the evaluation set (``unit=None``)."""
     with evaluation_mode(model, data.device, deterministic=True), torch.no_grad():
-        pair = full_pass(model, data)
+        pair = tally_pass(model, data)
     return UnitOutcome(unit=None, total=pair.total, halves=pair.halves)
 
 
@@ -217,14 +188,10 @@ def evaluate_units(
         ValueError: an unknown method or score, bad ranks, a unit the model does not have, or a perturbation that
             is not defined for a unit's kind. The model is bit-identical afterwards, also on any exception.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
-    if score not in SCORES:
-        raise ValueError(f"score: {score!r} is not one of {', '.join(SCORES)}")
-    if taylor_order not in TAYLOR_ORDERS:
-        raise ValueError(f"taylor_order: must be 1 or 2, got {taylor_order!r}")
-    if int(top_k) < 1:
-        raise ValueError(f"top_k: must be at least 1, got {top_k!r}")
+    check_choice("method", method, METHODS)
+    check_choice("score", score, SCORES)
+    check_choice("taylor_order", taylor_order, TAYLOR_ORDERS)
+    check_positive_int("top_k", top_k)
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"rank/world_size: need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     if world_size > 1 and all_gather is None:
@@ -361,15 +328,6 @@ def survivors(values: torch.Tensor, top_k: int, confidence: float = HALVING_CONF
     return upper >= threshold
 
 
-def _criticality_per_sample(samples: tuple, baseline: tuple, positions: torch.Tensor, score: str) -> torch.Tensor:
-    """Per-sample scores (larger = more critical), paired with the unperturbed result of the same sample."""
-    losses, top1, top5 = samples
-    if score in ("loss", "delta_loss"):
-        return losses[positions] - baseline[0][positions]
-    hits, base = (top1, baseline[1]) if score == "top1_drop" else (top5, baseline[2])
-    return base[positions].double() - hits[positions].double()
-
-
 def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None) -> dict[int, UnitOutcome]:
     """Successive halving on growing, evenly spread parts of the data, dropping units by confidence bounds
     (:func:`survivors`); each stage only evaluates the new samples, and the survivors' per-sample results over
@@ -377,7 +335,8 @@ def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None) 
     full-set scores."""
     data = run.data
     n = data.samples
-    baseline = _baseline_samples(run.model, data)
+    with torch.no_grad():
+        baseline = sample_pass(run.model, data)
     remaining = list(range(len(run.units)))
     results: dict[int, list[tuple[list[int], tuple]]] = {i: [] for i in remaining}
     outcomes: dict[int, UnitOutcome] = {}
@@ -406,7 +365,7 @@ def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None) 
         values = []
         for i in remaining:
             full = _scatter(results[i], n)
-            values.append(_criticality_per_sample(full, baseline, positions, score))
+            values.append(per_sample_criticality(full, baseline, positions, score))
         keep = survivors(torch.stack(values), top_k)
         for i, kept in zip(remaining, keep.tolist()):
             if not kept:
@@ -428,15 +387,6 @@ def _scatter(parts, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index = torch.tensor(positions)
         losses[index], top1[index], top5[index] = l.cpu(), t1.cpu(), t5.cpu()
     return losses, top1, top5
-
-
-def _baseline_samples(model: nn.Module, data: EvaluationSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    parts = []
-    with torch.no_grad():
-        for x, y in data:
-            losses, top1, top5 = per_sample(model(x).unsqueeze(0), y)
-            parts.append((losses[0], top1[0], top5[0]))
-    return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
 
 
 def _tally_over(parts, n: int, data: EvaluationSet) -> UnitOutcome:

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from critnet.checksums import tensor_bytes
+
 
 class EvaluationSet:
     """The evaluation batches of an analysis, in a fixed order.
@@ -67,8 +69,8 @@ class EvaluationSet:
         used = 0
         for position, batch in enumerate(batches):
             x, y = _as_pair(batch, position)
-            digest.update(_bytes_of(x))
-            digest.update(_bytes_of(y))
+            digest.update(tensor_bytes(x))
+            digest.update(tensor_bytes(y))
             sizes.append(int(x.shape[0]))
             used += x.element_size() * x.numel() + y.element_size() * y.numel()
             if held is not None and budget is not None and used > budget:
@@ -116,10 +118,6 @@ def _as_pair(batch, position: int) -> tuple[Tensor, Tensor]:
     if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.shape[0] != y.shape[0]:
         raise ValueError(f"evaluation set: batch {position} is not a pair of tensors with the same batch size")
     return x, y
-
-
-def _bytes_of(t: Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def as_evaluation_set(data, *, device: torch.device | str | None = None,

@@ -14,29 +14,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from critnet.checksums import state_digest
+from critnet.errors import CritnetError
 from critnet.perturb import Perturbation, Unit
-from critnet.tally import Tally, UnitOutcome
+from critnet.scoring import Tally, UnitOutcome
 
 
-class ResumeError(ValueError):
+class ResumeError(CritnetError):
     """A partial-results directory that cannot be created or a file in it that cannot be read back."""
-
-
-def model_checksum(model: nn.Module) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of every parameter and buffer."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def fingerprint(model: nn.Module, units: list[Unit], perturbation: Perturbation, data_checksum: str,
                 settings: dict[str, Any]) -> str:
     """A short stable identifier of an analysis (never uses ``hash()``)."""
     payload = {
-        "model": model_checksum(model),
+        "model": state_digest(model),
         "units": [[u.kind, u.name, u.index] for u in units],
         "perturbation": repr(perturbation),
         "data": data_checksum,

@@ -8,7 +8,7 @@ from typing import Any
 
 from critnet.engine.resume import outcome_from_record, outcome_to_record
 from critnet.perturb import Unit
-from critnet.tally import UnitOutcome
+from critnet.scoring import UnitOutcome
 
 
 def assign(costs: Sequence[float], world_size: int) -> list[list[int]]:

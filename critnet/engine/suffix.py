@@ -31,8 +31,8 @@ from critnet.engine.data import EvaluationSet
 from critnet.engine.naive import run_naive
 from critnet.engine.tallying import TallyPair, sum_halves
 from critnet.perturb import Perturbation, Unit, perturbed
-from critnet.tally import UnitOutcome
-from critnet.tally import per_sample as sample_stats
+from critnet.scoring import UnitOutcome
+from critnet.scoring import per_sample as sample_stats
 
 DEFAULT_MEMORY_BUDGET_MB = 1024.0
 _TRACE_LOCK = threading.Lock()

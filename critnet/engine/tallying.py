@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from critnet.tally import Tally, per_sample
+from critnet.scoring import Tally
 
 
 def in_first_half(offset: int, batch: int, device: torch.device | str | None = None) -> Tensor:
@@ -39,19 +39,6 @@ def sum_halves(losses: Tensor, top1: Tensor, top5: Tensor, offset: int) -> list[
     return [
         (Tally(s[0], int(s[2]), int(s[4]), n_first), Tally(s[1], int(s[3]), int(s[5]), n_second)) for s in sums
     ]
-
-
-def tally_variants(logits: Tensor, targets: Tensor, offset: int) -> list[tuple[Tally, Tally]]:
-    """Tallies of the first and second half of the samples for each variant.
-
-    Args:
-        logits: ``(variants, batch, classes)`` or ``(batch, classes)`` (one variant).
-        targets: ``(batch,)`` class indices.
-        offset: index of the batch's first sample in the evaluation set.
-    """
-    if logits.dim() == 2:
-        logits = logits.unsqueeze(0)
-    return sum_halves(*per_sample(logits, targets), offset)
 
 
 class TallyPair:

@@ -25,7 +25,7 @@ from torch import nn
 
 from critnet.engine.data import EvaluationSet
 from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
-from critnet.tally import Tally, UnitOutcome
+from critnet.scoring import Tally, UnitOutcome
 
 
 TAYLOR_ORDERS = (1, 2)

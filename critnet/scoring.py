@@ -1,7 +1,8 @@
-"""Sums of loss and top-k hits over a set of samples, per-unit outcomes, scores and the criticality order.
+"""Everything about scores, in one place: per-sample loss and top-k hits, their sums (:class:`Tally`), the outcome
+of one perturbed unit, the score of an outcome and the sort key that puts the most critical unit first.
 
-Lightning-free: shared by the ranking engine (which fills the tallies) and the ranking callback (which sorts and
-reports them). Sums rather than means are kept so that chunks, batches and ranks combine exactly.
+Lightning-free: the engine fills the tallies, the ranking orders them, pruning and fault campaigns sum them. Sums
+rather than means are kept so that chunks, batches and ranks combine exactly.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from critnet.choices import SCORES, check_choice
+
 if TYPE_CHECKING:  # perturb imports nothing from here, but keep the import graph one-way at runtime
     from critnet.perturb import Unit
-
-SCORES = ("loss", "delta_loss", "top1_drop", "top5_drop")
 
 
 def per_sample(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -68,6 +69,11 @@ class Tally:
         """Top-5 accuracy in percent (micro: fraction of samples)."""
         return math.nan if self.samples == 0 else 100.0 * self.top5_correct / self.samples
 
+    def summary(self) -> dict[str, float | int]:
+        """``top1``, ``top5`` (percent), ``loss`` (mean), ``samples`` and the correct counts behind the percentages."""
+        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "samples": self.samples,
+                "top1_correct": self.top1_correct, "top5_correct": self.top5_correct}
+
     def __add__(self, other: Tally) -> Tally:
         if not isinstance(other, Tally):
             return NotImplemented
@@ -109,7 +115,8 @@ def score_of(outcome_tally: Tally, baseline: Tally, score: str) -> float:
         return baseline.top1 - outcome_tally.top1
     if score == "top5_drop":
         return baseline.top5 - outcome_tally.top5
-    raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    check_choice("score", score, SCORES)
+    raise AssertionError(score)
 
 
 def criticality_key(score: float) -> tuple[int, float]:
@@ -125,3 +132,40 @@ def criticality_key(score: float) -> tuple[int, float]:
     if score == -math.inf:
         return (3, 0.0)
     return (2, -score)
+
+
+def ranking_key(tally: Tally, baseline: Tally, score: str) -> tuple[int, tuple[int, float]]:
+    """Sort key, most critical first: a NaN or infinite loss ranks above every finite one whatever the score
+    (the perturbation broke the network), then :func:`criticality_key` of the score."""
+    loss = tally.loss
+    broken = math.isnan(loss) or math.isinf(loss)
+    return (0 if broken else 1, criticality_key(score_of(tally, baseline, score)))
+
+
+def estimated_score(outcome: UnitOutcome, baseline: UnitOutcome, score: str) -> float:
+    """The score implied by a Taylor estimate of Δloss (NaN for accuracy scores, which have no estimate)."""
+    if outcome.estimate is None:
+        return math.nan
+    if score == "loss":
+        return baseline.total.loss + outcome.estimate
+    if score == "delta_loss":
+        return outcome.estimate
+    return math.nan
+
+
+def outcome_score(outcome: UnitOutcome, baseline: UnitOutcome, score: str) -> float:
+    """The unit's score: over its evaluated samples, or from its estimate when it was not evaluated at all."""
+    if outcome.total.samples == 0:
+        return estimated_score(outcome, baseline, score)
+    return score_of(outcome.total, baseline.total, score)
+
+
+def per_sample_criticality(samples: tuple, baseline: tuple, positions: Tensor, score: str) -> Tensor:
+    """Per-sample scores (larger = more critical) at ``positions``, paired with the unperturbed result of the
+    same sample: the per-image counterpart of :func:`score_of` (the ``loss`` score pairs like ``delta_loss``, since
+    the baseline is the same for every unit)."""
+    losses, top1, top5 = samples
+    if score in ("loss", "delta_loss"):
+        return losses[positions] - baseline[0][positions]
+    hits, base = (top1, baseline[1]) if score == "top1_drop" else (top5, baseline[2])
+    return base[positions].double() - hits[positions].double()

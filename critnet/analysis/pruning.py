@@ -1,0 +1,391 @@
+"""``critnet.prune_sweep`` (DWP §3.2: prune → evaluate → exact restore over a p_prune × p_bern grid) and
+``critnet.compare_orders`` (whole output channels pruned by criticality, by L1 norm and at random)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from critnet.analysis.common import model_device, model_name, progress_bar
+from critnet.analysis.ranking import rank
+from critnet.checksums import state_digest
+from critnet.choices import (
+    CHANNEL_ORDERS,
+    CRITICALITY_METHODS,
+    PRUNE_METHODS,
+    PRUNE_SCOPES,
+    SCORES,
+    SettingError,
+    check_choice,
+    check_fractions,
+    check_positive_int,
+)
+from critnet.distributed import Distributed
+from critnet.engine.data import as_evaluation_set
+from critnet.engine.resume import ResultStore
+from critnet.errors import CritnetError
+from critnet.evaluation import ForwardContext, batch_tallies, evaluation_mode
+from critnet.perturb import Unit
+from critnet.prune import (
+    PruneError,
+    PruneMasks,
+    channel_count,
+    channel_l1,
+    channel_masks,
+    channel_order,
+    channel_unit,
+    dwp_masks,
+    layer_norms,
+    pruned,
+    read_channel_ranking,
+)
+from critnet.results import Ranking, Sweep
+from critnet.scoring import Tally
+
+_DEFAULT_P_PRUNE = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+_DEFAULT_RATIOS = (0.0, 0.05, 0.1, 0.2, 0.3)
+
+
+def _metrics(tally: Tally) -> dict[str, Any]:
+    return {"loss": tally.loss, "top1": tally.top1, "top5": tally.top5, "samples": tally.samples}
+
+
+class _MaskEvaluation:
+    """Evaluates the model under pruning masks, once per distinct mask set (cached, and kept in the resume file).
+
+    Every rank must evaluate the same masks in the same order (the evaluation is a collective when the images are
+    shared among ranks); the seeded draws make the masks equal, and :meth:`__call__` proves it.
+    """
+
+    def __init__(self, model: nn.Module, data: Any, *, distributed: Distributed, sharded: bool,
+                 forward_context: ForwardContext | None, resume_dir: str | Path | None, precision: str | None,
+                 device: Any, memory_budget_mb: float | None) -> None:
+        self.model = model
+        self.distributed = distributed
+        self.sharded = sharded
+        self.forward_context = forward_context
+        # a rank with no batches of a sharded set holds an empty list (more ranks than batches)
+        empty = sharded and isinstance(data, (list, tuple)) and len(data) == 0
+        self.data: Any = [] if empty else as_evaluation_set(data, device=model_device(model, device),
+                                                            memory_budget_mb=memory_budget_mb)
+        self.checksum = state_digest(model)
+        self.cache: dict[int, Tally] = {}
+        self.store: ResultStore | None = None
+        if resume_dir is not None:
+            self._open_store(resume_dir, precision)
+
+    def _open_store(self, directory: str | Path, precision: str | None) -> None:
+        """The partial-results file of this evaluation (rank 0 writes it) and the tallies already in it (every
+        rank). The file is keyed by the weights, every rank's share of the data and the precision, so a changed
+        model, data subset, device count or precision starts afresh."""
+        shares = self.distributed.gather(getattr(self.data, "checksum", ""))
+        key = hashlib.sha256(json.dumps(["prune-sweep/2", self.checksum, shares, precision or ""]).encode())
+        problem, loaded = None, {}
+        if self.distributed.is_lead:
+            try:
+                self.store = ResultStore(directory, key.hexdigest()[:24], 0)
+                loaded = {index: Tally(r["loss_sum"], r["top1_correct"], r["top5_correct"], r["samples"])
+                          for (_, index), r in self.store.load().items()}
+            except CritnetError as err:  # an uncreatable directory or a damaged line, named in the message
+                problem = str(err)
+            except (KeyError, TypeError) as err:
+                problem = f"resume_dir {str(directory)!r}: a record without {err} (not written by critnet's pruning?)"
+        # rank 0's view decides for everyone: every rank must skip the same settings (the evaluation is a
+        # collective), and every rank must raise together, or the others would wait for rank 0 forever
+        problem, loaded = self.distributed.gather((problem, loaded))[0]
+        if problem is not None:
+            raise PruneError(problem)
+        self.cache.update(loaded)
+
+    def __call__(self, masks: PruneMasks) -> Tally:
+        fingerprint = masks.fingerprint()
+        if len(set(self.distributed.gather(fingerprint))) != 1:
+            raise RuntimeError("pruning: the masks differ between ranks (do the weights differ?)")
+        if fingerprint not in self.cache:
+            with pruned(self.model, masks), evaluation_mode(self.model):
+                tally = batch_tallies(self.model, self.data, distributed=self.distributed, sharded=self.sharded,
+                                      forward_context=self.forward_context)
+            self.cache[fingerprint] = tally
+            if self.store is not None:
+                self.store.append({"phase": "prune", "index": fingerprint, "loss_sum": tally.loss_sum,
+                                   "top1_correct": tally.top1_correct, "top5_correct": tally.top5_correct,
+                                   "samples": tally.samples})
+        return self.cache[fingerprint]
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        # the restore is tested; this guards every real run too
+        if state_digest(self.model) != self.checksum:
+            raise RuntimeError("pruning: the model's weights changed during the sweep")
+
+
+def _evaluation(model, data, distributed, sharded, forward_context, resume_dir, precision, device, memory_budget_mb):
+    distributed = distributed or Distributed.single()
+    return distributed, _MaskEvaluation(model, data, distributed=distributed, sharded=sharded,
+                                        forward_context=forward_context, resume_dir=resume_dir, precision=precision,
+                                        device=device, memory_budget_mb=memory_budget_mb)
+
+
+def prune_sweep(
+    model: nn.Module,
+    data: Any,
+    *,
+    method: str = "connections",
+    scope: str = "global",
+    p_prune: Sequence[float] = _DEFAULT_P_PRUNE,
+    p_bern: Sequence[float] = (1.0,),
+    repeats: int = 1,
+    seed: int = 0,
+    include_linear: bool = False,
+    device: Any = None,
+    memory_budget_mb: float | None = 4096.0,
+    resume_dir: str | Path | None = None,
+    progress: Any = False,
+    distributed: Distributed | None = None,
+    sharded: bool = False,
+    forward_context: ForwardContext | None = None,
+    precision: str | None = None,
+    name: str | None = None,
+    reference_metrics: Mapping[str, Any] | None = None,
+) -> Sweep:
+    """Prune ``model`` by DWP §3.2 masks at every p_prune × p_bern setting, evaluate it on ``data``, and restore the
+    exact weights after each setting.
+
+    Args:
+        model: the classifier; bit-identical afterwards (checked by a digest of its state dict).
+        data: a DataLoader, any iterable of ``(inputs, targets)`` batches, or one ``(inputs, targets)`` pair.
+        method: ``connections`` (L1 norm of every (out, in) kernel), ``neurons`` (of every output filter) or
+            ``weights`` (every weight's magnitude).
+        scope: ``global`` (one threshold over all selected layers) or ``layerwise``.
+        p_prune: fractions of the ascending unit norms below which units are candidates, each in [0, 1].
+        p_bern: probabilities that a candidate is pruned, each in [0, 1].
+        repeats: Bernoulli draws per setting with 0 < p_bern < 1 (seeds ``seed``, ``seed + 1``, …).
+        seed: base seed of the draws (the same masks on every rank).
+        include_linear: prune Linear layers as well as Conv2d.
+        device: where to evaluate (default: where the model is).
+        memory_budget_mb: keep the decoded batches in memory up to this size, else read them for every setting.
+        resume_dir: append every evaluated setting here and skip it when the same sweep runs again.
+        progress: draw a rich progress bar (or join a live ``rich.progress.Progress``).
+        distributed: a :class:`~critnet.distributed.Distributed` handle; the batches are shared among the ranks
+            (rank r evaluates batches r, r + world_size, …) and the sums added in batch order.
+        sharded: ``data`` already holds only this rank's batches (r, r + world_size, …), so no rank reads the
+            others' images.
+        forward_context: wraps every forward pass (e.g. an autocast for bf16-mixed).
+        precision: the numerics ``forward_context`` gives (keys the resume file), e.g. ``"bf16-mixed"``.
+        name: how reports call the model (default: its class name).
+        reference_metrics: metrics of the unpruned model measured elsewhere, recorded beside the sweep.
+
+    Returns:
+        A :class:`~critnet.results.Sweep`: one row per setting and draw, the unpruned baseline first.
+
+    >>> import critnet, torch
+    >>> model = critnet.load_model("resnet20")
+    >>> sweep = critnet.prune_sweep(model, (torch.randn(16, 3, 32, 32), torch.arange(16) % 10), p_prune=[0.0, 0.5])
+    >>> [round(row["ratio"], 2) for row in sweep.rows]
+    [0.0, 0.5]
+    """
+    check_choice("method", method, PRUNE_METHODS)
+    check_choice("scope", scope, PRUNE_SCOPES)
+    p_prune = check_fractions("p_prune", p_prune)
+    p_bern = check_fractions("p_bern", p_bern)
+    check_positive_int("repeats", repeats)
+    check_positive_int("seed", seed, minimum=0)
+    started = time.perf_counter()
+    distributed, evaluate = _evaluation(model, data, distributed, sharded, forward_context, resume_dir, precision,
+                                        device, memory_budget_mb)
+    network = model_name(model, name)
+    plan = [(0.0, 0.0, 0, seed)]  # the unpruned baseline first, as in the original table
+    for prune in p_prune:
+        for bern in p_bern:
+            if (prune, bern) == (0.0, 0.0):
+                continue
+            random = 0.0 < bern < 1.0 and prune > 0.0
+            plan += [(prune, bern, repeat, seed + repeat) for repeat in range(repeats if random else 1)]
+    norms = layer_norms(model, method, include_linear)
+    rows = []
+    try:
+        with progress_bar(progress, "prune", distributed, total=len(plan), step_name="settings") as bar:
+            baseline = evaluate(dwp_masks(model, method, scope, 0.0, 0.0, seed, include_linear, norms))
+            for prune, bern, repeat, draw_seed in plan:
+                masks = dwp_masks(model, method, scope, prune, bern, draw_seed, include_linear, norms)
+                tally = baseline if (prune, bern) == (0.0, 0.0) else evaluate(masks)
+                rows.append({
+                    "network": network, "method": method, "scope": scope, "p_prune": prune, "p_bern": bern,
+                    "repeat": repeat, "seed": draw_seed, "nominal_ratio": prune * bern, "ratio": masks.ratio,
+                    "param_fraction": masks.param_fraction, "pruned_weights": masks.pruned,
+                    "selected_weights": masks.selected, "units_pruned": masks.units_pruned, "units": masks.units,
+                    "threshold": masks.threshold, **_metrics(tally),
+                })
+                bar.advance(f"{method} p_prune={prune:g} p_bern={bern:g} #{repeat}")
+    finally:
+        evaluate.close()
+    return Sweep(
+        kind="prune_sweep",
+        title=f"{network} · prune {method} ({scope}) · {baseline.samples} images",
+        rows=rows,
+        info={
+            "network": network, "method": method, "scope": scope, "p_prune": p_prune, "p_bern": p_bern,
+            "repeats": repeats, "seed": seed, "include_linear": include_linear, "samples": baseline.samples,
+            "devices": distributed.world_size, "baseline": _metrics(baseline),
+            "validate_metrics": None if reference_metrics is None else dict(reference_metrics),
+            "seconds": time.perf_counter() - started,
+            # checked by a digest of the whole state dict before returning; a mismatch raises instead
+            "weights_restored_bit_identical": True,
+        },
+    )
+
+
+def _criticality_scores(criticality: Any) -> dict[Unit, float]:
+    """Channel scores (larger = more critical) from a Ranking, a mapping or a ranking CSV file."""
+    if isinstance(criticality, Ranking):
+        if criticality.unit != "channel":
+            raise SettingError(f"criticality: a ranking of {criticality.unit} units cannot order channels; "
+                               "rank with unit='channel'")
+        return {channel_unit(row["layer"], int(row["index"])): float(row["score"])
+                for row in criticality.levels[0].rows}
+    if isinstance(criticality, (str, Path)):
+        return read_channel_ranking(criticality)
+    if isinstance(criticality, Mapping):
+        return {key if isinstance(key, Unit) else channel_unit(*key): float(value)
+                for key, value in criticality.items()}
+    raise SettingError(f"criticality: expected a Ranking, a ranking.csv path or a mapping of channels to scores, "
+                       f"got {type(criticality).__name__}")
+
+
+def compare_orders(
+    model: nn.Module,
+    data: Any,
+    *,
+    orders: Sequence[str] = CHANNEL_ORDERS,
+    ratios: Sequence[float] = _DEFAULT_RATIOS,
+    criticality: Ranking | Mapping[Any, float] | str | Path | None = None,
+    criticality_data: Any = None,
+    criticality_score: str = "delta_loss",
+    criticality_method: str = "exact",
+    repeats: int = 1,
+    seed: int = 0,
+    include_linear: bool = False,
+    device: Any = None,
+    memory_budget_mb: float | None = 4096.0,
+    resume_dir: str | Path | None = None,
+    progress: Any = False,
+    distributed: Distributed | None = None,
+    sharded: bool = False,
+    forward_context: ForwardContext | None = None,
+    precision: str | None = None,
+    name: str | None = None,
+) -> Sweep:
+    """Zero whole output channels in several orders — least critical first, smallest L1 norm first, at random —
+    at the same fractions of channels, and evaluate each (weights restored exactly after every setting).
+
+    Args:
+        model: the classifier; bit-identical afterwards.
+        data: the evaluation data (DataLoader, iterable of batches, or one ``(inputs, targets)`` pair).
+        orders: some of ``criticality``, ``l1``, ``random``.
+        ratios: fractions of the output channels of the selected layers to prune, each in [0, 1].
+        criticality: the channel ranking of the ``criticality`` order: a :class:`~critnet.results.Ranking` of
+            channel units, a ``ranking.csv`` path (columns ``layer``, ``index``, ``score``) or a mapping from
+            channel units (or ``(layer, index)``) to scores; None = rank here by zeroing every channel.
+        criticality_data: the images that ranking uses (default ``data``; pass held-out images so the order is not
+            judged on the images it was chosen on).
+        criticality_score: the score of that ranking (``delta_loss``, ``loss``, ``top1_drop``, ``top5_drop``).
+        criticality_method: the engine method of that ranking: ``exact`` or ``naive``.
+        repeats: draws of the random order.
+        seed: base seed of the random order.
+        include_linear: prune Linear layers' output features as well as Conv2d filters.
+        device, memory_budget_mb, resume_dir, progress, distributed, sharded, forward_context, precision, name:
+            as for :func:`prune_sweep` (with ``sharded`` data the ranking needs ``criticality_data``).
+
+    Returns:
+        A :class:`~critnet.results.Sweep` with one row per order, ratio and draw; ``.criticality`` holds the
+        ranking computed here.
+
+    >>> import critnet, torch
+    >>> model = critnet.load_model("resnet20")
+    >>> batch = (torch.randn(16, 3, 32, 32), torch.arange(16) % 10)
+    >>> sweep = critnet.compare_orders(model, batch, orders=["l1", "random"], ratios=[0.1])
+    >>> [row["order"] for row in sweep.rows]
+    ['l1', 'random']
+    """
+    orders = list(dict.fromkeys(check_choice(f"orders[{i}]", o, CHANNEL_ORDERS) for i, o in enumerate(orders)))
+    if not orders:
+        raise SettingError(f"orders: must list at least one of {', '.join(CHANNEL_ORDERS)}")
+    ratios = check_fractions("ratios", ratios)
+    check_choice("criticality_score", criticality_score, SCORES)
+    check_choice("criticality_method", criticality_method, CRITICALITY_METHODS)
+    check_positive_int("repeats", repeats)
+    check_positive_int("seed", seed, minimum=0)
+    started = time.perf_counter()
+    network = model_name(model, name)
+    distributed = distributed or Distributed.single()
+    info: dict[str, Any] = {"network": network, "orders": orders, "channel_ratios": ratios, "repeats": repeats,
+                            "seed": seed, "include_linear": include_linear}
+    computed: Ranking | None = None
+    scores = None
+    criticality_info: dict[str, Any] = {}
+    if "criticality" in orders:
+        if criticality is None:
+            if sharded and criticality_data is None:
+                raise SettingError("criticality_data: needed to rank channels when data is this rank's share only")
+            ranking_started = time.perf_counter()
+            channels = list(channel_l1(model, include_linear))
+            computed = rank(
+                model, data if criticality_data is None else criticality_data, unit="channel", perturbation="zero",
+                units=channels, score=criticality_score, method=criticality_method, device=device,
+                memory_budget_mb=memory_budget_mb, distributed=distributed, name=name,
+                # the engine's own resume file, keyed by weights, units, data and method
+                resume_dir=None if resume_dir is None else Path(resume_dir) / "criticality",
+            )
+            scores = _criticality_scores(computed)
+            criticality_info = {
+                "criticality_source": "computed", "criticality_score": criticality_score,
+                "criticality_perturbation": "zero", "criticality_method": criticality_method,
+                "criticality_samples": computed.samples, "criticality_seconds": time.perf_counter() - ranking_started,
+            }
+        else:
+            scores = _criticality_scores(criticality)
+            source = str(criticality) if isinstance(criticality, (str, Path)) else type(criticality).__name__
+            criticality_info = {"criticality_source": source}
+    plan = [(order, ratio, repeat, seed + repeat)
+            for ratio in ratios for order in orders for repeat in range(repeats if order == "random" else 1)]
+    guided_started = time.perf_counter()
+    distributed, evaluate = _evaluation(model, data, distributed, sharded, forward_context, resume_dir, precision,
+                                        device, memory_budget_mb)
+    rows = []
+    try:
+        ordered: dict[tuple[str, int], list[Unit]] = {}
+        total = len(channel_l1(model, include_linear))
+        with progress_bar(progress, "channel orders", distributed, total=len(plan), step_name="settings") as bar:
+            for order, ratio, repeat, draw_seed in plan:
+                if (order, draw_seed) not in ordered:
+                    ordered[(order, draw_seed)] = channel_order(model, order, include_linear=include_linear,
+                                                                criticality=scores, seed=draw_seed)
+                count = channel_count(ratio, total)
+                masks = channel_masks(model, ordered[(order, draw_seed)][:count], include_linear)
+                tally = evaluate(masks)
+                rows.append({
+                    "network": network, "order": order, "channel_ratio": ratio, "repeat": repeat,
+                    "seed": draw_seed if order == "random" else None, "channels_pruned": count, "channels": total,
+                    "ratio": masks.ratio, "param_fraction": masks.param_fraction, **_metrics(tally),
+                })
+                bar.advance(f"{order} channels={ratio:g} #{repeat}")
+    finally:
+        evaluate.close()
+    samples = rows[0]["samples"] if rows else 0
+    info.update(samples=samples, **criticality_info, guided_seconds=time.perf_counter() - guided_started,
+                seconds=time.perf_counter() - started)
+    return Sweep(
+        kind="prune_guided",
+        title=f"{network} · channels pruned by {' / '.join(orders)} order · {samples} images",
+        rows=rows,
+        info=info,
+        criticality=computed,
+        series_order=orders,
+    )

@@ -1,0 +1,163 @@
+"""The one evaluation loop: forward passes over an evaluation set in eval mode, per-sample loss and top-k hits.
+
+Every analysis evaluates through here — the engine's baseline and naive passes, pruning's evaluations, the fault
+campaigns' golden run, and :func:`evaluate` of the public API — so eval mode, exactness flags and the per-sample
+tallies are set up one way. Lightning-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from critnet.distributed import Distributed
+from critnet.engine.data import EvaluationSet, as_evaluation_set
+from critnet.engine.tallying import TallyPair, sum_halves
+from critnet.scoring import Tally, per_sample
+
+ForwardContext = Callable[[], AbstractContextManager]
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module, device: torch.device | str | None = None,
+                    deterministic: bool = True) -> Iterator[None]:
+    """Eval mode (BatchNorm running statistics stay untouched) and, for exact GPU scores, no TF32 and deterministic
+    cuDNN; every module's train flag and the backend flags are put back afterwards, also on exceptions.
+
+    >>> model = nn.Sequential(nn.BatchNorm1d(3)).train()
+    >>> with evaluation_mode(model):
+    ...     model.training
+    False
+    >>> model.training
+    True
+    """
+    device = torch.device(device) if device is not None else _device_of(model)
+    training = {name: m.training for name, m in model.named_modules()}
+    flags = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    try:
+        model.eval()
+        if deterministic and device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        yield
+    finally:
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark,
+        ) = flags
+        for name, module in model.named_modules():
+            module.training = training[name]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def batch_results(model: nn.Module, data: EvaluationSet, *,
+                  forward_context: ForwardContext | None = None) -> Iterator[tuple[int, Tensor, Tensor, Tensor, Tensor]]:
+    """One forward pass per batch: ``(offset, logits, losses, top1, top5)`` with per-sample float64 losses and
+    bool hits (:func:`critnet.scoring.per_sample`); ``offset`` is the batch's first sample in the set.
+
+    The caller sets the mode (:func:`evaluation_mode`) and gradients; ``forward_context`` wraps each forward pass
+    (e.g. an autocast for bf16-mixed); the loss is always computed from float32 logits.
+    """
+    for (x, y), offset in zip(data, data.offsets()):
+        with forward_context() if forward_context is not None else nullcontext():
+            logits = model(x)
+        logits = logits.float()
+        losses, top1, top5 = per_sample(logits[None], y.to(logits.device))
+        yield offset, logits, losses[0], top1[0], top5[0]
+
+
+def tally_pass(model: nn.Module, data: EvaluationSet, *, forward_context: ForwardContext | None = None) -> TallyPair:
+    """Tallies over the two (even/odd) halves of the set, summed batch by batch (what the engine's exact method
+    sums, so its scores can be compared bit for bit)."""
+    pair = TallyPair()
+    for offset, _, losses, top1, top5 in batch_results(model, data, forward_context=forward_context):
+        pair.add(sum_halves(losses[None], top1[None], top5[None], offset)[0])
+    return pair
+
+
+def sample_pass(model: nn.Module, data: EvaluationSet) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample losses (float64), top-1 and top-5 hits over the whole set, on the CPU."""
+    with torch.no_grad():
+        parts = [(losses.cpu(), top1.cpu(), top5.cpu()) for _, _, losses, top1, top5 in batch_results(model, data)]
+    return tuple(torch.cat([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
+
+
+def batch_tallies(model: nn.Module, data: EvaluationSet | list, *, distributed: Distributed | None = None,
+                  sharded: bool = False, forward_context: ForwardContext | None = None) -> Tally:
+    """The tally of a whole set, summed per batch and then in batch order, on every rank.
+
+    With several ranks (``distributed``), rank r evaluates the batches r, r + world_size, … and the per-batch sums
+    are gathered and added in batch order, so every rank returns exactly the one-process numbers. With ``sharded``
+    the ``data`` already is this rank's share (exactly those batches, in that order; an empty list when the rank
+    has none), so no rank reads the others' images.
+    """
+    distributed = distributed or Distributed.single()
+    rank, world_size = distributed.rank, distributed.world_size
+    per_batch: dict[int, Tally] = {}
+    if len(data):
+        with torch.no_grad():
+            for position, (_, _, losses, top1, top5) in enumerate(
+                batch_results(model, data, forward_context=forward_context)
+            ):
+                index = rank + position * world_size if sharded else position
+                if index % world_size != rank:
+                    continue
+                per_batch[index] = Tally(float(losses.sum()), int(top1.sum()), int(top5.sum()), int(losses.numel()))
+    if world_size > 1:
+        merged: dict[int, Tally] = {}
+        for part in distributed.gather(per_batch):
+            merged.update(part)
+        per_batch = merged
+    total = Tally()
+    for index in sorted(per_batch):
+        total = total + per_batch[index]
+    return total
+
+
+def evaluate(model: nn.Module, data: Any, *, device: torch.device | str | None = None,
+             distributed: Distributed | None = None, forward_context: ForwardContext | None = None,
+             memory_budget_mb: float | None = None) -> dict[str, float | int]:
+    """Top-1 and top-5 accuracy (percent), mean cross-entropy (float64 sum) and the sample count of ``model``
+    on ``data``, in eval mode; the model's train flags are put back afterwards.
+
+    Args:
+        model: the classifier.
+        data: a DataLoader, any iterable of ``(inputs, targets)`` batches, or one ``(inputs, targets)`` pair.
+        device: where to evaluate (default: where the model's parameters are).
+        distributed: a :class:`~critnet.distributed.Distributed` handle; with several ranks each evaluates every
+            world_size-th batch and the sums are gathered (every rank returns the same numbers).
+        forward_context: wraps each forward pass, e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)``.
+        memory_budget_mb: batches beyond this size are streamed from ``data`` instead of held.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
+    >>> result = evaluate(model, (torch.randn(8, 3, 2, 2), torch.arange(8)))
+    >>> sorted(result), result["samples"]
+    (['loss', 'samples', 'top1', 'top1_correct', 'top5', 'top5_correct'], 8)
+    """
+    device = torch.device(device) if device is not None else _device_of(model)
+    evaluation_set = as_evaluation_set(data, device=device, memory_budget_mb=memory_budget_mb)
+    with evaluation_mode(model, device):
+        tally = batch_tallies(model, evaluation_set, distributed=distributed, forward_context=forward_context)
+    return tally.summary()

@@ -1,0 +1,367 @@
+"""The result objects of the public API: :class:`Ranking` (from :func:`critnet.rank`) and :class:`Sweep` (from
+:func:`critnet.prune_sweep` and :func:`critnet.compare_orders`).
+
+They hold the rows and the summary of an analysis and write every artifact the command line writes (the callbacks
+call the same methods, so the files are the same bytes whichever front end ran the analysis). Lightning-free.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from critnet.perturb import Perturbation, Unit
+from critnet.reporting import pruning as prune_report
+from critnet.reporting import ranking as ranking_report
+from critnet.reporting.common import console, format_cell
+
+_PREVIEW_ROWS = 10
+
+
+def _text_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 4) -> str:
+    cells = [[format_cell(v, digits) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _html_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str, digits: int = 4) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(format_cell(v, digits))}</td>" for v in row) + "</tr>" for row in rows
+    )
+    return f"<table><caption>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table>"
+
+
+def _dataframe(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]):
+    try:
+        import pandas as pd
+    except ImportError:  # pandas is optional: the rows are plain dicts
+        raise ImportError("to_dataframe() needs pandas (pip install pandas); .rows holds the same data") from None
+    return pd.DataFrame(list(rows), columns=list(columns))
+
+
+# ---------------------------------------------------------------------------------------------------- rankings
+
+
+@dataclass
+class LevelRanking:
+    """The ranking of one perturbation level: rows most critical first, and how far they can be trusted."""
+
+    perturbation: Perturbation
+    rows: list[dict[str, Any]]
+    split_half: dict[str, Any]
+    engine_agreement: dict[str, Any] | None
+    elapsed_s: float
+
+
+@dataclass
+class Ranking:
+    """The units of a model ranked by criticality, one ranking per perturbation level.
+
+    Attributes:
+        rows: one dict per (unit, level), the ``ranking.csv`` columns, most critical first within each level.
+        baseline: loss, top-1, top-5 and samples of the unperturbed model (and of the two halves).
+        split_half: the agreement of the rankings on the even and the odd samples (first level).
+        engine_agreement: estimated vs exact scores (taylor, hybrid and halving; first level), else None.
+        levels: every level's :class:`LevelRanking`.
+        summary: the ``ranking.json`` record.
+
+    >>> ranking = critnet.rank(model, (images, labels), unit="channel", perturbation="zero")  # doctest: +SKIP
+    >>> ranking.top(3)  # doctest: +SKIP
+    """
+
+    model_name: str
+    unit: str
+    score: str
+    method: str
+    top_k: int
+    settings: dict[str, Any]
+    units: list[Unit]
+    baseline: dict[str, Any]
+    levels: list[LevelRanking]
+    samples: int
+    batches: int
+    devices: int
+    read_s: float
+    elapsed_s: float
+    checkpoint_sha256: str | None = None
+    #: What ran the analysis (``validate`` or ``fit`` from the callback; None from Python).
+    stage: str | None = None
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return [row for level in self.levels for row in level.rows]
+
+    @property
+    def split_half(self) -> dict[str, Any]:
+        return self.levels[0].split_half
+
+    @property
+    def engine_agreement(self) -> dict[str, Any] | None:
+        return self.levels[0].engine_agreement
+
+    def top(self, k: int | None = None, level: int = 0) -> list[dict[str, Any]]:
+        """The ``k`` most critical rows (default ``top_k``) of one level."""
+        return self.levels[level].rows[: self.top_k if k is None else k]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        levels = []
+        for level in self.levels:
+            p, rows = level.perturbation, level.rows
+            levels.append({
+                "perturbation": p.label,
+                "kind": p.kind,
+                "level": p.level,
+                "split_half": level.split_half,
+                "engine_agreement": level.engine_agreement,
+                "broken_units": sum(1 for row in rows if not math.isfinite(row["loss"])),
+                "exact_units": sum(1 for row in rows if row["exact"]),
+                "elapsed_s": round(level.elapsed_s, 3),
+                "top": [{k: row[k] for k in ("rank", "unit", "score", "loss", "delta_loss", "top1", "top5")}
+                        for row in rows[: self.top_k]],
+            })
+        return {
+            "stage": self.stage,
+            "model": self.model_name,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "settings": self.settings,
+            "units": len(self.units),
+            "batches": self.batches,
+            "samples": self.samples,
+            "devices": self.devices,
+            "baseline": self.baseline,
+            "split_half_spearman": levels[0]["split_half"]["spearman"],
+            "levels": levels,
+            "read_s": round(self.read_s, 3),
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write ``ranking.csv`` (floats at full precision)."""
+        return ranking_report.write_ranking_csv(path, self.rows)
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write ``ranking.json`` (settings, baseline, agreement, top rows, timings)."""
+        return ranking_report.write_ranking_json(path, self.summary)
+
+    def to_dataframe(self):
+        """The rows as a pandas DataFrame (needs pandas, which critnet does not depend on)."""
+        from critnet.ranking import RANKING_COLUMNS
+
+        return _dataframe(self.rows, RANKING_COLUMNS)
+
+    def title(self, level: int = 0) -> str:
+        """One line saying what was ranked: model, units, perturbation, images, score, split-half agreement."""
+        entry = self.levels[level]
+        return (f"{self.model_name} · {len(self.units)} {self.unit} units · {entry.perturbation.label} · "
+                f"{self.samples} images · score={self.score} · "
+                f"split-half Spearman {entry.split_half['spearman']:.3f}")
+
+    def plot_top_k(self, k: int | None = None, level: int = 0):
+        """A matplotlib figure: bars of the ``k`` most critical scores of one level."""
+        entry = self.levels[level]
+        return ranking_report.top_k_figure(entry.rows, self.top_k if k is None else k, self.score, self.title(level))
+
+    def plot_heatmap(self, level: int = 0):
+        """A matplotlib figure: channel scores by layer (rows) and channel (columns); None for tensor units."""
+        entry = self.levels[level]
+        return ranking_report.channel_heatmap_figure(entry.rows, self.score, self.title(level), self.layer_order)
+
+    @property
+    def layer_order(self) -> list[str]:
+        return list(dict.fromkeys(unit.layer for unit in self.units))
+
+    def print_table(self, k: int | None = None) -> None:
+        """Print every level's top ``k`` as a rich table."""
+        for index, entry in enumerate(self.levels):
+            count = min(self.top_k if k is None else k, len(entry.rows))
+            ranking_report.print_top_k(entry.rows, count, f"top {count} · {self.title(index)}")
+
+    def log_tensorboard(self, writer: Any, step: int = 0, prefix: str = "ranking") -> list[str]:
+        """Write the TensorBoard items of every level (see :func:`critnet.reporting.ranking.log_tensorboard`)."""
+        tags = []
+        for index, entry in enumerate(self.levels):
+            tag = prefix if len(self.levels) == 1 else f"{prefix}/{entry.perturbation.label}"
+            tags += ranking_report.log_tensorboard(
+                writer, entry.rows, baseline=self.baseline, agreement=entry.split_half, score=self.score,
+                top_k=self.top_k, prefix=tag, step=step, title=self.title(index), layer_order=self.layer_order)
+        return tags
+
+    def report(self, directory: str | Path, *, filename: str = "ranking", writer: Any = None, step: int = 0,
+               print_table: bool = True) -> tuple[Path, Path]:
+        """Everything the command line reports: ``<filename>.csv`` and ``.json`` in ``directory``, the console
+        tables, TensorBoard items when ``writer`` is given, and a closing line. Returns the two paths."""
+        directory = Path(directory)
+        csv_path = self.to_csv(directory / f"{filename}.csv")
+        json_path = self.to_json(directory / f"{filename}.json")
+        if print_table:
+            self.print_table()
+        for entry in self.levels:
+            if self.method == "hybrid" and entry.engine_agreement is not None:
+                console.print(ranking_report.hybrid_note(entry.engine_agreement))  # how far its top can be trusted
+        if writer is not None:
+            self.log_tensorboard(writer, step, filename)
+        console.print(
+            f"ranking: {len(self.units)} units × {len(self.levels)} level(s) on {self.samples} images in "
+            f"{self.elapsed_s:.1f} s on {self.devices} device(s) → {csv_path}, {json_path}"
+        )
+        return csv_path, json_path
+
+    _COLUMNS = ("rank", "unit", "score", "delta_loss", "top1", "top5")
+
+    def __repr__(self) -> str:
+        parts = []
+        for index, entry in enumerate(self.levels):
+            rows = [[row[c] for c in self._COLUMNS] for row in entry.rows[:_PREVIEW_ROWS]]
+            more = len(entry.rows) - len(rows)
+            parts.append(self.title(index) + "\n" + _text_table(self._COLUMNS, rows)
+                         + (f"\n… {more} more rows" if more > 0 else ""))
+        return "Ranking: " + "\n\n".join(parts)
+
+    def _repr_html_(self) -> str:
+        return "".join(
+            _html_table(self._COLUMNS, [[row[c] for c in self._COLUMNS] for row in entry.rows[:_PREVIEW_ROWS]],
+                        f"{self.title(index)} ({len(entry.rows)} rows)")
+            for index, entry in enumerate(self.levels)
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- sweeps
+
+#: What each kind of sweep groups its rows by, its CSV columns, the series and x axis of its figure.
+_SWEEP_SHAPES = {
+    "prune_sweep": (("method", "scope", "p_prune", "p_bern"), prune_report.SWEEP_COLUMNS, "p_bern", "ratio",
+                    "measured pruning ratio (% of selected weights)", ("method", "scope", "p_prune", "p_bern",
+                                                                       "nominal_ratio")),
+    "prune_guided": (("order", "channel_ratio"), prune_report.GUIDED_COLUMNS, "order", "channel_ratio",
+                     "output channels pruned (%)", ("order", "channel_ratio")),
+}
+
+
+@dataclass
+class Sweep:
+    """Evaluations of a model under a series of pruning settings: a DWP sweep (``kind="prune_sweep"``) or a
+    comparison of channel pruning orders (``kind="prune_guided"``).
+
+    Attributes:
+        rows: one dict per evaluated setting and draw (the CSV columns).
+        settings: rows grouped by setting, with mean and standard deviation over the draws.
+        info: the JSON record besides the settings (network, parameters, baseline, timings, …).
+        criticality: the ranking that ordered the channels (compare_orders computing one), else None.
+
+    >>> sweep = critnet.prune_sweep(model, data, p_prune=[0.1, 0.2])  # doctest: +SKIP
+    >>> sweep.plot()  # doctest: +SKIP
+    """
+
+    kind: str
+    title: str
+    rows: list[dict[str, Any]]
+    info: dict[str, Any]
+    criticality: Ranking | None = None
+    #: Order of the series in tables and figures (the guided orders as given).
+    series_order: list[str] = field(default_factory=list)
+
+    @property
+    def settings(self) -> list[dict[str, Any]]:
+        keys = _SWEEP_SHAPES[self.kind][0]
+        summary = prune_report.summarize(self.rows, keys)
+        if self.series_order:
+            summary = sorted(summary, key=lambda e: (e["channel_ratio"], self.series_order.index(e["order"])))
+        return summary
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        record = dict(self.info)
+        # the JSON keeps its historical key order: settings go before the trailing timing/restore fields
+        tail = {k: record.pop(k) for k in ("seconds", "weights_restored_bit_identical") if k in record}
+        record["settings"] = self.settings
+        record.update(tail)
+        return record
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write the rows (floats at full precision)."""
+        return prune_report.write_rows_csv(path, self.rows, _SWEEP_SHAPES[self.kind][1])
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the JSON record: parameters, baseline, per-setting mean ± std, timings."""
+        return prune_report.write_json_report(path, self.summary)
+
+    def to_markdown(self) -> str:
+        """The table of the original README (one row per setting, mean ± std over draws)."""
+        if self.kind == "prune_sweep":
+            return prune_report.markdown_table(prune_report.SWEEP_TABLE_COLUMNS,
+                                               prune_report.sweep_table_rows(self.settings))
+        return prune_report.markdown_table(prune_report.GUIDED_TABLE_COLUMNS,
+                                           prune_report.guided_table_rows(self.settings))
+
+    def to_dataframe(self):
+        """The rows as a pandas DataFrame (needs pandas, which critnet does not depend on)."""
+        return _dataframe(self.rows, _SWEEP_SHAPES[self.kind][1])
+
+    def plot(self):
+        """A matplotlib figure: top-1 and loss against the pruning ratio, one curve per series."""
+        _, _, series, x, label, _ = _SWEEP_SHAPES[self.kind]
+        return prune_report.curves_figure(self.settings, series, x, label, self.title)
+
+    def print_table(self) -> None:
+        if self.kind == "prune_sweep":
+            prune_report.print_sweep_table(self.title, self.settings)
+        else:
+            prune_report.print_guided_table(self.title, self.settings)
+
+    def report(self, directory: str | Path, *, writer: Any = None, print_table: bool = True) -> list[Path]:
+        """Everything the command line writes: ``<kind>.{csv,json,md,png}`` in ``directory`` (and
+        ``prune_criticality.csv`` when the channel order was ranked here), the console table and TensorBoard
+        items when ``writer`` is given. Returns the paths written."""
+        directory = Path(directory)
+        _, _, series, x, _, hparams = _SWEEP_SHAPES[self.kind]
+        paths = []
+        if self.criticality is not None:
+            path = directory / "prune_criticality.csv"
+            paths.append(write_criticality_csv(path, self.criticality))
+            self.info["criticality_source"] = str(path)
+        paths.append(self.to_csv(directory / f"{self.kind}.csv"))
+        markdown = self.to_markdown()
+        md_path = directory / f"{self.kind}.md"
+        md_path.write_text(f"{self.title}\n\n{markdown}")
+        paths.append(md_path)
+        paths.append(self.to_json(directory / f"{self.kind}.json"))
+        figure = self.plot()
+        paths.append(prune_report.save_figure(figure, directory / f"{self.kind}.png"))
+        if print_table:
+            self.print_table()
+        if writer is not None:
+            tag = f"prune_{self.info['method']}" if self.kind == "prune_sweep" else self.kind
+            prune_report.log_tensorboard(writer, tag, self.settings, x, series, figure, markdown, hparams)
+        return paths
+
+    def __repr__(self) -> str:
+        columns = (prune_report.SWEEP_TABLE_COLUMNS if self.kind == "prune_sweep"
+                   else prune_report.GUIDED_TABLE_COLUMNS)
+        rows = (prune_report.sweep_table_rows(self.settings) if self.kind == "prune_sweep"
+                else prune_report.guided_table_rows(self.settings))
+        return f"Sweep: {self.title}\n" + _text_table(columns, rows)
+
+    def _repr_html_(self) -> str:
+        columns = (prune_report.SWEEP_TABLE_COLUMNS if self.kind == "prune_sweep"
+                   else prune_report.GUIDED_TABLE_COLUMNS)
+        rows = (prune_report.sweep_table_rows(self.settings) if self.kind == "prune_sweep"
+                else prune_report.guided_table_rows(self.settings))
+        return _html_table(columns, rows, self.title)
+
+
+CRITICALITY_COLUMNS = ("unit", "layer", "index", "score", "loss", "top1", "top5", "samples")
+
+
+def write_criticality_csv(path: str | Path, ranking: Ranking) -> Path:
+    """The channel scores that ordered a guided comparison, one row per channel in model order."""
+    position = {unit.label: i for i, unit in enumerate(ranking.units)}
+    rows = sorted(ranking.levels[0].rows, key=lambda row: position[row["unit"]])
+    return prune_report.write_rows_csv(path, rows, CRITICALITY_COLUMNS)

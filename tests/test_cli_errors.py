@@ -1,0 +1,97 @@
+"""Bad settings of the analysis callbacks end in one line naming the flag (exit 2), and a ranking stopped by SIGTERM
+exits at once, says how to continue, and resumes to the numbers of an uninterrupted run — all through the real
+entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CIFAR_ROOT, REPO, RESNET20_WEIGHTS, requires_shared
+
+from critnet.cli import main
+
+pytestmark = requires_shared
+
+
+def cli_args(tmp_path: Path, preset: str, *extra: str, subset: int = 8) -> list[str]:
+    return ["validate", "-c", str(REPO / "configs/resnet20_cifar10.yaml"), "-c", str(REPO / "configs" / preset),
+            "--data.root", str(CIFAR_ROOT), "--model.weights", str(RESNET20_WEIGHTS),
+            "--data.subset_size", str(subset), "--data.subset_seed", "0", "--data.num_workers", "0",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false", *extra]
+
+
+RANKING = "--trainer.callbacks.init_args."
+
+
+@pytest.mark.parametrize("preset, flag, value, expected", [
+    ("rank_neurons.yaml", "unit", "neuron", "unit (CriticalRanking): 'neuron' is not one of tensor, channel, activation"),
+    ("rank_neurons.yaml", "perturbation", "shake", "perturbation (CriticalRanking): 'shake' is not one of add,"),
+    ("rank_neurons.yaml", "score", "accuracy", "score (CriticalRanking): 'accuracy' is not one of loss,"),
+    ("rank_neurons.yaml", "method", "fast", "method (CriticalRanking): 'fast' is not one of exact, naive,"),
+    ("rank_neurons.yaml", "taylor_order", "3", "taylor_order (CriticalRanking): '3' is not one of 1, 2"),
+    ("rank_neurons.yaml", "levels", "[nan]", "levels (CriticalRanking): 'nan' is not a finite number"),
+    ("rank_neurons.yaml", "levels", "[inf]", "levels (CriticalRanking): 'inf' is not a finite number"),
+    ("rank_neurons.yaml", "top_k", "0", "CriticalRanking: top_k: 0 is not an integer >= 1"),
+    ("prune_connections.yaml", "p_prune", "[1.5]", "PruneSweep: p_prune[0]: 1.5 is outside [0, 1]"),
+    ("prune_connections.yaml", "p_bern", "[0.5, -0.1]", "PruneSweep: p_bern[1]: -0.1 is outside [0, 1]"),
+    ("prune_connections.yaml", "method", "filters", "method (PruneSweep): 'filters' is not one of connections,"),
+    ("prune_guided.yaml", "guided_orders", "[size]", "guided_orders (PruneSweep): 'size' is not one of criticality,"),
+    ("prune_guided.yaml", "guided_ratios", "[2]", "PruneSweep: guided_ratios[0]: 2.0 is outside [0, 1]"),
+    ("prune_guided.yaml", "criticality_method", "taylor", "criticality_method (PruneSweep): 'taylor' is not one of"),
+])
+def test_a_bad_callback_setting_is_one_line_naming_it(tmp_path, capsys, preset, flag, value, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli_args(tmp_path, preset, f"{RANKING}{flag}={value}"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], err[-2000:]
+    assert "Traceback" not in err and "usage:" not in err
+    assert not list(tmp_path.rglob("*.csv"))
+
+
+def test_the_probe_through_analyze_py(tmp_path):
+    """The issue's probe, in a fresh process through analyze.py itself."""
+    result = subprocess.run([sys.executable, "analyze.py", *cli_args(tmp_path, "prune_connections.yaml",
+                                                                     f"{RANKING}p_prune=[1.5]")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: PruneSweep: p_prune[0]: 1.5 is outside [0, 1]"
+    assert "Traceback" not in result.stderr
+
+
+def test_sigterm_mid_ranking_stops_at_once_and_the_rerun_resumes(tmp_path):
+    args = cli_args(tmp_path / "stopped", "rank_neurons.yaml", f"{RANKING}resume=true", subset=32)
+    process = subprocess.Popen([sys.executable, "analyze.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    partial_dir = tmp_path / "stopped" / "ranking_partial"
+    deadline = time.monotonic() + 240
+    records = 0
+    while records < 5 and process.poll() is None and time.monotonic() < deadline:
+        files = list(partial_dir.glob("*.jsonl"))
+        records = len(files[0].read_text().splitlines()) if files else 0
+        time.sleep(0.01)
+    assert process.poll() is None, "the ranking ended before it could be interrupted"
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 10
+    assert process.returncode == 130
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: CriticalRanking was interrupted; its finished work is kept in")
+    assert last.endswith("run the same command again to continue where it stopped") and "Traceback" not in err
+    (partial,) = partial_dir.glob("*.jsonl")
+    kept = [json.loads(line) for line in partial.read_text().splitlines()]  # only whole records
+    assert 5 <= len(kept) < 698
+    assert not list((tmp_path / "stopped").rglob("ranking.csv"))
+
+    resumed = Path(main(args).trainer.log_dir) / "ranking.csv"
+    whole = Path(main(cli_args(tmp_path / "whole", "rank_neurons.yaml", subset=32)).trainer.log_dir) / "ranking.csv"
+    assert resumed.read_bytes() == whole.read_bytes()

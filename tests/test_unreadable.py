@@ -84,6 +84,16 @@ def test_predict_has_no_row_for_a_skipped_image(tmp_path, capsys):
     assert "skipped 2 unreadable image(s), not in predictions.csv" in capsys.readouterr().out
 
 
+def test_fit_counts_the_skipped_training_images(tmp_path, capsys):
+    cifar_tree(tmp_path / "data", "truncated", "text")
+    (tmp_path / "data/test").rename(tmp_path / "data/train")
+    cifar_tree(tmp_path / "data", "text")
+    main(["fit", *cli_args(tmp_path / "data", tmp_path / "out", 0, "--data.skip_unreadable", "true",
+                           "--data.batch_size", "4", "--trainer.max_epochs", "1")])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped")]
+    assert notes == ["skipped 2 unreadable training and 1 validation image(s) (--data.skip_unreadable)"]
+
+
 def test_analysis_loaders_skip_the_same_images_on_every_pass(tmp_path):
     bad = cifar_tree(tmp_path, "truncated", "text")
     dm = CIFAR10DataModule(str(tmp_path), batch_size=2, num_workers=0, skip_unreadable=True)

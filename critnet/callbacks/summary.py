@@ -17,8 +17,8 @@ class RunSummary(L.Callback):
 
     ``metrics.json`` holds ``top1``/``top5`` (percent), ``loss`` (mean cross-entropy), ``samples`` (images
     counted, each exactly once across devices), the model, the checkpoint's sha256, the data root, and the image
-    files left out as unreadable (``skipped_images``, a count, and ``skipped_paths``; see
-    ``--data.skip_unreadable``). ``predict`` writes ``predictions.csv``: one row per image of the evaluation split,
+    files of the evaluation split left out as unreadable (``skipped_images``, a count, and ``skipped_paths``; see
+    ``--data.skip_unreadable``; ``fit`` prints the training split's count at the end). ``predict`` writes ``predictions.csv``: one row per image of the evaluation split,
     in dataset order; an unreadable image left out has no row (``sample`` stays the index in the split).
 
     Args:
@@ -42,6 +42,17 @@ class RunSummary(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer, pl_module, "test")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "skipped_images"):
+            return
+        # metrics.json lists the validation split's; the training split's are only counted here
+        train = datamodule.skipped_images("train", gather=True)  # a collective under DDP
+        val = _skipped_images(trainer, gather=True)
+        if (train or val) and trainer.is_global_zero:
+            print(f"skipped {len(train)} unreadable training and {len(val)} validation image(s) "
+                  "(--data.skip_unreadable)")
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._predictions: list[dict[str, torch.Tensor]] = []

@@ -149,7 +149,7 @@ class ReadingDataLoader(DataLoader):
         self.unreadable = unreadable
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        # pin_memory turns the (batch, unreadable) tuple into a list; unpacking takes either.
+        # Unpacking, not indexing: pin_memory rebuilds the (batch, unreadable) pair (as a list in older torch).
         for batch, unreadable in super().__iter__():
             self.unreadable.add(unreadable)
             if batch is not None:

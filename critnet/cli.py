@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from critnet.callbacks.summary import RunSummary
 from critnet.data import ClassificationDataModule
-from critnet.errors import CritnetError, Interrupted
+from critnet.errors import CritnetError, Interrupted, one_line
 from critnet.module import ClassifierModule
 
 
@@ -138,7 +138,7 @@ def _run_reporting_errors(cli_class: type[CritnetCLI], args: Sequence[str] | Non
         return _run(cli_class, args)
     except CritnetError as err:
         # Bad input is the user's to fix: one line naming the flag or file, not a traceback.
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from err
     except Interrupted as stop:
         print(f"interrupted: {stop}", file=sys.stderr)

@@ -13,3 +13,21 @@ class Interrupted(Exception):
 
     Not a :class:`CritnetError`: nothing was wrong with the input, and the command line exits with status 130.
     """
+
+
+def one_line(err: CritnetError) -> str:
+    """The message of ``err`` as the user should see it.
+
+    An error raised in a DataLoader worker reaches the main process re-raised by torch's ``ExceptionWrapper``
+    with the same class but the worker's whole traceback as its message ("Caught X in DataLoader worker
+    process 0. Original Traceback ..."); its last line ``module.X: message`` holds the original message.
+    """
+    message = str(err)
+    if "\nOriginal Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    cls = type(err)
+    for prefix in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last

@@ -93,6 +93,9 @@ class Ranking:
     checkpoint_sha256: str | None = None
     #: What ran the analysis (``validate`` or ``fit`` from the callback; None from Python).
     stage: str | None = None
+    #: Image files the data source left out as unreadable (recorded when the source can tell, e.g. a critnet
+    #: datamodule with ``skip_unreadable``); None when unknown.
+    skipped_paths: list[str] | None = None
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -127,7 +130,7 @@ class Ranking:
                 "top": [{k: row[k] for k in ("rank", "unit", "score", "loss", "delta_loss", "top1", "top5")}
                         for row in rows[: self.top_k]],
             })
-        return {
+        record = {
             "stage": self.stage,
             "model": self.model_name,
             "checkpoint_sha256": self.checkpoint_sha256,
@@ -142,6 +145,9 @@ class Ranking:
             "read_s": round(self.read_s, 3),
             "elapsed_s": round(self.elapsed_s, 3),
         }
+        if self.skipped_paths is not None:
+            record.update(skipped_images=len(self.skipped_paths), skipped_paths=list(self.skipped_paths))
+        return record
 
     def to_csv(self, path: str | Path) -> Path:
         """Write ``ranking.csv`` (floats at full precision)."""

@@ -125,3 +125,12 @@ def test_an_error_raised_in_a_loader_worker_reports_its_own_message(tmp_path):
         list(DataLoader(dataset, batch_size=12, num_workers=1))
     assert "Traceback" in str(raised.value)
     assert one_line(raised.value) == f"cannot read image {bad}: not an image in a format PIL can read"
+
+
+def test_the_analysis_json_files_list_the_skipped_images(tmp_path):
+    bad = cifar_tree(tmp_path / "data", "truncated", "text")
+    for preset, name in (("rank_seed.yaml", "ranking.json"), ("prune_neurons.yaml", "prune_sweep.json")):
+        cli = main(["validate", *cli_args(tmp_path / "data", tmp_path / preset, 0, "-c", str(REPO / "configs" / preset),
+                                          "--data.skip_unreadable", "true")])
+        record = json.loads((Path(cli.trainer.log_dir) / name).read_text())
+        assert record["skipped_images"] == 2 and record["skipped_paths"] == sorted(map(str, bad.values()))

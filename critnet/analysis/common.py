@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,14 +29,3 @@ def progress_bar(progress: Any, label: str, distributed: Distributed, *, total: 
     running = progress if hasattr(progress, "add_task") else None
     return AnalysisProgress(label, bool(progress) and distributed.is_lead, total=total, step_name=step_name,
                             running=running)
-
-
-@contextlib.contextmanager
-def stopwatch() -> Iterator[list[float]]:
-    """Seconds spent in the ``with`` block, as ``elapsed[0]`` once it ends."""
-    elapsed = [0.0]
-    started = time.perf_counter()
-    try:
-        yield elapsed
-    finally:
-        elapsed[0] = time.perf_counter() - started

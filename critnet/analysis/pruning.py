@@ -126,6 +126,33 @@ class _MaskEvaluation:
             raise RuntimeError("pruning: the model's weights changed during the sweep")
 
 
+def check_sweep_settings(method: str, scope: str, p_prune: Any, p_bern: Any, repeats: int, seed: int
+                         ) -> tuple[list[float], list[float]]:
+    """The settings of :func:`prune_sweep`, checked (one-line :class:`~critnet.choices.SettingError` naming the
+    key otherwise); returns the checked p_prune and p_bern lists."""
+    check_choice("method", method, PRUNE_METHODS)
+    check_choice("scope", scope, PRUNE_SCOPES)
+    check_positive_int("repeats", repeats)
+    check_positive_int("seed", seed, minimum=0)
+    return check_fractions("p_prune", p_prune), check_fractions("p_bern", p_bern)
+
+
+def check_order_settings(orders: Sequence[str], ratios: Any, criticality_score: str, criticality_method: str,
+                         repeats: int, seed: int, prefix: str = "") -> tuple[list[str], list[float]]:
+    """The settings of :func:`compare_orders`, checked; returns the distinct orders and the checked ratios.
+    ``prefix`` is put before the names ``orders`` and ``ratios`` in messages (the callback's keys are
+    ``guided_orders`` and ``guided_ratios``)."""
+    orders = list(dict.fromkeys(check_choice(f"{prefix}orders[{i}]", o, CHANNEL_ORDERS)
+                                for i, o in enumerate(orders)))
+    if not orders:
+        raise SettingError(f"{prefix}orders: must list at least one of {', '.join(CHANNEL_ORDERS)}")
+    check_choice("criticality_score", criticality_score, SCORES)
+    check_choice("criticality_method", criticality_method, CRITICALITY_METHODS)
+    check_positive_int("repeats", repeats)
+    check_positive_int("seed", seed, minimum=0)
+    return orders, check_fractions(f"{prefix}ratios", ratios)
+
+
 def _evaluation(model, data, distributed, sharded, forward_context, resume_dir, precision, device, memory_budget_mb):
     distributed = distributed or Distributed.single()
     return distributed, _MaskEvaluation(model, data, distributed=distributed, sharded=sharded,
@@ -191,12 +218,7 @@ def prune_sweep(
     >>> [round(row["ratio"], 2) for row in sweep.rows]
     [0.0, 0.5]
     """
-    check_choice("method", method, PRUNE_METHODS)
-    check_choice("scope", scope, PRUNE_SCOPES)
-    p_prune = check_fractions("p_prune", p_prune)
-    p_bern = check_fractions("p_bern", p_bern)
-    check_positive_int("repeats", repeats)
-    check_positive_int("seed", seed, minimum=0)
+    p_prune, p_bern = check_sweep_settings(method, scope, p_prune, p_bern, repeats, seed)
     started = time.perf_counter()
     distributed, evaluate = _evaluation(model, data, distributed, sharded, forward_context, resume_dir, precision,
                                         device, memory_budget_mb)
@@ -314,14 +336,7 @@ def compare_orders(
     >>> [row["order"] for row in sweep.rows]
     ['l1', 'random']
     """
-    orders = list(dict.fromkeys(check_choice(f"orders[{i}]", o, CHANNEL_ORDERS) for i, o in enumerate(orders)))
-    if not orders:
-        raise SettingError(f"orders: must list at least one of {', '.join(CHANNEL_ORDERS)}")
-    ratios = check_fractions("ratios", ratios)
-    check_choice("criticality_score", criticality_score, SCORES)
-    check_choice("criticality_method", criticality_method, CRITICALITY_METHODS)
-    check_positive_int("repeats", repeats)
-    check_positive_int("seed", seed, minimum=0)
+    orders, ratios = check_order_settings(orders, ratios, criticality_score, criticality_method, repeats, seed)
     started = time.perf_counter()
     network = model_name(model, name)
     distributed = distributed or Distributed.single()

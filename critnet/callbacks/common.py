@@ -52,6 +52,12 @@ class AnalysisCallback(L.Callback):
         return datamodule
 
     @staticmethod
+    def skipped_images(trainer: L.Trainer) -> list[str]:
+        """The evaluation images left out as unreadable, over all ranks (a collective: every rank calls it)."""
+        datamodule = trainer.datamodule
+        return datamodule.skipped_images(gather=True) if hasattr(datamodule, "skipped_images") else []
+
+    @staticmethod
     def lightning_bar(trainer: L.Trainer) -> Any:
         """Lightning's live rich progress display, which the analysis's bar joins (rich allows one at a time)."""
         return getattr(trainer.progress_bar_callback, "progress", None)

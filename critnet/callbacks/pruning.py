@@ -10,15 +10,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from critnet.analysis.pruning import compare_orders, prune_sweep
+from critnet.analysis.pruning import check_order_settings, check_sweep_settings, compare_orders, prune_sweep
 from critnet.callbacks.common import AnalysisCallback, network_of
 from critnet.choices import (
-    CHANNEL_ORDERS,
-    CRITICALITY_METHODS,
     CRITICALITY_SPLITS,
-    PRUNE_METHODS,
-    PRUNE_SCOPES,
-    SCORES,
     ChannelOrder,
     CriticalityMethod,
     CriticalitySplit,
@@ -27,7 +22,6 @@ from critnet.choices import (
     Score,
     SettingError,
     check_choice,
-    check_fractions,
     check_positive_int,
 )
 from critnet.distributed import Distributed
@@ -124,17 +118,12 @@ class PruneSweep(AnalysisCallback):
     def check_settings(self) -> None:
         """One-line :class:`~critnet.choices.SettingError` naming the key of any bad setting."""
         with self.named("PruneSweep"):
-            check_choice("method", self.method, PRUNE_METHODS)
-            check_choice("scope", self.scope, PRUNE_SCOPES)
-            self.p_prune = check_fractions("p_prune", self.p_prune)
-            self.p_bern = check_fractions("p_bern", self.p_bern)
-            self.guided_ratios = check_fractions("guided_ratios", self.guided_ratios)
-            check_positive_int("repeats", self.repeats)
-            check_positive_int("seed", self.seed, minimum=0)
-            for i, order in enumerate(self.guided_orders):
-                check_choice(f"guided_orders[{i}]", order, CHANNEL_ORDERS)
-            check_choice("criticality_score", self.criticality_score, SCORES)
-            check_choice("criticality_method", self.criticality_method, CRITICALITY_METHODS)
+            self.p_prune, self.p_bern = check_sweep_settings(self.method, self.scope, self.p_prune, self.p_bern,
+                                                             self.repeats, self.seed)
+            if self.guided_orders:
+                _, self.guided_ratios = check_order_settings(
+                    self.guided_orders, self.guided_ratios, self.criticality_score, self.criticality_method,
+                    self.repeats, self.seed, prefix="guided_")
             check_choice("criticality_split", self.criticality_split, CRITICALITY_SPLITS)
             check_positive_int("criticality_samples", self.criticality_samples, allow_none=True)
             if self.criticality_csv is not None and not Path(self.criticality_csv).is_file():
@@ -179,6 +168,10 @@ class PruneSweep(AnalysisCallback):
                     criticality_score=self.criticality_score, criticality_method=self.criticality_method, **shared)
                 if self.guided.criticality is not None:
                     self.guided.info["criticality_split"] = self.criticality_split
+        skipped = self.skipped_images(trainer)
+        for sweep in (self.sweep, self.guided):
+            if sweep is not None:
+                sweep.info.update(skipped_images=len(skipped), skipped_paths=skipped)
         if trainer.is_global_zero:
             writer = tensorboard_experiment(trainer)
             for sweep in (self.sweep, self.guided):

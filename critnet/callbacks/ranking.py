@@ -152,6 +152,7 @@ class CriticalRanking(AnalysisCallback):
                 name=getattr(pl_module, "arch", None), num_batches=self.num_batches,
             )
         ranking.stage = stage
+        ranking.skipped_paths = self.skipped_images(trainer)
         if trainer.is_global_zero:
             ranking.report(Path(log_dir or trainer.default_root_dir), filename=self.filename,
                            writer=tensorboard_experiment(trainer), step=trainer.global_step,

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-UNIT_KINDS = ("tensor", "channel", "activation")
-PERTURBATION_KINDS = ("add", "scale", "noise", "zero", "sign_flip", "bitflip", "prune")
+from critnet.choices import LEVELLESS, PERTURBATION_KINDS, UNIT_KINDS, SettingError
+
 
 _DEFAULT_INCLUDE = {"tensor": ("weight",), "channel": ("weight",), "activation": None}
 _DEFAULT_MODULE_TYPES = {"tensor": None, "channel": ("Conv2d", "Linear"), "activation": ("Conv2d", "Linear")}
@@ -48,9 +48,9 @@ class Unit:
 
     def __post_init__(self) -> None:
         if self.kind not in UNIT_KINDS:
-            raise ValueError(f"unit kind {self.kind!r} is not one of {', '.join(UNIT_KINDS)}")
+            raise SettingError(f"unit kind {self.kind!r} is not one of {', '.join(UNIT_KINDS)}")
         if (self.kind == "tensor") != (self.index is None):
-            raise ValueError(f"a {self.kind} unit needs {'no index' if self.kind == 'tensor' else 'an index'}: {self!r}")
+            raise SettingError(f"a {self.kind} unit needs {'no index' if self.kind == 'tensor' else 'an index'}: {self!r}")
 
     @property
     def label(self) -> str:
@@ -73,7 +73,7 @@ def _compile(patterns: Sequence[str] | None, option: str) -> list[re.Pattern[str
         try:
             compiled.append(re.compile(pattern))
         except re.error as err:
-            raise ValueError(f"{option}: {pattern!r} is not a valid regular expression ({err})") from None
+            raise SettingError(f"{option}: {pattern!r} is not a valid regular expression ({err})") from None
     return compiled
 
 
@@ -91,7 +91,7 @@ def _check_module_types(model: nn.Module, module_types: Sequence[str] | None) ->
     present = {type(m).__name__ for m in model.modules()}
     for type_name in module_types:
         if type_name not in present and not isinstance(getattr(nn, type_name, None), type):
-            raise ValueError(
+            raise SettingError(
                 f"module_types: {type_name!r} is neither a torch.nn module class nor a module type in this model "
                 f"(present: {', '.join(sorted(present))})"
             )
@@ -107,7 +107,7 @@ def _activation_channels(name: str, module: nn.Module, example_input: torch.Tens
         value = getattr(module, attribute, None)
         if isinstance(value, int):
             return value
-    raise ValueError(
+    raise SettingError(
         f"activation units: cannot tell how many output channels module {name!r} ({type(module).__name__}) has; "
         "pass example_input or restrict module_types to modules with out_channels/out_features/num_features"
     )
@@ -121,7 +121,7 @@ def _probe_activation_channels(model: nn.Module, names: list[str], example_input
     def recorder(name: str):
         def hook(_module, _inputs, output):
             if not isinstance(output, torch.Tensor) or output.dim() < 2:
-                raise ValueError(f"activation units: module {name!r} does not output a (batch, channel, ...) tensor")
+                raise SettingError(f"activation units: module {name!r} does not output a (batch, channel, ...) tensor")
             channels[name] = output.shape[1]
 
         return hook
@@ -136,7 +136,7 @@ def _probe_activation_channels(model: nn.Module, names: list[str], example_input
             handle.remove()
     missing = [n for n in names if n not in channels]
     if missing:
-        raise ValueError(f"activation units: modules {missing} are not called in the model's forward pass")
+        raise SettingError(f"activation units: modules {missing} are not called in the model's forward pass")
     return channels
 
 
@@ -166,7 +166,7 @@ def select_units(
         ValueError: unknown kind or module type, an invalid regular expression, or an empty selection.
     """
     if kind not in UNIT_KINDS:
-        raise ValueError(f"kind: {kind!r} is not one of {', '.join(UNIT_KINDS)}")
+        raise SettingError(f"kind: {kind!r} is not one of {', '.join(UNIT_KINDS)}")
     include_patterns = _compile(include if include is not None else _DEFAULT_INCLUDE[kind], "include")
     exclude_patterns = _compile(list(exclude or ()), "exclude") or []
     types = _check_module_types(model, module_types if module_types is not None else _DEFAULT_MODULE_TYPES[kind])
@@ -206,7 +206,7 @@ def select_units(
             units.extend(Unit("activation", name, c) for c in range(declared[name]))
 
     if not units:
-        raise ValueError(
+        raise SettingError(
             f"the selection is empty: kind={kind!r}, include={include!r}, exclude={list(exclude or ())!r}, "
             f"module_types={module_types!r} match no {'module' if kind == 'activation' else 'parameter'} of "
             f"{type(model).__name__}"
@@ -247,21 +247,21 @@ class Perturbation:
 
     def __post_init__(self) -> None:
         if self.kind not in PERTURBATION_KINDS:
-            raise ValueError(f"perturbation: {self.kind!r} is not one of {', '.join(PERTURBATION_KINDS)}")
+            raise SettingError(f"perturbation: {self.kind!r} is not one of {', '.join(PERTURBATION_KINDS)}")
         if not math.isfinite(float(self.level)):
-            raise ValueError(f"level: {self.level!r} is not a finite number")
+            raise SettingError(f"level: {self.level!r} is not a finite number")
         if self.kind == "bitflip" and (float(self.level) != int(self.level) or not 0 <= int(self.level) <= 31):
-            raise ValueError(f"level: bitflip needs a bit index 0..31 of a float32 value, got {self.level!r}")
+            raise SettingError(f"level: bitflip needs a bit index 0..31 of a float32 value, got {self.level!r}")
         if self.kind == "prune" and not 0.0 <= float(self.level) <= 1.0:
-            raise ValueError(f"level: prune needs a fraction in [0, 1], got {self.level!r}")
+            raise SettingError(f"level: prune needs a fraction in [0, 1], got {self.level!r}")
         if self.kind == "noise" and float(self.level) < 0:
-            raise ValueError(f"level: noise needs a non-negative standard deviation, got {self.level!r}")
+            raise SettingError(f"level: noise needs a non-negative standard deviation, got {self.level!r}")
         if self.relative and self.kind != "noise":
-            raise ValueError(f"relative: only the noise perturbation has a relative form, not {self.kind!r}")
+            raise SettingError(f"relative: only the noise perturbation has a relative form, not {self.kind!r}")
 
     @property
     def label(self) -> str:
-        if self.kind in ("zero", "sign_flip"):
+        if self.kind in LEVELLESS:
             return self.kind
         if self.kind == "bitflip":
             return f"bitflip({int(self.level)})"
@@ -273,7 +273,7 @@ class Perturbation:
         """Raise ValueError if this perturbation is not defined for units of ``kind``."""
         if kind == "activation" and self.kind == "noise" and self.relative:
             # The standard deviation of an activation depends on which samples share a batch; a ranking must not.
-            raise ValueError("relative: relative noise is defined for weight units (tensor, channel), not activations")
+            raise SettingError("relative: relative noise is defined for weight units (tensor, channel), not activations")
 
     def apply(self, values: torch.Tensor, unit: Unit) -> torch.Tensor:
         """The perturbed copy of ``values`` (the unit's values; for activation units ``output[:, index]``, batch first).
@@ -292,7 +292,7 @@ class Perturbation:
             return -values
         if kind == "bitflip":
             if values.dtype != torch.float32:
-                raise ValueError(f"bitflip: unit {unit.label} holds {values.dtype}, bitflip is defined for float32")
+                raise SettingError(f"bitflip: unit {unit.label} holds {values.dtype}, bitflip is defined for float32")
             bit = int(self.level)
             mask = torch.tensor(-(1 << 31) if bit == 31 else 1 << bit, dtype=torch.int32, device=values.device)
             return torch.bitwise_xor(values.contiguous().view(torch.int32), mask).view(torch.float32)
@@ -328,13 +328,13 @@ def _prune_rows(rows: torch.Tensor, fraction: float) -> torch.Tensor:
 def resolve_parameter(model: nn.Module, unit: Unit) -> nn.Parameter:
     """The parameter a tensor or channel unit lives in; ValueError naming the unit if the model has none."""
     if unit.kind == "activation":
-        raise ValueError(f"unit {unit.label} is an activation unit, it has no parameter")
+        raise SettingError(f"unit {unit.label} is an activation unit, it has no parameter")
     params = dict(model.named_parameters())
     if unit.name not in params:
-        raise ValueError(f"unit {unit.label}: the model has no parameter named {unit.name!r}")
+        raise SettingError(f"unit {unit.label}: the model has no parameter named {unit.name!r}")
     param = params[unit.name]
     if unit.index is not None and not 0 <= unit.index < (param.shape[0] if param.dim() else 0):
-        raise ValueError(f"unit {unit.label}: index out of range for a parameter of shape {tuple(param.shape)}")
+        raise SettingError(f"unit {unit.label}: index out of range for a parameter of shape {tuple(param.shape)}")
     return param
 
 
@@ -342,7 +342,7 @@ def resolve_module(model: nn.Module, unit: Unit) -> nn.Module:
     """The module an activation unit lives in; ValueError naming the unit if the model has none."""
     modules = dict(model.named_modules())
     if unit.kind != "activation" or unit.name not in modules:
-        raise ValueError(f"unit {unit.label}: the model has no module named {unit.name!r}")
+        raise SettingError(f"unit {unit.label}: the model has no module named {unit.name!r}")
     return modules[unit.name]
 
 
@@ -365,7 +365,7 @@ def perturbed(model: nn.Module, unit: Unit, perturbation: Perturbation) -> Itera
 
         def hook(_module, _inputs, output):
             if not isinstance(output, torch.Tensor) or output.dim() < 2 or index >= output.shape[1]:
-                raise ValueError(f"unit {unit.label}: module output has no channel {index}")
+                raise SettingError(f"unit {unit.label}: module output has no channel {index}")
             output = output.clone()
             output[:, index] = perturbation.apply(output[:, index], unit)
             return output

@@ -34,7 +34,7 @@ from critnet.engine.taylor import estimate_outcome, taylor_estimates
 from critnet.engine.tallying import TallyPair, in_first_half, sum_halves
 from critnet.engine.sharding import assign, gather_outcomes
 from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
-from critnet.choices import METHODS, SCORES, TAYLOR_ORDERS, check_choice, check_positive_int
+from critnet.choices import METHODS, SCORES, TAYLOR_ORDERS, SettingError, check_choice, check_positive_int
 from critnet.evaluation import evaluation_mode, sample_pass, tally_pass
 from critnet.scoring import Tally, UnitOutcome, criticality_key, per_sample_criticality, score_of
 
@@ -128,13 +128,13 @@ class _Run:
 def _check_units(model: nn.Module, units: Sequence[Unit], perturbation: Perturbation) -> list[Unit]:
     units = list(units)
     if not units:
-        raise ValueError("units: no units to evaluate")
+        raise SettingError("units: no units to evaluate")
     seen: set[Unit] = set()
     for unit in units:
         if not isinstance(unit, Unit):
-            raise ValueError(f"units: {unit!r} is not a critnet.perturb.Unit")
+            raise SettingError(f"units: {unit!r} is not a critnet.perturb.Unit")
         if unit in seen:
-            raise ValueError(f"units: {unit.label} appears twice")
+            raise SettingError(f"units: {unit.label} appears twice")
         seen.add(unit)
         perturbation.check_unit_kind(unit.kind)
         if unit.kind == "activation":

@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from critnet.choices import TAYLOR_ORDERS, check_choice
 from critnet.engine.data import EvaluationSet
 from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
 from critnet.scoring import Tally, UnitOutcome
 
 
-TAYLOR_ORDERS = (1, 2)
 
 
 def taylor_estimates(
@@ -42,8 +42,7 @@ def taylor_estimates(
     Gradients are taken with ``torch.autograd.grad``, so no ``.grad`` attribute and no ``requires_grad`` flag of the
     model is left changed.
     """
-    if order not in TAYLOR_ORDERS:
-        raise ValueError(f"taylor_order: must be 1 or 2, got {order!r}")
+    check_choice("taylor_order", order, TAYLOR_ORDERS)
     param_units = [u for u in units if u.kind != "activation"]
     act_units = [u for u in units if u.kind == "activation"]
     names = sorted({u.name for u in param_units})

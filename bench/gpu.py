@@ -18,7 +18,10 @@ d. projection: all channel units of ResNet50 × 10,000 images on 1 and 8 GPUs fr
 
 Writes ``gpu_report.json`` to ``--out`` and prints a table; the last line is machine-readable:
 
-    gpu_exact_identical=<true|false> validate_img_s=<x> exact_unit_images_per_s=<y> projected_hours_8gpu=<z>
+    gpu_exact_identical=<true|false> gpu_bit_identical=<true|false> validate_img_s=<x> exact_unit_images_per_s=<y>
+    projected_hours_8gpu=<z>
+
+(gpu_exact_identical: every check of part a passed; gpu_bit_identical: the losses also equal bit for bit.)
 
 Usage: python bench/gpu.py [--out DIR] [--smoke] [--device cuda] [--workers 8] [--resnet20-dir .gpu_data]
 Runs on torch >= 2.1 (the GPU machine has torch 2.11); no jsonargparse or Lightning needed.
@@ -678,7 +681,9 @@ def last_line(report: dict) -> str:
     pr = report.get("projection", {})
     rate = en.get("methods", {}).get("exact", {}).get("unit_images_per_s")
     hours = pr.get("hours", {}).get("8gpu", {}).get("exact")
-    return (f"gpu_exact_identical={fmt(bool(ex.get('passed')))} "
+    # gpu_exact_identical: identical top-1/top-5 counts, loss within REL_TOL, deterministic, TF32 off (all checks);
+    # gpu_bit_identical: the losses equal bit for bit as well
+    return (f"gpu_exact_identical={fmt(bool(ex.get('passed')))} gpu_bit_identical={fmt(bool(ex.get('bit_identical')))} "
             f"validate_img_s={fmt(report.get('validate', {}).get('validate_img_s'), 1).replace(',', '')} "
             f"exact_unit_images_per_s={fmt(rate, 1).replace(',', '')} "
             f"projected_hours_8gpu={fmt(hours, 3).replace(',', '')}")

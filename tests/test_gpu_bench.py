@@ -35,9 +35,9 @@ def test_smoke_report(gpu_bench, tmp_path, capsys):
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     last = capsys.readouterr().out.strip().splitlines()[-1]
     fields = dict(item.split("=") for item in last.split())
-    assert sorted(fields) == ["exact_unit_images_per_s", "gpu_exact_identical", "projected_hours_8gpu",
-                              "validate_img_s"]
-    assert fields["gpu_exact_identical"] == "true" and last == report["last_line"]
+    assert sorted(fields) == ["exact_unit_images_per_s", "gpu_bit_identical", "gpu_exact_identical",
+                              "projected_hours_8gpu", "validate_img_s"]
+    assert fields["gpu_exact_identical"] == fields["gpu_bit_identical"] == "true" and last == report["last_line"]
     for key in ("validate_img_s", "exact_unit_images_per_s", "projected_hours_8gpu"):
         assert float(fields[key]) > 0
 

@@ -407,7 +407,15 @@ def part_validate(args, sizes, device) -> dict:
                             plain_loop(model, batches[:1], device, ctx, channels_last)
                             pe = [n / timed(lambda: plain_loop(model, batches, device, ctx, channels_last),
                                             device)[0] for _ in range(args.repeats)]
+                    # how much of evaluate's time is building the evaluation set (which hashes every input
+                    # tensor on the CPU for its checksum, also when nothing uses it)
+                    from critnet.engine.data import EvaluationSet
+
+                    set_s = min(timed(lambda: EvaluationSet.from_batches(batches, device=device), device)[0]
+                                for _ in range(args.repeats))
                     config["tensors"] = {"evaluate_img_s": max(ev), "plain_img_s": max(pl),
+                                         "evaluation_set_s": set_s,
+                                         "evaluate_without_set_img_s": n / max(n / max(ev) - set_s, 1e-9),
                                          "plain_exact_flags_img_s": max(pe, default=None),
                                          "runs": {"evaluate": ev, "plain": pl, "plain_exact_flags": pe}}
                     # (ii) through the DataLoader: critnet.evaluate reads all batches (held on the device), then
@@ -625,7 +633,8 @@ def table_rows(report: dict) -> list[tuple[str, str, str]]:
             continue
         t, j = c["tensors"], c["jpeg"]
         rows.append(("b. validate", f"{name}, tensors on device",
-                     f"evaluate {fmt(t['evaluate_img_s'], 0)} img/s; plain {fmt(t['plain_img_s'], 0)} "
+                     f"evaluate {fmt(t['evaluate_img_s'], 0)} img/s (building the set {fmt(t['evaluation_set_s'], 3)}"
+                     f" s; without it {fmt(t['evaluate_without_set_img_s'], 0)}); plain {fmt(t['plain_img_s'], 0)} "
                      f"(exact flags {fmt(t['plain_exact_flags_img_s'], 0)})"))
         rows.append(("b. validate", f"{name}, JPEG DataLoader ({va['jpeg']['workers']} workers)",
                      f"evaluate {fmt(j['evaluate_img_s'], 0)} img/s; plain {fmt(j['plain_img_s'], 0)}"))

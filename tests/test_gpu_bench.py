@@ -65,6 +65,7 @@ def test_smoke_report(gpu_bench, tmp_path, capsys):
         assert "error" not in config, config.get("traceback")
         assert config["tensors"]["evaluate_img_s"] > 0 and config["tensors"]["plain_img_s"] > 0
         assert config["tensors"]["plain_exact_flags_img_s"] is None  # measured on CUDA only
+        assert config["tensors"]["evaluation_set_s"] > 0 and config["tensors"]["evaluate_without_set_img_s"] > 0
         assert config["jpeg"]["evaluate_img_s"] > 0 and config["jpeg"]["plain_img_s"] > 0
 
     # c. the engine: rates of the three methods, halving's stages, budgets and stacking

@@ -255,14 +255,15 @@ def check_model(model, batches, device, channel_units: int, tensor_units: int, b
 
 def part_exactness(args, sizes, device) -> dict:
     report: dict = {"rel_tol": REL_TOL}
+    random_key = f"{sizes['arch']}_random"  # random weights, random inputs; resnet20_shared: the shared checkpoint
     try:
         model = critnet.load_model(sizes["arch"])
         batches = random_batches(sizes["exact_images"], sizes["batch"], sizes["size"], classes(model), seed=0)
-        report[sizes["arch"]] = {"input": sizes["size"], **check_model(
+        report[random_key] = {"input": sizes["size"], **check_model(
             model, batches, device, sizes["exact_channel_units"], sizes["exact_tensor_units"], args.memory_budget_mb)}
         del model
     except Exception as err:  # noqa: BLE001
-        report[sizes["arch"]] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+        report[random_key] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
     root = Path(args.resnet20_dir) if args.resnet20_dir else None
     if root is None:
         for candidate in (REPO / ".gpu_data", REPO.parent / "shared"):
@@ -270,7 +271,7 @@ def part_exactness(args, sizes, device) -> dict:
                 root = candidate
                 break
     if root is None or not (root / "checkpoints" / "cifar10" / RESNET20_CHECKPOINT).exists():
-        report["resnet20"] = {"skipped": f"no {RESNET20_CHECKPOINT} under .gpu_data or ../shared "
+        report["resnet20_shared"] = {"skipped": f"no {RESNET20_CHECKPOINT} under .gpu_data or ../shared "
                                          "(run bench/gpu_prepare.sh)"}
     else:
         try:
@@ -283,15 +284,15 @@ def part_exactness(args, sizes, device) -> dict:
             subset = torch.utils.data.Subset(test, list(range(0, len(test), step))[:n])
             batches = list(torch.utils.data.DataLoader(subset, batch_size=128 if not args.smoke else 8))
             model = critnet.load_model("resnet20", str(root / "checkpoints" / "cifar10" / RESNET20_CHECKPOINT))
-            report["resnet20"] = {"root": str(root), **check_model(
+            report["resnet20_shared"] = {"root": str(root), **check_model(
                 model, batches, device, sizes["r20_channel_units"], sizes["r20_tensor_units"], args.memory_budget_mb)}
         except Exception as err:  # noqa: BLE001
-            report["resnet20"] = {"error": f"{type(err).__name__}: {err}",
+            report["resnet20_shared"] = {"error": f"{type(err).__name__}: {err}",
                                   "traceback": traceback.format_exc()[-3000:]}
-    checked = [report[k][kind] for k in (sizes["arch"], "resnet20") if isinstance(report.get(k), dict)
+    checked = [report[k][kind] for k in (random_key, "resnet20_shared") if isinstance(report.get(k), dict)
                for kind in ("channel", "tensor") if kind in report[k]]
-    report["passed"] = bool(checked) and all(c["passed"] for c in checked) and "error" not in report[sizes["arch"]] \
-        and "error" not in report.get("resnet20", {})
+    report["passed"] = bool(checked) and all(c["passed"] for c in checked) and "error" not in report[random_key] \
+        and "error" not in report.get("resnet20_shared", {})
     report["bit_identical"] = bool(checked) and all(c["bit_identical"] for c in checked)
     report["max_abs_dloss"] = max((c["max_abs_dloss"] for c in checked), default=None)
     return report
@@ -688,14 +689,17 @@ def last_line(report: dict) -> str:
     ex = report.get("exactness", {})
     en = report.get("engine", {})
     pr = report.get("projection", {})
-    rate = en.get("methods", {}).get("exact", {}).get("unit_images_per_s")
+    rate = pr.get("exact_rate_used") or en.get("methods", {}).get("exact", {}).get("unit_images_per_s")
     hours = pr.get("hours", {}).get("8gpu", {}).get("exact")
+
+    def number(value, digits):
+        return "nan" if value is None else f"{value:.{digits}f}"
+
     # gpu_exact_identical: identical top-1/top-5 counts, loss within REL_TOL, deterministic, TF32 off (all checks);
     # gpu_bit_identical: the losses equal bit for bit as well
     return (f"gpu_exact_identical={fmt(bool(ex.get('passed')))} gpu_bit_identical={fmt(bool(ex.get('bit_identical')))} "
-            f"validate_img_s={fmt(report.get('validate', {}).get('validate_img_s'), 1).replace(',', '')} "
-            f"exact_unit_images_per_s={fmt(rate, 1).replace(',', '')} "
-            f"projected_hours_8gpu={fmt(hours, 3).replace(',', '')}")
+            f"validate_img_s={number(report.get('validate', {}).get('validate_img_s'), 1)} "
+            f"exact_unit_images_per_s={number(rate, 1)} projected_hours_8gpu={number(hours, 3)}")
 
 
 def main(argv=None) -> dict:

@@ -40,6 +40,7 @@ def test_smoke_report(gpu_bench, tmp_path, capsys):
     assert fields["gpu_exact_identical"] == fields["gpu_bit_identical"] == "true" and last == report["last_line"]
     for key in ("validate_img_s", "exact_unit_images_per_s", "projected_hours_8gpu"):
         assert float(fields[key]) > 0
+    assert float(fields["exact_unit_images_per_s"]) == round(report["projection"]["exact_rate_used"], 1)
 
     assert report["smoke"] is True
     assert {"torch", "cuda", "device_name", "device"} <= set(report["environment"])
@@ -49,7 +50,9 @@ def test_smoke_report(gpu_bench, tmp_path, capsys):
     # a. exactness: on the CPU the exact engine equals the naive loop bit for bit, twice
     exactness = report["exactness"]
     assert exactness["passed"] is True and exactness["bit_identical"] is True and exactness["max_abs_dloss"] == 0
-    models = [report["sizes"]["arch"]] + (["resnet20"] if SHARED_WEIGHTS.is_file() else [])
+    models = [report["sizes"]["arch"] + "_random"]
+    if SHARED_WEIGHTS.is_file() or (REPO / ".gpu_data" / "checkpoints").is_dir():
+        models.append("resnet20_shared")
     for model in models:
         for kind in ("channel", "tensor"):
             check = exactness[model][kind]

@@ -733,6 +733,7 @@ def main(argv=None) -> dict:
     args.memory_budget_mb = args.memory_budget_mb if args.memory_budget_mb is not None else (
         64.0 if args.smoke else 4096.0)
     parts = set(args.parts.split(","))
+    torch.manual_seed(0)  # the random-weights models are the same in every run
     started, cpu_started = time.perf_counter(), time.process_time()
     report: dict = {"smoke": args.smoke, "environment": environment(device),
                     "settings": {k: v for k, v in vars(args).items()}, "sizes": dict(sizes)}

@@ -1,4 +1,5 @@
-"""Lightning callbacks: they schedule analyses, synchronise ranks and hand results to the reports."""
+"""Lightning callbacks, thin adapters over the library: they turn the datamodule into data, call the public API with
+the distributed handle, and have rank 0 report."""
 
 from critnet.callbacks.pruning import PruneSweep
 from critnet.callbacks.ranking import CriticalRanking

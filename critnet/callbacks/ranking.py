@@ -16,7 +16,6 @@ from critnet.choices import (
     Method,
     PerturbationKind,
     Score,
-    SettingError,
     Stage,
     TaylorOrder,
     UnitKind,
@@ -161,4 +160,4 @@ class CriticalRanking(AnalysisCallback):
         return ranking
 
 
-__all__ = ["CriticalRanking", "SettingError"]
+__all__ = ["CriticalRanking"]

@@ -32,15 +32,27 @@ class EvaluationSet:
         source: Iterable[tuple[Tensor, Tensor]] | None,
         batch_sizes: list[int],
         device: torch.device,
-        checksum: str,
+        checksum: str | None = None,
     ) -> None:
         self._batches = batches
         self._source = source
         self.batch_sizes = batch_sizes
         self.samples = sum(batch_sizes)
         self.device = device
-        self.checksum = checksum
+        self._checksum = checksum
         self.in_memory = batches is not None
+
+    @property
+    def checksum(self) -> str:
+        """sha256 over the bytes of all inputs and targets, computed on first use: only resumable analyses need
+        it, and hashing copies every batch to the CPU (slow for a large set held on a GPU)."""
+        if self._checksum is None:
+            digest = hashlib.sha256()
+            for x, y in self:
+                digest.update(tensor_bytes(x))
+                digest.update(tensor_bytes(y))
+            self._checksum = digest.hexdigest()
+        return self._checksum
 
     @classmethod
     def from_batches(
@@ -65,12 +77,9 @@ class EvaluationSet:
         budget = None if memory_budget_mb is None else float(memory_budget_mb) * 2**20
         held: list[tuple[Tensor, Tensor]] | None = []
         sizes: list[int] = []
-        digest = hashlib.sha256()
         used = 0
         for position, batch in enumerate(batches):
             x, y = _as_pair(batch, position)
-            digest.update(tensor_bytes(x))
-            digest.update(tensor_bytes(y))
             sizes.append(int(x.shape[0]))
             used += x.element_size() * x.numel() + y.element_size() * y.numel()
             if held is not None and budget is not None and used > budget:
@@ -87,7 +96,7 @@ class EvaluationSet:
                 "pass a DataLoader or list, or raise the budget"
             )
         dev = target_device if target_device is not None else (held[0][0].device if held else torch.device("cpu"))
-        return cls(held, None if held is not None else batches, sizes, dev, digest.hexdigest())
+        return cls(held, None if held is not None else batches, sizes, dev)
 
     def __len__(self) -> int:
         return len(self.batch_sizes)

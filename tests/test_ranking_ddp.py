@@ -12,6 +12,8 @@ from pathlib import Path
 
 from conftest import CIFAR_ROOT, KERNEL_REL, REPO, RESNET20_WEIGHTS, assert_ranked_like, f32_close, requires_shared
 
+from critnet.cli import main
+
 pytestmark = requires_shared
 
 # Relative noise on channel units: the draws must not depend on which process evaluates a unit.
@@ -34,17 +36,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def analyze(root: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = [
-        sys.executable, "analyze.py", "validate",
-        "-c", "configs/resnet20_cifar10.yaml", "-c", "configs/rank_seed.yaml",
+def arguments(root: Path, *extra: str) -> list[str]:
+    return [
+        "validate",
+        "-c", str(REPO / "configs/resnet20_cifar10.yaml"), "-c", str(REPO / "configs/rank_seed.yaml"),
         "--data.root", str(CIFAR_ROOT), "--model.weights", str(RESNET20_WEIGHTS),
         "--data.subset_size", "48", "--data.batch_size", "16", "--data.num_workers", "0",
         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
         *ANALYSIS, *extra,
     ]  # fmt: skip
+
+
+def analyze(root: Path, *extra: str) -> subprocess.CompletedProcess:
+    """analyze.py in a process of its own (which starts the second DDP process)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(REPO / "analyze.py"), *arguments(root, *extra)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -57,7 +64,7 @@ def read_rows(root: Path) -> tuple[list[dict[str, str]], dict]:
 
 
 def test_two_cpu_processes_equal_one(tmp_path):
-    analyze(tmp_path / "single", "--trainer.accelerator", "cpu", "--trainer.devices", "1")
+    main(arguments(tmp_path / "single", "--trainer.accelerator", "cpu", "--trainer.devices", "1"))  # in this process
     analyze(
         tmp_path / "ddp",
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",

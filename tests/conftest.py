@@ -62,3 +62,43 @@ def cifar_test_256():
     if not CIFAR_ROOT.is_dir():
         pytest.skip("../shared is not beside the repo")
     return first_test_images(256)
+
+
+# ---------------------------------------------------------------- comparing two different float32 computations
+#
+# Two computations of the same float32 quantity agree only to rounding once they take different kernels: oneDNN and
+# ATen pick their kernels, and so the order of their sums, by CPU ISA (AVX2, AVX-512) and by shape (a batch size, a
+# one-channel convolution against the whole layer). One float32 ulp is 1.2e-7 relative.
+#
+# F32_REL: the same logits, reduced differently (a float32 mean against a float64 sum of the same float32 losses,
+# a float32 copy of a float64 mean): a few ulps; 1e-6 is about 8.
+F32_REL = 1e-6
+# KERNEL_REL: another kernel somewhere upstream of the logits (critnet recomputes a perturbed channel alone,
+# stacks perturbed copies into larger batches, evaluates other batches on other ranks): the rounding difference at
+# that layer passes through the rest of the network. Measured up to 3e-7 on ResNet20 loss sums (AVX2, and with
+# ONEDNN_MAX_CPU_ISA=SSE41 ATEN_CPU_CAPABILITY=default); 1e-5 leaves a margin and still catches any real
+# difference (a wrong sample, unit or level moves a loss by far more).
+KERNEL_REL = 1e-5
+
+
+def f32_close(actual: float, expected: float, *, scale: float | None = None, rel: float = F32_REL) -> bool:
+    """``actual`` equals ``expected`` to ``rel`` of ``scale`` (default: the larger magnitude of the two).
+
+    Pass ``scale`` for a difference of two float32 results (a Δloss): its rounding error is relative to the
+    operands (the losses), not to the small difference.
+    """
+    if scale is None:
+        scale = max(abs(actual), abs(expected))
+    return abs(actual - expected) <= rel * scale + 1e-12
+
+
+def assert_ranked_like(
+    units: list[str], reference: dict[str, float], *, rel: float = F32_REL, scale: float | None = None
+) -> None:
+    """``units`` (most critical first) holds the units of ``reference`` in descending order of their reference
+    scores, but for neighbours within ``rel`` of ``scale`` (default: the larger score) of each other: rounding on
+    another CPU may swap those. Pass ``scale`` (the loss) for Δloss scores."""
+    assert sorted(units) == sorted(reference)
+    for a, b in zip(units, units[1:]):
+        size = scale if scale is not None else max(abs(reference[a]), abs(reference[b]))
+        assert reference[a] >= reference[b] - rel * size, (a, b)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, RESNET20_WEIGHTS, first_test_images, requires_shared
+from conftest import KERNEL_REL, REPO, RESNET20_WEIGHTS, first_test_images, requires_shared
 from torch import nn
 
 import critnet
@@ -45,7 +45,7 @@ def test_data_in_every_form_gives_the_same_numbers():
     whole = critnet.evaluate(model, (x, y))
     assert (whole["top1_correct"], whole["top5_correct"], whole["samples"]) == (
         reference["top1_correct"], reference["top5_correct"], 48)
-    assert math.isclose(whole["loss"], reference["loss"], rel_tol=1e-6)
+    assert math.isclose(whole["loss"], reference["loss"], rel_tol=KERNEL_REL)  # another batch shape, another kernel
     with torch.no_grad():
         logits = model(x)
     assert reference["top1_correct"] == int((logits.argmax(1) == y).sum())

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import datasets, transforms
 
-from conftest import CIFAR_ROOT, REPO, RESNET20_WEIGHTS, requires_shared
+from conftest import CIFAR_ROOT, KERNEL_REL, REPO, RESNET20_WEIGHTS, f32_close, requires_shared
 from critnet.cli import main, train_main
 
 pytestmark = requires_shared
@@ -31,7 +31,8 @@ def read_metrics(root: Path) -> dict:
 
 
 def plain_loop(indices):
-    """Evaluate the public ResNet20 with nothing but torch/torchvision over the same files."""
+    """Evaluate the public ResNet20 with nothing but torch/torchvision over the same files, in batches of 128 like
+    configs/resnet20_cifar10.yaml: the same batches give the same kernels, so the same float32 per-sample losses."""
     from critnet.models.cifar_resnet import CifarResNet  # the architecture only; weights loaded by hand
 
     model = CifarResNet(3)
@@ -43,7 +44,7 @@ def plain_loop(indices):
     top1 = top5 = 0
     loss = 0.0
     with torch.no_grad():
-        for x, y in torch.utils.data.DataLoader(ds, batch_size=200):
+        for x, y in torch.utils.data.DataLoader(ds, batch_size=128):
             logits = model(x)
             top1 += (logits.argmax(1) == y).sum().item()
             top5 += (logits.topk(5, 1).indices == y[:, None]).any(1).sum().item()
@@ -63,7 +64,8 @@ def test_validate_agrees_with_a_plain_loop(tmp_path):
     assert (m["top1_correct"], m["top5_correct"]) == (top1, top5)
     assert m["top1"] == pytest.approx(100 * top1 / n, abs=1e-9)
     assert m["loss"] == pytest.approx(loss, abs=1e-4)
-    assert m["loss"] == pytest.approx(loss, rel=1e-12)  # float64 sums of the same float32 per-sample losses
+    # float64 sums of the same float32 per-sample losses: only the order of the additions may differ
+    assert m["loss"] == pytest.approx(loss, rel=1e-12)
     assert m["checkpoint_sha256"].startswith("12fca82f") and m["model"] == "resnet20"
     assert m["data_root"] == str(CIFAR_ROOT)
 
@@ -100,8 +102,9 @@ def test_ddp_two_processes_count_every_image_once(tmp_path):
     assert ddp["devices"] == 2 and ddp["samples"] == single["samples"] == 301
     for key in ("top1", "top5", "top1_correct", "top5_correct"):
         assert ddp[key] == single[key], key
-    # Per-sample losses are identical; only the order of the float64 sums differs between one and two ranks.
-    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-13)
+    # Each rank evaluates other batches (its shard, its own last partial batch) than the single process, and another
+    # batch may take another kernel: per-sample losses, and so the mean, agree to float32 rounding.
+    assert f32_close(ddp["loss"], single["loss"], rel=KERNEL_REL)
 
 
 def test_short_fit_leaves_a_checkpoint_that_validate_loads(tmp_path):

@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CIFAR_ROOT, RESNET20_WEIGHTS, first_test_images, requires_shared
+from conftest import CIFAR_ROOT, KERNEL_REL, RESNET20_WEIGHTS, f32_close, first_test_images, requires_shared
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from critnet.callbacks.ranking import CriticalRanking
@@ -129,8 +129,8 @@ def test_activation_units_against_an_independent_hook_loop(tmp_path):
             )
     for row in rows:
         loss, top1 = expected[row["unit"]]
-        assert abs(row["loss"] - loss) <= 1e-5
-        assert abs(row["top1"] - top1) <= 1e-9
+        assert f32_close(row["loss"], loss), row["unit"]  # a float32 mean against a float64 sum
+        assert abs(row["top1"] - top1) <= 1e-9  # a count of 32: any difference is 3.125 points
     drops = [row["score"] for row in rows]
     assert drops == sorted(drops, reverse=True)
 
@@ -156,7 +156,7 @@ def test_ranks_at_the_end_of_fit_when_asked(tmp_path):
         weight.data += 0.1
         loss = F.cross_entropy(network(images), labels).item()
         weight.data = original
-    assert abs(float(row["loss"]) - loss) <= 1e-5
+    assert f32_close(float(row["loss"]), loss)  # a float32 mean against a float64 sum
 
     # the validation inside fit did not trigger a ranking; a plain validate does not either with run_on=[fit]
     trainer = make_trainer(tmp_path / "v", callback)
@@ -188,7 +188,9 @@ def test_approximate_methods_are_labelled_and_hybrid_reports_engine_agreement(tm
     exact_part = [row for row in hybrid["rows"] if row["exact"]]
     assert hybrid["rows"][: len(exact_part)] == exact_part
     for row in exact_part:
-        assert abs(row["score"] - exact_scores[row["unit"]]) <= 1e-5
+        # the same engine, but the rounds of hybrid stack other numbers of perturbed copies into one batch than
+        # the exact method does, and another batch size may take another kernel
+        assert f32_close(row["score"], exact_scores[row["unit"]], scale=row["loss"], rel=KERNEL_REL), row["unit"]
         assert row["estimate"] != ""
 
     taylor, taylor_json = results["taylor"]
@@ -241,6 +243,18 @@ def test_halving_through_the_callback_has_the_exact_top_rows(tmp_path):
         callback = CriticalRanking(method=method, **settings)
         make_trainer(tmp_path / method, callback).validate(module, datamodule=datamodule(64), verbose=False)
         rows[method] = callback.ranking.rows
-    assert rows["halving"][:3] == rows["exact"][:3]  # same units, order, scores and tallies
-    assert all(row["exact"] for row in rows["halving"][:3])
+    # Halving evaluates the images in other groups (stages of 16 and 32) than the exact method's batches of 32, and
+    # another batch size may take another kernel: the same units and hit counts, losses to float32 rounding.
+    exact = {row["unit"]: row for row in rows["exact"]}
+    third = rows["exact"][2]["score"]
+    for row in rows["halving"][:3]:
+        assert row["exact"], row["unit"]
+        reference = exact[row["unit"]]
+        for column in ("top1", "top5", "samples"):
+            assert row[column] == reference[column], (row["unit"], column)
+        assert f32_close(row["loss"], reference["loss"], rel=KERNEL_REL), row["unit"]
+        assert f32_close(row["score"], reference["score"], scale=reference["loss"], rel=KERNEL_REL), row["unit"]
+        assert reference["score"] >= third - KERNEL_REL * reference["loss"], row["unit"]  # one of the exact top 3
+    scores = [row["score"] for row in rows["halving"][:3]]
+    assert scores == sorted(scores, reverse=True)
     assert not all(row["exact"] for row in rows["halving"])  # it did skip work

@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CIFAR_ROOT, REPO, RESNET20_WEIGHTS, first_test_images, requires_shared
+from conftest import (
+    CIFAR_ROOT,
+    KERNEL_REL,
+    REPO,
+    RESNET20_WEIGHTS,
+    assert_ranked_like,
+    f32_close,
+    first_test_images,
+    requires_shared,
+)
 
 from critnet.cli import main
 
@@ -67,9 +76,13 @@ def test_seed_preset_reproduces_the_original_experiment(tmp_path, resnet20_cifar
     (images, labels) = first_test_images(128)[0]
     reference = original_seed_loop(resnet20_cifar, images, labels)
 
-    assert [row["unit"] for row in rows] == [name for name, _ in reference]
-    for row, (_, score) in zip(rows, reference):
-        assert abs(float(row["score"]) - score) <= 1e-5
+    # The original takes a float32 mean of the 128 losses, the pipeline a float64 sum of the same float32 losses:
+    # they agree to float32 rounding only (one ulp at a loss of 412 is 3e-5; AMD EPYC and Intel Xeon round
+    # differently), and so may the order of two units within that rounding of each other.
+    expected = dict(reference)
+    assert_ranked_like([row["unit"] for row in rows], expected)
+    for row in rows:
+        assert f32_close(float(row["score"]), expected[row["unit"]]), row["unit"]
         assert float(row["loss"]) == float(row["score"])
         assert row["samples"] == "128" and row["perturbation"] == "add" and float(row["level"]) == 0.1
     assert [int(row["rank"]) for row in rows] == list(range(1, len(reference) + 1))
@@ -81,8 +94,9 @@ def test_seed_preset_reproduces_the_original_experiment(tmp_path, resnet20_cifar
     with torch.no_grad():
         baseline_loss = F.cross_entropy(resnet20_cifar(images), labels).item()
     assert summary["baseline"]["samples"] == 128
-    assert abs(summary["baseline"]["loss"] - baseline_loss) <= 1e-5
-    assert abs(float(rows[0]["delta_loss"]) - (reference[0][1] - baseline_loss)) <= 1e-5
+    assert f32_close(summary["baseline"]["loss"], baseline_loss)
+    top = expected[rows[0]["unit"]]
+    assert f32_close(float(rows[0]["delta_loss"]), top - baseline_loss, scale=top)
     assert summary["units"] == 39 and summary["batches"] == 1 and summary["elapsed_s"] > 0
     assert -1.0 <= summary["split_half_spearman"] <= 1.0
     assert summary["levels"][0]["split_half"]["half_samples"] == [64, 64]
@@ -117,7 +131,7 @@ def test_bitflip_breaks_the_network_and_broken_units_rank_first(tmp_path, resnet
     for row in rows:
         expected = reference[row["unit"]]
         if math.isfinite(expected):
-            assert abs(float(row["loss"]) - expected) <= 1e-4 * max(1.0, abs(expected))
+            assert f32_close(float(row["loss"]), expected), row["unit"]
         else:
             assert row["loss"] in ("nan", "inf")
     summary = json.loads((log_dir / "ranking.json").read_text())
@@ -161,7 +175,9 @@ def test_prune_sweep_against_an_independent_loop_and_tensorboard(tmp_path, resne
                 param.data[channel] = flat.view_as(param.data[channel])
                 loss = F.cross_entropy(resnet20_cifar(images), labels).item()
                 param.data = original
-            assert abs(float(row["delta_loss"]) - (loss - baseline)) <= 1e-5
+            # the engine recomputes the pruned channel alone (another convolution kernel than the full layer's)
+            delta = float(row["delta_loss"])
+            assert f32_close(delta, loss - baseline, scale=max(loss, baseline), rel=KERNEL_REL), row["unit"]
 
     summary = json.loads((log_dir / "ranking.json").read_text())
     assert [level["perturbation"] for level in summary["levels"]] == ["prune(0.3)", "prune(0.7)"]
@@ -180,7 +196,7 @@ def test_prune_sweep_against_an_independent_loop_and_tensorboard(tmp_path, resne
         assert f"{prefix}/channel_heatmap" in tags["images"]
         assert f"{prefix}/scores/layer3.2.conv2" in tags["histograms"]
         assert f"{prefix}/scores/linear" in tags["histograms"]
-        assert events.Scalars(f"{prefix}/baseline/loss")[0].value == pytest.approx(baseline, abs=1e-5)
+        assert f32_close(events.Scalars(f"{prefix}/baseline/loss")[0].value, baseline)  # stored as float32
         for name in ("top1", "top5"):
             assert f"{prefix}/baseline/{name}" in tags["scalars"]
 

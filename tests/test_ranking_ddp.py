@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import CIFAR_ROOT, REPO, RESNET20_WEIGHTS, requires_shared
+from conftest import CIFAR_ROOT, KERNEL_REL, REPO, RESNET20_WEIGHTS, assert_ranked_like, f32_close, requires_shared
+
+from critnet.cli import main
 
 pytestmark = requires_shared
 
@@ -34,17 +36,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def analyze(root: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = [
-        sys.executable, "analyze.py", "validate",
-        "-c", "configs/resnet20_cifar10.yaml", "-c", "configs/rank_seed.yaml",
+def arguments(root: Path, *extra: str) -> list[str]:
+    return [
+        "validate",
+        "-c", str(REPO / "configs/resnet20_cifar10.yaml"), "-c", str(REPO / "configs/rank_seed.yaml"),
         "--data.root", str(CIFAR_ROOT), "--model.weights", str(RESNET20_WEIGHTS),
         "--data.subset_size", "48", "--data.batch_size", "16", "--data.num_workers", "0",
         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
         *ANALYSIS, *extra,
     ]  # fmt: skip
+
+
+def analyze(root: Path, *extra: str) -> subprocess.CompletedProcess:
+    """analyze.py in a process of its own (which starts the second DDP process)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(REPO / "analyze.py"), *arguments(root, *extra)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -57,7 +64,7 @@ def read_rows(root: Path) -> tuple[list[dict[str, str]], dict]:
 
 
 def test_two_cpu_processes_equal_one(tmp_path):
-    analyze(tmp_path / "single", "--trainer.accelerator", "cpu", "--trainer.devices", "1")
+    main(arguments(tmp_path / "single", "--trainer.accelerator", "cpu", "--trainer.devices", "1"))  # in this process
     analyze(
         tmp_path / "ddp",
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
@@ -67,11 +74,22 @@ def test_two_cpu_processes_equal_one(tmp_path):
     assert single_summary["devices"] == 1 and ddp_summary["devices"] == 2
     assert ddp_summary["samples"] == single_summary["samples"] == 48
     assert len(single) == 64 + 10
-    assert [row["unit"] for row in ddp] == [row["unit"] for row in single]
-    for a, b in zip(single, ddp):
-        for column in ("score", "loss", "delta_loss", "top1", "top5"):
-            assert abs(float(a[column]) - float(b[column])) <= 1e-5, (a["unit"], column)
-        assert a["samples"] == b["samples"] == "48"
-    assert abs(ddp_summary["split_half_spearman"] - single_summary["split_half_spearman"]) <= 1e-9
+    # Each rank stacks as many perturbed copies of a batch of 16 into one suffix pass as it holds units of a layer,
+    # which differs between one and two ranks: another batch size may take another kernel, so losses agree to
+    # float32 rounding (and units within that rounding of each other may swap), hit counts exactly.
+    loss = max(float(row["loss"]) for row in single)
+    scores = {row["unit"]: float(row["score"]) for row in single}
+    assert_ranked_like([row["unit"] for row in ddp], scores, rel=KERNEL_REL, scale=loss)
+    by_unit = {row["unit"]: row for row in ddp}
+    for a in single:
+        b = by_unit[a["unit"]]
+        assert (b["top1"], b["top5"], b["samples"]) == (a["top1"], a["top5"], "48"), a["unit"]
+        assert f32_close(float(b["loss"]), float(a["loss"]), rel=KERNEL_REL), a["unit"]
+        for column in ("score", "delta_loss"):
+            close = f32_close(float(b[column]), float(a[column]), scale=float(a["loss"]), rel=KERNEL_REL)
+            assert close, (a["unit"], column)
+    # Two units' odd-half scores lie only 2e-7 of the loss apart, within that rounding: they may swap places in one
+    # half's ranking, which moves Spearman by 12 / (n (n² - 1)) = 3e-5 for n = 74; any real difference moves it more.
+    assert abs(ddp_summary["split_half_spearman"] - single_summary["split_half_spearman"]) <= 1e-4
     assert len(list((tmp_path / "ddp").rglob("version_*"))) == 1
     assert len(list((tmp_path / "ddp").rglob("events.out.tfevents*"))) == 1

@@ -36,7 +36,7 @@ def evaluation_mode(model: nn.Module, device: torch.device | str | None = None,
     >>> model.training
     True
     """
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else device_of(model)
     training = {name: m.training for name, m in model.named_modules()}
     flags = (
         torch.backends.cuda.matmul.allow_tf32,
@@ -63,7 +63,8 @@ def evaluation_mode(model: nn.Module, device: torch.device | str | None = None,
             module.training = training[name]
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters (or buffers) are; the CPU for a model with neither."""
     tensor = next(model.parameters(), None)
     if tensor is None:
         tensor = next(model.buffers(), None)
@@ -156,7 +157,7 @@ def evaluate(model: nn.Module, data: Any, *, device: torch.device | str | None =
     >>> sorted(result), result["samples"]
     (['loss', 'samples', 'top1', 'top1_correct', 'top5', 'top5_correct'], 8)
     """
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else device_of(model)
     evaluation_set = as_evaluation_set(data, device=device, memory_budget_mb=memory_budget_mb)
     with evaluation_mode(model, device):
         tally = batch_tallies(model, evaluation_set, distributed=distributed, forward_context=forward_context)

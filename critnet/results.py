@@ -22,8 +22,12 @@ from critnet.reporting.common import console, format_cell
 _PREVIEW_ROWS = 10
 
 
+def _digits(column: str, default: int) -> int:
+    return 2 if column in ("top1", "top5") else default  # accuracies are percentages
+
+
 def _text_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 4) -> str:
-    cells = [[format_cell(v, digits) for v in row] for row in rows]
+    cells = [[format_cell(v, _digits(c, digits)) for c, v in zip(columns, row)] for row in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
@@ -33,7 +37,8 @@ def _text_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], digits: i
 def _html_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str, digits: int = 4) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(format_cell(v, digits))}</td>" for v in row) + "</tr>" for row in rows
+        "<tr>" + "".join(f"<td>{html.escape(format_cell(v, _digits(c, digits)))}</td>" for c, v in zip(columns, row))
+        + "</tr>" for row in rows
     )
     return f"<table><caption>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table>"
 

@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from critnet.distributed import Distributed
-from critnet.evaluation import _device_of
+from critnet.evaluation import device_of
 from critnet.reporting.progress import AnalysisProgress
 
 
 def model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
     """``device`` if given, else where the model's parameters are."""
-    return torch.device(device) if device is not None else _device_of(model)
+    return torch.device(device) if device is not None else device_of(model)
 
 
 def model_name(model: nn.Module, name: str | None) -> str:

@@ -12,37 +12,46 @@ batches::
 The command line (``analyze.py``) and the Lightning callbacks call these same functions.
 """
 
-# The engine is imported before the evaluation loop that it builds on (critnet.evaluation imports the engine's data
-# module, whose package imports the engine's core, which imports the evaluation loop).
-from critnet.engine import evaluate_units  # noqa: F401  (import order, see above)
-from critnet.analysis.pruning import compare_orders, prune_sweep
-from critnet.analysis.ranking import RankSettings, rank
-from critnet.choices import SettingError
-from critnet.distributed import Distributed
-from critnet.engine.data import EvaluationSet
-from critnet.errors import CritnetError
-from critnet.evaluation import evaluate
-from critnet.models import list_models, load_model
-from critnet.perturb import Perturbation, Unit, select_units
-from critnet.results import Ranking, Sweep
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CritnetError",
-    "Distributed",
-    "EvaluationSet",
-    "Perturbation",
-    "RankSettings",
-    "Ranking",
-    "SettingError",
-    "Sweep",
-    "Unit",
-    "compare_orders",
-    "evaluate",
-    "list_models",
-    "load_model",
-    "prune_sweep",
-    "rank",
-    "select_units",
-]
+# Each public name and the module that defines it, imported on first use (PEP 562). Importing the package itself
+# stays cheap, and imports nothing before the command line has imported Lightning: a `typing` cache collision makes
+# Lightning's `Optional[Union[int, float]]` annotations read `Union[float, int]` (so `--trainer.limit_val_batches 1`
+# parses as 100 %) when rich was imported first.
+_EXPORTS = {
+    "CritnetError": "critnet.errors",
+    "Distributed": "critnet.distributed",
+    "EvaluationSet": "critnet.engine.data",
+    "Perturbation": "critnet.perturb",
+    "RankSettings": "critnet.analysis.ranking",
+    "Ranking": "critnet.results",
+    "SettingError": "critnet.choices",
+    "Sweep": "critnet.results",
+    "Unit": "critnet.perturb",
+    "compare_orders": "critnet.analysis.pruning",
+    "evaluate": "critnet.evaluation",
+    "list_models": "critnet.models",
+    "load_model": "critnet.models",
+    "prune_sweep": "critnet.analysis.pruning",
+    "rank": "critnet.analysis.ranking",
+    "select_units": "critnet.perturb",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'critnet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

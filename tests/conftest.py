@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401  (before anything imports rich: see critnet/__init__.py on the typing cache)
 import pytest
 import torch
 

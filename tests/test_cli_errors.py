@@ -100,3 +100,17 @@ def test_sigterm_mid_ranking_stops_at_once_and_the_rerun_resumes(tmp_path):
     whole = Path(main(cli_args(tmp_path / "whole", "rank_neurons.yaml", *UNITS, subset=32)).trainer.log_dir)
     whole = whole / "ranking.csv"
     assert resumed.read_bytes() == whole.read_bytes()
+
+
+def test_trainer_flags_keep_their_types_after_critnet_is_imported():
+    """A `typing` cache collision turns Lightning's `Optional[Union[int, float]]` into `Union[float, int]` when rich
+    is imported before Lightning; then `--trainer.limit_val_batches 1` means 100 % instead of one batch."""
+    script = ("import critnet, critnet.cli\n"
+              "from critnet.cli import CritnetArgumentParser\n"
+              "from lightning import Trainer\n"
+              "parser = CritnetArgumentParser()\n"
+              "parser.add_class_arguments(Trainer, 'trainer')\n"
+              "print(repr(parser.parse_args(['--trainer.limit_val_batches', '1']).trainer.limit_val_batches))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "1"

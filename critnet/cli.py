@@ -79,8 +79,32 @@ def _run_reporting_errors(cli_class: type[CritnetCLI], args: Sequence[str] | Non
         raise SystemExit(2) from err
 
 
-def main(args: Sequence[str] | None = None) -> CritnetCLI:
-    """Entry point of ``analyze.py``: ``main(["validate", "-c", "configs/resnet20_cifar10.yaml", ...])``."""
+def print_models() -> None:
+    """Print every model name ``--model.arch`` accepts, one a line, with its input size."""
+    from critnet.models import get_model_spec, list_models
+
+    for name in list_models(include_timm=False):
+        spec = get_model_spec(name)
+        print(f"{name}\t{spec.family}\tinput {spec.input_size} (smallest {spec.smallest_input})")
+    from critnet.models.timm_models import timm_model_names
+
+    timm_names = timm_model_names()
+    for name in timm_names:
+        print(f"timm/{name}\ttimm")
+    if not timm_names:
+        print("timm/<name>\t(install timm: pip install critnet[timm])")
+
+
+def main(args: Sequence[str] | None = None) -> CritnetCLI | None:
+    """Entry point of ``analyze.py``: ``main(["validate", "-c", "configs/resnet20_cifar10.yaml", ...])``.
+
+    ``main(["--list-models"])`` prints the model names instead (LightningCLI has no place for a flag that needs no
+    subcommand, so it is handled before parsing).
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    if "--list-models" in argv:
+        print_models()
+        return None
     return _run_reporting_errors(CritnetCLI, args)
 
 

@@ -9,7 +9,12 @@ equal the full forward pass bit for bit on the same device and batch sizes.
 
 Channel units of a plain ``Conv2d`` go one step further: the perturbed layer's output is the cached unperturbed
 output with one channel recomputed from the perturbed filter (the other channels do not depend on it), so the cut
-moves behind the convolution.
+moves behind the convolution. In a grouped (or depthwise) convolution output channel ``c`` reads only the input
+channels of its group ``c // (out_channels / groups)``, so the recompute convolves that slice of the input.
+
+A parameter used inside a module that ``torch.fx`` keeps whole (``nn.MultiheadAttention`` reads its ``out_proj``
+weight functionally) is cut at the call of that enclosing module. Units that no traced node uses, and every unit of
+a model that does not trace, are evaluated with full forward passes, announced by one warning with their count.
 
 The evaluation set is processed in *segments* of whole batches whose crossing values fit the memory budget;
 scores are sums, so segmenting stays exact.
@@ -25,12 +30,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from critnet.engine.data import EvaluationSet
 from critnet.engine.naive import run_naive
 from critnet.engine.tallying import TallyPair, sum_halves
-from critnet.perturb import Perturbation, Unit, perturbed
+from critnet.perturb import Perturbation, Unit, head_parameter_name, perturbed
 from critnet.tally import UnitOutcome
 from critnet.tally import per_sample as sample_stats
 
@@ -91,11 +97,13 @@ class TracedModel:
         if unit.kind == "activation":
             owners, aliases, attr = {unit.name}, set(), None
         else:
+            param_name = head_parameter_name(self.model, unit) if unit.kind == "head" else unit.name
             # A tied parameter lives under several names; its first use under any of them is the cut.
-            param = self.parameters.get(unit.name)
-            aliases = {name for name, q in self.parameters.items() if q is param} | {unit.name}
-            owners = {name.rpartition(".")[0] for name in aliases}
-            attr = unit.name.rpartition(".")[2]
+            param = self.parameters.get(param_name)
+            aliases = {name for name, q in self.parameters.items() if q is param} | {param_name}
+            # fx keeps torch.nn modules whole, so the call of an enclosing module may be the parameter's only use.
+            owners = {prefix for name in aliases for prefix in _enclosing_modules(name)}
+            attr = param_name.rpartition(".")[2]
         users = [
             i
             for i, n in enumerate(self.nodes)
@@ -113,7 +121,7 @@ class TracedModel:
         module = self.modules.get(node.target) if node.op == "call_module" else None
         return (
             type(module) is nn.Conv2d
-            and module.groups == 1
+            and (module.groups == 1 or module.padding_mode == "zeros")
             and len(node.args) == 1
             and not node.kwargs
             and isinstance(node.args[0], fx.Node)
@@ -203,17 +211,37 @@ class TracedModel:
         return sum(self.node_cost.values())
 
 
+def _enclosing_modules(param_name: str) -> list[str]:
+    """The names of the modules that hold ``param_name``, innermost first (``a.b.weight`` → ``a.b``, ``a``)."""
+    parts = param_name.split(".")[:-1]
+    return [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
+
+
+def one_channel(conv: nn.Conv2d, x: Tensor, channel: int, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Output channel ``channel`` of ``conv`` on input ``x`` with filter ``weight`` (shape ``[1, in/groups, k, k]``)."""
+    if conv.groups == 1:
+        return conv._conv_forward(x, weight, bias)
+    width_in = conv.in_channels // conv.groups
+    group = channel // (conv.out_channels // conv.groups)
+    x = x[:, group * width_in : (group + 1) * width_in]
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, 1)
+
+
+def trace_failure(model: nn.Module) -> tuple[TracedModel | None, str | None]:
+    """The traced model and None, or None and why ``torch.fx`` cannot trace it (one line)."""
+    try:
+        return TracedModel(model), None
+    except Exception as err:  # noqa: BLE001 - any tracing failure means: fall back to full forward passes
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        return None, f"torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {first_line})"
+
+
 def trace(model: nn.Module) -> TracedModel | None:
     """The traced model, or None (with a warning) if ``torch.fx`` cannot trace it."""
-    try:
-        return TracedModel(model)
-    except Exception as err:  # noqa: BLE001 - any tracing failure means: fall back to full forward passes
-        warnings.warn(
-            f"exact engine: torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {err}); "
-            "evaluating every unit with full forward passes",
-            stacklevel=3,
-        )
-        return None
+    traced, reason = trace_failure(model)
+    if reason is not None:
+        warnings.warn(f"exact engine: {reason}; evaluating every unit with full forward passes", stacklevel=3)
+    return traced
 
 
 class SuffixEvaluator:
@@ -229,7 +257,7 @@ class SuffixEvaluator:
         self.model = model
         self.perturbation = perturbation
         self.data = data
-        self.traced = trace(model)
+        self.traced, self.trace_failure = trace_failure(model)
         self.budget = (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
         self.bytes_per_sample = 0.0
         if self.traced is not None:
@@ -277,6 +305,10 @@ class SuffixEvaluator:
         planned = [(i, u, self.plan(u)) for i, u in work]
         unplanned = [(i, u) for i, u, p in planned if p is None]
         if unplanned:
+            why = self.trace_failure or (
+                f"no traced node of {type(self.model).__name__} uses them (e.g. {unplanned[0][1].label})")
+            warnings.warn(f"exact engine: {len(unplanned)} of {len(planned)} units evaluated with full forward "
+                          f"passes: {why}", stacklevel=2)
             if per_sample:
                 raise ValueError("per-sample results need a traced model")
             run_naive(self.model, unplanned, self.perturbation, self.data, record)
@@ -348,7 +380,7 @@ class SuffixEvaluator:
                             outs = []
                             for channel, weight, bias in filters:
                                 out = env[node].clone()
-                                out[:, channel] = conv._conv_forward(env[node.args[0]], weight, bias)[:, 0]
+                                out[:, channel] = one_channel(conv, env[node.args[0]], channel, weight, bias)[:, 0]
                                 outs.append(out)
                             v = len(outs)
                             args = [torch.cat(outs) if n is node else _repeat(env[n], v, n in traced.batched) for n in inputs]
@@ -378,6 +410,9 @@ class SuffixEvaluator:
         if self.bytes_per_sample > 0:
             wanted = min(wanted, max(1, int(self.budget // (4 * batch * self.bytes_per_sample))))
         if wanted == 1:
+            return 1
+        if any(n in self.traced.batched and not isinstance(env[n], Tensor) for n in inputs):
+            # a value read off the batch (a ViT's ``x.shape[0]`` used by a later reshape) would not stack
             return 1
         try:
             single = suffix(*[env[n] for n in inputs])

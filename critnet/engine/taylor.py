@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from critnet.engine.data import EvaluationSet
-from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
+from critnet.perturb import Perturbation, Unit, activation_channel_dim, resolve_module, resolve_parameter
 from critnet.tally import Tally, UnitOutcome
 
 
@@ -44,6 +44,9 @@ def taylor_estimates(
     """
     if order not in TAYLOR_ORDERS:
         raise ValueError(f"taylor_order: must be 1 or 2, got {order!r}")
+    if any(u.kind == "head" for u in units):
+        # a head's columns are not a slice along dimension 0, which the gradient bookkeeping below assumes
+        raise ValueError("method: taylor estimates are not defined for head units; use exact or naive")
     param_units = [u for u in units if u.kind != "activation"]
     act_units = [u for u in units if u.kind == "activation"]
     names = sorted({u.name for u in param_units})
@@ -115,10 +118,11 @@ def taylor_estimates(
                     if g is None:
                         continue
                     act = act.detach()
+                    dim = activation_channel_dim(modules[name], act)
                     for unit in by_layer[name]:
-                        values = act[:, unit.index]
+                        values = act.select(dim, unit.index)
                         delta = perturbation.apply(values, unit).double() - values.double()
-                        per_sample = (delta * g[:, unit.index].double()).reshape(len(delta), -1).sum(1)
+                        per_sample = (delta * g.select(dim, unit.index).double()).reshape(len(delta), -1).sum(1)
                         act_sums[unit] += per_sample.sum().cpu()
                         if order == 2:
                             fisher[unit] += 0.5 * per_sample.square().sum().cpu()

@@ -22,6 +22,12 @@ class CritnetCLI(LightningCLI):
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.link_arguments("data", "model.num_classes", compute_fn=lambda data: data.num_classes,
                               apply_on="instantiate")
+        # Without a data config, --data.root names an ImageFolder tree preprocessed for the model.
+        parser.set_defaults({"data": {"class_path": "critnet.datasets.ImageFolderDataModule"}})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        share_model_with_data(config)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -40,6 +46,18 @@ class CritnetCLI(LightningCLI):
         if wants_bar and not any(isinstance(c, ProgressBar) for c in [*callbacks, *user_callbacks]):
             callbacks = [*callbacks, RichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def share_model_with_data(config: Any) -> None:
+    """Tell a datamodule that preprocesses per model (``arch``/``weights`` arguments left unset) which model runs,
+    so that it uses that model's weights' own eval transforms."""
+    data, model = config.get("data"), config.get("model")
+    init = data.get("init_args") if data is not None and hasattr(data, "get") else None
+    if init is None or model is None or model.get("network") is not None:
+        return
+    if "arch" in init and init.get("arch") is None:
+        init["arch"] = model.get("arch")
+        init["weights"] = model.get("weights")
 
 
 class TrainCLI(CritnetCLI):

@@ -54,7 +54,7 @@ for _name in TORCHVISION_CLASSIFIERS:
 # Published DenseNet files predate a rename of their layer keys ("norm.1" → "norm1"); torchvision rewrites them on
 # load, and so must anyone loading the same files.
 _DENSENET_OLD_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 )
 # Auxiliary classifiers exist only for training; critnet builds these models without them.
 _AUXILIARY_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")

@@ -34,7 +34,7 @@ from critnet.reporting.progress import AnalysisProgress
 from critnet.reporting.ranking import log_tensorboard, print_top_k, write_ranking_csv, write_ranking_json
 from critnet.tally import SCORES
 
-UnitKind = Literal["tensor", "channel", "activation"]
+from critnet.choices import UnitKind
 PerturbationKind = Literal["add", "scale", "noise", "zero", "sign_flip", "bitflip", "prune"]
 Score = Literal["loss", "delta_loss", "top1_drop", "top5_drop"]
 Method = Literal["exact", "naive", "taylor", "hybrid", "halving"]
@@ -51,7 +51,8 @@ class CriticalRanking(L.Callback):
 
     Args:
         unit: What a unit is: ``tensor`` (a whole parameter), ``channel`` (one output channel ``weight[c]`` of a
-            parameter: a filter or a neuron) or ``activation`` (one output channel of a module, via a forward hook).
+            parameter: a filter or a neuron), ``activation`` (one output channel of a module, via a forward hook) or
+            ``head`` (one head of an attention module: its block of input columns of the output projection).
         include: Regular expressions searched in parameter names (tensor, channel) or module names (activation);
             a name is kept if one matches. Default: ``["weight"]`` for tensor/channel units (the original
             experiment: every parameter whose name contains ``weight``), all modules for activation units.

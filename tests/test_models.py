@@ -61,6 +61,7 @@ from conftest import REPO  # noqa: E402
 from critnet.checkpoints import CheckpointError, torchvision_weights  # noqa: E402
 from critnet.models import load_model  # noqa: E402
 from critnet.models.preprocessing import preprocessing  # noqa: E402
+from critnet.perturb import select_units  # noqa: E402
 
 
 def test_every_torchvision_classifier_is_registered_with_its_input_size():
@@ -144,7 +145,6 @@ def test_timm_names_need_the_extra(monkeypatch):
 def test_timm_models_by_name_with_heads():
     pytest.importorskip("timm")
     from critnet.models.timm_models import timm_spec
-    from critnet.perturb import select_units
 
     timm_spec.cache_clear()
     assert "timm/resnet18" in list_models()
@@ -153,6 +153,18 @@ def test_timm_models_by_name_with_heads():
     assert len(select_units(model, "head")) == 12 * 3
     with pytest.raises(CritnetError, match="unknown model 'timm/no_such_net'"):
         get_model_spec("timm/no_such_net")
+
+
+def test_timm_vit_heads_exact_equals_naive():
+    timm = pytest.importorskip("timm")
+    from test_architectures import assert_exact_equals_naive, batches_for
+
+    torch.manual_seed(0)
+    # timm's forward takes optional arguments (attn_mask, is_causal): traced at their defaults
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=16, patch_size=8, depth=2).eval()
+    nn.init.normal_(model.head.weight)  # timm starts the classifier at zero: all top-1 would be ties
+    units = select_units(model, "head") + select_units(model, "channel", include=[r"blocks\.1\.mlp\.fc1"])[:3]
+    assert_exact_equals_naive(model, units, batches_for())
 
 
 def test_preprocessing_follows_the_weights():

@@ -22,6 +22,7 @@ scores are sums, so segmenting stays exact.
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 import warnings
@@ -68,16 +69,23 @@ class TracedModel:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        # Optional forward arguments (timm's ``attn_mask=None``) are traced as their defaults: the engine feeds images.
+        optional = {p.name: p.default for p in list(inspect.signature(model.forward).parameters.values())[1:]
+                    if p.default is not inspect.Parameter.empty}
         with _TRACE_LOCK:  # tracing patches torch functions process-wide for its duration
-            self.gm = fx.symbolic_trace(model)  # shares the model's modules and parameters, so perturbations show
+            # shares the model's modules and parameters, so perturbations show
+            self.gm = fx.symbolic_trace(model, concrete_args=optional or None)
         self.nodes: list[fx.Node] = list(self.gm.graph.nodes)
         self.position = {node: i for i, node in enumerate(self.nodes)}
         self.last_use = {node: max((self.position[u] for u in node.users), default=-1) for node in self.nodes}
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise ValueError(f"the traced model takes {len(placeholders)} inputs; the engine handles exactly one")
+        if len(placeholders) != 1 + len(optional):
+            raise ValueError(f"the traced model takes {len(placeholders) - len(optional)} inputs; the engine handles "
+                             "exactly one")
         self.input_node = placeholders[0]
-        self.first = self.position[self.input_node] + 1
+        #: The optional arguments' placeholders (in signature order) with the defaults they were traced with.
+        self.defaults = dict(zip(placeholders[1:], optional.values()))
+        self.first = max(self.position[n] for n in placeholders) + 1
         # Values that depend on the input carry the batch; the others (parameters, constants) are shared by all.
         self.batched: set[fx.Node] = set()
         for node in self.nodes:
@@ -87,6 +95,10 @@ class TracedModel:
         self.parameters = dict(model.named_parameters(remove_duplicate=False))
         self._suffixes: dict[tuple, fx.GraphModule] = {}
         self.node_cost: dict[fx.Node, float] = {}
+
+    def start(self, x: Tensor) -> dict:
+        """The values a walk over the graph starts from: the input batch and the optional arguments' defaults."""
+        return {self.input_node: x, **self.defaults}
 
     def crossing(self, position: int) -> list[fx.Node]:
         """Values computed before ``position`` and used at or after it, in graph order."""
@@ -171,7 +183,7 @@ class TracedModel:
     def measure(self, x: Tensor) -> float:
         """Per-sample cost of every node (multiply-adds for conv/linear, output size otherwise) from one batch;
         returns the per-sample bytes of the largest set of values crossing any cut."""
-        env = {self.input_node: x}
+        env = self.start(x)
         interpreter = fx.Interpreter(self.gm)
         interpreter.env = env
         batch = x.shape[0]
@@ -346,7 +358,7 @@ class SuffixEvaluator:
                     batches.append((x, y, offsets[p]))
                 if p >= segment[-1]:
                     break  # a streamed set need not be read past this segment
-            states = [{traced.input_node: x} for x, _, _ in batches]
+            states = [traced.start(x) for x, _, _ in batches]
             position = traced.first
             for stop_position in order:
                 keep = stops[stop_position].keep

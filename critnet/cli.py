@@ -91,10 +91,25 @@ def _run(cli_class: type[CritnetCLI], args: Sequence[str] | None) -> CritnetCLI:
 def _run_reporting_errors(cli_class: type[CritnetCLI], args: Sequence[str] | None) -> CritnetCLI:
     try:
         return _run(cli_class, args)
-    except CritnetError as err:
+    except Exception as err:
+        user_error = _critnet_cause(err)
+        if user_error is None:
+            raise
         # Bad input is the user's to fix: one line naming the flag or file, not a traceback.
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from err
+
+
+def _critnet_cause(err: BaseException | None) -> CritnetError | None:
+    """The CritnetError behind ``err``: jsonargparse wraps errors raised while it instantiates a subclass (the data
+    module) in a ValueError of its own."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, CritnetError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def print_models() -> None:

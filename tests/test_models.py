@@ -233,3 +233,30 @@ def test_rank_heads_of_a_user_network_through_the_cli(tiny_tree, tmp_path):
     units = [row["unit"] for row in csv.DictReader(ranking.open())]
     assert sorted(units) == ["encoder.layers.encoder_layer_0.self_attention[0]",
                              "encoder.layers.encoder_layer_0.self_attention[1]"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model.arch", "mobilenetv2"], "error: unknown model 'mobilenetv2' (--model.arch)"),
+    (["--model.arch", "mobilenet_v2", "--data.root", "/nonexistent/tree"],
+     "error: --data.root: /nonexistent/tree does not exist"),
+    (["--model.arch", "resnet56", "--model.network", "torch.nn.Identity"],
+     "error: --model.network and --model.arch 'resnet56': give one of them, not both"),
+])
+def test_bad_model_or_data_is_one_line_also_through_the_default_data_module(tiny_tree, tmp_path, capsys, flags,
+                                                                            message):
+    from critnet.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--data.root", str(tiny_tree), *flags, *quiet(tmp_path)])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message)
+
+
+def test_weights_that_fix_the_input_size_shape_the_model():
+    from critnet.models.torchvision_models import image_size_kwargs
+
+    swag = torchvision_weights("vit_b_16", "IMAGENET1K_SWAG_E2E_V1")
+    assert image_size_kwargs("vit_b_16", swag) == {"image_size": 384}
+    with torch.device("meta"):
+        assert get_model_spec("vit_b_16").factory(num_classes=1000, weights=swag).image_size == 384

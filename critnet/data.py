@@ -20,9 +20,8 @@ from torchvision import datasets, transforms
 
 from critnet.distributed import UnpaddedDistributedSampler
 from critnet.errors import CritnetError
+from critnet.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, preprocessing
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -313,8 +312,6 @@ class ImageNetDataModule(ClassificationDataModule):
         weights: str | None = None,
     ) -> None:
         super().__init__(root, batch_size, num_workers, subset_size, subset_seed, pin_memory)
-        from critnet.models.preprocessing import preprocessing
-
         self.num_classes = num_classes
         self.preprocessing = preprocessing(arch, weights).with_sizes(resize_size, crop_size)
         self.eval_transform = self.preprocessing.eval_transform()

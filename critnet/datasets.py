@@ -33,6 +33,10 @@ class ImageFolderDataModule(ClassificationDataModule):
         eval_split: The evaluation folder: ``val``, ``test`` or ``auto`` (``val`` if present, else ``test``).
         arch: The model whose preprocessing to start from; set from ``--model.arch`` by the CLI.
         weights: Its weights; set from ``--model.weights`` by the CLI.
+
+    >>> data = ImageFolderDataModule("path/to/tree", image_size=32, arch="mobilenet_v2")  # doctest: +SKIP
+    >>> data.num_classes, data.preprocessing.crop_size  # doctest: +SKIP
+    (3, 32)
     """
 
     def __init__(

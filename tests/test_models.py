@@ -155,6 +155,21 @@ def test_timm_models_by_name_with_heads():
         get_model_spec("timm/no_such_net")
 
 
+def test_timm_pretrained_offline_is_one_line_naming_the_source(monkeypatch):
+    timm = pytest.importorskip("timm")
+
+    def offline(*args, pretrained=False, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(CritnetError) as err:
+        load_model("timm/vit_tiny_patch16_224", weights="augreg_in21k_ft_in1k")
+    message = str(err.value)
+    assert "\n" not in message and "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k" in message
+    with pytest.raises(CritnetError, match="neither a file nor a timm pretrained tag of vit_tiny_patch16_224"):
+        load_model("timm/vit_tiny_patch16_224", weights="no_such_tag")
+
+
 def test_timm_vit_heads_exact_equals_naive():
     timm = pytest.importorskip("timm")
     from test_architectures import assert_exact_equals_naive, batches_for

@@ -43,8 +43,8 @@ from critnet.choices import PERTURBATION_KINDS, UNIT_KINDS
 _DEFAULT_INCLUDE = {"tensor": ("weight",), "channel": ("weight",), "activation": None, "head": None}
 _DEFAULT_MODULE_TYPES = {"tensor": None, "channel": ("Conv2d", "Linear"), "activation": ("Conv2d", "Linear"),
                          "head": None}
-# Output projections of attention modules, in the order they are looked for.
-_PROJECTION_NAMES = ("out_proj", "proj")
+# Output projections of attention modules, in the order they are looked for (torchvision's MaxViT calls it merge).
+_PROJECTION_NAMES = ("out_proj", "proj", "merge")
 # Modules whose output is channels-first whatever its rank.
 _CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
                    nn.GroupNorm)
@@ -141,13 +141,13 @@ def activation_channel_dim(module: nn.Module, output: torch.Tensor) -> int:
 
 def attention_heads(module: nn.Module) -> tuple[str, int, int] | None:
     """``(projection child name, number of heads, head width)`` of an attention module, or None if ``module`` is
-    not one: an ``nn.MultiheadAttention`` or any module with an integer ``num_heads`` and a Linear ``out_proj`` or
-    ``proj`` child whose input features split evenly into the heads.
+    not one: an ``nn.MultiheadAttention`` or any module with an integer ``num_heads`` (``n_heads``) and a Linear
+    ``out_proj``, ``proj`` or ``merge`` (MaxViT) child whose input features split evenly into the heads.
 
     >>> attention_heads(nn.MultiheadAttention(16, 4))
     ('out_proj', 4, 4)
     """
-    heads = getattr(module, "num_heads", None)
+    heads = getattr(module, "num_heads", getattr(module, "n_heads", None))
     if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
         return None
     for child in _PROJECTION_NAMES:

@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.densenet import DenseNet
 from torchvision.models.efficientnet import EfficientNet, _efficientnet_conf
+from torchvision.models.maxvit import MaxVit
 from torchvision.models.regnet import BlockParams, RegNet
 from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import VisionTransformer
@@ -55,6 +56,8 @@ FAMILIES = {
     "vit": tiny_vit,
     "swin": lambda: SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[2, 2],
                                     window_size=[2, 2], num_classes=CLASSES),
+    "maxvit": lambda: MaxVit(input_size=(16, 16), stem_channels=8, partition_size=2, block_channels=[8],
+                             block_layers=[1], head_dim=4, stochastic_depth_prob=0.0, num_classes=CLASSES),
 }
 
 
@@ -95,7 +98,7 @@ def test_exact_equals_naive_on_every_family(family):
     # Swin's attention reads its qkv/proj weights functionally: those Linear modules are never called, so a forward
     # hook on them would never fire
     units += spread(select_units(model, "activation", exclude=[r"attn\.(qkv|proj)$"], example_input=batches[0][0]), 3)
-    if family in ("vit", "swin"):
+    if family in ("vit", "swin", "maxvit"):
         units += spread(select_units(model, "head"), 3)
     assert_exact_equals_naive(model, units, batches)
 

@@ -13,7 +13,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -101,14 +101,22 @@ def _download(url: str, dst: Path, expected: str) -> None:
         tmp.replace(dst)
     except Exception as err:
         tmp.unlink(missing_ok=True)
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
         raise CheckpointError(
-            f"could not download {url} to {dst}: {err}. Offline? Download it elsewhere and pass the file "
-            "with --model.weights PATH"
+            f"could not download {url} ({reason}); offline? Fetch that URL on a machine with internet and put the "
+            f"file at {dst.resolve()} (or pass it with --model.weights PATH)"
         ) from err
 
 
-def _torchvision_weights(arch: str, name: str):
-    """Resolve ``IMAGENET1K_V1``, ``DEFAULT`` or ``ResNet50_Weights.IMAGENET1K_V2`` for ``arch``."""
+def torchvision_weights(arch: str, name: str | None):
+    """The torchvision weights enum member ``name`` means for ``arch`` (``IMAGENET1K_V1``, ``DEFAULT``,
+    ``ResNet50_Weights.IMAGENET1K_V2``), or None.
+
+    >>> torchvision_weights("resnet50", "DEFAULT").name
+    'IMAGENET1K_V2'
+    """
+    if not name:
+        return None
     import torchvision.models as tvm
 
     enum_name, _, member = name.rpartition(".")
@@ -140,7 +148,7 @@ def resolve_weights(source: str, arch: str) -> tuple[Path, str | None]:
         if not dst.is_file():
             _download(known.url, dst, known.sha256)
         return dst, known.sha256
-    tv_weights = _torchvision_weights(arch, source)
+    tv_weights = torchvision_weights(arch, source)
     if tv_weights is not None:
         filename = tv_weights.url.rsplit("/", 1)[-1]
         # torchvision file names end in the first hex digits of the file's sha256.
@@ -153,8 +161,18 @@ def resolve_weights(source: str, arch: str) -> tuple[Path, str | None]:
         raise CheckpointError(f"--model.weights: no such file: {source}")
     raise CheckpointError(
         f"--model.weights {source!r} is neither a file nor a known checkpoint; known names: "
-        f"{', '.join(KNOWN_CHECKPOINTS)} and torchvision weight names such as IMAGENET1K_V1 for ImageNet ResNets"
+        f"{', '.join(KNOWN_CHECKPOINTS)}; for {arch}: {_torchvision_names(arch) or 'no torchvision weights'}"
     )
+
+
+def _torchvision_names(arch: str) -> str:
+    import torchvision.models as tvm
+
+    try:
+        enum = tvm.get_model_weights(arch)
+    except (ValueError, KeyError):
+        return ""
+    return ", ".join(["DEFAULT", *(member.name for member in enum)])
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -213,11 +231,21 @@ def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], origin
         )
 
 
-def load_weights(model: nn.Module, source: str, arch: str) -> WeightsInfo:
-    """Load ``source`` (a file or a known name) into ``model`` strictly; the model is untouched on error."""
+def load_weights(
+    model: nn.Module,
+    source: str,
+    arch: str,
+    adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> WeightsInfo:
+    """Load ``source`` (a file or a known name) into ``model`` strictly; the model is untouched on error.
+
+    ``adapt`` rewrites the file's state dict first (old key names of a published checkpoint, say).
+    """
     path, expected = resolve_weights(source, arch)
     digest = _verify(path, expected) if expected else sha256_of(path)
     state = read_state_dict(path)
+    if adapt is not None:
+        state = adapt(state)
     check_compatible(model, state, str(path))
     model.load_state_dict(state, strict=False)  # strictness was checked above, with a better message
     return WeightsInfo(source=source, path=str(path), sha256=digest)

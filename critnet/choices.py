@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 
 from critnet.errors import CritnetError
 
-UnitKind = Literal["tensor", "channel", "activation"]
+UnitKind = Literal["tensor", "channel", "activation", "head"]
 PerturbationKind = Literal["add", "scale", "noise", "zero", "sign_flip", "bitflip", "prune"]
 Score = Literal["loss", "delta_loss", "top1_drop", "top5_drop"]
 Method = Literal["exact", "naive", "taylor", "hybrid", "halving"]

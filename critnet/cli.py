@@ -84,6 +84,12 @@ class CritnetCLI(LightningCLI):
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.link_arguments("data", "model.num_classes", compute_fn=lambda data: data.num_classes,
                               apply_on="instantiate")
+        # Without a data config, --data.root names an ImageFolder tree preprocessed for the model.
+        parser.set_defaults({"data": {"class_path": "critnet.datasets.ImageFolderDataModule"}})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        share_model_with_data(config)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -102,6 +108,18 @@ class CritnetCLI(LightningCLI):
         if wants_bar and not any(isinstance(c, ProgressBar) for c in [*callbacks, *user_callbacks]):
             callbacks = [*callbacks, RichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def share_model_with_data(config: Any) -> None:
+    """Tell a datamodule that preprocesses per model (``arch``/``weights`` arguments left unset) which model runs,
+    so that it uses that model's weights' own eval transforms."""
+    data, model = config.get("data"), config.get("model")
+    init = data.get("init_args") if data is not None and hasattr(data, "get") else None
+    if init is None or model is None or model.get("network") is not None:
+        return
+    if "arch" in init and init.get("arch") is None:
+        init["arch"] = model.get("arch")
+        init["weights"] = model.get("weights")
 
 
 class TrainCLI(CritnetCLI):
@@ -136,17 +154,56 @@ def _run(cli_class: type[CritnetCLI], args: Sequence[str] | None) -> CritnetCLI:
 def _run_reporting_errors(cli_class: type[CritnetCLI], args: Sequence[str] | None) -> CritnetCLI:
     try:
         return _run(cli_class, args)
-    except CritnetError as err:
-        # Bad input is the user's to fix: one line naming the flag or file, not a traceback.
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        raise SystemExit(2) from err
     except Interrupted as stop:
         print(f"interrupted: {stop}", file=sys.stderr)
         raise SystemExit(130) from stop
+    except Exception as err:
+        user_error = _critnet_cause(err)
+        if user_error is None:
+            raise
+        # Bad input is the user's to fix: one line naming the flag or file, not a traceback.
+        print(f"error: {one_line(user_error)}", file=sys.stderr)
+        raise SystemExit(2) from err
 
 
-def main(args: Sequence[str] | None = None) -> CritnetCLI:
-    """Entry point of ``analyze.py``: ``main(["validate", "-c", "configs/resnet20_cifar10.yaml", ...])``."""
+def _critnet_cause(err: BaseException | None) -> CritnetError | None:
+    """The CritnetError behind ``err``: jsonargparse wraps errors raised while it instantiates a subclass (the data
+    module) in a ValueError of its own."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, CritnetError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def print_models() -> None:
+    """Print every model name ``--model.arch`` accepts, one a line, with its input size."""
+    from critnet.models import get_model_spec, list_models
+
+    for name in list_models(include_timm=False):
+        spec = get_model_spec(name)
+        print(f"{name}\t{spec.family}\tinput {spec.input_size} (smallest {spec.smallest_input})")
+    from critnet.models.timm_models import timm_model_names
+
+    timm_names = timm_model_names()
+    for name in timm_names:
+        print(f"timm/{name}\ttimm")
+    if not timm_names:
+        print("timm/<name>\t(install timm: pip install critnet[timm])")
+
+
+def main(args: Sequence[str] | None = None) -> CritnetCLI | None:
+    """Entry point of ``analyze.py``: ``main(["validate", "-c", "configs/resnet20_cifar10.yaml", ...])``.
+
+    ``main(["--list-models"])`` prints the model names instead (LightningCLI has no place for a flag that needs no
+    subcommand, so it is handled before parsing).
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    if "--list-models" in argv:
+        print_models()
+        return None
     return _run_reporting_errors(CritnetCLI, args)
 
 

@@ -26,9 +26,8 @@ from torchvision import datasets, transforms
 
 from critnet.distributed import UnpaddedDistributedSampler, all_gather_objects
 from critnet.errors import CritnetError
+from critnet.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, preprocessing
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -450,7 +449,10 @@ class CIFAR10DataModule(ClassificationDataModule):
 class ImageNetDataModule(ClassificationDataModule):
     """ImageNet (ILSVRC-2012) in the standard ImageFolder layout ``<root>/{train,val}/<wnid>/*.JPEG``.
 
-    Evaluation uses the standard transform: resize 256, centre crop 224, ImageNet mean/std.
+    Evaluation uses the eval transform of the model's weights (``weights.transforms()`` of torchvision: resize,
+    centre crop, interpolation, mean/std differ per model), taken from ``arch``/``weights``, which the CLI fills in
+    from ``--model.arch``/``--model.weights``; ``resize_size``/``crop_size`` override the sizes. Without a model:
+    resize 256, centre crop 224, ImageNet mean/std.
 
     Args:
         root: Directory holding ``train/`` and ``val/`` (``val/`` sorted into class folders).
@@ -462,8 +464,10 @@ class ImageNetDataModule(ClassificationDataModule):
         skip_unreadable: Leave out image files that cannot be decoded (corrupt, truncated, not an image) instead of
             stopping at the first; ``metrics.json`` lists them (``skipped_images``, ``skipped_paths``).
         num_classes: Class folders expected under ``val/`` (1000 for ILSVRC-2012).
-        resize_size: Shorter side after resizing, before the centre crop.
-        crop_size: Side of the centre (evaluation) or random-resized (training) crop.
+        resize_size: Shorter side after resizing, before the centre crop; ``None`` = the weights' own.
+        crop_size: Side of the centre (evaluation) or random-resized (training) crop; ``None`` = the weights' own.
+        arch: The model whose weights' preprocessing to use; set from ``--model.arch`` by the CLI.
+        weights: Its weights (a torchvision weight name picks that name's transforms); set from ``--model.weights``.
     """
 
     def __init__(
@@ -476,18 +480,16 @@ class ImageNetDataModule(ClassificationDataModule):
         pin_memory: bool = True,
         skip_unreadable: bool = False,
         num_classes: int = 1000,
-        resize_size: int = 256,
-        crop_size: int = 224,
+        resize_size: int | None = None,
+        crop_size: int | None = None,
+        arch: str | None = None,
+        weights: str | None = None,
     ) -> None:
         super().__init__(root, batch_size, num_workers, subset_size, subset_seed, pin_memory, skip_unreadable)
         self.num_classes = num_classes
-        normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        self.eval_transform = transforms.Compose(
-            [transforms.Resize(resize_size), transforms.CenterCrop(crop_size), *normalize]
-        )
-        self.train_transform = transforms.Compose(
-            [transforms.RandomResizedCrop(crop_size), transforms.RandomHorizontalFlip(), *normalize]
-        )
+        self.preprocessing = preprocessing(arch, weights).with_sizes(resize_size, crop_size)
+        self.eval_transform = self.preprocessing.eval_transform()
+        self.train_transform = self.preprocessing.train_transform()
 
     def build_train_dataset(self) -> Dataset:
         return image_folder(self.root / "train", self.train_transform, expected_classes=self.num_classes)

@@ -11,10 +11,23 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from critnet.checkpoints import WeightsInfo
+from critnet.checkpoints import WeightsInfo, load_weights
+from critnet.errors import CritnetError
 from critnet.models import get_model_spec, load_model, weights_info
 
 EVAL_STAGES = ("val", "test")
+DEFAULT_ARCH = "resnet20"
+
+
+def _output_features(network: nn.Module) -> int:
+    """The class count of a user's network: the output features of its last Linear layer."""
+    linears = [m for m in network.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise CritnetError(
+            f"--model.num_classes: cannot tell how many classes {type(network).__name__} outputs (no Linear layer); "
+            "set it"
+        )
+    return linears[-1].out_features
 
 
 class LossSum(Metric):
@@ -69,12 +82,15 @@ def _eval_metrics(num_classes: int) -> MetricCollection:
 
 
 class ClassifierModule(L.LightningModule):
-    """An image classifier from critnet's model registry, evaluated with exact top-1/top-5.
+    """An image classifier from critnet's model registry (or any ``nn.Module``), evaluated with exact top-1/top-5.
 
     Args:
-        arch: Registered model name: ``resnet20/32/44/56/110`` (CIFAR) or ``resnet18/34/50/101/152`` (torchvision).
-        weights: Checkpoint to start from: a file (``.th``/``.pth`` state dict, Lightning ``.ckpt``) or a known
-            name (``resnet20-cifar10`` ..., torchvision weight names such as ``IMAGENET1K_V1``). ``None`` = random init.
+        arch: Model name: any torchvision classifier (``mobilenet_v2``, ``vit_b_16``, ...), a CIFAR ResNet
+            (``resnet20/32/44/56/110``) or ``timm/<name>`` with timm installed; ``python analyze.py --list-models``
+            lists them all.
+        weights: Checkpoint to start from: a file (``.th``/``.pth`` state dict, Lightning ``.ckpt``), a known name
+            (``resnet20-cifar10`` ..., the arch's torchvision weight names such as ``DEFAULT`` or
+            ``IMAGENET1K_V2``, a timm pretrained tag or ``pretrained``). ``None`` = random init.
         num_classes: Output classes; linked from the datamodule when run through the CLI.
         lr: Initial learning rate of SGD.
         momentum: SGD momentum.
@@ -86,11 +102,13 @@ class ClassifierModule(L.LightningModule):
         gamma: Decay factor of ``multistep``.
         warmup_epochs: Epochs of linear warm-up before the schedule starts.
         label_smoothing: Label smoothing of the training loss (evaluation always uses plain cross-entropy).
+        network: Your own architecture instead of a named one: any ``nn.Module`` subclass given by ``class_path``
+            and ``init_args``; ``weights`` may then be a state-dict file. Leave ``arch`` at its default with it.
     """
 
     def __init__(
         self,
-        arch: str = "resnet20",
+        arch: str = DEFAULT_ARCH,
         weights: str | None = None,
         num_classes: int | None = None,
         lr: float = 0.1,
@@ -102,15 +120,27 @@ class ClassifierModule(L.LightningModule):
         gamma: float = 0.1,
         warmup_epochs: int = 0,
         label_smoothing: float = 0.0,
+        network: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        spec = get_model_spec(arch)
-        self.arch = arch
-        self.num_classes = num_classes or spec.default_num_classes
-        # a fresh LightningModule is in train mode, like any nn.Module (Lightning 2.x no longer switches it for fit)
-        self.model: nn.Module = load_model(arch, weights, self.num_classes).train()
-        self.weights_info: WeightsInfo | None = weights_info(self.model)
+        # The network's own modules are saved in the state dict; pickling it into the hyper-parameters would not be.
+        self.save_hyperparameters(ignore=["network"])
+        if network is not None:
+            if arch != DEFAULT_ARCH:
+                raise CritnetError(f"--model.network and --model.arch {arch!r}: give one of them, not both")
+            self.arch = type(network).__name__
+            self.num_classes = num_classes or _output_features(network)
+            self.model: nn.Module = network
+            self.weights_info: WeightsInfo | None = (
+                load_weights(network, weights, self.arch) if weights is not None else None)
+        else:
+            spec = get_model_spec(arch)
+            self.arch = arch
+            self.num_classes = num_classes or spec.default_num_classes
+            # a fresh LightningModule is in train mode, like any nn.Module (Lightning 2.x no longer switches it
+            # for fit)
+            self.model = load_model(arch, weights, self.num_classes).train()
+            self.weights_info = weights_info(self.model)
         self.eval_metrics = nn.ModuleDict({stage: _eval_metrics(self.num_classes) for stage in EVAL_STAGES})
         #: The last computed evaluation metrics per stage (percent for accuracy), for reports.
         self.last_metrics: dict[str, dict[str, float]] = {}

@@ -2,8 +2,24 @@
 
 A *unit* is what a ranking scores: a whole parameter tensor (``tensor``), one
 output channel of a parameter, i.e. the slice ``weight[c]`` along dimension 0
-(``channel``: a conv filter or a linear neuron), or one output channel of a
-module's output, reached through a forward hook (``activation``).
+(``channel``: a conv filter, grouped and depthwise ones included, or a linear neuron
+— also a Linear inside a transformer block), one output channel of a module's
+output, reached through a forward hook (``activation``), or one head of a
+multi-head attention module (``head``).
+
+Activation channels: the channel dimension is decided per module from its output:
+modules that are channels-first by construction (convolutions, batch and instance
+norms) use dimension 1; modules that act on the last dimension (Linear, LayerNorm)
+use the last; any other module (ReLU, GELU, Dropout, ...) uses the last dimension
+of a rank-3 output (``[batch, tokens, channels]`` in transformers) and dimension 1
+otherwise (``[batch, channels, height, width]``, ``[batch, features]``).
+
+Head units: head ``h`` of an attention module with ``num_heads`` heads of width
+``d`` is the column block ``proj.weight[:, h*d:(h+1)*d]`` of its output projection
+(``out_proj`` of ``nn.MultiheadAttention``, ``proj`` of timm's ``Attention`` and
+torchvision's Swin attention): the heads' outputs are concatenated head by head
+before that projection, so zeroing the block removes exactly head ``h``'s
+contribution. Other perturbations act on the same block of weights.
 
 A :class:`Perturbation` is a pure function of a unit's values. :func:`perturbed`
 applies it to a model for the duration of a ``with`` block and puts back the
@@ -24,9 +40,16 @@ from torch import nn
 
 from critnet.choices import LEVELLESS, PERTURBATION_KINDS, UNIT_KINDS, SettingError
 
-
-_DEFAULT_INCLUDE = {"tensor": ("weight",), "channel": ("weight",), "activation": None}
-_DEFAULT_MODULE_TYPES = {"tensor": None, "channel": ("Conv2d", "Linear"), "activation": ("Conv2d", "Linear")}
+_DEFAULT_INCLUDE = {"tensor": ("weight",), "channel": ("weight",), "activation": None, "head": None}
+_DEFAULT_MODULE_TYPES = {"tensor": None, "channel": ("Conv2d", "Linear"), "activation": ("Conv2d", "Linear"),
+                         "head": None}
+# Output projections of attention modules, in the order they are looked for (torchvision's MaxViT calls it merge).
+_PROJECTION_NAMES = ("out_proj", "proj", "merge")
+# Modules whose output is channels-first whatever its rank.
+_CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                   nn.GroupNorm)
+# Modules whose channels are the last dimension whatever its rank.
+_CHANNELS_LAST = (nn.Linear, nn.LayerNorm)
 # Attributes that tell how many output channels a module produces without running it.
 _OUT_CHANNEL_ATTRIBUTES = ("out_channels", "out_features", "num_features", "embedding_dim")
 
@@ -36,10 +59,15 @@ class Unit:
     """One scored unit.
 
     Args:
-        kind: ``"tensor"``, ``"channel"`` or ``"activation"``.
+        kind: ``"tensor"``, ``"channel"``, ``"activation"`` or ``"head"``.
         name: the parameter name for tensor and channel units (``"layer1.0.conv1.weight"``), the module name for
-            activation units (``"layer1.0.conv1"``).
-        index: the output channel for channel and activation units; ``None`` for tensor units.
+            activation units (``"layer1.0.conv1"``) and head units (the attention module,
+            ``"encoder.layers.encoder_layer_0.self_attention"``).
+        index: the output channel for channel and activation units, the head for head units; ``None`` for tensor
+            units.
+
+    >>> Unit("head", "blocks.0.attn", 3).label
+    'blocks.0.attn[3]'
     """
 
     kind: str
@@ -58,7 +86,7 @@ class Unit:
 
     @property
     def layer(self) -> str:
-        if self.kind == "activation":
+        if self.kind in ("activation", "head"):
             return self.name
         return self.name.rpartition(".")[0]
 
@@ -98,6 +126,49 @@ def _check_module_types(model: nn.Module, module_types: Sequence[str] | None) ->
     return set(module_types)
 
 
+def activation_channel_dim(module: nn.Module, output: torch.Tensor) -> int:
+    """The dimension of ``module``'s ``output`` that holds its channels (see the module docstring).
+
+    >>> activation_channel_dim(nn.GELU(), torch.zeros(2, 5, 8))
+    2
+    """
+    if isinstance(module, _CHANNELS_FIRST):
+        return 1
+    if isinstance(module, _CHANNELS_LAST) or output.dim() == 3:
+        return output.dim() - 1
+    return 1
+
+
+def attention_heads(module: nn.Module) -> tuple[str, int, int] | None:
+    """``(projection child name, number of heads, head width)`` of an attention module, or None if ``module`` is
+    not one: an ``nn.MultiheadAttention`` or any module with an integer ``num_heads`` (``n_heads``) and a Linear
+    ``out_proj``, ``proj`` or ``merge`` (MaxViT) child whose input features split evenly into the heads.
+
+    >>> attention_heads(nn.MultiheadAttention(16, 4))
+    ('out_proj', 4, 4)
+    """
+    heads = getattr(module, "num_heads", getattr(module, "n_heads", None))
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+        return None
+    for child in _PROJECTION_NAMES:
+        projection = getattr(module, child, None)
+        if isinstance(projection, nn.Linear) and projection.in_features % heads == 0:
+            return child, heads, projection.in_features // heads
+    return None
+
+
+def head_parameter_name(model: nn.Module, unit: Unit) -> str:
+    """The name of the output-projection weight a head unit lives in; ValueError naming the unit otherwise."""
+    modules = dict(model.named_modules())
+    found = attention_heads(modules[unit.name]) if unit.name in modules else None
+    if unit.kind != "head" or found is None:
+        raise SettingError(f"unit {unit.label}: the model has no attention module named {unit.name!r}")
+    child, heads, _ = found
+    if not 0 <= unit.index < heads:
+        raise SettingError(f"unit {unit.label}: head index out of range for {heads} heads")
+    return f"{unit.name}.{child}.weight" if unit.name else f"{child}.weight"
+
+
 def _owner(modules: dict[str, nn.Module], param_name: str) -> nn.Module:
     return modules[param_name.rpartition(".")[0]]
 
@@ -122,7 +193,7 @@ def _probe_activation_channels(model: nn.Module, names: list[str], example_input
         def hook(_module, _inputs, output):
             if not isinstance(output, torch.Tensor) or output.dim() < 2:
                 raise SettingError(f"activation units: module {name!r} does not output a (batch, channel, ...) tensor")
-            channels[name] = output.shape[1]
+            channels[name] = output.shape[activation_channel_dim(_module, output)]
 
         return hook
 
@@ -152,18 +223,24 @@ def select_units(
 
     Args:
         model: the network.
-        kind: ``tensor``, ``channel`` or ``activation``.
+        kind: ``tensor``, ``channel``, ``activation`` or ``head``.
         include: regular expressions searched in the parameter name (tensor, channel) or the module name
-            (activation); a name is kept if any matches. Default: ``["weight"]`` for tensor and channel units
-            (the original experiment: every parameter whose name contains ``weight``), everything for activations.
+            (activation, head); a name is kept if any matches. Default: ``["weight"]`` for tensor and channel units
+            (the original experiment: every parameter whose name contains ``weight``), everything for activations
+            and heads.
         exclude: regular expressions; a name matching any of them is dropped.
-        module_types: class names of the owning module (e.g. ``["Conv2d", "Linear"]``). Default: any for tensor
-            units, ``["Conv2d", "Linear"]`` for channel and activation units.
+        module_types: class names of the owning module (e.g. ``["Conv2d", "Linear"]``; subclasses such as
+            ``NonDynamicallyQuantizableLinear`` are matched by their own name). Default: any for tensor units,
+            ``["Conv2d", "Linear"]`` for channel and activation units, every attention module for head units.
         example_input: an input batch, only needed for activation units of modules that do not declare their
             output channels (e.g. ``ReLU``); the model is run once on it to read them.
 
     Raises:
         ValueError: unknown kind or module type, an invalid regular expression, or an empty selection.
+
+    >>> import torchvision
+    >>> len(select_units(torchvision.models.vit_b_16(), "head"))
+    144
     """
     if kind not in UNIT_KINDS:
         raise SettingError(f"kind: {kind!r} is not one of {', '.join(UNIT_KINDS)}")
@@ -183,6 +260,14 @@ def select_units(
                 units.append(Unit("tensor", name))
             elif param.dim() >= 1:
                 units.extend(Unit("channel", name, c) for c in range(param.shape[0]))
+    elif kind == "head":
+        for name, module in model.named_modules():
+            found = attention_heads(module)
+            if found is None or not _matches(name, include_patterns, exclude_patterns):
+                continue
+            if types is not None and type(module).__name__ not in types:
+                continue
+            units.extend(Unit("head", name, h) for h in range(found[1]))
     else:
         names = [
             name
@@ -208,7 +293,7 @@ def select_units(
     if not units:
         raise SettingError(
             f"the selection is empty: kind={kind!r}, include={include!r}, exclude={list(exclude or ())!r}, "
-            f"module_types={module_types!r} match no {'module' if kind == 'activation' else 'parameter'} of "
+            f"module_types={module_types!r} match no {'parameter' if kind in ('tensor', 'channel') else 'module'} of "
             f"{type(model).__name__}"
         )
     return units
@@ -326,9 +411,12 @@ def _prune_rows(rows: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def resolve_parameter(model: nn.Module, unit: Unit) -> nn.Parameter:
-    """The parameter a tensor or channel unit lives in; ValueError naming the unit if the model has none."""
+    """The parameter a tensor, channel or head unit lives in (for a head: the attention's output projection weight);
+    ValueError naming the unit if the model has none."""
     if unit.kind == "activation":
         raise SettingError(f"unit {unit.label} is an activation unit, it has no parameter")
+    if unit.kind == "head":
+        return dict(model.named_parameters())[head_parameter_name(model, unit)]
     params = dict(model.named_parameters())
     if unit.name not in params:
         raise SettingError(f"unit {unit.label}: the model has no parameter named {unit.name!r}")
@@ -346,6 +434,12 @@ def resolve_module(model: nn.Module, unit: Unit) -> nn.Module:
     return modules[unit.name]
 
 
+def resolve_head_module(model: nn.Module, unit: Unit) -> nn.Module:
+    """The attention module a head unit lives in; ValueError naming the unit if the model has none."""
+    head_parameter_name(model, unit)
+    return dict(model.named_modules())[unit.name]
+
+
 def _bit_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(_INT_VIEWS[t.element_size()]) if t.is_floating_point() else t
 
@@ -354,20 +448,27 @@ def _bit_view(t: torch.Tensor) -> torch.Tensor:
 def perturbed(model: nn.Module, unit: Unit, perturbation: Perturbation) -> Iterator[None]:
     """Perturb one unit of ``model`` inside the ``with`` block.
 
-    Tensor and channel units are written in place under ``no_grad`` and their exact original bits are put back on
-    exit (also on exceptions). Activation units get a forward hook that replaces ``output[:, index]``; it is removed
-    on exit.
+    Tensor, channel and head units are written in place under ``no_grad`` and their exact original bits are put
+    back on exit (also on exceptions). Activation units get a forward hook that replaces the channel ``index`` of the
+    output (along :func:`activation_channel_dim`); it is removed on exit.
+
+    >>> model = nn.MultiheadAttention(8, 2)
+    >>> with perturbed(model, Unit("head", "", 1), Perturbation("zero")):
+    ...     model.out_proj.weight[:, 4:].abs().sum().item()
+    0.0
     """
     perturbation.check_unit_kind(unit.kind)
     if unit.kind == "activation":
         module = resolve_module(model, unit)
         index = unit.index
 
-        def hook(_module, _inputs, output):
-            if not isinstance(output, torch.Tensor) or output.dim() < 2 or index >= output.shape[1]:
+        def hook(hooked, _inputs, output):
+            dim = activation_channel_dim(hooked, output) if isinstance(output, torch.Tensor) else 1
+            if not isinstance(output, torch.Tensor) or output.dim() < 2 or index >= output.shape[dim]:
                 raise SettingError(f"unit {unit.label}: module output has no channel {index}")
             output = output.clone()
-            output[:, index] = perturbation.apply(output[:, index], unit)
+            channel = output.select(dim, index)
+            channel.copy_(perturbation.apply(channel, unit))
             return output
 
         handle = module.register_forward_hook(hook)
@@ -378,7 +479,11 @@ def perturbed(model: nn.Module, unit: Unit, perturbation: Perturbation) -> Itera
         return
 
     data = resolve_parameter(model, unit).detach()
-    target = data if unit.index is None else data[unit.index]
+    if unit.kind == "head":
+        width = data.shape[1] // attention_heads(resolve_head_module(model, unit))[1]
+        target = data[:, unit.index * width : (unit.index + 1) * width]
+    else:
+        target = data if unit.index is None else data[unit.index]
     saved = target.clone()
     try:
         with torch.no_grad():

@@ -32,7 +32,8 @@ class CriticalRanking(AnalysisCallback):
 
     Args:
         unit: What a unit is: ``tensor`` (a whole parameter), ``channel`` (one output channel ``weight[c]`` of a
-            parameter: a filter or a neuron) or ``activation`` (one output channel of a module, via a forward hook).
+            parameter: a filter or a neuron), ``activation`` (one output channel of a module, via a forward hook) or
+            ``head`` (one head of an attention module: its block of input columns of the output projection).
         include: Regular expressions searched in parameter names (tensor, channel) or module names (activation);
             a name is kept if one matches. Default: ``["weight"]`` for tensor/channel units (the original
             experiment: every parameter whose name contains ``weight``), all modules for activation units.

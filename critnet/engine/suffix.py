@@ -9,7 +9,12 @@ equal the full forward pass bit for bit on the same device and batch sizes.
 
 Channel units of a plain ``Conv2d`` go one step further: the perturbed layer's output is the cached unperturbed
 output with one channel recomputed from the perturbed filter (the other channels do not depend on it), so the cut
-moves behind the convolution.
+moves behind the convolution. In a grouped (or depthwise) convolution output channel ``c`` reads only the input
+channels of its group ``c // (out_channels / groups)``, so the recompute convolves that slice of the input.
+
+A parameter used inside a module that ``torch.fx`` keeps whole (``nn.MultiheadAttention`` reads its ``out_proj``
+weight functionally) is cut at the call of that enclosing module. Units that no traced node uses, and every unit of
+a model that does not trace, are evaluated with full forward passes, announced by one warning with their count.
 
 The evaluation set is processed in *segments* of whole batches whose crossing values fit the memory budget;
 scores are sums, so segmenting stays exact.
@@ -17,6 +22,7 @@ scores are sums, so segmenting stays exact.
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 import warnings
@@ -25,12 +31,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from critnet.engine.data import EvaluationSet
 from critnet.engine.naive import run_naive
 from critnet.engine.tallying import TallyPair, sum_halves
-from critnet.perturb import Perturbation, Unit, perturbed
+from critnet.perturb import Perturbation, Unit, head_parameter_name, perturbed
 from critnet.scoring import UnitOutcome
 from critnet.scoring import per_sample as sample_stats
 
@@ -62,16 +69,23 @@ class TracedModel:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        # Optional forward arguments (timm's ``attn_mask=None``) are traced as their defaults: the engine feeds images.
+        optional = {p.name: p.default for p in list(inspect.signature(model.forward).parameters.values())[1:]
+                    if p.default is not inspect.Parameter.empty}
         with _TRACE_LOCK:  # tracing patches torch functions process-wide for its duration
-            self.gm = fx.symbolic_trace(model)  # shares the model's modules and parameters, so perturbations show
+            # shares the model's modules and parameters, so perturbations show
+            self.gm = fx.symbolic_trace(model, concrete_args=optional or None)
         self.nodes: list[fx.Node] = list(self.gm.graph.nodes)
         self.position = {node: i for i, node in enumerate(self.nodes)}
         self.last_use = {node: max((self.position[u] for u in node.users), default=-1) for node in self.nodes}
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise ValueError(f"the traced model takes {len(placeholders)} inputs; the engine handles exactly one")
+        if len(placeholders) != 1 + len(optional):
+            raise ValueError(f"the traced model takes {len(placeholders) - len(optional)} inputs; the engine handles "
+                             "exactly one")
         self.input_node = placeholders[0]
-        self.first = self.position[self.input_node] + 1
+        #: The optional arguments' placeholders (in signature order) with the defaults they were traced with.
+        self.defaults = dict(zip(placeholders[1:], optional.values()))
+        self.first = max(self.position[n] for n in placeholders) + 1
         # Values that depend on the input carry the batch; the others (parameters, constants) are shared by all.
         self.batched: set[fx.Node] = set()
         for node in self.nodes:
@@ -82,6 +96,10 @@ class TracedModel:
         self._suffixes: dict[tuple, fx.GraphModule] = {}
         self.node_cost: dict[fx.Node, float] = {}
 
+    def start(self, x: Tensor) -> dict:
+        """The values a walk over the graph starts from: the input batch and the optional arguments' defaults."""
+        return {self.input_node: x, **self.defaults}
+
     def crossing(self, position: int) -> list[fx.Node]:
         """Values computed before ``position`` and used at or after it, in graph order."""
         return [n for n in self.nodes[:position] if self.last_use[n] >= position]
@@ -91,11 +109,13 @@ class TracedModel:
         if unit.kind == "activation":
             owners, aliases, attr = {unit.name}, set(), None
         else:
+            param_name = head_parameter_name(self.model, unit) if unit.kind == "head" else unit.name
             # A tied parameter lives under several names; its first use under any of them is the cut.
-            param = self.parameters.get(unit.name)
-            aliases = {name for name, q in self.parameters.items() if q is param} | {unit.name}
-            owners = {name.rpartition(".")[0] for name in aliases}
-            attr = unit.name.rpartition(".")[2]
+            param = self.parameters.get(param_name)
+            aliases = {name for name, q in self.parameters.items() if q is param} | {param_name}
+            # fx keeps torch.nn modules whole, so the call of an enclosing module may be the parameter's only use.
+            owners = {prefix for name in aliases for prefix in _enclosing_modules(name)}
+            attr = param_name.rpartition(".")[2]
         users = [
             i
             for i, n in enumerate(self.nodes)
@@ -113,7 +133,7 @@ class TracedModel:
         module = self.modules.get(node.target) if node.op == "call_module" else None
         return (
             type(module) is nn.Conv2d
-            and module.groups == 1
+            and (module.groups == 1 or module.padding_mode == "zeros")
             and len(node.args) == 1
             and not node.kwargs
             and isinstance(node.args[0], fx.Node)
@@ -163,7 +183,7 @@ class TracedModel:
     def measure(self, x: Tensor) -> float:
         """Per-sample cost of every node (multiply-adds for conv/linear, output size otherwise) from one batch;
         returns the per-sample bytes of the largest set of values crossing any cut."""
-        env = {self.input_node: x}
+        env = self.start(x)
         interpreter = fx.Interpreter(self.gm)
         interpreter.env = env
         batch = x.shape[0]
@@ -203,17 +223,37 @@ class TracedModel:
         return sum(self.node_cost.values())
 
 
+def _enclosing_modules(param_name: str) -> list[str]:
+    """The names of the modules that hold ``param_name``, innermost first (``a.b.weight`` → ``a.b``, ``a``)."""
+    parts = param_name.split(".")[:-1]
+    return [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
+
+
+def one_channel(conv: nn.Conv2d, x: Tensor, channel: int, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Output channel ``channel`` of ``conv`` on input ``x`` with filter ``weight`` (shape ``[1, in/groups, k, k]``)."""
+    if conv.groups == 1:
+        return conv._conv_forward(x, weight, bias)
+    width_in = conv.in_channels // conv.groups
+    group = channel // (conv.out_channels // conv.groups)
+    x = x[:, group * width_in : (group + 1) * width_in]
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, 1)
+
+
+def trace_failure(model: nn.Module) -> tuple[TracedModel | None, str | None]:
+    """The traced model and None, or None and why ``torch.fx`` cannot trace it (one line)."""
+    try:
+        return TracedModel(model), None
+    except Exception as err:  # noqa: BLE001 - any tracing failure means: fall back to full forward passes
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        return None, f"torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {first_line})"
+
+
 def trace(model: nn.Module) -> TracedModel | None:
     """The traced model, or None (with a warning) if ``torch.fx`` cannot trace it."""
-    try:
-        return TracedModel(model)
-    except Exception as err:  # noqa: BLE001 - any tracing failure means: fall back to full forward passes
-        warnings.warn(
-            f"exact engine: torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {err}); "
-            "evaluating every unit with full forward passes",
-            stacklevel=3,
-        )
-        return None
+    traced, reason = trace_failure(model)
+    if reason is not None:
+        warnings.warn(f"exact engine: {reason}; evaluating every unit with full forward passes", stacklevel=3)
+    return traced
 
 
 class SuffixEvaluator:
@@ -229,7 +269,7 @@ class SuffixEvaluator:
         self.model = model
         self.perturbation = perturbation
         self.data = data
-        self.traced = trace(model)
+        self.traced, self.trace_failure = trace_failure(model)
         self.budget = (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
         self.bytes_per_sample = 0.0
         if self.traced is not None:
@@ -277,6 +317,10 @@ class SuffixEvaluator:
         planned = [(i, u, self.plan(u)) for i, u in work]
         unplanned = [(i, u) for i, u, p in planned if p is None]
         if unplanned:
+            why = self.trace_failure or (
+                f"no traced node of {type(self.model).__name__} uses them (e.g. {unplanned[0][1].label})")
+            warnings.warn(f"exact engine: {len(unplanned)} of {len(planned)} units evaluated with full forward "
+                          f"passes: {why}", stacklevel=2)
             if per_sample:
                 raise ValueError("per-sample results need a traced model")
             run_naive(self.model, unplanned, self.perturbation, self.data, record)
@@ -314,7 +358,7 @@ class SuffixEvaluator:
                     batches.append((x, y, offsets[p]))
                 if p >= segment[-1]:
                     break  # a streamed set need not be read past this segment
-            states = [{traced.input_node: x} for x, _, _ in batches]
+            states = [traced.start(x) for x, _, _ in batches]
             position = traced.first
             for stop_position in order:
                 keep = stops[stop_position].keep
@@ -348,7 +392,7 @@ class SuffixEvaluator:
                             outs = []
                             for channel, weight, bias in filters:
                                 out = env[node].clone()
-                                out[:, channel] = conv._conv_forward(env[node.args[0]], weight, bias)[:, 0]
+                                out[:, channel] = one_channel(conv, env[node.args[0]], channel, weight, bias)[:, 0]
                                 outs.append(out)
                             v = len(outs)
                             args = [torch.cat(outs) if n is node else _repeat(env[n], v, n in traced.batched) for n in inputs]
@@ -378,6 +422,9 @@ class SuffixEvaluator:
         if self.bytes_per_sample > 0:
             wanted = min(wanted, max(1, int(self.budget // (4 * batch * self.bytes_per_sample))))
         if wanted == 1:
+            return 1
+        if any(n in self.traced.batched and not isinstance(env[n], Tensor) for n in inputs):
+            # a value read off the batch (a ViT's ``x.shape[0]`` used by a later reshape) would not stack
             return 1
         try:
             single = suffix(*[env[n] for n in inputs])

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from critnet.choices import TAYLOR_ORDERS, check_choice
+from critnet.choices import TAYLOR_ORDERS, SettingError, check_choice
 from critnet.engine.data import EvaluationSet
-from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
+from critnet.perturb import Perturbation, Unit, activation_channel_dim, resolve_module, resolve_parameter
 from critnet.scoring import Tally, UnitOutcome
 
 
@@ -43,6 +43,9 @@ def taylor_estimates(
     model is left changed.
     """
     check_choice("taylor_order", order, TAYLOR_ORDERS)
+    if any(u.kind == "head" for u in units):
+        # a head's columns are not a slice along dimension 0, which the gradient bookkeeping below assumes
+        raise SettingError("method: taylor estimates are not defined for head units; use exact or naive")
     param_units = [u for u in units if u.kind != "activation"]
     act_units = [u for u in units if u.kind == "activation"]
     names = sorted({u.name for u in param_units})
@@ -114,10 +117,11 @@ def taylor_estimates(
                     if g is None:
                         continue
                     act = act.detach()
+                    dim = activation_channel_dim(modules[name], act)
                     for unit in by_layer[name]:
-                        values = act[:, unit.index]
+                        values = act.select(dim, unit.index)
                         delta = perturbation.apply(values, unit).double() - values.double()
-                        per_sample = (delta * g[:, unit.index].double()).reshape(len(delta), -1).sum(1)
+                        per_sample = (delta * g.select(dim, unit.index).double()).reshape(len(delta), -1).sum(1)
                         act_sums[unit] += per_sample.sum().cpu()
                         if order == 2:
                             fisher[unit] += 0.5 * per_sample.square().sum().cpu()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from critnet.checkpoints import WeightsInfo, load_weights
-from critnet.models.registry import build_model, get_model_spec
+from critnet.checkpoints import WeightsInfo, load_weights, torchvision_weights
+from critnet.models.registry import get_model_spec
+from critnet.models.torchvision_models import adapt_torchvision_state
 
 #: The attribute of a model returned by :func:`load_model` that says where its weights came from.
 WEIGHTS_ATTRIBUTE = "critnet_weights"
@@ -15,9 +16,13 @@ def load_model(arch: str, weights: str | None = None, num_classes: int | None = 
     """A registered architecture in eval mode, with weights from a file or a known name (strictly checked).
 
     Args:
-        arch: a registered model name (``critnet.models.list_models()``), e.g. ``"resnet20"``.
-        weights: a state-dict file (``.th``/``.pth``/``.pt``), a Lightning ``.ckpt`` or a known checkpoint name;
-            ``None`` keeps the random initialisation.
+        arch: a model name from ``critnet.models.list_models()``: a torchvision classifier (``"mobilenet_v2"``), a
+            CIFAR ResNet (``"resnet20"``) or ``"timm/<name>"`` (with ``pip install critnet[timm]``).
+        weights: a state-dict file (``.th``/``.pth``/``.pt``), a Lightning ``.ckpt``, a known checkpoint name
+            (``resnet20-cifar10``), a torchvision weight name of ``arch`` (``DEFAULT``, ``IMAGENET1K_V2``,
+            ``ResNet50_Weights.IMAGENET1K_V2``; downloaded once into ``checkpoints/`` and hash-checked) or, for timm
+            models, ``pretrained`` or a timm pretrained tag (through timm's cache); ``None`` keeps the random
+            initialisation.
         num_classes: output classes; default: the architecture's own.
 
     The returned module carries :class:`~critnet.checkpoints.WeightsInfo` (path and sha256 of the weights) as
@@ -28,10 +33,24 @@ def load_model(arch: str, weights: str | None = None, num_classes: int | None = 
     (False, None)
     """
     spec = get_model_spec(arch)
-    model = build_model(arch, num_classes if num_classes is not None else spec.default_num_classes)
+    classes = num_classes if num_classes is not None else spec.default_num_classes
     info: WeightsInfo | None = None
+    if spec.family == "timm" and weights is not None:
+        from critnet.models.timm_models import build_pretrained, pretrained_tag
+
+        tag = pretrained_tag(arch, weights)
+        if tag is not None:
+            model = build_pretrained(arch, tag, classes)
+            info = WeightsInfo(source=weights, path=f"timm:{arch}.{tag}".rstrip("."), sha256="")
+            setattr(model, WEIGHTS_ATTRIBUTE, info)
+            return model.eval()
+    tv_weights = torchvision_weights(arch, weights) if spec.family == "imagenet" else None
+    # Some torchvision weights fix constructor arguments (a ViT trained at 384 px), so they shape the model.
+    model = spec.factory(num_classes=classes, weights=tv_weights) if tv_weights is not None else spec.factory(
+        num_classes=classes)
     if weights is not None:
-        info = load_weights(model, weights, arch)
+        adapt = adapt_torchvision_state(arch) if spec.family == "imagenet" else None
+        info = load_weights(model, weights, arch, adapt=adapt)
     setattr(model, WEIGHTS_ATTRIBUTE, info)
     return model.eval()
 

@@ -2,7 +2,8 @@
 
 Every model critnet can analyse is registered here under a unique name, so that a
 YAML config can say ``arch: resnet56`` and a typo gets a list of valid names
-instead of an ``AttributeError`` from deep inside an import.
+instead of an ``AttributeError`` from deep inside an import. Names of the form
+``timm/<name>`` are looked up in timm (an optional extra) when first asked for.
 """
 
 from __future__ import annotations
@@ -16,25 +17,46 @@ from critnet.errors import CritnetError
 
 ModelFactory = Callable[..., nn.Module]
 
+#: Prefix of timm model names: ``timm/vit_tiny_patch16_224``.
+TIMM_PREFIX = "timm/"
+
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What critnet knows about a registered architecture."""
+    """What critnet knows about a registered architecture.
+
+    Attributes:
+        name: the registered name (``--model.arch``).
+        factory: builds the model with random weights: ``factory(num_classes=...)``.
+        family: ``cifar`` (CIFAR layout), ``imagenet`` (torchvision, ImageNet layout) or ``timm``.
+        default_num_classes: output classes when none are asked for.
+        input_size: the side of the square input the model is meant for (the eval crop of its default weights).
+        min_input_size: the smallest input side it accepts; equal to ``input_size`` where only that size works
+            (ViT, Swin: position embeddings and attention windows fix it).
+    """
 
     name: str
     factory: ModelFactory
-    family: str  # "cifar" or "imagenet": decides the default input size and data
+    family: str
     default_num_classes: int
     input_size: int
+    min_input_size: int | None = None
+
+    @property
+    def smallest_input(self) -> int:
+        return self.input_size if self.min_input_size is None else self.min_input_size
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(
-    name: str, *, family: str, default_num_classes: int, input_size: int
+    name: str, *, family: str, default_num_classes: int, input_size: int, min_input_size: int | None = None
 ) -> Callable[[ModelFactory], ModelFactory]:
     """Class/function decorator that registers ``factory`` under ``name``.
+
+    >>> @register_model("tiny", family="cifar", default_num_classes=10, input_size=32)  # doctest: +SKIP
+    ... def tiny(num_classes=10): return nn.Linear(3 * 32 * 32, num_classes)
 
     Raises:
         ValueError: if ``name`` is already registered — two models silently
@@ -44,15 +66,24 @@ def register_model(
     def decorator(factory: ModelFactory) -> ModelFactory:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered (by {_REGISTRY[name].factory!r})")
-        _REGISTRY[name] = ModelSpec(name, factory, family, default_num_classes, input_size)
+        _REGISTRY[name] = ModelSpec(name, factory, family, default_num_classes, input_size, min_input_size)
         return factory
 
     return decorator
 
 
-def list_models() -> list[str]:
-    """Names of all registered models, sorted."""
-    return sorted(_REGISTRY)
+def list_models(include_timm: bool = True) -> list[str]:
+    """Names of all models critnet can build, sorted: registered ones, then ``timm/<name>`` when timm is installed.
+
+    >>> "mobilenet_v2" in list_models()
+    True
+    """
+    names = sorted(_REGISTRY)
+    if include_timm:
+        from critnet.models.timm_models import timm_model_names
+
+        names += [TIMM_PREFIX + n for n in timm_model_names()]
+    return names
 
 
 class UnknownModelError(CritnetError):
@@ -60,15 +91,28 @@ class UnknownModelError(CritnetError):
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    try:
+    """The :class:`ModelSpec` of ``name``; a one-line :class:`UnknownModelError` naming ``--model.arch`` otherwise.
+
+    >>> get_model_spec("resnet20").input_size
+    32
+    """
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise UnknownModelError(
-            f"unknown model {name!r} (--model.arch); registered models: {', '.join(list_models())}"
-        ) from None
+    if isinstance(name, str) and name.startswith(TIMM_PREFIX):
+        from critnet.models.timm_models import timm_spec
+
+        return timm_spec(name)
+    raise UnknownModelError(
+        f"unknown model {name!r} (--model.arch); registered models: {', '.join(sorted(_REGISTRY))}, "
+        f"or {TIMM_PREFIX}<name> with timm installed (`python analyze.py --list-models` lists them all)"
+    )
 
 
 def build_model(name: str, num_classes: int | None = None) -> nn.Module:
-    """Instantiate the registered model ``name`` with random weights."""
+    """Instantiate the registered model ``name`` with random weights.
+
+    >>> build_model("resnet20", num_classes=7).linear.out_features
+    7
+    """
     spec = get_model_spec(name)
     return spec.factory(num_classes=spec.default_num_classes if num_classes is None else num_classes)

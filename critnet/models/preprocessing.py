@@ -1,0 +1,98 @@
+"""The evaluation preprocessing a model's weights expect: resize, centre crop, interpolation, mean and std.
+
+torchvision weights carry their own (``weights.transforms()``: ViT-B/16 SWAG wants 384 px bicubic, EfficientNet-B3
+320 → 300 px, ...); timm models carry a pretrained config. A model evaluated with another preprocessing than its
+weights were trained with loses accuracy for no reason of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from torchvision import transforms
+
+from critnet.checkpoints import torchvision_weights
+from critnet.models.registry import get_model_spec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = {"bilinear": transforms.InterpolationMode.BILINEAR, "bicubic": transforms.InterpolationMode.BICUBIC,
+                  "nearest": transforms.InterpolationMode.NEAREST}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the shorter side to ``resize_size``, centre-crop ``crop_size``, scale to [0, 1], normalise."""
+
+    resize_size: int
+    crop_size: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def with_sizes(self, resize_size: int | None = None, crop_size: int | None = None) -> Preprocessing:
+        """These settings with the sizes a user asked for; a crop alone keeps the weights' resize-to-crop ratio.
+
+        >>> Preprocessing(256, 224).with_sizes(crop_size=112)
+        Preprocessing(resize_size=128, crop_size=112, interpolation='bilinear', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        """
+        if crop_size is not None and resize_size is None:
+            resize_size = round(crop_size * self.resize_size / self.crop_size)
+        return replace(self, resize_size=resize_size or self.resize_size, crop_size=crop_size or self.crop_size)
+
+    def eval_transform(self) -> transforms.Compose:
+        return transforms.Compose([
+            transforms.Resize(self.resize_size, interpolation=INTERPOLATIONS[self.interpolation]),
+            transforms.CenterCrop(self.crop_size),
+            transforms.ToTensor(),
+            transforms.Normalize(self.mean, self.std),
+        ])
+
+    def train_transform(self) -> transforms.Compose:
+        return transforms.Compose([
+            transforms.RandomResizedCrop(self.crop_size, interpolation=INTERPOLATIONS[self.interpolation]),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(self.mean, self.std),
+        ])
+
+
+def preprocessing(arch: str | None = None, weights: str | None = None) -> Preprocessing:
+    """The eval preprocessing of ``arch`` with ``weights``: a torchvision weight name's own; for a file or random
+    weights the architecture's default weights' (what a fine-tuned copy most likely kept); for timm models their
+    pretrained config; otherwise resize 256, crop 224, bilinear, ImageNet mean/std.
+
+    >>> preprocessing("efficientnet_b3").crop_size
+    300
+    """
+    if arch is None:
+        return Preprocessing(256, 224)
+    spec = get_model_spec(arch)
+    if spec.family == "imagenet":
+        import torchvision.models as tvm
+
+        chosen = torchvision_weights(arch, weights) or tvm.get_model_weights(arch).DEFAULT
+        tf = chosen.transforms()
+        return Preprocessing(tf.resize_size[0], tf.crop_size[0], tf.interpolation.value, tuple(tf.mean), tuple(tf.std))
+    if spec.family == "timm":
+        return _timm_preprocessing(arch, weights)
+    return Preprocessing(spec.input_size, spec.input_size)
+
+
+def _timm_preprocessing(arch: str, weights: str | None) -> Preprocessing:
+    import timm
+
+    from critnet.models.timm_models import pretrained_tag, split_name
+
+    name = split_name(arch)
+    tag = pretrained_tag(arch, weights) if weights else None
+    try:
+        cfg = timm.get_pretrained_cfg(f"{name}.{tag}" if tag else name)
+    except Exception:  # noqa: BLE001 - a model without pretrained config: timm's usual ImageNet preprocessing
+        cfg = None
+    if cfg is None:
+        return Preprocessing(256, 224)
+    crop = int(cfg.input_size[-1])
+    # timm's rarer modes ("random" for training) have no eval meaning here; its eval default is bicubic
+    interpolation = cfg.interpolation if cfg.interpolation in INTERPOLATIONS else "bicubic"
+    return Preprocessing(int(crop / cfg.crop_pct), crop, interpolation, tuple(cfg.mean), tuple(cfg.std))

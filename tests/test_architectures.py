@@ -1,0 +1,248 @@
+"""The exact engine on one tiny model per torchvision family: exact == naive, heads against a hand-written
+attention with the head masked, grouped convolutions, token activations, prune sweeps on transformers."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+from torchvision.models.densenet import DenseNet
+from torchvision.models.efficientnet import EfficientNet, _efficientnet_conf
+from torchvision.models.maxvit import MaxVit
+from torchvision.models.regnet import BlockParams, RegNet
+from torchvision.models.swin_transformer import SwinTransformer
+from torchvision.models.vision_transformer import VisionTransformer
+
+from critnet.engine import EvaluationSet, evaluate_units
+from critnet.perturb import Perturbation, Unit, activation_channel_dim, perturbed, select_units
+from critnet.prune import dwp_masks, evaluate, pruned
+
+CLASSES = 5
+
+
+def state_checksum(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tiny_vit() -> nn.Module:
+    model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=4, hidden_dim=16, mlp_dim=32,
+                              num_classes=CLASSES)
+    # torchvision starts the classifier at zero: every logit equal, every top-1 a tie
+    nn.init.normal_(model.heads.head.weight)
+    return model
+
+
+# One tiny member of each family (widths and depths cut down; the layer types are the family's own).
+FAMILIES = {
+    "mobilenet_v3": lambda: torchvision.models.mobilenet_v3_small(width_mult=0.25, num_classes=CLASSES),
+    "efficientnet": lambda: EfficientNet(_efficientnet_conf("efficientnet_b0", width_mult=0.25, depth_mult=0.25)[0],
+                                         0.2, num_classes=CLASSES),
+    "convnext": lambda: ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=CLASSES),
+    "densenet": lambda: DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=CLASSES),
+    "regnet": lambda: RegNet(BlockParams.from_init_params(depth=3, w_0=8, w_a=8.0, w_m=2.0, group_width=4,
+                                                          se_ratio=0.25), stem_width=8, num_classes=CLASSES),
+    "vit": tiny_vit,
+    "swin": lambda: SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[2, 2],
+                                    window_size=[2, 2], num_classes=CLASSES),
+    "maxvit": lambda: MaxVit(input_size=(16, 16), stem_channels=8, partition_size=2, block_channels=[8],
+                             block_layers=[1], head_dim=4, stochastic_depth_prob=0.0, num_classes=CLASSES),
+}
+
+
+def batches_for(seed: int = 0, count: int = 2, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, size, size, generator=generator), torch.randint(0, CLASSES, (4,), generator=generator))
+            for _ in range(count)]
+
+
+def spread(units: list[Unit], count: int) -> list[Unit]:
+    """``count`` units spread over the whole list (first, last and evenly between)."""
+    if len(units) <= count:
+        return units
+    return [units[round(i * (len(units) - 1) / (count - 1))] for i in range(count)]
+
+
+def assert_exact_equals_naive(model: nn.Module, units: list[Unit], batches, perturbation=Perturbation("zero")):
+    data = EvaluationSet.from_batches(batches)
+    before = state_checksum(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to full passes would be a warning: here every unit is placed
+        exact = evaluate_units(model, units, perturbation, data, method="exact")
+    naive = evaluate_units(model, units, perturbation, data, method="naive")
+    assert state_checksum(model) == before
+    for e, n in zip(exact, naive):
+        assert e.exact and e.unit == n.unit
+        assert (e.total.top1_correct, e.total.top5_correct, e.total.samples) == (
+            n.total.top1_correct, n.total.top5_correct, n.total.samples), e.unit.label
+        assert e.total.loss_sum == pytest.approx(n.total.loss_sum, rel=1e-6, abs=0), e.unit.label
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_exact_equals_naive_on_every_family(family):
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    batches = batches_for()
+    units = spread(select_units(model, "channel"), 5)
+    # Swin's attention reads its qkv/proj weights functionally: those Linear modules are never called, so a forward
+    # hook on them would never fire
+    units += spread(select_units(model, "activation", exclude=[r"attn\.(qkv|proj)$"], example_input=batches[0][0]), 3)
+    if family in ("vit", "swin", "maxvit"):
+        units += spread(select_units(model, "head"), 3)
+    assert_exact_equals_naive(model, units, batches)
+
+
+def test_grouped_and_depthwise_conv_channels_are_recomputed_from_their_group():
+    torch.manual_seed(0)
+    model = FAMILIES["regnet"]().eval()
+    grouped = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert grouped
+    depthwise = FAMILIES["mobilenet_v3"]().eval()
+    dw = [name for name, m in depthwise.named_modules()
+          if isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1]
+    for net, names in ((model, grouped[:2]), (depthwise, dw[:1])):
+        units = []
+        for name in names:
+            units += spread(select_units(net, "channel", include=[rf"^{name}\.weight$"]), 3)
+        # add, not zero: a zeroed filter would not show a wrong input slice
+        assert_exact_equals_naive(net, units, batches_for(1), Perturbation("add", 0.5))
+
+
+def test_vit_b_16_has_144_heads_and_token_activations_use_the_last_dimension():
+    with torch.device("meta"):  # the layout is all select_units reads; no need to initialise 86 M weights
+        model = torchvision.models.vit_b_16()
+    heads = select_units(model, "head")
+    assert len(heads) == 144 and heads[0] == Unit("head", "encoder.layers.encoder_layer_0.self_attention", 0)
+    linear_channels = select_units(model, "channel", include=[r"out_proj\.weight"],
+                                   module_types=["NonDynamicallyQuantizableLinear"])
+    assert len(linear_channels) == 12 * 768
+    assert activation_channel_dim(nn.GELU(), torch.zeros(2, 197, 768)) == 2
+    assert activation_channel_dim(nn.Conv1d(3, 4, 1), torch.zeros(2, 4, 7)) == 1
+    assert activation_channel_dim(nn.ReLU(), torch.zeros(2, 4, 7, 7)) == 1
+
+
+def masked_attention(module: nn.MultiheadAttention, x: torch.Tensor, head: int | None) -> torch.Tensor:
+    """Multi-head self-attention written out by hand (batch first), with head ``head``'s output set to zero."""
+    batch, tokens, width = x.shape
+    heads = module.num_heads
+    q, k, v = F.linear(x, module.in_proj_weight, module.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(batch, tokens, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+    weights = (q @ k.transpose(-2, -1) / math.sqrt(width // heads)).softmax(dim=-1)
+    out = weights @ v
+    if head is not None:
+        out[:, head] = 0.0
+    return F.linear(out.transpose(1, 2).reshape(batch, tokens, width), module.out_proj.weight, module.out_proj.bias)
+
+
+def reference_with_head_masked(model, attention_name, head, batches):
+    module = model.get_submodule(attention_name)
+
+    def hook(_module, inputs, _output):
+        return masked_attention(module, inputs[0], head), None
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return [model(x) for x, _ in batches]
+    finally:
+        handle.remove()
+
+
+def test_head_scores_equal_masking_the_head_inside_the_attention():
+    torch.manual_seed(0)
+    model = tiny_vit().eval()
+    batches = batches_for(2)
+    attention = "encoder.layers.encoder_layer_1.self_attention"
+    with torch.no_grad():
+        plain = [model(x) for x, _ in batches]
+    # the hand-written attention is the model's own when no head is masked
+    for ours, theirs in zip(reference_with_head_masked(model, attention, None, batches), plain):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    units = select_units(model, "head", include=[attention])
+    outcomes = evaluate_units(model, units, Perturbation("zero"), EvaluationSet.from_batches(batches))
+    for unit, outcome in zip(units, outcomes):
+        logits = torch.cat(reference_with_head_masked(model, attention, unit.index, batches))
+        targets = torch.cat([y for _, y in batches])
+        loss = F.cross_entropy(logits, targets, reduction="sum").item()
+        assert outcome.total.top1_correct == int((logits.argmax(1) == targets).sum()), unit.label
+        assert outcome.total.loss_sum == pytest.approx(loss, rel=1e-5), unit.label
+        assert outcome.total.loss_sum != pytest.approx(sum(
+            F.cross_entropy(p, y, reduction="sum").item() for p, (_, y) in zip(plain, batches)), rel=1e-6)
+
+
+def test_head_perturbation_is_restored_bit_for_bit_also_on_error():
+    model = tiny_vit()
+    unit = Unit("head", "encoder.layers.encoder_layer_0.self_attention", 2)
+    weight = model.get_submodule(unit.name).out_proj.weight
+    with torch.no_grad():
+        weight[0, 8] = -0.0  # a signed zero inside the head's block must come back as -0.0
+    before = state_checksum(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with perturbed(model, unit, Perturbation("noise", 1.0)):
+            assert not torch.equal(weight[:, 8:12], model.get_submodule(unit.name).out_proj.weight[:, 8:12] * 0)
+            raise RuntimeError("boom")
+    assert state_checksum(model) == before
+    with perturbed(model, unit, Perturbation("zero")):
+        assert torch.count_nonzero(weight[:, 8:12]) == 0 and torch.count_nonzero(weight[:, :8]) > 0
+    assert state_checksum(model) == before
+
+
+def test_head_units_name_what_is_wrong():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="head index out of range for 4 heads"):
+        with perturbed(model, Unit("head", "encoder.layers.encoder_layer_0.self_attention", 4), Perturbation("zero")):
+            pass
+    with pytest.raises(ValueError, match="no attention module named 'heads'"):
+        with perturbed(model, Unit("head", "heads", 0), Perturbation("zero")):
+            pass
+
+
+def test_prune_sweep_on_a_vit_prunes_the_attention_output_projection():
+    torch.manual_seed(0)
+    model = tiny_vit().eval()
+    batches = batches_for(3)
+    masks = dwp_masks(model, "connections", p_prune=0.3, include_linear=True)
+    assert any(name.endswith("self_attention.out_proj") for name in masks.masks)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mask in masks.masks.items():
+            reference.get_submodule(name).weight.mul_(mask)
+    before = state_checksum(model)
+    with pruned(model, masks):
+        swept = evaluate(model, batches)
+    expected = evaluate(reference, batches)
+    assert (swept.top1_correct, swept.samples) == (expected.top1_correct, expected.samples)
+    assert swept.loss_sum == pytest.approx(expected.loss_sum, rel=1e-6)
+    assert state_checksum(model) == before
+
+
+def test_untraceable_units_fall_back_with_one_warning_that_counts_them():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, groups=1)
+            self.linear = nn.Linear(4, CLASSES)
+
+        def forward(self, x):
+            h = self.conv(x).mean((2, 3))
+            if h.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+                h = h * 2
+            return self.linear(h)
+
+    model = Branchy().eval()
+    units = select_units(model, "channel")
+    with pytest.warns(UserWarning, match=rf"{len(units)} of {len(units)} units evaluated with full forward passes: "
+                                         r"torch.fx cannot trace Branchy") as record:
+        evaluate_units(model, units, Perturbation("zero"), EvaluationSet.from_batches(batches_for(4, 1, 8)))
+    assert sum("full forward passes" in str(w.message) for w in record) == 1

@@ -219,6 +219,7 @@ def fault_campaign(
                 "top1": 100.0 * float(evaluator.golden.correct.double().mean())},
         info={"model_checksum": checksum, "data_checksum": evaluation.checksum, "devices": distributed.world_size,
               "resumed_faults": len(done), "shortcut_fallbacks": dict(evaluator.fallbacks),
+              "engine": dict(evaluator.stats),
               "elapsed_s": round(time.perf_counter() - started, 3)},
     )
     if output_dir is not None and distributed.is_lead:

@@ -167,6 +167,10 @@ class FaultEvaluator:
         self.parameters = dict(model.named_parameters())
         #: Why a shortcut was switched off, by layer (empty when every shortcut held).
         self.fallbacks: dict[str, str] = {}
+        #: Where the work went: images settled by the channel comparison alone, images run through packed suffix
+        #: passes (and the fault-free rows that filled short packs), suffix passes with the fault in the model.
+        self.stats = {"images_masked_by_channel": 0, "images_packed": 0, "packs": 0, "padding_images": 0,
+                      "in_model_passes": 0, "full_passes": 0}
 
     # ----------------------------------------------------------------- planning
 
@@ -239,6 +243,7 @@ class FaultEvaluator:
                 with injected(self.model, fault):
                     for (x, _), offset in zip(self.data, self.data.offsets()):
                         tally_rows(counts, self.model(x), everything[offset: offset + len(x)], self.golden)
+                        self.stats["full_passes"] += 1
                 record(fault, counts)
             else:
                 planned.append((fault, plan))
@@ -276,6 +281,7 @@ class FaultEvaluator:
                     with injected(self.model, fault):
                         for env, (_, rows) in zip(states, batches):
                             tally_rows(counts[fault.id], suffix(*[env[n] for n in inputs]), rows, self.golden)
+                            self.stats["in_model_passes"] += 1
                     done(fault)
                 nodes: dict[fx.Node, list[Fault]] = {}
                 for fault, plan in by_stop[stop]:
@@ -379,6 +385,7 @@ class _ChannelFaults:
                 unchanged = (~differs).nonzero()[:, 0]
                 if len(unchanged):
                     tally_masked(self.counts[fault.id], rows[unchanged], self.golden)
+                    self.evaluator.stats["images_masked_by_channel"] += len(unchanged)
                 changed = differs.nonzero()[:, 0]
                 if len(changed):
                     self._enqueue(_Queued(fault.id, b, changed, channel, values[changed]))
@@ -412,6 +419,9 @@ class _ChannelFaults:
         if room:  # a short last pack is filled with fault-free rows, so every pass has the checked batch size
             parts.append((0, torch.zeros(room, dtype=torch.long, device=pack[0].rows.device), None, None))
         logits = self.suffix(*self._pack_inputs(parts))
+        self.evaluator.stats["packs"] += 1
+        self.evaluator.stats["images_packed"] += self.size - room
+        self.evaluator.stats["padding_images"] += room
         start = 0
         for q in pack:
             rows = self.batches[q.batch][1][q.rows]

@@ -292,3 +292,30 @@ def test_resnet20_outcomes_equal_the_full_forward_loop(resnet20_cifar, cifar_tes
     assert campaign.info["shortcut_fallbacks"] == {}
     assert_matches_reference(resnet20_cifar, batches, campaign)
     assert state_bytes(resnet20_cifar) == before
+
+
+def test_the_cli_preset_runs_the_campaign_and_rejects_bad_flags_in_one_line(tmp_path, capsys):
+    import json
+
+    from test_data import make_image_folder
+
+    from critnet.cli import main
+
+    make_image_folder(tmp_path / "data", "test", 10, 2)
+    args = ["validate", "-c", str(REPO / "configs/resnet20_cifar10.yaml"), "-c", str(REPO / "configs/faults_resnet20.yaml"),
+            "--data.root", str(tmp_path / "data"), "--data.batch_size", "8", "--data.num_workers", "0",
+            "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+            "--trainer.accelerator", "cpu", "--trainer.callbacks.init_args.faults", "12",
+            "--trainer.callbacks.init_args.bits=[29, 30, 31]"]
+    main(args)
+    (log_dir,) = {p.parent for p in (tmp_path / "runs").rglob("campaign.json")}
+    summary = json.loads((log_dir / "campaign.json").read_text())
+    assert summary["faults"] == 12 and summary["golden"]["images"] == 20
+    assert {"faults.csv", "fault_rates.csv", "fault_vulnerability.csv", "fault_heatmap.png",
+            "fault_layers.png"} <= {p.name for p in log_dir.iterdir()}
+    assert "fault campaign" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_code:
+        main([*args, "--trainer.callbacks.init_args.bits=[40]"])
+    assert exit_code.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert errors == ["error: bits[0]: 40 is not a bit position 0..31 of a float32 value"]

@@ -319,3 +319,47 @@ def test_the_cli_preset_runs_the_campaign_and_rejects_bad_flags_in_one_line(tmp_
     assert exit_code.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert errors == ["error: bits[0]: 40 is not a bit position 0..31 of a float32 value"]
+
+
+RANK_SCRIPT = """
+import json, os, sys, torch, torch.distributed as dist
+repo, rank, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+sys.path[:0] = [repo, repo + "/tests"]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+from critnet.distributed import Distributed
+from critnet.faults import fault_campaign
+from test_faults import tiny_model, tiny_data
+totals = []
+campaign = fault_campaign(tiny_model(), tiny_data(), layers=[".*"], module_types=None, faults=60, seed=6,
+                          distributed=Distributed.current(), output_dir=out, progress=lambda d, t: totals.append(t))
+with open(f"{out}/rank{rank}.json", "w") as handle:
+    json.dump({"rows": repr(campaign.faults), "mine": totals[-1]}, handle)
+# leave together, then skip interpreter finalization (gloo teardown abort, pytorch/pytorch#179291)
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
+"""
+
+
+def test_two_gloo_processes_share_the_faults_and_equal_one(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(REPO), str(r), port, str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+    single = fault_campaign(tiny_model(), tiny_data(), layers=[".*"], module_types=None, faults=60, seed=6)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["rows"] == ranks[1]["rows"] == repr(single.faults)
+    assert ranks[0]["mine"] + ranks[1]["mine"] == 60 and min(ranks[0]["mine"], ranks[1]["mine"]) > 0
+    assert '"devices": 2' in (tmp_path / "campaign.json").read_text()  # written once, by rank 0

@@ -56,7 +56,8 @@ def wilson_interval(successes: float, trials: float, confidence: float = 0.95) -
     rate = successes / trials
     centre = (rate + z * z / (2 * trials)) / (1 + z * z / trials)
     half = z / (1 + z * z / trials) * math.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials * trials))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at 0 or n successes one bound equals the rate; rounding must not push it past the rate
+    return max(0.0, min(rate, centre - half)), min(1.0, max(rate, centre + half))
 
 
 def rate_with_interval(successes: int, trials: int, confidence: float = 0.95) -> dict[str, float]:

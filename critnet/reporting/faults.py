@@ -31,8 +31,8 @@ def _heatmap(axes, campaign) -> Any:
 def _layer_bars(axes, campaign) -> None:
     rows = [r for r in campaign.rates["layer"] if r["faults"]]
     rates = np.array([100 * r["critical"] for r in rows])
-    low = rates - np.array([100 * r["critical_low"] for r in rows])
-    high = np.array([100 * r["critical_high"] for r in rows]) - rates
+    low = np.clip(rates - np.array([100 * r["critical_low"] for r in rows]), 0, None)
+    high = np.clip(np.array([100 * r["critical_high"] for r in rows]) - rates, 0, None)
     positions = np.arange(len(rows))
     axes.barh(positions, rates, xerr=[low, high], color="tab:red", ecolor="black", capsize=2)
     axes.set_yticks(positions, [f"{r['layer']} (n={r['faults']})" for r in rows], fontsize=6)

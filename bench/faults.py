@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from critnet.checkpoints import load_weights  # noqa: E402
-from critnet.faults import fault_campaign  # noqa: E402
+from critnet.engine.data import as_evaluation_set  # noqa: E402
+from critnet.faults import FaultEvaluator, fault_campaign  # noqa: E402
 from critnet.faults.injection import apply_fault_bit  # noqa: E402
 from critnet.models import build_model  # noqa: E402
 
@@ -108,6 +109,12 @@ def main() -> None:
         by_layer[row["parameter"]] = by_layer.get(row["parameter"], 0) + 1
     totals = {k: sum(row[k] for row in campaign.faults) for k in OUTCOMES}
     print(f"  outcomes over fault x image pairs: {totals}")
+    # what suffix-only evaluation can save at best: whole-network cost over the summed cost from each fault's cut
+    evaluator = FaultEvaluator(model, as_evaluation_set(batches))
+    costs = evaluator.costs(campaign.fault_list)
+    full = sum(evaluator.traced.node_cost.values())
+    print(f"  suffix FLOP bound (no image skipped): {len(costs) * full / sum(costs):.2f}x; images settled by the "
+          f"channel comparison alone: {campaign.info['engine']['images_masked_by_channel']} of {totals['images']}")
     print(f"  faults per layer: {by_layer}")
     print(f"fault_speedup={naive_s / critnet_s:.2f} outcomes_identical={str(identical).lower()} "
           f"faults_per_s={len(campaign.faults) / critnet_s:.2f}")

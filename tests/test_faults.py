@@ -246,6 +246,9 @@ def test_seeded_draws_repeat_and_replay_from_faults_csv(tmp_path):
     again = fault_campaign(model, batches, faults=30, seed=7)
     other = fault_campaign(model, batches, faults=30, seed=8)
     assert same(first.faults, again.faults) and not same(first.faults, other.faults)
+    # a memory budget below one batch of cached values: every batch is its own segment, the counts are the same
+    segmented = fault_campaign(model, batches, faults=30, seed=7, memory_budget_mb=0.01)
+    assert same(segmented.faults, first.faults)
     replayed = fault_campaign(model, batches, fault_list=tmp_path / "a" / "faults.csv")
     assert same(replayed.faults, first.faults)
     with open(tmp_path / "a" / "faults.csv", newline="") as handle:

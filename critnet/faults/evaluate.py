@@ -154,6 +154,17 @@ class FaultEvaluator:
         memory_budget_mb: the most memory the cached values crossing the cuts may take; data beyond it is
             processed in segments of whole batches.
         pack_size: images per packed suffix pass (default: the largest batch of ``data``).
+
+    >>> from critnet.engine.data import as_evaluation_set
+    >>> from critnet.faults.injection import Site
+    >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).eval()
+    >>> data = as_evaluation_set((torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])))
+    >>> bits = int(model[0].weight.detach().view(-1).view(torch.int32)[5])
+    >>> found = {}
+    >>> FaultEvaluator(model, data).run([Fault(0, "bitflip", "weights", (Site("0.weight", 5, 31),), (bits,))],
+    ...                                 lambda fault, counts: found.update({fault.id: counts.images}))
+    >>> found
+    {0: 4}
     """
 
     def __init__(self, model: nn.Module, data: EvaluationSet, memory_budget_mb: float | None = None,

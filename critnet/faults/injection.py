@@ -207,7 +207,15 @@ def _activation_hook(site: Site, fault_model: str):
 
 
 def write_fault_list(path: str | Path, faults: Sequence[Fault]) -> Path:
-    """Write the fault list (``FAULT_LIST_COLUMNS``), one row per fault."""
+    """Write the fault list (``FAULT_LIST_COLUMNS``), one row per fault.
+
+    >>> import tempfile
+    >>> model = nn.Linear(2, 1)
+    >>> faults = [Fault(0, "bitflip", "weights", (Site("weight", 1, 30),), (int(int_view(model.weight, "weight")[1]),))]
+    >>> path = write_fault_list(Path(tempfile.mkdtemp()) / "faults.csv", faults)
+    >>> read_fault_list(path, model) == faults
+    True
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
@@ -222,7 +230,7 @@ def read_fault_list(path: str | Path, model: nn.Module) -> list[Fault]:
     """The faults of a fault list (``faults.csv``, with or without outcome columns), checked against ``model``.
 
     The original bits are read from ``model`` and must equal the recorded original values, so a list never
-    replays onto other weights than the ones it was drawn on.
+    replays onto other weights than the ones it was drawn on (example: :func:`write_fault_list`).
 
     Raises:
         FaultListError: naming the file and row at fault.

@@ -46,8 +46,9 @@ class Campaign:
         sizing: per stratum the population, Leveugle's sample size, the faults drawn and the margin reached.
         settings, golden, info: what ran, the fault-free accuracy on the images, checksums and timings.
 
-    >>> campaign.rates["overall"]["critical"]  # doctest: +SKIP
-    0.0421
+    >>> campaign = fault_campaign(model, loader, faults=1000)  # doctest: +SKIP
+    >>> rate = campaign.rates["overall"]["critical"]  # doctest: +SKIP
+    >>> campaign.to_csv("out"); figure = campaign.plot()  # doctest: +SKIP
     """
 
     def __init__(self, *, fault_list: Sequence[Fault], counts: Sequence[FaultCounts], strata: Sequence[Stratum],

@@ -72,6 +72,10 @@ def stratified_rate(strata: Sequence[Mapping[str, float]], confidence: float = 0
     Strata are weighted by their population share (a stratum sampled more densely than another does not count
     more). The interval is Wilson's with the effective sample size ``p(1−p) / Var`` of the stratified estimate
     (with finite-population corrections), capped at the number of faults drawn.
+
+    >>> round(stratified_rate([{"successes": 1, "trials": 10, "population": 100},
+    ...                        {"successes": 5, "trials": 10, "population": 300}])["rate"], 3)
+    0.4
     """
     used = [s for s in strata if s["trials"] > 0]
     total = sum(s["population"] for s in used)

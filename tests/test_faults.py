@@ -249,6 +249,8 @@ def test_seeded_draws_repeat_and_replay_from_faults_csv(tmp_path):
     # a memory budget below one batch of cached values: every batch is its own segment, the counts are the same
     segmented = fault_campaign(model, batches, faults=30, seed=7, memory_budget_mb=0.01)
     assert same(segmented.faults, first.faults)
+    assert repr(first).startswith("Campaign(30 faults") and "<table>" in first._repr_html_()
+    assert len(first.plot().axes) == 3  # heatmap, its colour bar, per-layer bars
     replayed = fault_campaign(model, batches, fault_list=tmp_path / "a" / "faults.csv")
     assert same(replayed.faults, first.faults)
     with open(tmp_path / "a" / "faults.csv", newline="") as handle:

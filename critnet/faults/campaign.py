@@ -16,7 +16,7 @@ from torch import nn
 from critnet.choices import SettingError, check_choice, check_fraction
 from critnet.distributed import Distributed
 from critnet.engine.data import as_evaluation_set
-from critnet.engine.resume import ResultStore, model_checksum
+from critnet.engine.resume import ResultStore, ResumeError, model_checksum
 from critnet.engine.sharding import assign
 from critnet.faults.draw import (
     DEFAULT_MODULE_TYPES,
@@ -122,7 +122,8 @@ def fault_campaign(
         stratify: ``("layer",)`` or ``("layer", "bit")``: the strata sampled (and sized) separately.
         seed: the draw's seed (per stratum combined with its name; never ``hash()``).
         critical_threshold: a fault is critical when its SDC-1 rate over the images exceeds this fraction.
-        fault_list: replay this ``faults.csv`` instead of drawing (its original values must match ``model``).
+        fault_list: replay this ``faults.csv`` instead of drawing (its original values must match ``model``); give
+            the ``layers``/``bits``/``stratify`` it was drawn with, since the rate tables cover faults in those strata.
         output_dir: where rank 0 writes ``faults.csv`` (before evaluating), the reports and ``campaign.json``.
         resume: append finished faults to a partial-results file and skip them when the same campaign runs again.
         resume_dir: where partial results live (default ``<output_dir>/faults_partial``).
@@ -175,15 +176,19 @@ def fault_campaign(
     if resume:
         key = campaign_fingerprint(checksum, evaluation.checksum, fault_list_)
         directory = Path(resume_dir) if resume_dir is not None else Path(output_dir) / "faults_partial"
-        store = ResultStore(directory, key, distributed.rank)
-        loaded = store.load()
+        try:
+            store = ResultStore(directory, key, distributed.rank)
+            loaded = store.load()
+        except ResumeError as err:  # the file is the user's to fix: one line naming it
+            raise SettingError(str(err)) from None
         if distributed.world_size > 1:
             # every rank read before any rank writes (the gather is a barrier); keep what all of them saw
             views = distributed.gather(sorted(loaded))
             common = set(map(tuple, views[0])).intersection(*(set(map(tuple, v)) for v in views[1:]))
             loaded = {k: v for k, v in loaded.items() if k in common}
+        ids = {f.id for f in fault_list_}
         done = {index: FaultCounts.from_record(r["counts"]) for (phase, index), r in loaded.items()
-                if phase == RESUME_PHASE and index < len(fault_list_)}
+                if phase == RESUME_PHASE and index in ids}
     todo = [f for f in fault_list_ if f.id not in done]
     mine = [todo[p] for p in assign(evaluator.costs(todo), distributed.world_size)[distributed.rank]]
     local: dict[int, FaultCounts] = {}

@@ -240,7 +240,8 @@ def read_fault_list(path: str | Path, model: nn.Module) -> list[Fault]:
         raise FaultListError(f"fault list: {path} does not exist")
     parameters = dict(model.named_parameters())
     modules = dict(model.named_modules())
-    faults = []
+    faults: list[Fault] = []
+    seen: set[int] = set()
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in FAULT_LIST_COLUMNS if c not in (reader.fieldnames or [])]
@@ -251,6 +252,9 @@ def read_fault_list(path: str | Path, model: nn.Module) -> list[Fault]:
                 faults.append(_fault_from_row(row, parameters, modules))
             except (ValueError, KeyError, IndexError) as err:
                 raise FaultListError(f"fault list: {path}, line {number}: {err}") from None
+            if faults[-1].id in seen:
+                raise FaultListError(f"fault list: {path}, line {number}: fault {faults[-1].id} appears twice")
+            seen.add(faults[-1].id)
     return faults
 
 

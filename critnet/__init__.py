@@ -8,6 +8,7 @@ batches::
     ranking = critnet.rank(model, loader, unit="channel", perturbation="zero", score="delta_loss")
     sweep = critnet.prune_sweep(model, loader, method="connections", p_prune=[0.1, 0.2])
     comparison = critnet.compare_orders(model, loader, criticality=ranking, ratios=[0.05, 0.1])
+    campaign = critnet.fault_campaign(model, loader, faults=1000, stratify=("layer", "bit"))
 
 The command line (``analyze.py``) and the Lightning callbacks call these same functions.
 """
@@ -33,8 +34,10 @@ _EXPORTS = {
     "SettingError": "critnet.choices",
     "Sweep": "critnet.results",
     "Unit": "critnet.perturb",
+    "Campaign": "critnet.faults",
     "compare_orders": "critnet.analysis.pruning",
     "evaluate": "critnet.evaluation",
+    "fault_campaign": "critnet.faults",
     "list_models": "critnet.models",
     "load_model": "critnet.models",
     "prune_sweep": "critnet.analysis.pruning",

@@ -1,0 +1,176 @@
+"""Which faults a campaign injects: the selected values, their strata, the sample size per stratum, the seeded draw."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from critnet.choices import SettingError
+from critnet.faults.injection import Fault, Site, int_view
+from critnet.faults.stats import achieved_margin, leveugle_sample_size
+from critnet.perturb import select_units
+
+DEFAULT_MODULE_TYPES = ("Conv2d", "Linear")
+
+
+@dataclass
+class Stratum:
+    """A part of the fault population sampled on its own: one layer (all selected bits) or one layer × bit.
+
+    ``elements`` is the number of values of the layer (per image for activations), ``population`` the number of
+    possible faults (``elements × len(bits)``; infinite for bit-error-rate draws).
+    """
+
+    layer: str
+    bits: tuple[int, ...]
+    elements: int
+    population: float
+    planned: int = 0  # Leveugle's n (or the share of a given total)
+    members: dict[str, int] | None = None  # bit-error-rate draws: the layers (and their sizes) the stratum spans
+
+    @property
+    def label(self) -> str:
+        return self.layer if len(self.bits) != 1 else f"{self.layer}/bit{self.bits[0]}"
+
+
+def selected_layers(model: nn.Module, target: str, layers: Sequence[str] | None,
+                    module_types: Sequence[str] | None, example_input: torch.Tensor) -> dict[str, int]:
+    """``{name: values}`` of the selected parameters (weights) or module outputs per image (activations)."""
+    types = list(module_types) if module_types is not None else None
+    try:
+        if target == "weights":
+            include = list(layers) if layers is not None else [r"\.weight$"]
+            units = select_units(model, "tensor", include, (), types)
+            parameters = dict(model.named_parameters())
+            return {u.name: parameters[u.name].numel() for u in units}
+        units = select_units(model, "activation", list(layers) if layers is not None else None, (),
+                             types if types is not None else list(DEFAULT_MODULE_TYPES), example_input[:1])
+    except ValueError as err:
+        raise SettingError(f"layers: {err}") from None
+    names = list(dict.fromkeys(u.name for u in units))
+    sizes: dict[str, int] = {}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(_size_recorder(sizes, n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(example_input[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: sizes[n] for n in names if n in sizes}
+
+
+def _size_recorder(sizes: dict[str, int], name: str):
+    def hook(_module, _inputs, output):
+        if isinstance(output, torch.Tensor) and output.dtype == torch.float32:
+            sizes[name] = output[0].numel()
+    return hook
+
+
+def build_strata(layers: dict[str, int], bits: Sequence[int], stratify: Sequence[str], fault_model: str) -> list[Stratum]:
+    if fault_model == "ber":
+        return [Stratum("(all selected)", tuple(bits), sum(layers.values()), math.inf, members=dict(layers))]
+    if "bit" in stratify:
+        return [Stratum(name, (bit,), n, float(n)) for name, n in layers.items() for bit in bits]
+    return [Stratum(name, tuple(bits), n, float(n * len(bits))) for name, n in layers.items()]
+
+
+def plan_sample(strata: list[Stratum], faults: int | str | None, error_margin: float, confidence: float) -> None:
+    """Set every stratum's ``planned`` size: Leveugle's n (``faults=None``), a share of a total proportional to
+    the stratum's population (``faults=n``, largest remainders) or the whole population (``"exhaustive"``)."""
+    if faults is None:
+        for s in strata:
+            s.planned = leveugle_sample_size(s.population, error_margin, confidence)
+    elif faults == "exhaustive":
+        if any(math.isinf(s.population) for s in strata):
+            raise SettingError("faults: 'exhaustive' has no meaning for bit-error-rate draws (unbounded population)")
+        for s in strata:
+            s.planned = int(s.population)
+    else:
+        if math.isinf(strata[0].population):
+            strata[0].planned = int(faults)
+            return
+        total = sum(s.population for s in strata)
+        if faults > total:
+            raise SettingError(f"faults: {faults} is more than the {int(total)} possible faults; use 'exhaustive'")
+        shares = [faults * s.population / total for s in strata]
+        for s, share in zip(strata, shares):
+            s.planned = int(math.floor(share))
+        left = faults - sum(s.planned for s in strata)
+        for position in sorted(range(len(strata)), key=lambda p: (-(shares[p] - math.floor(shares[p])), p))[:left]:
+            strata[position].planned += 1
+
+
+def stratum_seed(seed: int, label: str) -> list[int]:
+    """The generator seed of one stratum: a stable function of (seed, label), never of ``hash()``."""
+    return [int(seed), zlib.crc32(label.encode("utf-8"))]
+
+
+def draw_faults(model: nn.Module, strata: list[Stratum], *, target: str, fault_model: str, seed: int,
+                ber: float | None = None) -> list[Fault]:
+    """The fault list: per stratum a seeded sample without replacement, ordered by layer, index and bit.
+
+    Bit-error-rate draws make ``strata[0].planned`` trials; in each, every selected bit flips independently with
+    probability ``ber`` (the number of flips is binomial, their positions uniform without replacement).
+    """
+    parameters = dict(model.named_parameters())
+    drawn: list[tuple[Site, ...]] = []
+    if fault_model == "ber":
+        stratum = strata[0]
+        layers = list(stratum.members.items())
+        bounds = np.cumsum([0] + [n for _, n in layers])
+        total_bits = int(bounds[-1]) * len(stratum.bits)
+        for trial in range(stratum.planned):
+            rng = np.random.default_rng([int(seed), zlib.crc32(b"ber"), trial])
+            flips = int(rng.binomial(total_bits, ber))
+            positions = np.sort(rng.choice(total_bits, size=flips, replace=False)) if flips else []
+            sites = []
+            for position in positions:
+                element, bit = divmod(int(position), len(stratum.bits))
+                layer = int(np.searchsorted(bounds, element, side="right") - 1)
+                sites.append(Site(layers[layer][0], element - int(bounds[layer]), stratum.bits[bit]))
+            drawn.append(tuple(sites))
+    else:
+        order = {name: i for i, name in enumerate(dict.fromkeys(s.layer for s in strata))}
+        singles = []
+        for stratum in strata:
+            rng = np.random.default_rng(stratum_seed(seed, stratum.label))
+            picks = rng.choice(int(stratum.population), size=stratum.planned, replace=False)
+            for pick in picks.tolist():
+                element, bit = divmod(pick, len(stratum.bits))
+                singles.append(Site(stratum.layer, element, stratum.bits[bit]))
+        singles.sort(key=lambda s: (order[s.parameter], s.index, s.bit))
+        drawn = [(site,) for site in singles]
+    faults = []
+    for number, sites in enumerate(drawn):
+        original = None
+        if target == "weights":
+            original = tuple(int(int_view(parameters[s.parameter], s.parameter)[s.index]) for s in sites)
+        faults.append(Fault(number, fault_model, target, sites, original))
+    return faults
+
+
+def sizing_rows(strata: list[Stratum], drawn: dict[str, int], error_margin: float, confidence: float) -> list[dict]:
+    """Per stratum: population, Leveugle's n for the requested margin, faults drawn, the worst-case margin reached."""
+    rows = []
+    for s in strata:
+        n = drawn.get(s.label, 0)
+        rows.append({
+            "stratum": s.label,
+            "layer": s.layer,
+            "bits": list(s.bits),
+            "population": s.population if math.isinf(s.population) else int(s.population),
+            "leveugle_n": leveugle_sample_size(s.population, error_margin, confidence),
+            "drawn": n,
+            "margin_p05": achieved_margin(n, s.population, confidence),
+        })
+    return rows
+
+
+__all__ = ["Stratum", "build_strata", "draw_faults", "plan_sample", "selected_layers", "sizing_rows", "stratum_seed"]

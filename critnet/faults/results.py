@@ -1,0 +1,236 @@
+"""The result of a fault campaign: per-fault outcome counts, rate tables with intervals, files, figures."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from critnet.faults.draw import Stratum
+from critnet.faults.evaluate import FaultCounts
+from critnet.faults.injection import FAULT_LIST_COLUMNS, Fault, bits_to_float
+from critnet.faults.stats import stratified_rate
+from critnet.reporting.common import write_csv, write_json
+
+#: One row per fault: the fault list, then counts over the evaluated images (see :class:`FaultCounts`).
+FAULT_COLUMNS = (*FAULT_LIST_COLUMNS, "images", "masked", "noncritical", "sdc1", "sdc5", "nonfinite", "delta_loss",
+                 "accuracy_drop", "correct_images", "sdc1_correct", "sdc5_correct", "critical", "critical_correct")
+#: Fault-level outcomes (a fault counts once), reported as rates over faults with Wilson intervals.
+FAULT_METRICS = {
+    "critical": "SDC-1 rate over all images above the threshold",
+    "critical_correct": "SDC-1 rate over the golden-correct images above the threshold",
+    "sdc5": "SDC-5 rate over all images above the threshold",
+    "nonfinite": "a NaN/inf logit on at least one image",
+    "masked": "bit-identical logits on every image",
+}
+#: Image-level means over (fault, image) pairs; no interval (the images of one fault are not independent draws).
+IMAGE_METRICS = ("sdc1_per_image", "sdc1_per_image_correct", "sdc5_per_image", "delta_loss", "accuracy_drop")
+RATE_COLUMNS = ("group", "layer", "bit", "faults", "population",
+                *[f"{m}{s}" for m in FAULT_METRICS for s in ("", "_low", "_high")], *IMAGE_METRICS)
+RANKING_COLUMNS = ("rank", "kind", "name", "faults", "critical", "critical_low", "critical_high", "sdc1_per_image")
+
+
+class Campaign:
+    """The outcome of :func:`critnet.faults.fault_campaign`.
+
+    Attributes:
+        faults: one dict per fault (``FAULT_COLUMNS``): where it struck, its original and faulty values, and counts
+            over the evaluated images — ``masked`` (bit-identical logits), ``noncritical`` (logits differ, same
+            top-1), ``sdc1`` (top-1 changed; NaN/inf logits included), ``sdc5`` (the golden top-1 left the faulty
+            top-5), ``nonfinite``; ``delta_loss`` is the mean change of cross-entropy, ``accuracy_drop`` the change
+            of top-1 accuracy in points; ``*_correct`` count only images the golden model classifies correctly.
+        rates: ``{"overall": row, "layer": rows, "bit": rows, "layer_bit": rows}``, every fault-level rate with
+            its Wilson 95 % interval (``RATE_COLUMNS``).
+        sizing: per stratum the population, Leveugle's sample size, the faults drawn and the margin reached.
+        settings, golden, info: what ran, the fault-free accuracy on the images, checksums and timings.
+
+    >>> campaign = fault_campaign(model, loader, faults=1000)  # doctest: +SKIP
+    >>> rate = campaign.rates["overall"]["critical"]  # doctest: +SKIP
+    >>> campaign.to_csv("out"); figure = campaign.plot()  # doctest: +SKIP
+    """
+
+    def __init__(self, *, fault_list: Sequence[Fault], counts: Sequence[FaultCounts], strata: Sequence[Stratum],
+                 sizing: list[dict], settings: dict, golden: dict, info: dict) -> None:
+        self.fault_list = list(fault_list)
+        self.counts = list(counts)
+        self.strata = list(strata)
+        self.sizing = sizing
+        self.settings = settings
+        self.golden = golden
+        self.info = info
+        self.threshold = float(settings.get("critical_threshold", 0.0))
+        self.faults = [self._row(f, c) for f, c in zip(self.fault_list, self.counts)]
+        self.rates = self._rates(0.95)
+
+    # ----------------------------------------------------------------- rows
+
+    def _row(self, fault: Fault, c: FaultCounts) -> dict[str, Any]:
+        row: dict[str, Any] = fault.list_row()
+        if len(fault.sites) == 1:
+            row["index"], row["bit"] = fault.sites[0].index, fault.sites[0].bit
+            if fault.original_bits is not None:
+                row["original"] = bits_to_float(fault.original_bits[0])
+                row["faulty"] = bits_to_float(fault.faulty_bits[0])
+        images = max(c.images, 1)
+        row.update({
+            "images": c.images, "masked": c.masked, "noncritical": c.noncritical, "sdc1": c.sdc1, "sdc5": c.sdc5,
+            "nonfinite": c.nonfinite, "delta_loss": c.delta_loss_sum / images,
+            "accuracy_drop": 100.0 * (c.correct_images - c.faulty_correct) / images,
+            "correct_images": c.correct_images, "sdc1_correct": c.sdc1_correct, "sdc5_correct": c.sdc5_correct,
+            "critical": c.sdc1 / images > self.threshold,
+            "critical_correct": c.correct_images > 0 and c.sdc1_correct / c.correct_images > self.threshold,
+        })
+        return row
+
+    def _outcome(self, row: dict[str, Any], metric: str) -> bool:
+        if metric == "sdc5":
+            return row["sdc5"] / max(row["images"], 1) > self.threshold
+        if metric == "nonfinite":
+            return row["nonfinite"] > 0
+        if metric == "masked":
+            return row["masked"] == row["images"]
+        return bool(row[metric])
+
+    # ----------------------------------------------------------------- rates
+
+    def _rates(self, confidence: float) -> dict[str, Any]:
+        stratum_of = {(s.layer, b): s for s in self.strata for b in s.bits}
+        members: dict[str, list[dict]] = {s.label: [] for s in self.strata}
+        for row, fault in zip(self.faults, self.fault_list):
+            if len(self.strata) == 1 and math.isinf(self.strata[0].population):
+                members[self.strata[0].label].append(row)
+            elif len(fault.sites) == 1 and (fault.sites[0].parameter, fault.sites[0].bit) in stratum_of:
+                members[stratum_of[(fault.sites[0].parameter, fault.sites[0].bit)].label].append(row)
+        single_sites = not (len(self.strata) == 1 and math.isinf(self.strata[0].population))
+        layers = list(dict.fromkeys(s.layer for s in self.strata)) if single_sites else []
+        bits = sorted({b for s in self.strata for b in s.bits}) if single_sites else []
+        tables: dict[str, Any] = {"overall": self._group_row("overall", None, None, members, confidence)}
+        tables["layer"] = [self._group_row("layer", layer, None, members, confidence) for layer in layers]
+        tables["bit"] = [self._group_row("bit", None, bit, members, confidence) for bit in bits]
+        tables["layer_bit"] = [self._group_row("layer_bit", layer, bit, members, confidence)
+                               for layer in layers for bit in bits]
+        return tables
+
+    def _group_row(self, group: str, layer: str | None, bit: int | None, members: dict[str, list[dict]],
+                   confidence: float) -> dict[str, Any]:
+        cells = []
+        for s in self.strata:
+            if (layer is not None and s.layer != layer) or (bit is not None and bit not in s.bits):
+                continue
+            rows = [r for r in members[s.label] if bit is None or r["bit"] == bit]
+            share = 1.0 if bit is None or len(s.bits) == 1 else 1.0 / len(s.bits)
+            cells.append((rows, s.population * share))
+        rows = [r for rs, _ in cells for r in rs]
+        out: dict[str, Any] = {"group": group, "layer": layer if layer is not None else "",
+                               "bit": bit if bit is not None else "", "faults": len(rows),
+                               "population": sum(p for _, p in cells)}
+        for metric in FAULT_METRICS:
+            estimate = stratified_rate([{"successes": sum(self._outcome(r, metric) for r in rs), "trials": len(rs),
+                                         "population": p} for rs, p in cells], confidence)
+            out[metric], out[f"{metric}_low"], out[f"{metric}_high"] = estimate["rate"], estimate["low"], estimate["high"]
+        images = sum(r["images"] for r in rows)
+        correct = sum(r["correct_images"] for r in rows)
+        out["sdc1_per_image"] = sum(r["sdc1"] for r in rows) / images if images else math.nan
+        out["sdc1_per_image_correct"] = sum(r["sdc1_correct"] for r in rows) / correct if correct else math.nan
+        out["sdc5_per_image"] = sum(r["sdc5"] for r in rows) / images if images else math.nan
+        out["delta_loss"] = sum(r["delta_loss"] for r in rows) / len(rows) if rows else math.nan
+        out["accuracy_drop"] = sum(r["accuracy_drop"] for r in rows) / len(rows) if rows else math.nan
+        if isinstance(out["population"], float) and math.isfinite(out["population"]):
+            out["population"] = int(out["population"])
+        return out
+
+    def vulnerability_ranking(self) -> list[dict[str, Any]]:
+        """Layers and bits, most vulnerable first (critical-fault rate, then SDC-1 per image)."""
+        entries = [("layer", r["layer"], r) for r in self.rates["layer"]] + [("bit", r["bit"], r) for r in self.rates["bit"]]
+        entries = [e for e in entries if e[2]["faults"] > 0]
+        entries.sort(key=lambda e: (-_or_zero(e[2]["critical"]), -_or_zero(e[2]["sdc1_per_image"]), e[0], str(e[1])))
+        return [{"rank": i + 1, "kind": kind, "name": name, "faults": r["faults"], "critical": r["critical"],
+                 "critical_low": r["critical_low"], "critical_high": r["critical_high"],
+                 "sdc1_per_image": r["sdc1_per_image"]} for i, (kind, name, r) in enumerate(entries)]
+
+    # ----------------------------------------------------------------- files and views
+
+    def summary(self) -> dict[str, Any]:
+        """What ``campaign.json`` holds: settings, sizing, margins reached, golden accuracy, rates, checksums."""
+        return {"settings": self.settings, "golden": self.golden, "faults": len(self.faults),
+                "outcomes": FAULT_METRICS, "sizing": {
+                    "formula": "n = N / (1 + e^2 (N - 1) / (t^2 p (1 - p))), p = 0.5 (Leveugle et al., DATE 2009)",
+                    "strata": self.sizing},
+                "rates": self.rates, "vulnerability": self.vulnerability_ranking(), **self.info}
+
+    def to_csv(self, directory: str | Path) -> list[Path]:
+        """Write ``faults.csv`` (one row per fault), ``fault_rates.csv`` (every group) and
+        ``fault_vulnerability.csv`` (layers and bits ranked) into ``directory``."""
+        directory = Path(directory)
+        rates = [self.rates["overall"], *self.rates["layer"], *self.rates["bit"], *self.rates["layer_bit"]]
+        return [
+            write_csv(directory / "faults.csv", [{k: _cell(v) for k, v in r.items()} for r in self.faults],
+                      FAULT_COLUMNS),
+            write_csv(directory / "fault_rates.csv", [{k: _cell(v) for k, v in r.items()} for r in rates],
+                      RATE_COLUMNS),
+            write_csv(directory / "fault_vulnerability.csv", [{k: _cell(v) for k, v in r.items()}
+                                                              for r in self.vulnerability_ranking()], RANKING_COLUMNS),
+        ]
+
+    def to_json(self, path: str | Path) -> Path:
+        return write_json(path, self.summary())
+
+    def save(self, directory: str | Path) -> list[Path]:
+        """Every file: the CSVs, ``campaign.json`` and the two PNG figures."""
+        from critnet.reporting.faults import save_figures
+
+        directory = Path(directory)
+        return [*self.to_csv(directory), self.to_json(directory / "campaign.json"), *save_figures(self, directory)]
+
+    def plot(self):
+        """A matplotlib figure: the layer × bit heatmap of critical-fault (SDC-1) rates and the per-layer rates
+        with their Wilson intervals."""
+        from critnet.reporting.faults import campaign_figure
+
+        return campaign_figure(self)
+
+    def table_rows(self) -> list[list[str]]:
+        rows = [self.rates["overall"], *self.rates["layer"]]
+        return [[r["layer"] or "overall", str(r["faults"]), _percent(r, "critical"), _percent(r, "critical_correct"),
+                 _percent(r, "sdc5"), _percent(r, "nonfinite"), f"{100 * _or_zero(r['sdc1_per_image']):.2f}"]
+                for r in rows]
+
+    TABLE_HEADER = ("layer", "faults", "critical % (all images)", "critical % (correct images)", "SDC-5 %",
+                    "non-finite %", "SDC-1 % per image")
+
+    def __repr__(self) -> str:
+        rows = [list(self.TABLE_HEADER), *self.table_rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [f"Campaign({len(self.faults)} faults, {self.settings['fault_model']} in {self.settings['target']}, "
+                 f"{self.golden['images']} images, critical = SDC-1 rate > {self.threshold:g})"]
+        lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                  for r in rows]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.TABLE_HEADER)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self.table_rows())
+        caption = html.escape(repr(self).splitlines()[0])
+        return f"<table><caption>{caption}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _or_zero(value: float) -> float:
+    return 0.0 if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _percent(row: dict[str, Any], metric: str) -> str:
+    rate, low, high = row[metric], row[f"{metric}_low"], row[f"{metric}_high"]
+    if isinstance(rate, float) and math.isnan(rate):
+        return "–"
+    return f"{100 * rate:.2f} [{100 * low:.2f}, {100 * high:.2f}]"
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    return repr(value) if isinstance(value, float) else value
+
+
+__all__ = ["Campaign", "FAULT_COLUMNS", "FAULT_METRICS", "IMAGE_METRICS", "RANKING_COLUMNS", "RATE_COLUMNS"]

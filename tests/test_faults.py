@@ -1,0 +1,370 @@
+"""Fault-injection campaigns against an independent reference: flip the bit through an int32 view, run the whole
+model, compare with the golden logits. Logic tests use a tiny CNN on random data; one test uses ResNet20 on real
+images."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import struct
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import REPO, first_test_images, requires_shared
+from critnet.choices import SettingError
+from critnet.faults import (
+    Fault,
+    FaultListError,
+    Site,
+    achieved_margin,
+    fault_campaign,
+    injected,
+    leveugle_sample_size,
+    wilson_interval,
+)
+from critnet.faults.injection import apply_fault_bit
+
+
+class TinyNet(nn.Module):
+    """Conv → BN → ReLU, a residual conv pair, pooling and a linear head: every shape the engine plans for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)) + x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def tiny_model(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    model = TinyNet()
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+    model.conv1.weight.data[0, 0, 0, 0] = 0.0  # a zero weight: its sign flip leaves every logit as it was
+    return model.eval()
+
+
+def tiny_data(images: int = 24, batch: int = 8, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(images, 3, 6, 6, generator=generator)
+    y = torch.randint(0, 5, (images,), generator=generator)
+    return [(x[i: i + batch], y[i: i + batch]) for i in range(0, images, batch)]
+
+
+def state_bytes(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def reference_counts(model, batches, sites, fault_model="bitflip", target="weights"):
+    """The independent loop: write the faulty bits through ``Tensor.view(torch.int32)`` (or a hook for activations),
+    full forward passes, compare every image with the golden logits, restore."""
+    with torch.no_grad():
+        golden = [model(x) for x, _ in batches]
+        saved, handles = [], []
+        for parameter, index, bit in sites:
+            mask = -(1 << 31) if bit == 31 else 1 << bit
+            if target == "weights":
+                flat = dict(model.named_parameters())[parameter].detach().view(-1).view(torch.int32)
+                old = int(flat[index])
+                new = {"bitflip": old ^ mask, "stuck_at_0": old & ~mask, "stuck_at_1": old | mask}[fault_model]
+                flat[index] = struct.unpack("<i", struct.pack("<I", new & 0xFFFFFFFF))[0]
+                saved.append((flat, index, old))
+            else:
+                def hook(_m, _i, out, index=index, mask=mask):
+                    out = out.clone()
+                    rows = out.view(out.shape[0], -1).view(torch.int32)
+                    rows[:, index] ^= mask
+                    return out
+                handles.append(dict(model.named_modules())[parameter].register_forward_hook(hook))
+        try:
+            faulty = [model(x) for x, _ in batches]
+        finally:
+            for flat, index, old in reversed(saved):
+                flat[index] = old
+            for handle in handles:
+                handle.remove()
+    counts = dict(images=0, masked=0, noncritical=0, sdc1=0, sdc5=0, nonfinite=0)
+    for g, f in zip(golden, faulty):
+        for gr, fr in zip(g, f):
+            counts["images"] += 1
+            if torch.equal(gr.view(torch.int32), fr.view(torch.int32)):
+                counts["masked"] += 1
+                continue
+            broken = not bool(torch.isfinite(fr).all())
+            counts["nonfinite"] += broken
+            if broken or int(fr.argmax()) != int(gr.argmax()):
+                counts["sdc1"] += 1
+                counts["sdc5"] += broken or int(gr.argmax()) not in fr.topk(min(5, len(fr))).indices.tolist()
+            else:
+                counts["noncritical"] += 1
+    return counts
+
+
+def same(rows_a, rows_b) -> bool:
+    """Row lists equal, NaN included (a fault whose logits turn NaN has a NaN Δloss)."""
+    return repr(rows_a) == repr(rows_b)
+
+
+def sites_of(row):
+    split = [str(row[c]).split(";") for c in ("parameter", "index", "bit")]
+    return [(p, int(i), int(b)) for p, i, b in zip(*split)]
+
+
+OUTCOMES = ("images", "masked", "noncritical", "sdc1", "sdc5", "nonfinite")
+
+
+def assert_matches_reference(model, batches, campaign, fault_model="bitflip", target="weights"):
+    for row in campaign.faults:
+        expected = reference_counts(model, batches, sites_of(row), fault_model, target)
+        assert {k: row[k] for k in OUTCOMES} == expected, row
+
+
+def test_bit_flips_equal_an_independent_full_forward_loop():
+    model, batches = tiny_model(), tiny_data()
+    before = state_bytes(model)
+    # every weight of conv1 in its sign bit (0.0 -> -0.0 included), plus a random draw over all bits and layers
+    sign_flips = fault_campaign(model, batches, layers=[r"^conv1\.weight$"], bits=[31], faults="exhaustive")
+    drawn = fault_campaign(model, batches, layers=[".*"], module_types=None, faults=80, seed=3)
+    exponent = fault_campaign(model, batches, bits=[30], faults=8, seed=1)  # the top exponent bit: inf and NaN
+    assert state_bytes(model) == before and hooks(model) == 0
+    zero = next(r for r in sign_flips.faults if r["index"] == 0)
+    assert zero["original"] == 0.0 and zero["masked"] == zero["images"] == 24
+    assert {r["parameter"] for r in drawn.faults} >= {"conv1.weight", "conv2.weight", "bn1.weight", "fc.bias"}
+    rows = drawn.faults + exponent.faults
+    outcomes = {k: sum(r[k] for r in rows) for k in ("masked", "noncritical", "sdc1", "sdc5", "nonfinite")}
+    assert all(outcomes.values()), outcomes  # the draws exercise every outcome
+    for campaign in (sign_flips, drawn, exponent):
+        assert_matches_reference(model, batches, campaign)
+    assert state_bytes(model) == before
+
+
+def test_stuck_at_ber_and_activation_faults_equal_the_loop():
+    model, batches = tiny_model(), tiny_data()
+    before = state_bytes(model)
+    for fault_model in ("stuck_at_0", "stuck_at_1"):
+        campaign = fault_campaign(model, batches, fault_model=fault_model, faults=40, seed=5)
+        assert_matches_reference(model, batches, campaign, fault_model)
+    ber = fault_campaign(model, batches, fault_model="ber", ber=2e-4, faults=15, seed=2)
+    assert max(len(sites_of(r)) for r in ber.faults if r["parameter"]) >= 2  # several flips per inference
+    assert_matches_reference(model, batches, ber)
+    activations = fault_campaign(model, batches, target="activations", faults=40, seed=4)
+    assert {r["parameter"] for r in activations.faults} <= {"conv1", "conv2", "fc"}
+    assert all(r["original"] == "" for r in activations.faults)
+    assert_matches_reference(model, batches, activations, target="activations")
+    assert state_bytes(model) == before and hooks(model) == 0
+
+
+def test_stuck_at_semantics():
+    one, two = 0x3F800000, 0x40000000  # 1.0 and 2.0
+    assert apply_fault_bit(one, 31, "stuck_at_1") == struct.unpack("<i", struct.pack("<f", -1.0))[0]
+    assert apply_fault_bit(two, 30, "stuck_at_0") == 0  # 2.0 -> 0.0
+    assert apply_fault_bit(two, 30, "stuck_at_1") == two  # already 1: no change
+    assert apply_fault_bit(one, 0, "bitflip") == one + 1
+    model = nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[2.0, 1.0]]))
+    with injected(model, Fault(0, "stuck_at_0", "weights", (Site("weight", 0, 30),))):
+        assert model.weight[0, 0].item() == 0.0
+    assert model.weight[0, 0].item() == 2.0
+    # stuck-at on a bit that already holds the value changes nothing: masked on every image, bit for bit
+    small, batches = tiny_model(), tiny_data()
+    campaign = fault_campaign(small, batches, fault_model="stuck_at_1", bits=[29], faults=30, seed=0)
+    identity = [r for r in campaign.faults if r["original"] == r["faulty"]]
+    assert identity and all(r["masked"] == r["images"] for r in identity)
+
+
+def test_weights_come_back_bit_for_bit_when_the_campaign_raises(monkeypatch):
+    import critnet.faults.evaluate as evaluate
+
+    model, batches = tiny_model(), tiny_data()
+    with torch.no_grad():  # a NaN with a payload and a negative zero must survive the restore
+        model.fc.weight.view(-1).view(torch.int32)[:2] = torch.tensor([0x7FC00123, -(1 << 31)], dtype=torch.int32)
+    before = state_bytes(model)
+    calls = {"n": 0}
+    original = evaluate.tally_rows
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("injected failure")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "tally_rows", failing)
+    for kwargs in ({"layers": [r"fc\.weight"]}, {"layers": [".*"], "module_types": None},
+                   {"target": "activations"}, {"fault_model": "ber", "ber": 1e-3}):
+        calls["n"] = 0
+        with pytest.raises(RuntimeError, match="injected failure"):
+            fault_campaign(model, batches, faults=30, seed=1, **kwargs)
+        assert state_bytes(model) == before and hooks(model) == 0, kwargs
+
+
+def test_leveugle_sizing_and_wilson_intervals_against_hand_computed_values():
+    assert leveugle_sample_size(1000, 0.05, 0.95) == 278  # 277.73
+    assert leveugle_sample_size(36864 * 32, 0.05, 0.95) == 385  # 384.02
+    assert leveugle_sample_size(36864 * 32, 0.01, 0.99) == 16358  # 16357.25
+    assert leveugle_sample_size(math.inf, 0.01, 0.99) == 16588  # t = 2.5758: t²/4/e² = 16587.24
+    assert leveugle_sample_size(10, 0.01, 0.99) == 10
+    assert achieved_margin(278, 1000, 0.95) == pytest.approx(0.05, abs=2e-4)
+    for (x, n), (low, high) in {(81, 263): (0.2553, 0.3662), (15, 148): (0.0624, 0.1605),
+                                (0, 20): (0.0, 0.1611)}.items():  # Newcombe (1998), Table I
+        assert wilson_interval(x, n) == pytest.approx((low, high), abs=6e-5)
+    model, batches = tiny_model(), tiny_data(images=8)
+    campaign = fault_campaign(model, batches, layers=[r"conv\d\.weight"], bits=[30, 31], error_margin=0.1,
+                              confidence=0.95, stratify=("layer", "bit"))
+    sizes = {row["stratum"]: (row["population"], row["leveugle_n"], row["drawn"]) for row in campaign.sizing}
+    # conv1: 162 weights per bit -> 162 / (1 + 0.01·161 / (1.96²/4)) = 60.9; conv2: 324 -> 74.0
+    assert sizes["conv1.weight/bit30"] == (162, 61, 61) and sizes["conv2.weight/bit31"] == (324, 75, 75)
+    overall = campaign.rates["overall"]
+    assert overall["faults"] == 2 * 61 + 2 * 75 and 0 <= overall["critical_low"] <= overall["critical"]
+    assert overall["critical"] <= overall["critical_high"] <= 1
+
+
+def test_seeded_draws_repeat_and_replay_from_faults_csv(tmp_path):
+    model, batches = tiny_model(), tiny_data()
+    first = fault_campaign(model, batches, faults=30, seed=7, output_dir=tmp_path / "a")
+    again = fault_campaign(model, batches, faults=30, seed=7)
+    other = fault_campaign(model, batches, faults=30, seed=8)
+    assert same(first.faults, again.faults) and not same(first.faults, other.faults)
+    # a memory budget below one batch of cached values: every batch is its own segment, the counts are the same
+    segmented = fault_campaign(model, batches, faults=30, seed=7, memory_budget_mb=0.01)
+    assert same(segmented.faults, first.faults)
+    assert repr(first).startswith("Campaign(30 faults") and "<table>" in first._repr_html_()
+    assert len(first.plot().axes) == 3  # heatmap, its colour bar, per-layer bars
+    replayed = fault_campaign(model, batches, fault_list=tmp_path / "a" / "faults.csv")
+    assert same(replayed.faults, first.faults)
+    with open(tmp_path / "a" / "faults.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["sdc1"]) for r in rows] == [r["sdc1"] for r in first.faults]
+    assert {p.name for p in (tmp_path / "a").iterdir()} >= {"faults.csv", "campaign.json", "fault_rates.csv",
+                                                            "fault_vulnerability.csv", "fault_heatmap.png"}
+    with pytest.raises(FaultListError, match="faults.csv, line 2: the original values"):
+        fault_campaign(tiny_model(seed=9), batches, fault_list=tmp_path / "a" / "faults.csv")
+
+
+def test_a_cut_partial_file_resumes_with_the_same_outcomes(tmp_path):
+    model, batches = tiny_model(), tiny_data()
+    first = fault_campaign(model, batches, faults=40, seed=2, resume=True, resume_dir=tmp_path)
+    (partial,) = tmp_path.glob("*.jsonl")
+    lines = partial.read_text().splitlines(keepends=True)
+    assert len(lines) == 40
+    partial.write_text("".join(lines[:15]))  # as if stopped after 15 faults
+    second = fault_campaign(model, batches, faults=40, seed=2, resume=True, resume_dir=tmp_path)
+    assert same(second.faults, first.faults) and second.info["resumed_faults"] == 15
+    assert len(partial.read_text().splitlines()) == 40  # only the 25 missing faults were evaluated again
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"bits": [32]}, r"bits\[0\]: 32 is not a bit position 0..31"),
+    ({"fault_model": "flip"}, "fault_model: 'flip' is not one of bitflip, stuck_at_0, stuck_at_1, ber"),
+    ({"faults": 0}, "faults: 0 is not null"),
+    ({"error_margin": 1.5}, "error_margin: 1.5 is outside"),
+    ({"stratify": ["bit"]}, "stratify: .* must contain 'layer'"),
+    ({"fault_model": "ber"}, "ber: None must be a bit-error rate"),
+    ({"layers": ["nothing"]}, "layers: the selection is empty"),
+])
+def test_bad_settings_are_one_line_naming_the_key(kwargs, message):
+    with pytest.raises(SettingError, match=message) as caught:
+        fault_campaign(tiny_model(), tiny_data(images=4), faults=kwargs.pop("faults", 5), **kwargs)
+    assert "\n" not in str(caught.value)
+
+
+@requires_shared
+def test_resnet20_outcomes_equal_the_full_forward_loop(resnet20_cifar):
+    batches = first_test_images(12, batch_size=6)
+    before = state_bytes(resnet20_cifar)
+    campaign = fault_campaign(resnet20_cifar, batches, faults=20, seed=11, bits=list(range(20, 32)))
+    assert campaign.info["shortcut_fallbacks"] == {}
+    assert_matches_reference(resnet20_cifar, batches, campaign)
+    assert state_bytes(resnet20_cifar) == before
+
+
+def test_the_cli_preset_runs_the_campaign_and_rejects_bad_flags_in_one_line(tmp_path, capsys):
+    import json
+
+    from test_data import make_image_folder
+
+    from critnet.cli import main
+
+    make_image_folder(tmp_path / "data", "test", 10, 1)
+    args = ["validate", "-c", str(REPO / "configs/resnet20_cifar10.yaml"), "-c", str(REPO / "configs/faults_resnet20.yaml"),
+            "--data.root", str(tmp_path / "data"), "--data.batch_size", "5", "--data.num_workers", "0",
+            "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+            "--trainer.accelerator", "cpu", "--trainer.callbacks.init_args.faults", "8",
+            "--trainer.callbacks.init_args.bits=[29, 30, 31]"]
+    main(args)
+    (log_dir,) = {p.parent for p in (tmp_path / "runs").rglob("campaign.json")}
+    summary = json.loads((log_dir / "campaign.json").read_text())
+    assert summary["faults"] == 8 and summary["golden"]["images"] == 10
+    assert {"faults.csv", "fault_rates.csv", "fault_vulnerability.csv", "fault_heatmap.png",
+            "fault_layers.png"} <= {p.name for p in log_dir.iterdir()}
+    assert "fault campaign" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_code:
+        main([*args, "--trainer.callbacks.init_args.bits=[40]"])
+    assert exit_code.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert errors == ["error: bits[0]: 40 is not a bit position 0..31 of a float32 value"]
+
+
+RANK_SCRIPT = """
+import json, os, sys, torch, torch.distributed as dist
+repo, rank, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+sys.path[:0] = [repo, repo + "/tests"]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+from critnet.distributed import Distributed
+from critnet.faults import fault_campaign
+from test_faults import tiny_model, tiny_data
+totals = []
+campaign = fault_campaign(tiny_model(), tiny_data(), layers=[".*"], module_types=None, faults=30, seed=6,
+                          distributed=Distributed.current(), output_dir=out, progress=lambda d, t: totals.append(t))
+with open(f"{out}/rank{rank}.json", "w") as handle:
+    json.dump({"rows": repr(campaign.faults), "mine": totals[-1]}, handle)
+# leave together, then skip interpreter finalization (gloo teardown abort, pytorch/pytorch#179291)
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
+"""
+
+
+def test_two_gloo_processes_share_the_faults_and_equal_one(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(REPO), str(r), port, str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+    single = fault_campaign(tiny_model(), tiny_data(), layers=[".*"], module_types=None, faults=30, seed=6)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["rows"] == ranks[1]["rows"] == repr(single.faults)
+    assert ranks[0]["mine"] + ranks[1]["mine"] == 30 and min(ranks[0]["mine"], ranks[1]["mine"]) > 0
+    assert '"devices": 2' in (tmp_path / "campaign.json").read_text()  # written once, by rank 0

@@ -56,7 +56,8 @@ def measure(name: str, units_per_kind: int, images: int, classes: int) -> dict:
     from critnet.engine.suffix import trace_failure
     from critnet.models import get_model_spec
     from critnet.perturb import Perturbation, select_units
-    from critnet.prune import dwp_masks, evaluate, pruned
+    import critnet
+    from critnet.prune import dwp_masks, pruned
 
     torch.manual_seed(0)
     spec = get_model_spec(name)
@@ -105,9 +106,9 @@ def measure(name: str, units_per_kind: int, images: int, classes: int) -> dict:
     for p_prune in (0.0, 0.3):
         masks = dwp_masks(model, "connections", p_prune=p_prune, include_linear=True)
         with pruned(model, masks):
-            tally = evaluate(model, batches)
-        sweep.append({"p_prune": p_prune, "ratio": masks.ratio, "loss": tally.loss_sum / tally.samples,
-                      "top1_correct": tally.top1_correct})
+            result = critnet.evaluate(model, batches)
+        sweep.append({"p_prune": p_prune, "ratio": masks.ratio, "loss": result["loss"],
+                      "top1_correct": result["top1_correct"]})
     record["prune_sweep"] = sweep
     record["restored_bit_identical"] = state_checksum(model) == before
     return record

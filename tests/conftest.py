@@ -103,3 +103,14 @@ def assert_ranked_like(
     for a, b in zip(units, units[1:]):
         size = scale if scale is not None else max(abs(reference[a]), abs(reference[b]))
         assert reference[a] >= reference[b] - rel * size, (a, b)
+
+
+@pytest.fixture(scope="session")
+def seed_preset_log_dir(tmp_path_factory) -> Path:
+    """The log_dir of one `analyze.py validate` run of configs/rank_seed.yaml on the first 256 test images (its
+    num_batches=1 ranks the first batch of 128), shared by the tests that check its files."""
+    if not RESNET20_WEIGHTS.is_file():
+        pytest.skip("../shared is not beside the repo")
+    from test_ranking_cli import run_cli
+
+    return run_cli(tmp_path_factory.mktemp("seed_preset"), subset=256)

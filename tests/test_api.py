@@ -188,10 +188,8 @@ def test_the_api_runs_without_lightning():
 # ---------------------------------------------------------------- the same files as the command line
 
 @requires_shared
-def test_rank_writes_the_files_of_the_seed_preset(tmp_path):
-    from test_ranking_cli import run_cli
-
-    log_dir = run_cli(tmp_path / "cli", subset=256)  # the preset ranks the first batch of 128 images
+def test_rank_writes_the_files_of_the_seed_preset(tmp_path, seed_preset_log_dir):
+    log_dir = seed_preset_log_dir  # the preset ranks the first batch of 128 images
     model = critnet.load_model("resnet20", weights=str(RESNET20_WEIGHTS))
     ranking = critnet.rank(model, first_test_images(128), unit="tensor", perturbation="add", levels=(0.1,), include=["weight"],
                            name="resnet20", num_batches=1)

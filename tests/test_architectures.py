@@ -23,7 +23,15 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from critnet.engine import EvaluationSet, evaluate_units
 from critnet.perturb import Perturbation, Unit, activation_channel_dim, perturbed, select_units
-from critnet.prune import dwp_masks, evaluate, pruned
+from critnet.engine.data import as_evaluation_set
+from critnet.evaluation import batch_tallies, evaluation_mode
+from critnet.prune import dwp_masks, pruned
+
+
+def evaluate(model, batches):
+    """critnet's evaluation of one pruning setting (sums per batch, in eval mode), as the prune sweep runs it."""
+    with evaluation_mode(model):
+        return batch_tallies(model, as_evaluation_set(batches))
 
 CLASSES = 5
 

@@ -57,16 +57,6 @@ def test_a_bad_callback_setting_is_one_line_naming_it(tmp_path, capsys, preset, 
     assert not list(tmp_path.rglob("*.csv"))
 
 
-def test_the_probe_through_analyze_py(tmp_path):
-    """The issue's probe, in a fresh process through analyze.py itself."""
-    result = subprocess.run([sys.executable, "analyze.py", *cli_args(tmp_path, "prune_connections.yaml",
-                                                                     f"{RANKING}p_prune=[1.5]")],
-                            cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: PruneSweep: p_prune[0]: 1.5 is outside [0, 1]"
-    assert "Traceback" not in result.stderr
-
-
 # the 128 output channels of the last block, each with a full forward pass: long enough to be stopped midway
 UNITS = (f"{RANKING}include=[layer3.2]", f"{RANKING}method=naive")
 

@@ -69,9 +69,9 @@ def original_seed_loop(net, images, labels):
     return sorted(scores, key=lambda x: x[1], reverse=True)
 
 
-def test_seed_preset_reproduces_the_original_experiment(tmp_path, resnet20_cifar):
+def test_seed_preset_reproduces_the_original_experiment(seed_preset_log_dir, resnet20_cifar):
     # 256 validation images, so the preset's num_batches=1 must pick the first batch of 128 in dataset order
-    log_dir = run_cli(tmp_path, subset=256)
+    log_dir = seed_preset_log_dir
     rows = read_csv(log_dir / "ranking.csv")
     (images, labels) = first_test_images(128)[0]
     reference = original_seed_loop(resnet20_cifar, images, labels)

@@ -22,6 +22,7 @@ from critnet.choices import (
     Score,
     SettingError,
     check_choice,
+    check_fractions,
     check_positive_int,
 )
 from critnet.distributed import Distributed
@@ -120,6 +121,7 @@ class PruneSweep(AnalysisCallback):
         with self.named("PruneSweep"):
             self.p_prune, self.p_bern = check_sweep_settings(self.method, self.scope, self.p_prune, self.p_bern,
                                                              self.repeats, self.seed)
+            self.guided_ratios = check_fractions("guided_ratios", self.guided_ratios)  # even when unused
             if self.guided_orders:
                 _, self.guided_ratios = check_order_settings(
                     self.guided_orders, self.guided_ratios, self.criticality_score, self.criticality_method,

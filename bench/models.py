@@ -17,7 +17,6 @@ object summarising the table.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -33,13 +32,9 @@ SAMPLED_KINDS = ("channel", "activation", "head")
 
 
 def state_checksum(model) -> str:
-    import torch
+    from critnet.checksums import state_digest
 
-    digest = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return state_digest(model)
 
 
 def spread(units: list, count: int) -> list:

@@ -248,6 +248,21 @@ def trace_failure(model: nn.Module) -> tuple[TracedModel | None, str | None]:
         return None, f"torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {first_line})"
 
 
+def segment_batches(batch_sizes: Sequence[int], bytes_per_sample: float, budget: float) -> list[list[int]]:
+    """Batch positions grouped into segments of whole batches whose cached values (``bytes_per_sample`` per
+    sample) fit ``budget`` bytes; a batch larger than the budget is a segment of its own."""
+    segments: list[list[int]] = [[]]
+    held = 0.0
+    for position, size in enumerate(batch_sizes):
+        need = size * bytes_per_sample
+        if segments[-1] and held + need > budget:
+            segments.append([])
+            held = 0.0
+        segments[-1].append(position)
+        held += need
+    return segments
+
+
 def trace(model: nn.Module) -> TracedModel | None:
     """The traced model, or None (with a warning) if ``torch.fx`` cannot trace it."""
     traced, reason = trace_failure(model)
@@ -292,16 +307,7 @@ class SuffixEvaluator:
 
     def segments(self) -> list[list[int]]:
         """Batch positions per segment: whole batches whose crossing values fit the memory budget."""
-        segments: list[list[int]] = [[]]
-        held = 0.0
-        for position, size in enumerate(self.data.batch_sizes):
-            need = size * self.bytes_per_sample
-            if segments[-1] and held + need > self.budget:
-                segments.append([])
-                held = 0.0
-            segments[-1].append(position)
-            held += need
-        return segments
+        return segment_batches(self.data.batch_sizes, self.bytes_per_sample, self.budget)
 
     def run(
         self,

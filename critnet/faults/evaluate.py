@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from critnet.engine.data import EvaluationSet
 from critnet.evaluation import batch_results
-from critnet.engine.suffix import DEFAULT_MEMORY_BUDGET_MB, TracedModel, trace
-from critnet.faults.injection import Fault, injected, int_view
+from critnet.engine.suffix import DEFAULT_MEMORY_BUDGET_MB, TracedModel, segment_batches, trace
+from critnet.faults.injection import Fault, injected
 from critnet.perturb import Unit
 
 
@@ -228,16 +228,7 @@ class FaultEvaluator:
 
     def segments(self) -> list[list[int]]:
         """Batch positions per segment: whole batches whose cached values fit the memory budget."""
-        segments: list[list[int]] = [[]]
-        held = 0.0
-        for position, size in enumerate(self.data.batch_sizes):
-            need = size * self.bytes_per_sample
-            if segments[-1] and held + need > self.budget:
-                segments.append([])
-                held = 0.0
-            segments[-1].append(position)
-            held += need
-        return segments
+        return segment_batches(self.data.batch_sizes, self.bytes_per_sample, self.budget)
 
     # ----------------------------------------------------------------- evaluation
 

@@ -161,24 +161,6 @@ def recorded_flags(seen: list):
         engine_core.tally_pass = original
 
 
-@contextlib.contextmanager
-def recorded_survival(stages: list):
-    """Record successive halving's decisions (units before and after each stage, samples so far) by wrapping
-    ``critnet.engine.core.survivors``."""
-    original = engine_core.survivors
-
-    def wrapper(values, top_k, *args, **kwargs):
-        keep = original(values, top_k, *args, **kwargs)
-        stages.append({"units": int(values.shape[0]), "kept": int(keep.sum()), "samples": int(values.shape[1])})
-        return keep
-
-    engine_core.survivors = wrapper
-    try:
-        yield
-    finally:
-        engine_core.survivors = original
-
-
 def guarded(report: dict, name: str, fn) -> None:
     """Run one part; on any error record it (type, message, traceback tail) and go on."""
     started = time.perf_counter()
@@ -465,13 +447,11 @@ def part_engine(args, sizes, device) -> dict:
         if probe.traced is not None else None
     del probe
 
-    def run(method, chosen, budget_mb, top_k=20, stages=None):
+    def run(method, chosen, budget_mb, top_k=20):
         reset_peak(device)
-        ctx = recorded_survival(stages) if stages is not None else contextlib.nullcontext()
-        with ctx:
-            seconds, ranking = timed(lambda: critnet.rank(
-                model, data, unit="channel", perturbation="zero", units=chosen, method=method, top_k=top_k,
-                memory_budget_mb=budget_mb), device)
+        seconds, ranking = timed(lambda: critnet.rank(
+            model, data, unit="channel", perturbation="zero", units=chosen, method=method, top_k=top_k,
+            memory_budget_mb=budget_mb), device)
         return seconds, ranking, peak_mb(device)
 
     # warm-up (tracing, cuDNN algorithm choices), then the fixed cost of a call (reading and hashing the set, the
@@ -493,21 +473,11 @@ def part_engine(args, sizes, device) -> dict:
     # halving: a larger sample of units; top_k scaled to the same fraction of units as a top 20 of all units
     halving_units = sample_units(model, "channel", sizes["halving_units"], seed=5)
     top_k = max(1, round(args.top_k * len(halving_units) / report["all_channel_units"]))
-    stages: list = []
-    seconds, ranking, peak = run("halving", halving_units, budget, top_k=top_k, stages=stages)
-    # unit·images actually evaluated: every stage evaluates the remaining units on its new samples
-    strides = engine_core.halving_stages(n)
-    remaining, covered, evaluated, per_stage = len(halving_units), 0, 0, []
-    for j, stride in enumerate(strides):
-        new = len([i for i in range(0, n, stride) if j == 0 or i % (2 * stride)])
-        covered += new
-        if remaining <= top_k and j < len(strides) - 1:
-            continue
-        evaluated += remaining * new
-        per_stage.append({"samples": covered, "units": remaining})
-        decision = next((s for s in stages if s["samples"] == covered), None)
-        if decision is not None:
-            remaining = decision["kept"]
+    seconds, ranking, peak = run("halving", halving_units, budget, top_k=top_k)
+    # unit·images actually evaluated: every stage evaluates the remaining units on its new images
+    per_stage = ranking.levels[0].test["stages"]
+    evaluated = sum(stage["units"] * (stage["images"] - before["images"])
+                    for stage, before in zip(per_stage, [{"images": 0}] + per_stage))
     survivors = sum(1 for r in ranking.rows if r["exact"])
     report["methods"]["halving"] = {
         "units": len(halving_units), "top_k": top_k, "seconds": seconds, "peak_mb": peak,

@@ -69,6 +69,18 @@ def check_fraction(key: str, value: Any) -> float:
     return number
 
 
+def check_probability(key: str, value: Any) -> float:
+    """``value`` as a float strictly between 0 and 1; otherwise a :class:`SettingError` naming ``key``.
+
+    >>> check_probability("top_k_confidence", 0.99)
+    0.99
+    """
+    number = check_fraction(key, value)
+    if not 0.0 < number < 1.0:
+        raise SettingError(f"{key}: {value!r} is not allowed; expected a probability strictly between 0 and 1")
+    return number
+
+
 def check_fractions(key: str, values: Any) -> list[float]:
     """A non-empty list of fractions in [0, 1]; a single number counts as a list of one."""
     if isinstance(values, (int, float)):

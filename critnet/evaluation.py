@@ -87,12 +87,15 @@ def batch_results(model: nn.Module, data: EvaluationSet, *,
         yield offset, logits, losses[0], top1[0], top5[0]
 
 
-def tally_pass(model: nn.Module, data: EvaluationSet, *, forward_context: ForwardContext | None = None) -> TallyPair:
+def tally_pass(model: nn.Module, data: EvaluationSet, *, forward_context: ForwardContext | None = None,
+               reference: tuple[Tensor, Tensor, Tensor] | None = None) -> TallyPair:
     """Tallies over the two (even/odd) halves of the set, summed batch by batch (what the engine's exact method
-    sums, so its scores can be compared bit for bit)."""
+    sums, so its scores can be compared bit for bit); with ``reference`` (the unperturbed per-sample results of
+    :func:`sample_pass`) also the paired sums behind the standard errors."""
     pair = TallyPair()
     for offset, _, losses, top1, top5 in batch_results(model, data, forward_context=forward_context):
-        pair.add(sum_halves(losses[None], top1[None], top5[None], offset)[0])
+        rows = None if reference is None else tuple(r[offset : offset + len(losses)] for r in reference)
+        pair.add(sum_halves(losses[None], top1[None], top5[None], offset, rows)[0])
     return pair
 
 

@@ -16,7 +16,18 @@ from typing import Any
 
 from critnet.perturb import Perturbation
 from critnet.choices import LEVELLESS, SCORES, check_choice
-from critnet.scoring import Tally, UnitOutcome, criticality_key, outcome_score, estimated_score, ranking_key
+from critnet.scoring import (
+    Z95,
+    Tally,
+    UnitOutcome,
+    criticality_key,
+    estimated_score,
+    outcome_score,
+    paired_error,
+    ranking_key,
+    reference_of,
+    score_of,
+)
 
 RANKING_COLUMNS = (
     "rank",
@@ -33,6 +44,12 @@ RANKING_COLUMNS = (
     "top5",
     "top1_drop",
     "top5_drop",
+    "delta_loss_se",
+    "delta_loss_lo",
+    "delta_loss_hi",
+    "top1_drop_se",
+    "top1_drop_lo",
+    "top1_drop_hi",
     "samples",
     "exact",
     "estimate",
@@ -68,7 +85,7 @@ def order_outcomes(outcomes: Sequence[UnitOutcome], baseline: UnitOutcome, score
         outcome = outcomes[i]
         if outcome.total.samples == 0:
             return (not outcome.exact, (1, criticality_key(estimated_score(outcome, baseline, score))))
-        return (not outcome.exact, ranking_key(outcome.total, baseline.total, score))
+        return (not outcome.exact, ranking_key(outcome.total, reference_of(outcome, baseline), score))
 
     return [
         RankedOutcome(rank=position + 1, outcome=outcomes[i], score=outcome_score(outcomes[i], baseline, score))
@@ -79,11 +96,21 @@ def order_outcomes(outcomes: Sequence[UnitOutcome], baseline: UnitOutcome, score
 def ranking_rows(
     ranked: Sequence[RankedOutcome], baseline: UnitOutcome, perturbation: Perturbation
 ) -> list[dict[str, Any]]:
-    """One long-form row per unit (Distiller's sensitivity CSV shape), columns :data:`RANKING_COLUMNS`."""
+    """One long-form row per unit (Distiller's sensitivity CSV shape), columns :data:`RANKING_COLUMNS`.
+
+    ``delta_loss_se`` and ``top1_drop_se`` are the standard errors of Δloss and of the top-1 drop from the
+    per-image paired differences (:func:`~critnet.scoring.paired_error`), ``_lo``/``_hi`` the 95 % normal
+    intervals; NaN where the unit has no paired per-image results (estimates).
+    """
     rows = []
-    base = baseline.total
     for item in ranked:
         tally, unit = item.outcome.total, item.outcome.unit
+        base = reference_of(item.outcome, baseline)
+        errors = {}
+        for name in ("delta_loss", "top1_drop"):
+            se = paired_error(tally, base, name)
+            value = score_of(tally, base, name) if tally.samples else math.nan
+            errors.update({f"{name}_se": se, f"{name}_lo": value - Z95 * se, f"{name}_hi": value + Z95 * se})
         rows.append(
             {
                 "rank": item.rank,
@@ -100,12 +127,46 @@ def ranking_rows(
                 "top5": tally.top5,
                 "top1_drop": base.top1 - tally.top1,
                 "top5_drop": base.top5 - tally.top5,
+                **errors,
                 "samples": tally.samples,
                 "exact": item.outcome.exact,
                 "estimate": "" if item.outcome.estimate is None else item.outcome.estimate,
             }
         )
     return rows
+
+
+#: The interval columns of each score (``loss`` ranks by the same paired differences as ``delta_loss``).
+INTERVAL_OF_SCORE = {"loss": "delta_loss", "delta_loss": "delta_loss", "top1_drop": "top1_drop"}
+
+
+def boundary_overlap(rows: Sequence[dict[str, Any]], score: str, top_k: int) -> dict[str, Any] | None:
+    """How settled the top-``top_k`` boundary is: the 95 % interval of the ``top_k``-th unit and how many other
+    units' intervals overlap it (ranked above it, and below it: those could enter the top k on other images).
+
+    Only exact rows with an interval take part; None for ``top5_drop`` (no interval columns) or when the ``top_k``-th
+    row has no interval.
+
+    >>> rows = [{"exact": True, "delta_loss_lo": lo, "delta_loss_hi": lo + 1.0} for lo in (5.0, 3.5, 3.0, 0.0)]
+    >>> boundary_overlap(rows, "delta_loss", 2)["overlapping"]
+    {'above': 0, 'below': 1}
+    """
+    name = INTERVAL_OF_SCORE.get(score)
+    rows = [r for r in rows if r["exact"] and math.isfinite(r.get(f"{name}_lo", math.nan))] if name else []
+    if len(rows) < top_k:
+        return None
+    edge = rows[top_k - 1]
+    low, high = edge[f"{name}_lo"], edge[f"{name}_hi"]
+
+    def overlaps(row: dict[str, Any]) -> bool:
+        return row[f"{name}_lo"] <= high and row[f"{name}_hi"] >= low
+
+    return {
+        "k": top_k,
+        "unit": edge["unit"],
+        "interval": [low, high],
+        "overlapping": {"above": sum(map(overlaps, rows[: top_k - 1])), "below": sum(map(overlaps, rows[top_k:]))},
+    }
 
 
 def tally_summary(tally: Tally) -> dict[str, float | int]:

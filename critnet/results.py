@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from critnet.perturb import Perturbation, Unit
+from critnet.ranking import boundary_overlap
 from critnet.reporting import pruning as prune_report
 from critnet.reporting import ranking as ranking_report
 from critnet.reporting.common import console, format_cell
@@ -63,6 +64,8 @@ class LevelRanking:
     split_half: dict[str, Any]
     engine_agreement: dict[str, Any] | None
     elapsed_s: float
+    #: ``halving``: how its sequential test went (settings, per-stage eliminations, units at the full set).
+    test: dict[str, Any] | None = None
 
 
 @dataclass
@@ -131,8 +134,11 @@ class Ranking:
                 "engine_agreement": level.engine_agreement,
                 "broken_units": sum(1 for row in rows if not math.isfinite(row["loss"])),
                 "exact_units": sum(1 for row in rows if row["exact"]),
+                "boundary": boundary_overlap(rows, self.score, self.top_k),
+                "top_k_test": level.test,
                 "elapsed_s": round(level.elapsed_s, 3),
-                "top": [{k: row[k] for k in ("rank", "unit", "score", "loss", "delta_loss", "top1", "top5")}
+                "top": [{k: row[k] for k in ("rank", "unit", "score", "loss", "delta_loss", "delta_loss_se", "top1",
+                                             "top5", "top1_drop_se", "samples", "exact")}
                         for row in rows[: self.top_k]],
             })
         record = {
@@ -217,6 +223,11 @@ class Ranking:
         for entry in self.levels:
             if self.method == "hybrid" and entry.engine_agreement is not None:
                 console.print(ranking_report.hybrid_note(entry.engine_agreement))  # how far its top can be trusted
+            if entry.test is not None:
+                console.print(ranking_report.test_note(entry.test, entry.rows))
+            boundary = boundary_overlap(entry.rows, self.score, self.top_k)
+            if boundary is not None:
+                console.print(ranking_report.boundary_note(boundary))
         if writer is not None:
             self.log_tensorboard(writer, step, filename)
         console.print(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,14 +44,30 @@ def per_sample(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return losses, hits[..., 0], hits.any(dim=2)
 
 
+#: Two-sided 95 % normal quantile of the per-unit intervals (``delta_loss_lo``/``_hi`` = score ± Z95 · se).
+Z95 = NormalDist().inv_cdf(0.975)
+
+
 @dataclass
 class Tally:
-    """Sums over a set of samples: float64 sum of per-sample cross-entropy, top-1/top-5 hits, sample count."""
+    """Sums over a set of samples: float64 sum of per-sample cross-entropy, top-1/top-5 hits, sample count.
+
+    A perturbed unit's tally also carries sums *paired* with the unperturbed model on the same samples (``paired``
+    of them): the squared per-sample loss differences and how many samples changed their top-1/top-5 hit. They give
+    the standard errors of Δloss and of the accuracy drops (:func:`paired_error`); they stay 0 where no baseline
+    was at hand (the baseline itself, pruning, fault campaigns).
+    """
 
     loss_sum: float = 0.0
     top1_correct: int = 0
     top5_correct: int = 0
     samples: int = 0
+    #: Σ (perturbed loss − unperturbed loss)² over the paired samples.
+    delta_sq_sum: float = 0.0
+    #: Paired samples whose top-1 (top-5) hit differs from the unperturbed model's.
+    top1_changed: int = 0
+    top5_changed: int = 0
+    paired: int = 0
 
     @property
     def loss(self) -> float:
@@ -82,6 +99,10 @@ class Tally:
             top1_correct=self.top1_correct + other.top1_correct,
             top5_correct=self.top5_correct + other.top5_correct,
             samples=self.samples + other.samples,
+            delta_sq_sum=self.delta_sq_sum + other.delta_sq_sum,
+            top1_changed=self.top1_changed + other.top1_changed,
+            top5_changed=self.top5_changed + other.top5_changed,
+            paired=self.paired + other.paired,
         )
 
 
@@ -99,6 +120,9 @@ class UnitOutcome:
     halves: tuple[Tally, Tally]
     exact: bool = True
     estimate: float | None = None
+    #: The unperturbed tally over the same samples, when ``total`` covers only part of the set (a unit that
+    #: ``halving`` eliminated early); its scores and errors are then paired with this instead of the baseline.
+    reference: Tally | None = None
 
 
 def score_of(outcome_tally: Tally, baseline: Tally, score: str) -> float:
@@ -117,6 +141,40 @@ def score_of(outcome_tally: Tally, baseline: Tally, score: str) -> float:
         return baseline.top5 - outcome_tally.top5
     check_choice("score", score, SCORES)
     raise AssertionError(score)
+
+
+def paired_error(outcome_tally: Tally, baseline: Tally, score: str) -> float:
+    """The standard error of :func:`score_of` from the per-sample paired differences (perturbed minus unperturbed
+    on the same image): ``sqrt(s² / n)`` with ``s²`` their sample variance. NaN when the tally has no paired sums
+    for all its samples, or fewer than 2 samples.
+
+    It treats the evaluated images as a sample of the data the network will see, so it says whether another set
+    of images would rank the unit the same. ``loss`` and ``delta_loss`` share it (the baseline is the same for
+    every unit); accuracy drops are in percentage points, their differences being −1, 0 or 1 per image.
+
+    >>> base = Tally(loss_sum=4.0, top1_correct=3, top5_correct=4, samples=4)
+    >>> hit = Tally(loss_sum=6.0, top1_correct=2, top5_correct=4, samples=4, delta_sq_sum=2.0, top1_changed=1,
+    ...             paired=4)
+    >>> round(paired_error(hit, base, "delta_loss"), 4), paired_error(hit, base, "top1_drop")
+    (0.2887, 25.0)
+    """
+    n = outcome_tally.samples
+    if n < 2 or outcome_tally.paired != n or baseline.samples != n:
+        return math.nan
+    if score in ("loss", "delta_loss"):
+        mean = (outcome_tally.loss_sum - baseline.loss_sum) / n
+        squares, scale = outcome_tally.delta_sq_sum, 1.0
+    else:
+        check_choice("score", score, SCORES)
+        top = score == "top1_drop"
+        correct = (baseline.top1_correct - outcome_tally.top1_correct if top
+                   else baseline.top5_correct - outcome_tally.top5_correct)
+        mean, scale = correct / n, 100.0
+        squares = float(outcome_tally.top1_changed if top else outcome_tally.top5_changed)  # d² = |d| for d ∈ {-1, 0, 1}
+    if not (math.isfinite(mean) and math.isfinite(squares)):
+        return math.nan
+    variance = max(squares - n * mean * mean, 0.0) / (n - 1)
+    return scale * math.sqrt(variance / n)
 
 
 def criticality_key(score: float) -> tuple[int, float]:
@@ -154,10 +212,16 @@ def estimated_score(outcome: UnitOutcome, baseline: UnitOutcome, score: str) -> 
 
 
 def outcome_score(outcome: UnitOutcome, baseline: UnitOutcome, score: str) -> float:
-    """The unit's score: over its evaluated samples, or from its estimate when it was not evaluated at all."""
+    """The unit's score: over its evaluated samples (paired with the unperturbed model on the same samples), or
+    from its estimate when it was not evaluated at all."""
     if outcome.total.samples == 0:
         return estimated_score(outcome, baseline, score)
-    return score_of(outcome.total, baseline.total, score)
+    return score_of(outcome.total, reference_of(outcome, baseline), score)
+
+
+def reference_of(outcome: UnitOutcome, baseline: UnitOutcome) -> Tally:
+    """The unperturbed tally ``outcome`` is compared with: over its own samples if it has one, else the baseline."""
+    return outcome.reference if outcome.reference is not None else baseline.total
 
 
 def per_sample_criticality(samples: tuple, baseline: tuple, positions: Tensor, score: str) -> Tensor:

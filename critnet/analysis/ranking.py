@@ -22,7 +22,9 @@ from critnet.choices import (
     check_choice,
     check_finite,
     check_positive_int,
+    check_probability,
 )
+from critnet.engine.certify import TOP_K_CONFIDENCE
 from critnet.distributed import Distributed
 from critnet.engine import evaluate_baseline, evaluate_units
 from critnet.engine.data import as_evaluation_set
@@ -55,6 +57,7 @@ class RankSettings:
     method: str = "exact"
     top_k: int = 20
     taylor_order: int = 1
+    top_k_confidence: float = TOP_K_CONFIDENCE
     levels_checked: tuple[float, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +68,7 @@ class RankSettings:
         check_choice("taylor_order", self.taylor_order, TAYLOR_ORDERS)
         check_positive_int("top_k", self.top_k)
         check_positive_int("seed", self.seed, minimum=0)
+        check_probability("top_k_confidence", self.top_k_confidence)
         levels = [self.levels] if isinstance(self.levels, (int, float)) else list(self.levels)
         checked = tuple(check_finite(f"levels[{i}]", level) for i, level in enumerate(levels))
         if not checked and self.perturbation not in LEVELLESS:
@@ -100,6 +104,7 @@ class RankSettings:
             "method": self.method,
             "top_k": self.top_k,
             "taylor_order": self.taylor_order,
+            "top_k_confidence": self.top_k_confidence,
             "resume": resume,
         }
 
@@ -127,6 +132,7 @@ def rank(
     method: str = "exact",
     top_k: int = 20,
     taylor_order: int = 1,
+    top_k_confidence: float = TOP_K_CONFIDENCE,
     units: Sequence[Unit] | None = None,
     device: Any = None,
     memory_budget_mb: float | None = None,
@@ -152,14 +158,16 @@ def rank(
         exclude: regular expressions of names to drop.
         module_types: class names of the owning modules; default any (tensor), ``Conv2d``/``Linear`` otherwise.
         relative: ``noise`` only: σ = level × the unit's standard deviation.
-        seed: ``noise`` only: draws depend on (seed, unit) alone.
+        seed: ``noise``: draws depend on (seed, unit) alone; ``halving``: the random order of its images.
         score: what ranks the units, larger = more critical: ``loss``, ``delta_loss``, ``top1_drop``,
             ``top5_drop``.
         method: ``exact`` (suffix-only, the naive scores bit for bit), ``naive``, ``taylor`` (estimates),
-            ``hybrid`` (estimates, then exact for the top) or ``halving`` (exact top ``top_k`` by successive
-            halving with confidence bounds).
+            ``hybrid`` (estimates, then exact for the top) or ``halving`` (the exact full-set top ``top_k``, found by a
+            sequential test on growing random parts of the data; see :mod:`critnet.engine.certify`).
         top_k: rows shown in tables, and the exact top of ``hybrid``/``halving``.
         taylor_order: ``1`` or ``2`` (adds the empirical-Fisher term), for ``taylor`` and ``hybrid``.
+        top_k_confidence: ``halving``: the probability that its top ``top_k`` is the exact full-set top ``top_k``
+            (family-wise over every unit and stage).
         units: score exactly these :class:`~critnet.perturb.Unit` objects instead of selecting them.
         device: where to evaluate (default: where the model is).
         memory_budget_mb: the most memory held batches and cached activations may take (None: no limit for the
@@ -182,7 +190,7 @@ def rank(
     (10, 'channel')
     """
     settings = RankSettings(unit, perturbation, levels, include, exclude, module_types, relative, seed, score,
-                            method, top_k, taylor_order)
+                            method, top_k, taylor_order, top_k_confidence)
     distributed = distributed or Distributed.single()
     started = time.perf_counter()
     evaluation_set = as_evaluation_set(data, device=model_device(model, device), memory_budget_mb=memory_budget_mb)
@@ -196,12 +204,13 @@ def rank(
     for p in settings.perturbations():
         level_started = time.perf_counter()
         steps = "unit·stages" if method == "halving" else "units"  # halving counts each unit once per stage
+        test: dict[str, Any] = {}
         with progress_bar(progress, f"ranking · {p.label} · {method}", distributed, step_name=steps) as bar:
             outcomes = evaluate_units(
                 model, units, p, evaluation_set, method=method, score=score, top_k=top_k,
                 rank=distributed.rank, world_size=distributed.world_size, all_gather=distributed.all_gather,
                 resume_dir=resume_dir, progress=bar.update, memory_budget_mb=memory_budget_mb,
-                taylor_order=taylor_order,
+                taylor_order=taylor_order, top_k_confidence=top_k_confidence, seed=seed, report=test,
             )
         levels_ranked.append(LevelRanking(
             perturbation=p,
@@ -210,6 +219,7 @@ def rank(
             engine_agreement=(estimate_agreement(outcomes, baseline, score, top_k)
                               if method in ("taylor", "hybrid", "halving") else None),
             elapsed_s=time.perf_counter() - level_started,
+            test=test or None,
         ))
     weights = weights_info(model)
     return Ranking(

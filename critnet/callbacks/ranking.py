@@ -46,19 +46,22 @@ class CriticalRanking(AnalysisCallback):
         levels: The perturbation's amounts, finite numbers; one ranking per level (e.g. ``prune`` at
             ``[0.1, 0.3, 0.5, 0.7, 0.9]`` is Distiller's sensitivity sweep). Ignored by ``zero`` and ``sign_flip``.
         relative: ``noise`` only: the standard deviation is ``level`` times the unit's own standard deviation.
-        seed: ``noise`` only: draws depend only on (seed, unit), so they are the same on any number of devices.
+        seed: ``noise``: draws depend only on (seed, unit), so they are the same on any number of devices;
+            ``halving``: the random order in which its stages draw images.
         num_batches: Evaluate on the first ``num_batches`` batches of the validation set in dataset order
             (the data's ``batch_size``); ``null`` = the whole validation set.
         score: What ranks the units (larger = more critical): the perturbed ``loss`` (the original), ``delta_loss``
             against the unperturbed baseline, ``top1_drop`` or ``top5_drop`` (percentage points).
         method: The engine: ``exact`` (suffix-only exact evaluation, the default), ``naive`` (full forward per unit;
             the reference), ``taylor`` (Taylor estimates only), ``hybrid`` (estimates, then the top units
-            exactly) or ``halving`` (successive halving with confidence bounds: exact full-set scores for the
-            top ``top_k``, chosen by a statistical test on growing parts of the data).
+            exactly) or ``halving`` (the exact full-set top ``top_k`` with exact full-set scores, found by a
+            sequential test on growing random parts of the data that eliminates the other units early).
         top_k: Units shown in the console table and TensorBoard, and the exact top of hybrid/halving (at least 1).
         taylor_order: The estimates of ``taylor``/``hybrid``: ``1`` (first order) or ``2`` (plus the
             empirical-Fisher second-order term, which helps where first-order terms cancel, e.g. ``add`` on whole
             tensors of a trained network, and adds noise for zeroed channels).
+        top_k_confidence: ``halving``: the probability that its top ``top_k`` is the exact full-set top
+            ``top_k`` (Bonferroni-corrected over every unit and stage); strictly between 0 and 1.
         run_on: When to run: ``[validate]`` (end of ``validate``) and/or ``fit`` (end of ``fit``).
         resume: Append finished units to a partial-results file and resume from it when the same analysis is run
             again after an interruption.
@@ -87,6 +90,7 @@ class CriticalRanking(AnalysisCallback):
         method: Method = "exact",
         top_k: int = 20,
         taylor_order: TaylorOrder = 1,
+        top_k_confidence: float = 0.99,
         run_on: list[Stage] = ["validate"],  # noqa: B006 - read only
         resume: bool = False,
         resume_dir: str | None = None,
@@ -98,7 +102,8 @@ class CriticalRanking(AnalysisCallback):
         super().__init__(resume, resume_dir)
         self.options = dict(unit=unit, include=include, exclude=list(exclude or []), module_types=module_types,
                             perturbation=perturbation, levels=list(levels), relative=relative, seed=seed, score=score,
-                            method=method, top_k=top_k, taylor_order=taylor_order)
+                            method=method, top_k=top_k, taylor_order=taylor_order,
+                            top_k_confidence=top_k_confidence)
         self.num_batches = num_batches
         self.run_on = list(run_on)
         self.memory_budget_mb = memory_budget_mb

@@ -6,12 +6,12 @@ Methods:
     taylor: Taylor estimates of Δloss (first order, or with the empirical-Fisher second-order term) from one
         forward and backward pass per batch (labelled exact=False).
     hybrid: taylor estimates for all units, then exact scores for the most critical by estimate.
-    halving: successive halving on growing parts of the data; the survivors get exact full-set scores.
+    halving: a sequential test on growing random parts of the data eliminates the units that cannot be among the
+        top k at a stated error probability (``critnet.engine.certify``); the survivors get exact full-set scores.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,26 +29,23 @@ from critnet.engine.resume import (
     samples_from_record,
     samples_to_record,
 )
+from critnet.engine import certify
 from critnet.engine.suffix import SuffixEvaluator
 from critnet.engine.taylor import estimate_outcome, taylor_estimates
 from critnet.engine.tallying import TallyPair, in_first_half, sum_halves
 from critnet.engine.sharding import assign, gather_outcomes
 from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
-from critnet.choices import METHODS, SCORES, TAYLOR_ORDERS, SettingError, check_choice, check_positive_int
+from critnet.choices import (
+    METHODS,
+    SCORES,
+    TAYLOR_ORDERS,
+    SettingError,
+    check_choice,
+    check_probability,
+    check_positive_int,
+)
 from critnet.evaluation import evaluation_mode, sample_pass, tally_pass
 from critnet.scoring import Tally, UnitOutcome, criticality_key, per_sample_criticality, score_of
-
-# Successive halving: the first stage scores every unit on HALVING_MIN_SAMPLES samples (evenly spread), each later
-# stage doubles the samples, and after every stage a unit drops out once its mean per-sample score plus
-# HALVING_CONFIDENCE standard errors falls below the top_k-th best mean minus as many standard errors. Scores are
-# paired (the perturbed minus the unperturbed loss of the same image), which removes most of the image-to-image
-# variance. On ResNet20 channels (zero, 256 images; 20 random image orders and the strided one, simulated from the
-# exact per-sample matrix) 2.0 standard errors from 16 samples found the exact top 20 every time, at 23 % of the
-# exact suffix FLOPs on average; 1.5 missed twice. The earlier fixed "keep the better half" rule needed 32
-# first-stage samples and took 41 % of the exact time.
-HALVING_MIN_SAMPLES = 16
-HALVING_CONFIDENCE = 2.0
-
 
 def evaluate_baseline(model: nn.Module, data: EvaluationSet) -> UnitOutcome:
     """Tallies of the unperturbed model over the evaluation set (``unit=None``)."""
@@ -71,6 +68,7 @@ class _Run:
         self.store = store
         self.progress = progress
         self.records: dict[tuple[str, int], dict[str, Any]] = {}
+        self._reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.done = 0
         self.total = 0
         if store is not None:
@@ -120,6 +118,14 @@ class _Run:
         gathered.update(resumed)
         return gathered
 
+    def reference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The unperturbed per-sample results over the whole set (computed once), which the outcomes' paired sums
+        are taken against."""
+        if self._reference is None:
+            with torch.no_grad():
+                self._reference = sample_pass(self.model, self.data)
+        return self._reference
+
     def _report(self) -> None:
         if self.progress is not None:
             self.progress(self.done, self.total)
@@ -160,6 +166,9 @@ def evaluate_units(
     progress: Callable[[int, int], None] | None = None,
     memory_budget_mb: float | None = None,
     taylor_order: int = 1,
+    top_k_confidence: float = certify.TOP_K_CONFIDENCE,
+    seed: int = 0,
+    report: dict[str, Any] | None = None,
 ) -> list[UnitOutcome]:
     """One outcome per unit, in the order of ``units``, on every rank.
 
@@ -182,6 +191,9 @@ def evaluate_units(
             it the evaluation set is processed in segments of whole batches (same scores).
         taylor_order: the estimates of ``taylor`` and ``hybrid``: 1 (first order) or 2 (plus the empirical-Fisher
             second-order term, which helps where first-order terms cancel, e.g. ``add`` on whole tensors).
+        top_k_confidence: ``halving``: the probability that its top ``top_k`` is the exact full-set top ``top_k``.
+        seed: ``halving``: the random order in which its stages draw images.
+        report: a dict ``halving`` fills with how its test went (stages, eliminations, the bound's quantile).
 
     Raises:
         ValueError: an unknown method or score, bad ranks, a unit the model does not have, or a perturbation that
@@ -191,6 +203,7 @@ def evaluate_units(
     check_choice("score", score, SCORES)
     check_choice("taylor_order", taylor_order, TAYLOR_ORDERS)
     check_positive_int("top_k", top_k)
+    check_probability("top_k_confidence", top_k_confidence)
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"rank/world_size: need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     if world_size > 1 and all_gather is None:
@@ -205,12 +218,17 @@ def evaluate_units(
         if method == "hybrid":
             settings.update(taylor_order=taylor_order)
         if method == "halving":
-            settings.update(min_samples=HALVING_MIN_SAMPLES, confidence=HALVING_CONFIDENCE)
+            settings.update(first_stage=certify.FIRST_STAGE, top_k_confidence=float(top_k_confidence), seed=int(seed),
+                            test=certify.TEST_VERSION)
         store = ResultStore(resume_dir, fingerprint(model, units, perturbation, data.checksum, settings), rank)
     try:
         with evaluation_mode(model, data.device, deterministic=method != "taylor"):
             run = _Run(model, units, perturbation, data, rank, world_size, all_gather, store, progress)
-            outcomes = _dispatch(run, method, score, int(top_k), memory_budget_mb, taylor_order)
+            if method == "halving":
+                outcomes = _halving(run, score, int(top_k), memory_budget_mb, float(top_k_confidence), int(seed),
+                                    report if report is not None else {})
+            else:
+                outcomes = _dispatch(run, method, score, int(top_k), memory_budget_mb, taylor_order)
     finally:
         if store is not None:
             store.close()
@@ -224,7 +242,8 @@ def _dispatch(
     if method == "naive":
         with torch.no_grad():
             return run.evaluate(
-                everything, "exact", lambda work, record: run_naive(run.model, work, run.perturbation, run.data, record)
+                everything, "exact",
+                lambda work, record: run_naive(run.model, work, run.perturbation, run.data, record, run.reference()),
             )
     if method == "taylor":
         estimates = taylor_estimates(run.model, run.units, run.perturbation, run.data, taylor_order)
@@ -233,16 +252,12 @@ def _dispatch(
         run._report()
         return {i: estimate_outcome(run.units[i], e) for i, e in enumerate(estimates)}
     if method == "exact":
-        return _exact(run, everything, run.data, "exact", memory_budget_mb)
-    if method == "hybrid":
-        return _hybrid(run, score, top_k, memory_budget_mb, taylor_order)
-    return _halving(run, score, top_k, memory_budget_mb)
+        return _exact(run, everything, "exact", memory_budget_mb)
+    return _hybrid(run, score, top_k, memory_budget_mb, taylor_order)
 
 
-def _exact(
-    run: _Run, indices: Sequence[int], data: EvaluationSet, phase: str, memory_budget_mb: float | None
-) -> dict[int, UnitOutcome]:
-    evaluator = SuffixEvaluator(run.model, run.perturbation, data, memory_budget_mb)
+def _exact(run: _Run, indices: Sequence[int], phase: str, memory_budget_mb: float | None) -> dict[int, UnitOutcome]:
+    evaluator = SuffixEvaluator(run.model, run.perturbation, run.data, memory_budget_mb, run.reference())
     with torch.no_grad():
         return run.evaluate(indices, phase, evaluator.run, lambda idx: evaluator.costs([run.units[i] for i in idx]))
 
@@ -266,7 +281,7 @@ def _hybrid(
         size = 2 * top_k if position == 0 else top_k
         batch = order[position : position + size]
         position += len(batch)
-        exact.update(_exact(run, batch, run.data, "exact", memory_budget_mb))
+        exact.update(_exact(run, batch, "exact", memory_budget_mb))
         if position > len(batch) and not set(batch) & set(_order(exact, baseline, score)[:top_k]):
             break
     outcomes = {i: estimate_outcome(run.units[i], e) for i, e in enumerate(estimates)}
@@ -275,79 +290,30 @@ def _hybrid(
     return outcomes
 
 
-def _rows(data: EvaluationSet, positions: list[int]) -> EvaluationSet:
-    """The samples at ``positions`` (ascending), regrouped into batches of at most the set's largest batch size."""
-    wanted = torch.tensor(positions)
-    size = max(data.batch_sizes)
-    xs, ys = [], []
-    for (x, y), offset in zip(data, data.offsets()):
-        local = wanted[(wanted >= offset) & (wanted < offset + len(y))] - offset
-        if len(local):
-            xs.append(x[local.to(x.device)])
-            ys.append(y[local.to(y.device)])
-    x, y = torch.cat(xs), torch.cat(ys)
-    return EvaluationSet.from_batches([(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)])
-
-
-def halving_stages(samples: int) -> list[int]:
-    """The stride of every stage of successive halving, from the first stage to the last (stride 1).
-
-    Stage ``j`` adds the samples ``i`` with ``i % stride == 0`` not yet covered, so every stage covers the whole
-    (class-sorted) set evenly, each stage doubles the samples and the last completes the set.
-    """
-    levels = 0
-    while samples // 2 ** (levels + 1) >= HALVING_MIN_SAMPLES:
-        levels += 1
-    return [2 ** (levels - j) for j in range(levels + 1)]
-
-
-def survivors(values: torch.Tensor, top_k: int, confidence: float = HALVING_CONFIDENCE) -> torch.Tensor:
-    """Which units may still be among the ``top_k`` most critical, from their per-sample scores so far.
-
-    Args:
-        values: ``(units, samples)`` per-sample criticality (larger = more critical), all on the same samples.
-        top_k: how many units must be kept for sure.
-        confidence: the margin, in standard errors of each unit's mean.
-
-    Returns:
-        A bool mask over units: kept where ``mean + confidence·se`` reaches the ``top_k``-th largest
-        ``mean − confidence·se``. A unit with a non-finite value (a broken network) is always kept.
-    """
-    values = values.double()
-    finite = torch.isfinite(values).all(dim=1)
-    safe = torch.where(finite[:, None], values, torch.zeros_like(values))
-    mean = safe.mean(dim=1)
-    spread = safe.std(dim=1) if values.shape[1] > 1 else torch.zeros_like(mean)
-    margin = confidence * spread / math.sqrt(values.shape[1])
-    lower = torch.where(finite, mean - margin, torch.full_like(mean, math.inf))
-    upper = torch.where(finite, mean + margin, torch.full_like(mean, math.inf))
-    if len(lower) <= top_k:
-        return torch.ones(len(lower), dtype=torch.bool)
-    threshold = lower.topk(top_k).values[-1]
-    return upper >= threshold
-
-
-def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None) -> dict[int, UnitOutcome]:
-    """Successive halving on growing, evenly spread parts of the data, dropping units by confidence bounds
-    (:func:`survivors`); each stage only evaluates the new samples, and the survivors' per-sample results over
-    the full set are summed batch by batch exactly as the exact method sums them, so their scores are the exact
-    full-set scores."""
-    data = run.data
-    n = data.samples
-    with torch.no_grad():
-        baseline = sample_pass(run.model, data)
+def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None, confidence: float, seed: int,
+             report: dict[str, Any]) -> dict[int, UnitOutcome]:
+    """The sequential test of :mod:`critnet.engine.certify` on growing random parts of the set. Each stage
+    evaluates only its new images; a unit that reaches the end has been evaluated on every image, and its per-image
+    results are summed batch by batch exactly as the exact method sums them, so its scores are the exact full-set
+    scores. Fills ``report`` with the test's settings and what each stage decided."""
+    data, n = run.data, run.data.samples
+    reference = run.reference()
+    sizes = certify.stage_sizes(n, certify.FIRST_STAGE)
+    order = certify.sample_order(n, seed)
+    z = certify.critical_z(len(run.units), len(sizes) - 1, confidence)
     remaining = list(range(len(run.units)))
-    results: dict[int, list[tuple[list[int], tuple]]] = {i: [] for i in remaining}
+    parts: dict[int, list[tuple[list[int], tuple]]] = {i: [] for i in remaining}
     outcomes: dict[int, UnitOutcome] = {}
-    strides = halving_stages(n)
-    covered: list[int] = []
-    for j, stride in enumerate(strides):
-        new = [i for i in range(0, n, stride) if j == 0 or i % (2 * stride)]
-        covered = sorted(covered + new)
-        if len(remaining) <= top_k and j < len(strides) - 1:
+    stages: list[dict[str, int]] = []
+    report.update(top_k=top_k, top_k_confidence=confidence, correction="bonferroni", z=z, order_seed=seed,
+                  first_stage=sizes[0], tests=len(sizes) - 1, stages=stages)
+    evaluated = 0
+    for j, size in enumerate(sizes):
+        last = j == len(sizes) - 1
+        if len(remaining) <= top_k and not last:
             continue  # nothing left to decide: only the full-set scores are missing
-        part = _rows(data, new)
-        evaluator = SuffixEvaluator(run.model, run.perturbation, part, memory_budget_mb)
+        new = sorted(order[evaluated:size].tolist())
+        evaluator = SuffixEvaluator(run.model, run.perturbation, data.subset(new), memory_budget_mb)
         with torch.no_grad():
             scored = run.evaluate(
                 remaining,
@@ -356,24 +322,25 @@ def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None) 
                 lambda idx: evaluator.costs([run.units[i] for i in idx]),
                 per_sample=True,
             )
+        evaluated = size
         for i in remaining:
-            results[i].append((new, scored[i]))
-        if j == len(strides) - 1:
+            parts[i].append((new, scored[i]))
+        stage = {"images": size, "units": len(remaining), "eliminated": 0}
+        stages.append(stage)
+        if last:
             break
-        positions = torch.tensor(covered)
-        values = []
-        for i in remaining:
-            full = _scatter(results[i], n)
-            values.append(per_sample_criticality(full, baseline, positions, score))
-        keep = survivors(torch.stack(values), top_k)
-        for i, kept in zip(remaining, keep.tolist()):
+        seen = order[:size]
+        values = torch.stack([per_sample_criticality(_scatter(parts[i], n), reference, seen, score) for i in remaining])
+        _, lower, upper = certify.bounds(values, n, z)
+        keep = certify.survivors(lower, upper, top_k).tolist()
+        for i, kept in zip(remaining, keep):
             if not kept:
-                o = _tally_over(results[i], n, data)
-                outcomes[i] = UnitOutcome(run.units[i], o.total, o.halves, exact=False)
-        remaining = [i for i, kept in zip(remaining, keep.tolist()) if kept]
+                outcomes[i] = _tally_over(parts.pop(i), n, data, reference, run.units[i], exact=False)
+        stage["eliminated"] = keep.count(False)
+        remaining = [i for i, kept in zip(remaining, keep) if kept]
     for i in remaining:
-        outcome = _tally_over(results[i], n, data)
-        outcomes[i] = UnitOutcome(run.units[i], outcome.total, outcome.halves, exact=True)
+        outcomes[i] = _tally_over(parts.pop(i), n, data, reference, run.units[i], exact=True)
+    report["units_at_full_set"] = len(remaining)
     return outcomes
 
 
@@ -388,9 +355,11 @@ def _scatter(parts, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return losses, top1, top5
 
 
-def _tally_over(parts, n: int, data: EvaluationSet) -> UnitOutcome:
-    """Tallies from per-sample results scattered over the set: summed per batch of the evaluation set and half, in
-    the order the exact method sums them (so a complete set of samples gives bit-identical tallies)."""
+def _tally_over(parts, n: int, data: EvaluationSet, reference: tuple, unit: Unit, exact: bool) -> UnitOutcome:
+    """The outcome of per-sample results scattered over the set, with the paired sums against ``reference``.
+
+    Summed per batch of the evaluation set and half, in the order the exact method sums them, so a complete set of
+    samples gives bit-identical tallies; a partial one also gets the unperturbed tally over the same samples."""
     losses, top1, top5 = _scatter(parts, n)
     present = torch.zeros(n, dtype=torch.bool)
     for positions, _ in parts:
@@ -398,14 +367,26 @@ def _tally_over(parts, n: int, data: EvaluationSet) -> UnitOutcome:
     pair = TallyPair()
     for offset, size in zip(data.offsets(), data.batch_sizes):
         rows = slice(offset, offset + size)
-        if present[rows].all():
-            pair.add(sum_halves(losses[rows][None], top1[rows][None], top5[rows][None], offset)[0])
-        else:
-            keep = present[rows]
-            even = in_first_half(offset, size)
-            first, second = keep & even, keep & ~even
-            for mask, slot in ((first, 0), (second, 1)):
-                tally = Tally(losses[rows][mask].sum().item(), int(top1[rows][mask].sum()), int(top5[rows][mask].sum()),
-                              int(mask.sum()))
-                pair.add((tally, Tally()) if slot == 0 else (Tally(), tally))
-    return UnitOutcome(None, pair.total, pair.halves)
+        keep = present[rows]
+        if not keep.any():
+            continue
+        mine = tuple(v[rows][keep][None] for v in (losses, top1, top5))
+        theirs = tuple(v[rows][keep] for v in reference)
+        if keep.all():
+            pair.add(sum_halves(*mine, offset, theirs)[0])
+            continue
+        # a partial batch: sum each half's present samples (sum_halves splits by position parity, so go per half)
+        even = in_first_half(offset, size)[keep]
+        for mask, slot in ((even, 0), (~even, 1)):
+            if not mask.any():
+                continue
+            pick = [v[:, mask] for v in mine]
+            ref = tuple(v[mask] for v in theirs)
+            first, second = sum_halves(*pick, 0, ref)[0]
+            whole = first + second
+            pair.add((whole, Tally()) if slot == 0 else (Tally(), whole))
+    if exact or present.all():
+        return UnitOutcome(unit, pair.total, pair.halves, exact=exact)
+    base = Tally(reference[0][present].sum().item(), int(reference[1][present].sum()),
+                 int(reference[2][present].sum()), int(present.sum()))
+    return UnitOutcome(unit, pair.total, pair.halves, exact=False, reference=base)

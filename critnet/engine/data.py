@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -111,6 +111,26 @@ class EvaluationSet:
                 raise RuntimeError("evaluation set: the streamed source changed between passes")
             yield x.to(self.device), y.to(self.device)
 
+    def subset(self, positions: Sequence[int]) -> EvaluationSet:
+        """The samples at ``positions`` (ascending), regrouped into batches of at most this set's largest batch.
+
+        A held set gives a held subset; a streaming set gives a streaming subset that re-reads this set and keeps
+        only the wanted rows, so a stage of a long analysis never holds more than its segments.
+
+        >>> data = as_evaluation_set((torch.arange(6.0)[:, None], torch.arange(6)))
+        >>> [y.tolist() for _, y in data.subset([1, 4, 5])]
+        [[1, 4, 5]]
+        """
+        positions = sorted(int(p) for p in positions)
+        if not positions or positions[0] < 0 or positions[-1] >= self.samples:
+            raise ValueError(f"evaluation set: positions must lie in [0, {self.samples}) and not be empty")
+        size = max(self.batch_sizes)
+        sizes = [min(size, len(positions) - start) for start in range(0, len(positions), size)]
+        source = _Selection(self, positions, size)
+        if not self.in_memory:
+            return EvaluationSet(None, source, sizes, self.device)
+        return EvaluationSet(list(source), None, sizes, self.device)
+
     def offsets(self) -> list[int]:
         """The index of the first sample of every batch."""
         out, total = [], 0
@@ -118,6 +138,32 @@ class EvaluationSet:
             out.append(total)
             total += size
         return out
+
+
+class _Selection:
+    """Re-iterable: the rows of ``data`` at ``positions`` (ascending), in batches of ``size``."""
+
+    def __init__(self, data: EvaluationSet, positions: list[int], size: int) -> None:
+        self.data, self.positions, self.size = data, torch.tensor(positions), size
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        xs: list[Tensor] = []
+        ys: list[Tensor] = []
+        held = 0
+        for (x, y), offset in zip(self.data, self.data.offsets()):
+            wanted = self.positions[(self.positions >= offset) & (self.positions < offset + len(y))] - offset
+            if not len(wanted):
+                continue
+            xs.append(x[wanted.to(x.device)])
+            ys.append(y[wanted.to(y.device)])
+            held += len(wanted)
+            while held >= self.size:
+                x_all, y_all = torch.cat(xs), torch.cat(ys)
+                yield x_all[: self.size], y_all[: self.size]
+                xs, ys = [x_all[self.size :]], [y_all[self.size :]]
+                held -= self.size
+        if held:
+            yield torch.cat(xs), torch.cat(ys)
 
 
 def _as_pair(batch, position: int) -> tuple[Tensor, Tensor]:

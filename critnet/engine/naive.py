@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from critnet.engine.data import EvaluationSet
 from critnet.evaluation import tally_pass
@@ -18,9 +18,11 @@ def run_naive(
     perturbation: Perturbation,
     data: EvaluationSet,
     record: Callable[[int, UnitOutcome], None],
+    reference: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> None:
-    """Evaluate each ``(index, unit)`` of ``work`` with a full forward pass per batch; ``record`` gets each outcome."""
+    """Evaluate each ``(index, unit)`` of ``work`` with a full forward pass per batch; ``record`` gets each outcome
+    (with the paired sums when ``reference`` holds the unperturbed per-sample results)."""
     for index, unit in work:
         with perturbed(model, unit, perturbation):
-            pair = tally_pass(model, data)
+            pair = tally_pass(model, data, reference=reference)
         record(index, UnitOutcome(unit=unit, total=pair.total, halves=pair.halves))

@@ -20,6 +20,10 @@ from critnet.perturb import Perturbation, Unit
 from critnet.scoring import Tally, UnitOutcome
 
 
+#: Bumped when the records change shape, so files written by another version are never read back.
+RECORD_VERSION = 2
+
+
 class ResumeError(CritnetError):
     """A partial-results directory that cannot be created or a file in it that cannot be read back."""
 
@@ -28,6 +32,7 @@ def fingerprint(model: nn.Module, units: list[Unit], perturbation: Perturbation,
                 settings: dict[str, Any]) -> str:
     """A short stable identifier of an analysis (never uses ``hash()``)."""
     payload = {
+        "records": RECORD_VERSION,
         "model": state_digest(model),
         "units": [[u.kind, u.name, u.index] for u in units],
         "perturbation": repr(perturbation),
@@ -42,14 +47,16 @@ def outcome_to_record(phase: str, index: int, outcome: UnitOutcome) -> dict[str,
     return {
         "phase": phase,
         "index": index,
-        "halves": [[t.loss_sum, t.top1_correct, t.top5_correct, t.samples] for t in (first, second)],
+        "halves": [[t.loss_sum, t.top1_correct, t.top5_correct, t.samples, t.delta_sq_sum, t.top1_changed,
+                    t.top5_changed, t.paired] for t in (first, second)],
         "exact": outcome.exact,
         "estimate": outcome.estimate,
     }
 
 
 def outcome_from_record(record: dict[str, Any], unit: Unit) -> UnitOutcome:
-    first, second = (Tally(float(a), int(b), int(c), int(d)) for a, b, c, d in record["halves"])
+    first, second = (Tally(float(h[0]), int(h[1]), int(h[2]), int(h[3]), float(h[4]), int(h[5]), int(h[6]), int(h[7]))
+                     for h in record["halves"])
     estimate = record.get("estimate")
     return UnitOutcome(unit=unit, total=first + second, halves=(first, second), exact=bool(record["exact"]),
                        estimate=None if estimate is None else float(estimate))

@@ -280,10 +280,13 @@ class SuffixEvaluator:
         perturbation: Perturbation,
         data: EvaluationSet,
         memory_budget_mb: float | None = None,
+        reference: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> None:
         self.model = model
         self.perturbation = perturbation
         self.data = data
+        #: The unperturbed per-sample results over ``data`` (``sample_pass``): outcomes then carry paired sums.
+        self.reference = reference
         self.traced, self.trace_failure = trace_failure(model)
         self.budget = (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
         self.bytes_per_sample = 0.0
@@ -329,7 +332,7 @@ class SuffixEvaluator:
                           f"passes: {why}", stacklevel=2)
             if per_sample:
                 raise ValueError("per-sample results need a traced model")
-            run_naive(self.model, unplanned, self.perturbation, self.data, record)
+            run_naive(self.model, unplanned, self.perturbation, self.data, record, self.reference)
         planned = [(i, u, p) for i, u, p in planned if p is not None]
         if not planned:
             return
@@ -353,7 +356,9 @@ class SuffixEvaluator:
             if per_sample:
                 samples[index].append(result)
             else:
-                sums[index].add(sum_halves(*(r.unsqueeze(0) for r in result), offset)[0])
+                rows = (None if self.reference is None
+                        else tuple(r[offset : offset + len(result[0])] for r in self.reference))
+                sums[index].add(sum_halves(*(r.unsqueeze(0) for r in result), offset, rows)[0])
 
         for segment_number, segment in enumerate(segments):
             last_segment = segment_number == len(segments) - 1
@@ -432,8 +437,8 @@ class SuffixEvaluator:
         if any(n in self.traced.batched and not isinstance(env[n], Tensor) for n in inputs):
             # a value read off the batch (a ViT's ``x.shape[0]`` used by a later reshape) would not stack
             return 1
+        single = suffix(*[env[n] for n in inputs])  # what every unit's pass runs: its errors are real errors
         try:
-            single = suffix(*[env[n] for n in inputs])
             double = suffix(*[_repeat(env[n], 2, n in self.traced.batched) for n in inputs])
         except Exception:  # noqa: BLE001 - a suffix that cannot take a stacked batch is run one variant at a time
             return 1

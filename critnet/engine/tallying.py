@@ -18,27 +18,31 @@ def in_first_half(offset: int, batch: int, device: torch.device | str | None = N
     return (torch.arange(offset, offset + batch, device=device) % 2) == 0
 
 
-def sum_halves(losses: Tensor, top1: Tensor, top5: Tensor, offset: int) -> list[tuple[Tally, Tally]]:
-    """Per variant: the tallies of the samples of this batch in the first and in the second half of the set."""
+def sum_halves(losses: Tensor, top1: Tensor, top5: Tensor, offset: int,
+               reference: tuple[Tensor, Tensor, Tensor] | None = None) -> list[tuple[Tally, Tally]]:
+    """Per variant: the tallies of the samples of this batch in the first and in the second half of the set.
+
+    ``reference`` holds the unperturbed model's ``(losses, top1, top5)`` for the same samples (``(batch,)``
+    tensors); with it the tallies also carry the paired sums behind the standard errors (see :class:`Tally`).
+    """
     first = in_first_half(offset, losses.shape[1], losses.device)
     second = ~first
+    columns = [losses, top1.double(), top5.double()]
+    if reference is not None:
+        base_losses, base_top1, base_top5 = (r.to(losses.device) for r in reference)
+        columns += [(losses - base_losses).square(), (top1 != base_top1).double(), (top5 != base_top5).double()]
     # Indexing, not multiplying by a 0/1 mask: an infinite loss times 0 would turn into NaN.
-    sums = torch.stack(
-        [
-            losses[:, first].sum(1),
-            losses[:, second].sum(1),
-            top1[:, first].sum(1).double(),
-            top1[:, second].sum(1).double(),
-            top5[:, first].sum(1).double(),
-            top5[:, second].sum(1).double(),
-        ],
-        dim=1,
-    ).cpu().tolist()
-    n_first = int(first.sum())
-    n_second = losses.shape[1] - n_first
-    return [
-        (Tally(s[0], int(s[2]), int(s[4]), n_first), Tally(s[1], int(s[3]), int(s[5]), n_second)) for s in sums
-    ]
+    sums = torch.stack([c[:, half].sum(1) for c in columns for half in (first, second)], dim=1).cpu().tolist()
+    counts = (int(first.sum()), losses.shape[1] - int(first.sum()))
+    pairs = []
+    for s in sums:
+        halves = []
+        for h in (0, 1):
+            paired = {} if reference is None else dict(delta_sq_sum=s[6 + h], top1_changed=int(s[8 + h]),
+                                                       top5_changed=int(s[10 + h]), paired=counts[h])
+            halves.append(Tally(s[h], int(s[2 + h]), int(s[4 + h]), counts[h], **paired))
+        pairs.append((halves[0], halves[1]))
+    return pairs
 
 
 class TallyPair:

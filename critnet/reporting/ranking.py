@@ -14,12 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from critnet.ranking import RANKING_COLUMNS
+from critnet.ranking import INTERVAL_OF_SCORE, RANKING_COLUMNS
+from critnet.scoring import Z95
 from rich.table import Table
 
 from critnet.reporting.common import console, format_cell, write_csv, write_json
 
-TOP_K_COLUMNS = ("rank", "unit", "perturbation", "level", "score", "loss", "delta_loss", "top1", "top5")
+TOP_K_COLUMNS = ("rank", "unit", "perturbation", "level", "score", "loss", "delta_loss", "delta_loss_se", "top1",
+                 "top5", "top1_drop_se")
 
 
 def write_ranking_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
@@ -36,7 +38,7 @@ def write_ranking_json(path: str | Path, summary: Mapping[str, Any]) -> Path:
 
 
 # loss is left out: it is the score (score=loss) or baseline + Δloss
-CONSOLE_COLUMNS = (("rank", "rank"), ("unit", "unit"), ("score", "score"), ("delta_loss", "Δloss"),
+CONSOLE_COLUMNS = (("rank", "rank"), ("unit", "unit"), ("score", "score"), ("delta_loss", "Δloss ± se"),
                    ("top1", "top-1 %"), ("top5", "top-5 %"))
 
 
@@ -50,8 +52,11 @@ def print_top_k(rows: Sequence[Mapping[str, Any]], k: int, title: str) -> Table:
             table.add_column(header, justify="right", no_wrap=True)
     for row in rows[:k]:
         cells = [format_cell(row[key], 2 if key in ("top1", "top5") else 4) for key, _ in CONSOLE_COLUMNS]
+        se = row.get("delta_loss_se", math.nan)
+        if isinstance(se, float) and math.isfinite(se):
+            cells[3] += f" ± {format_cell(se, 4)}"  # one standard error over the images
         if not row["exact"]:
-            cells[1] += " (estimate)"
+            cells[1] += " (estimate)" if not row["samples"] else f" (eliminated after {row['samples']} images)"
         table.add_row(*cells)
     console.print(table)
     return table
@@ -84,7 +89,11 @@ def top_k_figure(rows: Sequence[Mapping[str, Any]], k: int, score: str, title: s
     figure = Figure(figsize=(8, 0.3 * len(top) + 1.2), dpi=100)
     axes = figure.add_subplot()
     positions = np.arange(len(top))
-    axes.barh(positions, heights, color=colors)
+    # 95 % intervals where the score has them; units without one (estimates) get no bar rather than a made-up one
+    interval = INTERVAL_OF_SCORE.get(score)
+    errors = [Z95 * float(row.get(f"{interval}_se", math.nan)) if interval else math.nan for row in top]
+    errors = [e if math.isfinite(e) and math.isfinite(s) else 0.0 for e, s in zip(errors, scores)]
+    axes.barh(positions, heights, color=colors, xerr=errors if any(errors) else None, ecolor="black", capsize=2)
     axes.set_yticks(positions, [str(row["unit"]) for row in top], fontsize=7)
     axes.invert_yaxis()
     axes.set_xlabel(score)
@@ -94,9 +103,10 @@ def top_k_figure(rows: Sequence[Mapping[str, Any]], k: int, score: str, title: s
             axes.text(cap, position, f" {value}", va="center", fontsize=7)
     if score == "loss" and finite.size and finite.min() > 0:
         # perturbed losses cluster far from 0: start the axis near them so that their differences stay visible
-        low = float(finite.min())
-        margin = 0.05 * (cap - low) or 0.05 * cap
-        axes.set_xlim(max(0.0, low - margin), cap + margin)
+        low = float(min(h - e for h, e in zip(heights, errors)))
+        high = float(max(h + e for h, e in zip(heights, errors)))
+        margin = 0.05 * (high - low) or 0.05 * high
+        axes.set_xlim(max(0.0, low - margin), high + margin)
     figure.tight_layout()
     return figure
 
@@ -238,3 +248,22 @@ def hybrid_note(agreement: dict[str, Any]) -> str:
         line += ("\n[yellow]warning: top units came from the second half of the checked list, so unchecked units "
                  "may belong in the top k; method: halving or exact give a dependable top k[/]")
     return line
+
+
+def test_note(test: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
+    """One console line on halving's sequential test: its guarantee, what each stage decided, and how many units
+    reached the whole set (their scores are the exact full-set scores; the others were eliminated early)."""
+    stages = "; ".join(f"{s['units']} units on {s['images']} images, {s['eliminated']} eliminated" for s in test["stages"])
+    exact = sum(1 for row in rows if row["exact"])
+    return (f"halving: the top {test['top_k']} is the exact full-set top {test['top_k']} with probability ≥ "
+            f"{test['top_k_confidence']} ({test['correction']} over {len(rows)} units × {test['tests']} tests, "
+            f"bounds at {test['z']:.2f} standard errors); {stages}; {exact} units have exact full-set scores, "
+            f"{len(rows) - exact} were eliminated early (their scores are over the images they saw)")
+
+
+def boundary_note(boundary: Mapping[str, Any]) -> str:
+    """One console line on how settled the top-k boundary is across images (95 % intervals of the k-th unit)."""
+    low, high = boundary["interval"]
+    above, below = boundary["overlapping"]["above"], boundary["overlapping"]["below"]
+    return (f"top-{boundary['k']} boundary: {boundary['unit']} has the 95 % interval [{format_cell(low, 4)}, "
+            f"{format_cell(high, 4)}]; {above} units above and {below} below it have overlapping intervals")

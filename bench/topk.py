@@ -1,0 +1,198 @@
+"""Benchmark of halving's certified top 20 against the exact ranking (a benchmark, not a test).
+
+ResNet20 with the shared checkpoint, all 698 conv and linear output channels zeroed one at a time (the units of
+``configs/rank_neurons.yaml``), scored by Δloss on the CIFAR-10 test split, read through critnet's own CIFAR-10
+datamodule (the images the command line ranks). In one run it times
+
+- the exact ranking on 1,000 test images spread evenly over the class-sorted split (every 10th); the exact method's
+  cost is linear in the images, so ten times its time stands in for the exact ranking of all 10,000;
+- ``method="halving"`` (top 20, ``top_k_confidence`` 0.99) on all 10,000 images, and on 1,000 and 2,500 images
+  spread evenly, against the exact time for as many images (the speedup's growth with the set).
+
+With ``--exact-csv`` (the ``ranking.csv`` of an exact run on the whole split, e.g. ``configs/rank_neurons.yaml``) it
+checks the certified top 20: the same units in the same order, and the same scores within 1e-6 relative (the
+reference may come from another CPU, which rounds float32 differently). It also projects the speedup to ResNet50 on
+10,000 ImageNet images from the measured stage survival rates (see ``project``). The last line is machine-readable:
+
+    topk_speedup=<x> top20_identical=<true|false|unchecked> units_at_full_set=<n> overlap_at_boundary=<n>
+
+Usage: python bench/topk.py [--data-root ../shared/data/cifar10] [--weights <resnet20 checkpoint>]
+       [--exact-csv runs/.../ranking.csv] [--threads 1] [--out bench/results/topk.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import critnet  # noqa: E402
+from critnet.engine import certify  # noqa: E402
+from critnet.engine.data import EvaluationSet  # noqa: E402
+
+OPTIONS = dict(unit="channel", perturbation="zero", include=["weight"], module_types=["Conv2d", "Linear"],
+               score="delta_loss")
+#: ResNet50's conv and linear output channels (torchvision), for the projection.
+RESNET50_UNITS = 27_560
+
+
+def load_split(root: Path) -> EvaluationSet:
+    """The whole test split in dataset order, decoded once, as the command line's datamodule delivers it."""
+    from critnet.data import CIFAR10DataModule
+
+    module = CIFAR10DataModule(str(root), batch_size=128, num_workers=0, pin_memory=False)
+    module.setup("validate")
+    return EvaluationSet.from_batches(module.analysis_dataloader())
+
+
+def spread(data: EvaluationSet, images: int) -> EvaluationSet:
+    """``images`` positions spread evenly over the (class-sorted) set."""
+    if images >= data.samples:
+        return data
+    return data.subset([int(i * data.samples / images) for i in range(images)])
+
+
+def timed(fn):
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+def work_fraction(test: dict, units: int) -> float:
+    """Unit·images halving evaluated, as a fraction of the exact ranking's (every unit on every image)."""
+    stages = test["stages"]
+    done = sum(s["units"] * (s["images"] - before["images"]) for s, before in zip(stages, [{"images": 0}] + stages))
+    return done / (units * stages[-1]["images"])
+
+
+def read_reference(path: Path, k: int) -> list[tuple[str, float]]:
+    with open(path, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("exact", "True") == "True"]
+    rows.sort(key=lambda row: int(row["rank"]))
+    return [(row["unit"], float(row["score"])) for row in rows[:k]]
+
+
+def project(test: dict, units: int, target_units: int, confidence: float) -> dict:
+    """The work fraction of halving on ``target_units`` units and the same number of images, from the stage survival
+    rates measured here.
+
+    Assumes the same fraction of units survives each stage (a network whose per-image spread of scores, relative to
+    the gap to the k-th unit, is like ResNet20's) and a top k that is the same fraction of the units. ``same_stage``
+    takes the rates as they are; ``one_stage_later`` lets every elimination happen one stage (twice the images)
+    later, which covers the wider Bonferroni bound over more units (the images needed for a given margin grow with
+    the square of the quantile)."""
+    stages = test["stages"]
+    z_here = certify.critical_z(units, test["tests"], confidence)
+    z_there = certify.critical_z(target_units, test["tests"], confidence)
+    sizes = [s["images"] for s in stages]
+    alive = [s["units"] / units for s in stages]
+    new = [b - a for a, b in zip([0] + sizes, sizes)]
+    same = sum(a * m for a, m in zip(alive, new)) / sizes[-1]
+    later = sum(a * m for a, m in zip([1.0] + alive[:-1], new)) / sizes[-1]
+    return {"target_units": target_units, "z_here": z_here, "z_there": z_there,
+            "images_needed_ratio": (z_there / z_here) ** 2,
+            "same_stage": {"work_fraction": same, "speedup": 1 / same},
+            "one_stage_later": {"work_fraction": later, "speedup": 1 / later}}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "cifar10"))
+    parser.add_argument("--weights", default=str(REPO.parent / "shared" / "checkpoints" / "cifar10" / "resnet20-12fca82f.th"))
+    parser.add_argument("--exact-csv", default=None, help="ranking.csv of an exact run on the whole test split")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--confidence", type=float, default=0.99, help="top_k_confidence")
+    parser.add_argument("--scaling", default="1000,2500", help="smaller sets for the speedup's growth ('' = none)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "topk.json"))
+    args = parser.parse_args(argv)
+    root, weights = Path(args.data_root), Path(args.weights)
+    for path, flag in ((root / "test", "--data-root"), (weights, "--weights")):
+        if not path.exists():
+            parser.error(f"{flag}: {path} does not exist")
+    if args.exact_csv is not None and not Path(args.exact_csv).is_file():
+        parser.error(f"--exact-csv: {args.exact_csv} is not a file")
+    torch.set_num_threads(args.threads)
+
+    model = critnet.load_model("resnet20", str(weights)).eval()
+    read_s, data = timed(lambda: load_split(root))
+    print(f"ResNet20 {weights.name}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+          f"{data.samples} test images read in {read_s:.1f} s", flush=True)
+    k = args.top_k
+
+    exact_s, exact = timed(lambda: critnet.rank(model, spread(data, 1000), method="exact", top_k=k, **OPTIONS))
+    per_image_s = exact_s / 1000
+    units = len(exact.units)
+    print(f"exact: {units} units on 1000 images in {exact_s:.1f} s → {per_image_s * data.samples:.0f} s projected "
+          f"for {data.samples}", flush=True)
+
+    runs = []
+    sizes = sorted({int(s) for s in args.scaling.split(",") if s} | {data.samples})
+    for images in sizes:
+        seconds, ranking = timed(lambda: critnet.rank(model, spread(data, images), method="halving", top_k=k,
+                                                     top_k_confidence=args.confidence, **OPTIONS))
+        level = ranking.summary["levels"][0]
+        test = level["top_k_test"]
+        run = {"images": images, "seconds": seconds, "exact_seconds": per_image_s * images,
+               "speedup": per_image_s * images / seconds, "work_fraction": work_fraction(test, units),
+               "units_at_full_set": test["units_at_full_set"], "z": test["z"], "stages": test["stages"],
+               "boundary": level["boundary"]}
+        runs.append(run)
+        print(f"halving on {images} images: {seconds:.1f} s, {run['speedup']:.2f}× the exact time, "
+              f"{run['work_fraction']:.3f} of its unit·images, {run['units_at_full_set']} units at the full set; "
+              + "; ".join(f"{s['units']}→{s['units'] - s['eliminated']} at {s['images']}" for s in test["stages"]),
+              flush=True)
+    full = runs[-1]
+    top = [(row["unit"], row["score"]) for row in ranking.rows if row["exact"]][:k]
+
+    identical = "unchecked"
+    mismatches = []
+    if args.exact_csv is not None:
+        reference = read_reference(Path(args.exact_csv), k)
+        for position, ((unit, score), (ref_unit, ref_score)) in enumerate(zip(top, reference), 1):
+            close = abs(score - ref_score) <= 1e-6 * abs(ref_score)
+            if unit != ref_unit or not close:
+                mismatches.append({"rank": position, "certified": [unit, score], "exact": [ref_unit, ref_score]})
+        identical = str(len(top) == len(reference) == k and not mismatches).lower()
+        print(f"certified top {k} against {args.exact_csv}: {identical}"
+              + (f" (first mismatch: {mismatches[0]})" if mismatches else ""), flush=True)
+
+    projection = project(ranking.levels[0].test, units, RESNET50_UNITS, args.confidence)
+    overlap = full["boundary"]["overlapping"] if full["boundary"] else None
+    overlap_count = None if overlap is None else overlap["above"] + overlap["below"]
+
+    print()
+    print("| images | exact s (×10 of 1,000 where more) | halving s | speedup | unit·images | units at full set |")
+    print("|---|---|---|---|---|---|")
+    for run in runs:
+        print(f"| {run['images']} | {run['exact_seconds']:.0f} | {run['seconds']:.0f} | {run['speedup']:.2f}× | "
+              f"{run['work_fraction']:.3f} | {run['units_at_full_set']} |")
+    print(f"ResNet50 ({RESNET50_UNITS} units, 10,000 ImageNet images), projected from these survival rates: "
+          f"{projection['same_stage']['speedup']:.1f}× (same stages), {projection['one_stage_later']['speedup']:.1f}× "
+          f"(every elimination one stage later; the bound grows from {projection['z_here']:.2f} to "
+          f"{projection['z_there']:.2f} standard errors)")
+
+    report = {"units": units, "images": data.samples, "threads": torch.get_num_threads(), "top_k": k,
+              "top_k_confidence": args.confidence, "first_stage": certify.FIRST_STAGE, "exact_1000_s": exact_s,
+              "runs": runs, "top": top, "reference": args.exact_csv, "top_identical": identical,
+              "mismatches": mismatches, "projection_resnet50": projection}
+    last = (f"topk_speedup={full['speedup']:.2f} top20_identical={identical} "
+            f"units_at_full_set={full['units_at_full_set']} overlap_at_boundary={overlap_count}")
+    report["last_line"] = last
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+    print(last)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Per-unit error bars of a ranking, and halving's certified top k (critnet.engine.certify)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+import critnet
+from critnet.choices import SettingError
+from critnet.engine import certify
+from critnet.engine.data import EvaluationSet, as_evaluation_set
+from critnet.scoring import Z95
+from tests.conftest import KERNEL_REL, f32_close
+
+
+def small_data(n: int = 96, batch: int = 32, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Random images labelled by a fixed function of their pixels (so that a network can learn them)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    signal = x[:, 0].mean((1, 2)) * 3 + x[:, 1, :4].mean((1, 2)) * 2
+    y = signal.argsort().argsort() * 5 // n  # five balanced classes
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+@pytest.fixture(scope="module")
+def trained() -> nn.Module:
+    """A small conv net fitted to :func:`small_data`: a few of its channels matter a lot, most little, as in a
+    trained classifier (a random network's channels all matter about equally little)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    )  # fmt: skip
+    x, y = (torch.cat(parts) for parts in zip(*small_data()))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
+    for _ in range(150):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture()
+def small_model(trained) -> nn.Module:
+    return copy.deepcopy(trained)
+
+
+def per_image(model: nn.Module, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain loop: per-image cross-entropy and top-1 hits."""
+    losses, hits = [], []
+    with torch.no_grad():
+        for x, y in data:
+            logits = model(x)
+            losses.append(nn.functional.cross_entropy(logits, y, reduction="none").double())
+            hits.append(logits.argmax(1) == y)
+    return torch.cat(losses), torch.cat(hits)
+
+
+def test_exact_errors_agree_with_a_plain_per_image_computation(small_model):
+    model, data = small_model, small_data()
+    ranking = critnet.rank(model, data, unit="channel", perturbation="zero", score="delta_loss")
+    base_losses, base_hits = per_image(model, data)
+    n = len(base_losses)
+    by_unit = {row["unit"]: row for row in ranking.rows}
+    assert len(by_unit) == 8 + 8 + 5
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for unit in ranking.units:
+        with torch.no_grad():
+            dict(model.named_parameters())[unit.name][unit.index].zero_()
+        losses, hits = per_image(model, data)
+        model.load_state_dict(state)
+        row = by_unit[unit.label]
+        d = (losses - base_losses).tolist()
+        se = statistics.stdev(d) / math.sqrt(n)
+        mean = statistics.fmean(d)
+        # The engine recomputes the zeroed channel alone and stacks perturbed copies: another kernel than this
+        # loop, so per-image losses agree to float32 rounding; the error is compared at the scale of the losses.
+        scale = max(abs(x) for x in losses.tolist())
+        assert f32_close(row["delta_loss_se"], se, scale=scale, rel=KERNEL_REL), unit.label
+        assert f32_close(row["delta_loss_lo"], mean - Z95 * se, scale=scale, rel=KERNEL_REL), unit.label
+        assert f32_close(row["delta_loss_hi"], mean + Z95 * se, scale=scale, rel=KERNEL_REL), unit.label
+        flips = (base_hits.double() - hits.double()).tolist()  # counts: identical whatever the kernel
+        top1_se = 100 * statistics.stdev(flips) / math.sqrt(n)
+        assert row["top1_drop_se"] == pytest.approx(top1_se, rel=1e-12, abs=1e-12), unit.label
+        assert row["top1_drop_lo"] == pytest.approx(100 * statistics.fmean(flips) - Z95 * top1_se, abs=1e-9)
+
+
+def test_errors_are_the_same_from_the_naive_loop_and_through_resume(small_model, tmp_path):
+    model, data = small_model, small_data()
+    exact = critnet.rank(model, data, unit="channel", perturbation="zero", resume_dir=tmp_path)
+    resumed = critnet.rank(model, data, unit="channel", perturbation="zero", resume_dir=tmp_path)
+    naive = critnet.rank(model, data, unit="channel", perturbation="zero", method="naive")
+    columns = ("unit", "delta_loss_se", "delta_loss_lo", "delta_loss_hi", "top1_drop_se", "top1_drop_hi")
+    # the resumed run reads back the records the first one wrote: the very same numbers
+    assert [[r[c] for c in columns] for r in resumed.rows] == [[r[c] for c in columns] for r in exact.rows]
+    naive_rows = {r["unit"]: r for r in naive.rows}
+    for row in exact.rows:
+        other = naive_rows[row["unit"]]
+        assert other["top1_drop_se"] == row["top1_drop_se"]
+        assert f32_close(other["delta_loss_se"], row["delta_loss_se"], scale=row["loss"], rel=KERNEL_REL)
+
+
+def test_the_summary_and_the_files_carry_the_errors(small_model, tmp_path):
+    model, data = small_model, small_data()
+    ranking = critnet.rank(model, data, unit="channel", perturbation="zero", score="delta_loss", top_k=4)
+    csv_path, json_path = ranking.report(tmp_path, print_table=False)
+    header = csv_path.read_text().splitlines()[0].split(",")
+    for column in ("delta_loss_se", "delta_loss_lo", "delta_loss_hi", "top1_drop_se", "top1_drop_lo", "top1_drop_hi"):
+        assert column in header
+    boundary = ranking.summary["levels"][0]["boundary"]
+    rows = ranking.rows
+    fourth = rows[3]
+    assert boundary["unit"] == fourth["unit"] and boundary["interval"] == [fourth["delta_loss_lo"], fourth["delta_loss_hi"]]
+    overlapping = [r for r in rows if r is not fourth and r["delta_loss_lo"] <= fourth["delta_loss_hi"]
+                   and r["delta_loss_hi"] >= fourth["delta_loss_lo"]]
+    assert boundary["overlapping"] == {"above": sum(r["rank"] < 4 for r in overlapping),
+                                       "below": sum(r["rank"] > 4 for r in overlapping)}
+    # the figure draws the intervals of the top units as error bars
+    figure = ranking.plot_top_k()
+    lines = [c for c in figure.axes[0].containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(lines) == 1
+
+
+# ---------------------------------------------------------------------------------------------- the sequential test
+
+
+def test_stage_sizes_double_up_to_the_whole_set():
+    assert certify.stage_sizes(10_000, 256) == [256, 512, 1024, 2048, 4096, 10_000]
+    assert certify.stage_sizes(1000, 256) == [256, 1000]
+    assert certify.stage_sizes(300, 256) == [300]
+    assert certify.stage_sizes(512, 256) == [256, 512]
+
+
+def test_the_correction_is_bonferroni_over_units_and_tests():
+    from scipy.stats import norm
+
+    z = certify.critical_z(698, 5, 0.99)
+    assert z == pytest.approx(norm.isf(0.01 / (698 * 5)), rel=1e-9)
+    assert certify.critical_z(10, 0, 0.99) == 0.0
+
+
+def test_bounds_are_normal_intervals_with_the_finite_population_correction():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(6, 40, generator=g, dtype=torch.float64) + torch.arange(6.0, dtype=torch.float64)[:, None]
+    values[2, 7] = math.nan
+    estimate, lower, upper = certify.bounds(values, population=100, z=3.0)
+    for u, row in enumerate(values.tolist()):
+        if u == 2:
+            assert lower[u] == upper[u] == math.inf  # a broken unit is never eliminated
+            continue
+        margin = 3.0 * statistics.stdev(row) / math.sqrt(40) * math.sqrt((100 - 40) / 99)
+        assert estimate[u].item() == pytest.approx(statistics.fmean(row), rel=1e-12)
+        assert lower[u].item() == pytest.approx(statistics.fmean(row) - margin, rel=1e-12)
+        assert upper[u].item() == pytest.approx(statistics.fmean(row) + margin, rel=1e-12)
+    # the whole set: the mean is known exactly
+    _, lower, upper = certify.bounds(values[:, :40], population=40, z=3.0)
+    assert torch.equal(lower[[0, 1, 3]], upper[[0, 1, 3]])
+
+
+def test_survivors_keep_every_unit_whose_upper_bound_reaches_the_kth_lower_bound():
+    lower = torch.tensor([5.0, 1.0, 3.0, -1.0, math.inf])
+    upper = torch.tensor([6.0, 2.9, 4.0, 3.0, math.inf])
+    assert certify.survivors(lower, upper, 2).tolist() == [True, False, False, False, True]
+    assert certify.survivors(lower, upper, 3).tolist() == [True, False, True, True, True]
+    assert certify.survivors(lower[:2], upper[:2], 2).tolist() == [True, True]
+
+
+def test_a_subset_of_a_streaming_set_streams_the_same_rows():
+    data = small_data(n=100, batch=32)
+    held = as_evaluation_set(data)
+    streaming = EvaluationSet.from_batches(data, memory_budget_mb=0.001)
+    assert held.in_memory and not streaming.in_memory
+    positions = [0, 5, 31, 32, 33, 64, 99] + list(range(40, 60))
+    a, b = held.subset(positions), streaming.subset(positions)
+    assert a.in_memory and not b.in_memory
+    assert a.batch_sizes == b.batch_sizes == [27]  # regrouped into batches of at most 32
+    x = torch.cat([x for x, _ in data])
+    expected = x[sorted(positions)]
+    assert torch.equal(torch.cat([x for x, _ in a]), expected)
+    assert torch.equal(torch.cat([x for x, _ in b]), expected)
+    with pytest.raises(ValueError, match="positions"):
+        held.subset([100])
+
+
+@pytest.fixture()
+def staged(monkeypatch):
+    """Stages of 16, 32, 64 and 96 images on the small set, so that several tests run."""
+    monkeypatch.setattr(certify, "FIRST_STAGE", 16)
+
+
+def test_halving_reports_the_exact_top_k_with_exact_full_set_scores(small_model, staged, tmp_path):
+    model, data = small_model, small_data(n=96)
+    options = dict(unit="channel", perturbation="zero", score="delta_loss", top_k=3)
+    exact = critnet.rank(model, data, **options)
+    fast = critnet.rank(model, data, method="halving", resume_dir=tmp_path, **options)
+    test = fast.summary["levels"][0]["top_k_test"]
+    assert [s["images"] for s in test["stages"]][-1] == 96 and test["first_stage"] == 16
+    assert test["tests"] == 2 and test["correction"] == "bonferroni" and test["top_k_confidence"] == 0.99
+    assert sum(s["eliminated"] for s in test["stages"]) + test["units_at_full_set"] == len(fast.units)
+    assert test["units_at_full_set"] < len(fast.units)  # it did skip work
+    # Halving evaluates its stages in other batches than the exact method: per-image losses agree to float32
+    # rounding (bit for bit where the kernels do not depend on the batch size), hit counts exactly.
+    exact_rows = {r["unit"]: r for r in exact.rows}
+    kth = exact.rows[2]["score"]
+    for row in fast.top(3):
+        assert row["exact"] and row["samples"] == 96
+        other = exact_rows[row["unit"]]
+        assert other["score"] >= kth - KERNEL_REL * other["loss"]
+        assert f32_close(row["score"], other["score"], scale=other["loss"], rel=KERNEL_REL)
+        assert row["top1"] == other["top1"] and row["top1_drop_se"] == other["top1_drop_se"]
+    exact_units = [r for r in fast.rows if r["exact"]]
+    assert len(exact_units) == test["units_at_full_set"]
+    for row in fast.rows:
+        if not row["exact"]:
+            assert row["samples"] < 96  # eliminated early, scored on the images it saw, with their own interval
+            assert math.isfinite(row["delta_loss_se"])
+    # resuming reads every stage back: the same outcome, bit for bit
+    again = critnet.rank(model, data, method="halving", resume_dir=tmp_path, **options)
+    assert again.rows == fast.rows
+
+
+def test_halving_settings_are_checked():
+    with pytest.raises(SettingError, match="top_k_confidence"):
+        critnet.RankSettings(method="halving", top_k_confidence=1.0)
+    with pytest.raises(SettingError, match="top_k_confidence"):
+        critnet.RankSettings(method="halving", top_k_confidence=float("nan"))

@@ -162,6 +162,41 @@ def test_bounds_are_normal_intervals_with_the_finite_population_correction():
     assert torch.equal(lower[[0, 1, 3]], upper[[0, 1, 3]])
 
 
+def test_bounds_with_a_control_variate_are_the_regression_estimator():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 50, generator=g, dtype=torch.float64)
+    values = 2.0 * x + 0.3 * torch.randn(3, 50, generator=g, dtype=torch.float64) + 1.0
+    known = torch.tensor([0.1, -0.2, 0.0], dtype=torch.float64)  # the covariate's mean over the whole set
+    estimate, lower, upper = certify.bounds(values, population=500, z=2.5, covariate=x, covariate_mean=known)
+    plain = certify.bounds(values, population=500, z=2.5)
+    for u in range(3):
+        xs, ys = x[u].tolist(), values[u].tolist()
+        slope = statistics.covariance(xs, ys) / statistics.variance(xs)
+        mean = statistics.fmean(ys) + slope * (known[u].item() - statistics.fmean(xs))
+        residuals = [b - slope * a for a, b in zip(xs, ys)]
+        spread = math.sqrt(sum((r - statistics.fmean(residuals)) ** 2 for r in residuals) / (50 - 2))
+        margin = 2.5 * spread / math.sqrt(50) * math.sqrt(450 / 499)
+        assert estimate[u].item() == pytest.approx(mean, rel=1e-12)
+        assert (upper[u] - lower[u]).item() == pytest.approx(2 * margin, rel=1e-10)
+        assert (upper[u] - lower[u]) < 0.5 * (plain[2][u] - plain[1][u])  # the covariate explains most of the spread
+
+
+def test_per_image_estimates_add_up_to_the_taylor_estimates(small_model):
+    from critnet.engine.taylor import per_sample_estimates, taylor_estimates
+
+    data = as_evaluation_set(small_data())
+    units = critnet.select_units(small_model, "channel") + critnet.select_units(small_model, "activation",
+                                                                                include=[r"^3$"])
+    for perturbation in (critnet.Perturbation("zero"), critnet.Perturbation("add", 0.05)):
+        matrix = per_sample_estimates(small_model, units, perturbation, data)
+        assert matrix.shape == (len(units), 96)
+        sums = per_sample_estimates(small_model, units, perturbation, data, sums=True)
+        assert torch.allclose(sums, matrix.sum(1), rtol=1e-12, atol=1e-12)
+        # the per-image terms of the same first-order estimate, summed in another order
+        for unit, mean, estimate in zip(units, matrix.mean(1).tolist(), taylor_estimates(small_model, units, perturbation, data)):
+            assert f32_close(mean, estimate, scale=matrix.abs().max().item(), rel=KERNEL_REL), unit.label
+
+
 def test_survivors_keep_every_unit_whose_upper_bound_reaches_the_kth_lower_bound():
     lower = torch.tensor([5.0, 1.0, 3.0, -1.0, math.inf])
     upper = torch.tensor([6.0, 2.9, 4.0, 3.0, math.inf])
@@ -201,6 +236,7 @@ def test_halving_reports_the_exact_top_k_with_exact_full_set_scores(small_model,
     test = fast.summary["levels"][0]["top_k_test"]
     assert [s["images"] for s in test["stages"]][-1] == 96 and test["first_stage"] == 16
     assert test["tests"] == 2 and test["correction"] == "bonferroni" and test["top_k_confidence"] == 0.99
+    assert test["control_variate"] == "first-order Taylor per image"
     assert sum(s["eliminated"] for s in test["stages"]) + test["units_at_full_set"] == len(fast.units)
     assert test["units_at_full_set"] < len(fast.units)  # it did skip work
     # Halving evaluates its stages in other batches than the exact method: per-image losses agree to float32

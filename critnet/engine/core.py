@@ -31,7 +31,7 @@ from critnet.engine.resume import (
 )
 from critnet.engine import certify
 from critnet.engine.suffix import SuffixEvaluator
-from critnet.engine.taylor import estimate_outcome, taylor_estimates
+from critnet.engine.taylor import estimate_outcome, per_sample_estimates, taylor_estimates
 from critnet.engine.tallying import TallyPair, in_first_half, sum_halves
 from critnet.engine.sharding import assign, gather_outcomes
 from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
@@ -305,15 +305,26 @@ def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None, 
     parts: dict[int, list[tuple[list[int], tuple]]] = {i: [] for i in remaining}
     outcomes: dict[int, UnitOutcome] = {}
     stages: list[dict[str, int]] = []
+    # The control variate: each image's first-order Taylor estimate of the unit's loss change, whose full-set mean
+    # one forward and backward pass gives; it removes the part of the per-image spread the estimate explains.
+    control = score in ("loss", "delta_loss") and len(sizes) > 1
+    if control:
+        try:
+            covariate_mean = per_sample_estimates(run.model, run.units, run.perturbation, data, sums=True) / n
+        except (SettingError, RuntimeError):  # head units, or a model autograd cannot differentiate
+            control = False
+    covariates: dict[int, list[torch.Tensor]] = {i: [] for i in remaining}
     report.update(top_k=top_k, top_k_confidence=confidence, correction="bonferroni", z=z, order_seed=seed,
-                  first_stage=sizes[0], tests=len(sizes) - 1, stages=stages)
+                  first_stage=sizes[0], tests=len(sizes) - 1,
+                  control_variate="first-order Taylor per image" if control else None, stages=stages)
     evaluated = 0
     for j, size in enumerate(sizes):
         last = j == len(sizes) - 1
         if len(remaining) <= top_k and not last:
             continue  # nothing left to decide: only the full-set scores are missing
         new = sorted(order[evaluated:size].tolist())
-        evaluator = SuffixEvaluator(run.model, run.perturbation, data.subset(new), memory_budget_mb)
+        part = data.subset(new)
+        evaluator = SuffixEvaluator(run.model, run.perturbation, part, memory_budget_mb)
         with torch.no_grad():
             scored = run.evaluate(
                 remaining,
@@ -331,8 +342,24 @@ def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None, 
             break
         seen = order[:size]
         values = torch.stack([per_sample_criticality(_scatter(parts[i], n), reference, seen, score) for i in remaining])
-        _, lower, upper = certify.bounds(values, n, z)
-        keep = certify.survivors(lower, upper, top_k).tolist()
+        if control:
+            estimates = per_sample_estimates(run.model, [run.units[i] for i in remaining], run.perturbation, part)
+            placed = torch.zeros(n, dtype=torch.float64)
+            for i, row in zip(remaining, estimates):
+                covariates[i].append(row)
+            x = []
+            for i in remaining:
+                placed.zero_()
+                placed[torch.tensor(_positions(parts[i]))] = torch.cat(covariates[i])
+                x.append(placed[seen].clone())
+            _, lower, upper = certify.bounds(values, n, z, torch.stack(x), covariate_mean[remaining])
+        else:
+            _, lower, upper = certify.bounds(values, n, z)
+        keep = certify.survivors(lower, upper, top_k)
+        if run.world_size > 1:
+            # every rank decides alike on the CPU; on GPUs a backward pass may round differently, so rank 0 decides
+            keep = run.all_gather(keep)[0]
+        keep = keep.tolist()
         for i, kept in zip(remaining, keep):
             if not kept:
                 outcomes[i] = _tally_over(parts.pop(i), n, data, reference, run.units[i], exact=False)
@@ -341,7 +368,16 @@ def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None, 
     for i in remaining:
         outcomes[i] = _tally_over(parts.pop(i), n, data, reference, run.units[i], exact=True)
     report["units_at_full_set"] = len(remaining)
+    # Units whose exact full-set score equals the k-th's cannot be told apart from it: they are reported, not cut.
+    common = Tally(reference[0].sum().item(), int(reference[1].sum()), int(reference[2].sum()), n)
+    keys = sorted(criticality_key(score_of(outcomes[i].total, common, score)) for i in remaining)
+    report["ties_at_boundary"] = sum(key == keys[top_k - 1] for key in keys[top_k:]) if len(keys) > top_k else 0
     return outcomes
+
+
+def _positions(parts) -> list[int]:
+    """The image positions of per-sample parts, in the order their values are concatenated."""
+    return [p for positions, _ in parts for p in positions]
 
 
 def _scatter(parts, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -148,6 +148,85 @@ def taylor_estimates(
     return estimates
 
 
+def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: Perturbation, data: EvaluationSet,
+                         sums: bool = False) -> torch.Tensor:
+    """Each image's first-order Taylor estimate of its own loss change, for every unit: ``dᵢ = ⟨Δyᵢ, ∂ℓᵢ/∂yᵢ⟩``
+    with ``y`` the output of the unit's module (its activation for activation units) and ``Δy`` the change the
+    perturbation makes to it (one forward and backward pass per batch).
+
+    Args:
+        sums: return the per-unit sums over the images instead of the ``(units, images)`` matrix (what a
+            full-set mean needs, in memory proportional to the units alone).
+
+    Returns:
+        float64 on the CPU: ``(units, images)`` or, with ``sums``, ``(units,)``.
+
+    Raises:
+        SettingError: head units (their columns are not a slice along dimension 0).
+
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()
+    >>> data = EvaluationSet.from_batches([(torch.randn(5, 4), torch.arange(5) % 3)])
+    >>> per_sample_estimates(model, [Unit("channel", "1.weight", 0)], Perturbation("zero"), data).shape
+    torch.Size([1, 5])
+    """
+    if any(u.kind == "head" for u in units):
+        raise SettingError("method: per-image Taylor estimates are not defined for head units")
+    param_units = [u for u in units if u.kind != "activation"]
+    act_units = [u for u in units if u.kind == "activation"]
+    named_modules = dict(model.named_modules())
+    owners: dict[str, list[Unit]] = {}
+    for u in param_units:
+        resolve_parameter(model, u)
+        owners.setdefault(u.name.rpartition(".")[0], []).append(u)
+    layers: dict[str, list[Unit]] = {}
+    for u in act_units:
+        resolve_module(model, u)
+        layers.setdefault(u.name, []).append(u)
+    calls: dict[str, list[tuple[tuple, torch.Tensor]]] = {}
+
+    def recorder(name: str):
+        def hook(_module, inputs, output):
+            if isinstance(output, torch.Tensor):  # a tuple output (attention) gives no per-image estimate
+                calls.setdefault(name, []).append((inputs, output))
+
+        return hook
+
+    handles = [named_modules[name].register_forward_hook(recorder(name)) for name in {**owners, **layers}]
+    parts: dict[Unit, list[torch.Tensor]] = {u: [] for u in units}
+    try:
+        with torch.enable_grad():
+            for x, y in data:
+                calls.clear()
+                x = x.detach().requires_grad_(True)  # every module output becomes part of the graph
+                loss = F.cross_entropy(model(x), y, reduction="sum")  # the gradient of image i's own loss
+                recorded = [(name, call) for name in calls for call in calls[name]]
+                grads = torch.autograd.grad(loss, [out for _, (_, out) in recorded], allow_unused=True)
+                batch: dict[Unit, torch.Tensor] = {}
+                for (name, (inputs, output)), g in zip(recorded, grads):
+                    found: dict[Unit, torch.Tensor] = {}
+                    if g is None:
+                        found = {u: torch.zeros(len(y), dtype=torch.float64) for u in owners.get(name, []) + layers.get(name, [])}
+                    else:
+                        if name in owners:
+                            found.update(_directional(named_modules[name], owners[name], perturbation, inputs, g))
+                        for unit in layers.get(name, []):
+                            act = output.detach()
+                            dim = activation_channel_dim(named_modules[name], act)
+                            values = act.select(dim, unit.index)
+                            delta = perturbation.apply(values, unit).double() - values.double()
+                            found[unit] = (delta * g.select(dim, unit.index).double()).reshape(len(delta), -1).sum(1)
+                    for unit, d in found.items():  # a module called more than once adds up its calls
+                        batch[unit] = batch[unit] + d if unit in batch else d
+                for unit in units:
+                    d = batch.get(unit, torch.zeros(len(y), dtype=torch.float64)).detach().cpu()
+                    parts[unit].append(d.sum(0, keepdim=True) if sums else d)
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = torch.stack([torch.cat(parts[u]) for u in units])
+    return result.sum(1) if sums else result
+
+
 def _directional(module: nn.Module, units: list[Unit], perturbation: Perturbation, inputs: tuple,
                  grad_out: torch.Tensor) -> dict[Unit, torch.Tensor]:
     """Per-sample ``dᵢ = ⟨Δyᵢ, ∂L/∂yᵢ⟩`` (float64, one value per sample) over one call of ``module`` for each of

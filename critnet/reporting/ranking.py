@@ -258,7 +258,8 @@ def test_note(test: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str
     return (f"halving: the top {test['top_k']} is the exact full-set top {test['top_k']} with probability ≥ "
             f"{test['top_k_confidence']} ({test['correction']} over {len(rows)} units × {test['tests']} tests, "
             f"bounds at {test['z']:.2f} standard errors); {stages}; {exact} units have exact full-set scores, "
-            f"{len(rows) - exact} were eliminated early (their scores are over the images they saw)")
+            f"{len(rows) - exact} were eliminated early (their scores are over the images they saw)"
+            + (f"; {test['ties_at_boundary']} units tie with the {test['top_k']}th" if test.get("ties_at_boundary") else ""))
 
 
 def boundary_note(boundary: Mapping[str, Any]) -> str:

@@ -17,6 +17,17 @@ RESNET20_WEIGHTS = CIFAR_CHECKPOINTS / "resnet20-12fca82f.th"
 requires_shared = pytest.mark.skipif(not RESNET20_WEIGHTS.is_file(), reason="../shared is not beside the repo")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread_for_shared_fixtures():
+    """The same single thread for the module- and session-scoped fixtures (shared CLI runs, the seed preset):
+    pytest sets those up before any function-scoped fixture, so without this they ran with every core's thread
+    pool, several times slower beside other jobs on a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def one_intra_op_thread():
     """One intra-op thread per test process. The suite runs on 2-core machines where DDP tests start two

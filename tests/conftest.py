@@ -125,3 +125,26 @@ def seed_preset_log_dir(tmp_path_factory) -> Path:
     from test_ranking_cli import run_cli
 
     return run_cli(tmp_path_factory.mktemp("seed_preset"), subset=256)
+
+
+@pytest.fixture(scope="session")
+def ddp_runs(tmp_path_factory) -> Path:
+    """The output folder of tests/ddp_runs.py: every two-process CLI run of test_cli, test_ranking_ddp and
+    test_prune_ddp in one DDP launch (two interpreters and one gloo group instead of four of each)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    if not RESNET20_WEIGHTS.is_file():
+        pytest.skip("../shared is not beside the repo")
+    out = tmp_path_factory.mktemp("ddp_runs")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}  # two processes on two cores
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_runs.py"), str(out)], cwd=out, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

@@ -148,3 +148,29 @@ def ddp_runs(tmp_path_factory) -> Path:
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def gloo_runs(tmp_path_factory, cifar_test_256) -> Path:
+    """The output folder of tests/gloo_runs.py: the two-process (gloo) runs of test_engine_modes and test_faults in
+    one pair of processes that import no Lightning."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    if not RESNET20_WEIGHTS.is_file():
+        pytest.skip("../shared is not beside the repo")
+    out = tmp_path_factory.mktemp("gloo_runs")
+    torch.save(cifar_test_256, out / "images.pt")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+    script = str(REPO / "tests" / "gloo_runs.py")
+    procs = [subprocess.Popen([sys.executable, script, str(r), port, str(out), str(RESNET20_WEIGHTS)], env=env,
+                              cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    return out

@@ -7,6 +7,9 @@ test_prune_ddp.py needed four such launches. Here the first run goes through Lig
 same entry point, ``critnet.cli.main``, in both processes of that group, in the same order. The tests then assert
 on the files under OUT:
 
+- ``OUT/trainer_flag_type.txt``: test_cli_errors' check that a Lightning Trainer flag keeps its type when critnet
+  and its command line are imported first (the first imports of this script, in a fresh interpreter);
+
 - ``OUT/cli/ddp``: test_cli's ``validate`` of 301 images over 2 ranks;
 - ``OUT/ranking/ddp``: test_ranking_ddp's ranking;
 - ``OUT/prune/devices2``: test_prune_ddp's resumable sweep, run twice: after the first run rank 0 keeps the whole
@@ -16,6 +19,7 @@ on the files under OUT:
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,9 +27,25 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 
-import torch.distributed as dist  # noqa: E402
+# test_cli_errors' typing check wants critnet, then the command line, imported first in a fresh interpreter
+import critnet  # noqa: E402, F401
+import critnet.cli  # noqa: E402, F401
 
 from critnet.cli import main  # noqa: E402
+
+
+def trainer_flag_type() -> str:
+    """What ``--trainer.limit_val_batches 1`` parses to once critnet is imported before Lightning."""
+    from lightning import Trainer
+
+    from critnet.cli import CritnetArgumentParser
+
+    parser = CritnetArgumentParser()
+    parser.add_class_arguments(Trainer, "trainer")
+    return repr(parser.parse_args(["--trainer.limit_val_batches", "1"]).trainer.limit_val_batches)
+
+
+import torch.distributed as dist  # noqa: E402
 
 DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
 PRUNE_RESUME = "--trainer.callbacks.init_args.resume=true"
@@ -50,4 +70,7 @@ def run_all(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    run_all(Path(sys.argv[1]))
+    out = Path(sys.argv[1])
+    if "LOCAL_RANK" not in os.environ:  # the process the test started, before Lightning starts rank 1
+        (out / "trainer_flag_type.txt").write_text(trainer_flag_type())
+    run_all(out)

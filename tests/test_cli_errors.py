@@ -59,10 +59,11 @@ def test_a_bad_callback_setting_is_one_line_naming_it(tmp_path, capsys, preset, 
 
 # the 128 output channels of the last block, each with a full forward pass: long enough to be stopped midway
 UNITS = (f"{RANKING}include=[layer3.2]", f"{RANKING}method=naive")
+IMAGES = 16  # each of the three runs makes up to 128 full passes over them
 
 
 def test_sigterm_mid_ranking_stops_at_once_and_the_rerun_resumes(tmp_path):
-    args = cli_args(tmp_path / "stopped", "rank_neurons.yaml", *UNITS, f"{RANKING}resume=true", subset=32)
+    args = cli_args(tmp_path / "stopped", "rank_neurons.yaml", *UNITS, f"{RANKING}resume=true", subset=IMAGES)
     process = subprocess.Popen([sys.executable, "analyze.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     partial_dir = tmp_path / "stopped" / "ranking_partial"
@@ -87,7 +88,7 @@ def test_sigterm_mid_ranking_stops_at_once_and_the_rerun_resumes(tmp_path):
     assert not list((tmp_path / "stopped").rglob("ranking.csv"))
 
     resumed = Path(main(args).trainer.log_dir) / "ranking.csv"
-    whole = Path(main(cli_args(tmp_path / "whole", "rank_neurons.yaml", *UNITS, subset=32)).trainer.log_dir)
+    whole = Path(main(cli_args(tmp_path / "whole", "rank_neurons.yaml", *UNITS, subset=IMAGES)).trainer.log_dir)
     whole = whole / "ranking.csv"
     assert resumed.read_bytes() == whole.read_bytes()
 

@@ -56,17 +56,25 @@ def all_gather(obj, world_size: int = 2):
     return gathered
 
 
-def engine_part(rank: int, out: Path, weights: str) -> None:
+def engine_setup(out: Path, weights: str):
+    """The public ResNet20, its units and the images: before the gloo group, so that rank 1 does this while rank 0
+    runs its fresh-process part."""
     from critnet.checkpoints import load_weights
-    from critnet.engine import EvaluationSet, evaluate_units
+    from critnet.engine import EvaluationSet
     from critnet.models import build_model
-    from critnet.perturb import Perturbation, select_units
+    from critnet.perturb import select_units
 
     model = build_model("resnet20")
     load_weights(model, weights, "resnet20")
     model.eval()
     units = select_units(model, "channel", include=ENGINE_LAYERS)[::3]
-    data = EvaluationSet.from_batches(torch.load(out / "images.pt"))
+    return model, units, EvaluationSet.from_batches(torch.load(out / "images.pt"))
+
+
+def engine_part(rank: int, out: Path, model, units, data) -> None:
+    from critnet.engine import evaluate_units
+    from critnet.perturb import Perturbation
+
     result, counts = {}, {}
     for method in ("exact", "halving"):
         outcomes = evaluate_units(model, units, Perturbation("zero"), data, method=method, top_k=3, rank=rank,
@@ -98,9 +106,10 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     if rank == 0:
         fresh_process_part(out)
+    engine = engine_setup(out, weights) if (out / "images.pt").is_file() else None  # the ResNet20 part needs ../shared
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    if (out / "images.pt").is_file():  # the ResNet20 part needs ../shared
-        engine_part(rank, out, weights)
+    if engine is not None:
+        engine_part(rank, out, *engine)
     dist.barrier()
     faults_part(rank, out)
     # Leave together, then skip interpreter finalization: gloo's worker threads can abort the process there

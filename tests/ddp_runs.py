@@ -9,7 +9,6 @@ on the files under OUT:
 
 - ``OUT/trainer_flag_type.txt``: test_cli_errors' check that a Lightning Trainer flag keeps its type when critnet
   and its command line are imported first (the first imports of this script, in a fresh interpreter);
-
 - ``OUT/cli/ddp``: test_cli's ``validate`` of 301 images over 2 ranks;
 - ``OUT/ranking/ddp``: test_ranking_ddp's ranking;
 - ``OUT/prune/devices2``: test_prune_ddp's resumable sweep, run twice: after the first run rank 0 keeps the whole
@@ -30,6 +29,7 @@ sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 # test_cli_errors' typing check wants critnet, then the command line, imported first in a fresh interpreter
 import critnet  # noqa: E402, F401
 import critnet.cli  # noqa: E402, F401
+import torch.distributed as dist  # noqa: E402
 
 from critnet.cli import main  # noqa: E402
 
@@ -44,8 +44,6 @@ def trainer_flag_type() -> str:
     parser.add_class_arguments(Trainer, "trainer")
     return repr(parser.parse_args(["--trainer.limit_val_batches", "1"]).trainer.limit_val_batches)
 
-
-import torch.distributed as dist  # noqa: E402
 
 DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
 PRUNE_RESUME = "--trainer.callbacks.init_args.resume=true"

@@ -17,6 +17,17 @@ RESNET20_WEIGHTS = CIFAR_CHECKPOINTS / "resnet20-12fca82f.th"
 requires_shared = pytest.mark.skipif(not RESNET20_WEIGHTS.is_file(), reason="../shared is not beside the repo")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread_for_shared_fixtures():
+    """The same single thread for the module- and session-scoped fixtures (shared CLI runs, the seed preset):
+    pytest sets those up before any function-scoped fixture, so without this they ran with every core's thread
+    pool, several times slower beside other jobs on a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def one_intra_op_thread():
     """One intra-op thread per test process. The suite runs on 2-core machines where DDP tests start two
@@ -114,3 +125,53 @@ def seed_preset_log_dir(tmp_path_factory) -> Path:
     from test_ranking_cli import run_cli
 
     return run_cli(tmp_path_factory.mktemp("seed_preset"), subset=256)
+
+
+@pytest.fixture(scope="session")
+def ddp_runs(tmp_path_factory) -> Path:
+    """The output folder of tests/ddp_runs.py: every two-process CLI run of test_cli, test_ranking_ddp and
+    test_prune_ddp in one DDP launch (two interpreters and one gloo group instead of four of each)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    if not RESNET20_WEIGHTS.is_file():
+        pytest.skip("../shared is not beside the repo")
+    out = tmp_path_factory.mktemp("ddp_runs")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}  # two processes on two cores
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_runs.py"), str(out)], cwd=out, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def gloo_runs(tmp_path_factory, request) -> Path:
+    """The output folder of tests/gloo_runs.py: the two-process (gloo) runs of test_engine_modes and test_faults,
+    and the fresh-interpreter checks of test_api and test_perturb, in one pair of processes that import no
+    Lightning."""
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("gloo_runs")
+    if RESNET20_WEIGHTS.is_file() and CIFAR_ROOT.is_dir():  # else only the parts that need no ../shared run
+        torch.save(request.getfixturevalue("cifar_test_256"), out / "images.pt")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    # two processes on two cores; a bare environment for the Lightning-free API check of test_api, another hash
+    # seed for the noise check of test_perturb
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "12345"}
+    script = str(REPO / "tests" / "gloo_runs.py")
+    procs = [subprocess.Popen([sys.executable, script, str(r), port, str(out), str(RESNET20_WEIGHTS)], env=env,
+                              cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    return out

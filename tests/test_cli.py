@@ -1,9 +1,6 @@
 """The CLI end to end, through its real entry points, against an independent plain-PyTorch loop."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -89,16 +86,14 @@ def test_predict_writes_one_row_per_image(tmp_path):
     assert sum(int(r.split(",")[1]) == int(r.split(",")[2]) for r in lines[1:]) == top1
 
 
-def test_ddp_two_processes_count_every_image_once(tmp_path):
-    """301 images over 2 ranks: the default sampler would repeat one; metrics must equal one device."""
-    subset = ["--data.subset_size", "301", "--data.subset_seed", "1"]
-    main(cli_args(tmp_path / "single", *subset))
-    cmd = [sys.executable, str(REPO / "analyze.py"), *cli_args(tmp_path / "ddp", *subset),
-           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # two processes on two cores
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    single, ddp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+DDP_SUBSET = ["--data.subset_size", "301", "--data.subset_seed", "1"]
+
+
+def test_ddp_two_processes_count_every_image_once(tmp_path, ddp_runs):
+    """301 images over 2 ranks: the default sampler would repeat one; metrics must equal one device. The two-process
+    run (--trainer.devices 2 --trainer.strategy ddp) is the first of tests/ddp_runs.py (fixture ddp_runs)."""
+    main(cli_args(tmp_path / "single", *DDP_SUBSET))
+    single, ddp = read_metrics(tmp_path / "single"), read_metrics(ddp_runs / "cli" / "ddp")
     assert ddp["devices"] == 2 and ddp["samples"] == single["samples"] == 301
     for key in ("top1", "top5", "top1_correct", "top5_correct"):
         assert ddp[key] == single[key], key

@@ -59,10 +59,11 @@ def test_a_bad_callback_setting_is_one_line_naming_it(tmp_path, capsys, preset, 
 
 # the 128 output channels of the last block, each with a full forward pass: long enough to be stopped midway
 UNITS = (f"{RANKING}include=[layer3.2]", f"{RANKING}method=naive")
+IMAGES = 16  # each of the three runs makes up to 128 full passes over them
 
 
 def test_sigterm_mid_ranking_stops_at_once_and_the_rerun_resumes(tmp_path):
-    args = cli_args(tmp_path / "stopped", "rank_neurons.yaml", *UNITS, f"{RANKING}resume=true", subset=32)
+    args = cli_args(tmp_path / "stopped", "rank_neurons.yaml", *UNITS, f"{RANKING}resume=true", subset=IMAGES)
     process = subprocess.Popen([sys.executable, "analyze.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     partial_dir = tmp_path / "stopped" / "ranking_partial"
@@ -87,20 +88,20 @@ def test_sigterm_mid_ranking_stops_at_once_and_the_rerun_resumes(tmp_path):
     assert not list((tmp_path / "stopped").rglob("ranking.csv"))
 
     resumed = Path(main(args).trainer.log_dir) / "ranking.csv"
-    whole = Path(main(cli_args(tmp_path / "whole", "rank_neurons.yaml", *UNITS, subset=32)).trainer.log_dir)
+    whole = Path(main(cli_args(tmp_path / "whole", "rank_neurons.yaml", *UNITS, subset=IMAGES)).trainer.log_dir)
     whole = whole / "ranking.csv"
     assert resumed.read_bytes() == whole.read_bytes()
 
 
-def test_trainer_flags_keep_their_types_after_critnet_is_imported():
+def test_trainer_flags_keep_their_types_after_critnet_is_imported(ddp_runs):
     """A `typing` cache collision turns Lightning's `Optional[Union[int, float]]` into `Union[float, int]` when rich
-    is imported before Lightning; then `--trainer.limit_val_batches 1` means 100 % instead of one batch."""
-    script = ("import critnet, critnet.cli\n"
-              "from critnet.cli import CritnetArgumentParser\n"
-              "from lightning import Trainer\n"
-              "parser = CritnetArgumentParser()\n"
-              "parser.add_class_arguments(Trainer, 'trainer')\n"
-              "print(repr(parser.parse_args(['--trainer.limit_val_batches', '1']).trainer.limit_val_batches))\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == "1"
+    is imported before Lightning; then `--trainer.limit_val_batches 1` means 100 % instead of one batch. The fresh
+    interpreter is the one tests/ddp_runs.py starts: `import critnet, critnet.cli` first, then
+    CritnetArgumentParser().add_class_arguments(Trainer, 'trainer') parses ['--trainer.limit_val_batches', '1']."""
+    import inspect
+
+    import ddp_runs as script
+
+    source = inspect.getsource(script)
+    assert source.index("import critnet  #") < source.index("import critnet.cli  #") < source.index("import torch")
+    assert (ddp_runs / "trainer_flag_type.txt").read_text() == "1"

@@ -51,7 +51,7 @@ def reference(model, units, perturbation, batches):
     return results
 
 
-def assert_matches(outcomes, expected, units):
+def assert_matches(outcomes, expected, units, samples=256):
     """Hit counts exactly; loss sums to float32 rounding: the engine recomputes a perturbed channel with a
     one-channel convolution, another kernel than the full layer's (tensor and activation units run the very same
     ops as the reference and agree bit for bit here, but the tolerance need not tell them apart)."""
@@ -59,18 +59,26 @@ def assert_matches(outcomes, expected, units):
     for outcome, ref in zip(outcomes, expected):
         label = outcome.unit.label
         assert outcome.exact, label
-        assert outcome.total.samples == 256, label
+        assert outcome.total.samples == samples, label
         assert outcome.total.top1_correct == ref["top1"], label
         assert outcome.total.top5_correct == ref["top5"], label
         assert f32_close(outcome.total.loss_sum, ref["loss"], rel=KERNEL_REL), label
         for half, (loss, top1, top5) in zip(outcome.halves, ref["halves"]):
-            assert (half.top1_correct, half.top5_correct, half.samples) == (top1, top5, 128), label
+            assert (half.top1_correct, half.top5_correct, half.samples) == (top1, top5, samples // 2), label
             assert f32_close(half.loss_sum, loss, rel=KERNEL_REL), label
 
 
 @pytest.fixture()
 def data(cifar_test_256):
     return EvaluationSet.from_batches(cifar_test_256)
+
+
+@pytest.fixture(scope="module")
+def batches_of_64(cifar_test_256):
+    """The first 128 of those images in two batches of 64, for the engine-against-reference cases: still several
+    batches and both halves, and half the reference loop's full forward passes."""
+    x, y = cifar_test_256[0]
+    return [(x[:64], y[:64]), (x[64:], y[64:])]
 
 
 def test_baseline_is_the_plain_forward_pass(resnet20_cifar, cifar_test_256, data):
@@ -85,13 +93,14 @@ def test_baseline_is_the_plain_forward_pass(resnet20_cifar, cifar_test_256, data
     assert baseline.halves[0].samples == baseline.halves[1].samples == 128
 
 
-def test_naive_matches_reference_and_restores(resnet20_cifar, cifar_test_256, data):
+def test_naive_matches_reference_and_restores(resnet20_cifar, batches_of_64):
+    data = EvaluationSet.from_batches(batches_of_64)
     units = select_units(resnet20_cifar, "channel", include=[r"layer3\.2\.conv2"])[:2]
     units += select_units(resnet20_cifar, "tensor", include=[r"layer2\.0\.bn1\.weight"])
     before = state_checksum(resnet20_cifar)
     outcomes = evaluate_units(resnet20_cifar, units, Perturbation("add", 0.5), data, method="naive")
     assert state_checksum(resnet20_cifar) == before
-    assert_matches(outcomes, reference(resnet20_cifar, units, Perturbation("add", 0.5), cifar_test_256), units)
+    assert_matches(outcomes, reference(resnet20_cifar, units, Perturbation("add", 0.5), batches_of_64), units, 128)
 
 
 def some_units(model, kind):
@@ -117,13 +126,14 @@ def some_units(model, kind):
     ],
     ids=lambda v: v if isinstance(v, str) else v.label,
 )
-def test_exact_equals_reference_loop(resnet20_cifar, cifar_test_256, data, kind, perturbation):
+def test_exact_equals_reference_loop(resnet20_cifar, batches_of_64, kind, perturbation):
+    data = EvaluationSet.from_batches(batches_of_64)
     units = some_units(resnet20_cifar, kind)
     before = state_checksum(resnet20_cifar)
     outcomes = evaluate_units(resnet20_cifar, units, perturbation, data, method="exact")
     assert state_checksum(resnet20_cifar) == before
     assert not any(m._forward_hooks for m in resnet20_cifar.modules())
-    assert_matches(outcomes, reference(resnet20_cifar, units, perturbation, cifar_test_256), units)
+    assert_matches(outcomes, reference(resnet20_cifar, units, perturbation, batches_of_64), units, 128)
 
 
 def test_exact_in_segments_and_streamed_data_gives_the_same_tallies(resnet20_cifar, cifar_test_256):

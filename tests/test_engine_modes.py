@@ -196,69 +196,19 @@ def test_hybrid_checks_the_estimated_top_exactly(resnet20_cifar, data):
             assert o.total.samples == 0
 
 
-RANK_SCRIPT = """
-import json, os, sys, torch, torch.distributed as dist
-repo, rank, world_size, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-sys.path[:0] = [repo, repo + "/tests"]
-torch.set_num_threads(1)
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-from conftest import first_test_images, RESNET20_WEIGHTS
-from critnet.checkpoints import load_weights
-from critnet.engine import EvaluationSet, evaluate_units
-from critnet.models import build_model
-from critnet.perturb import Perturbation, select_units
-
-def all_gather(obj):
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-model = build_model("resnet20"); load_weights(model, str(RESNET20_WEIGHTS), "resnet20"); model.eval()
-units = select_units(model, "channel", include=[r"layer1\\.2\\.conv2", r"layer3\\.2\\.conv2"])[::3]
-data = EvaluationSet.from_batches(first_test_images(256))
-result, counts = {}, {}
-for method in ("exact", "halving"):
-    outcomes = evaluate_units(model, units, Perturbation("zero"), data, method=method, top_k=3, rank=rank,
-                              world_size=world_size, all_gather=all_gather,
-                              progress=lambda done, total: counts.__setitem__(method, total))
-    result[method] = [[o.unit.label, o.exact] + [[t.loss_sum, t.top1_correct, t.top5_correct, t.samples]
-                      for t in o.halves] for o in outcomes]
-with open(out, "w") as handle:
-    json.dump({"result": result, "counts": counts}, handle)
-# Leave together, then skip interpreter finalization: gloo's worker threads can abort the process there
-# ("terminate called without an active exception", pytorch/pytorch#179291) after all the work is written.
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush(); sys.stderr.flush()
-os._exit(0)
-"""
-
-
-def test_two_processes_give_the_single_process_outcomes(resnet20_cifar, data, tmp_path):
+def test_two_processes_give_the_single_process_outcomes(resnet20_cifar, data, gloo_runs):
+    """The two gloo processes of tests/gloo_runs.py (fixture gloo_runs) shard these units over rank 0 and 1."""
     import json
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    repo = str(Path(__file__).resolve().parents[1])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    procs = [
-        subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, repo, str(r), "2", port, str(tmp_path / f"{r}.json")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for r in range(2)
-    ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
+    from gloo_runs import ENGINE_LAYERS
+
+    assert ENGINE_LAYERS == [r"layer1\.2\.conv2", r"layer3\.2\.conv2"]
     units = select_units(resnet20_cifar, "channel", include=[r"layer1\.2\.conv2", r"layer3\.2\.conv2"])[::3]
     for method in ("exact", "halving"):
         single = evaluate_units(resnet20_cifar, units, Perturbation("zero"), data, method=method, top_k=3)
         expected = [[o.unit.label, o.exact] + [[t.loss_sum, t.top1_correct, t.top5_correct, t.samples]
                     for t in o.halves] for o in single]
-        ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+        ranks = [json.loads((gloo_runs / "engine" / f"{r}.json").read_text()) for r in range(2)]
         for r in ranks:
             if method == "exact":
                 # each unit evaluated by one rank, on the same batches of 128 with the same kernels: bit for bit

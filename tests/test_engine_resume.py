@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from critnet.engine import EvaluationSet, evaluate_units
 from critnet.perturb import Perturbation, select_units
@@ -33,10 +34,26 @@ def records(directory: Path) -> list[dict]:
     return [json.loads(line) for path in directory.glob("*.jsonl") for line in path.read_text().splitlines()]
 
 
-def test_exception_midway_then_rerun_resumes(resnet20_cifar, cifar_test_256, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(cifar_test_256):
+    """summary() of the uninterrupted evaluation of units_of(the public ResNet20) on the first 256 test images, what
+    both resumed evaluations below must give."""
+    from conftest import RESNET20_WEIGHTS
+
+    from critnet.checkpoints import load_weights
+    from critnet.models import build_model
+
+    if not RESNET20_WEIGHTS.is_file():
+        pytest.skip("../shared is not beside the repo")
+    model = build_model("resnet20")
+    load_weights(model, str(RESNET20_WEIGHTS), "resnet20")
+    model.eval()
+    return summary(evaluate_units(model, units_of(model), Perturbation("zero"), EvaluationSet.from_batches(cifar_test_256)))
+
+
+def test_exception_midway_then_rerun_resumes(resnet20_cifar, cifar_test_256, tmp_path, uninterrupted):
     data = EvaluationSet.from_batches(cifar_test_256)
     units = units_of(resnet20_cifar)
-    uninterrupted = evaluate_units(resnet20_cifar, units, Perturbation("zero"), data)
     before = state_checksum(resnet20_cifar)
     with pytest.raises(Boom):
         evaluate_units(resnet20_cifar, units, Perturbation("zero"), data, resume_dir=tmp_path, progress=raise_after(3))
@@ -47,7 +64,7 @@ def test_exception_midway_then_rerun_resumes(resnet20_cifar, cifar_test_256, tmp
         resnet20_cifar, units, Perturbation("zero"), data, resume_dir=tmp_path, progress=lambda d, t: totals.append(t)
     )
     assert totals[-1] == len(units) - 3  # only the rest was evaluated
-    assert summary(resumed) == summary(uninterrupted)
+    assert summary(resumed) == uninterrupted
     # another perturbation is another analysis: nothing is resumed from these records
     totals.clear()
     evaluate_units(resnet20_cifar, units[:2], Perturbation("add", 0.1), data, resume_dir=tmp_path,
@@ -55,13 +72,19 @@ def test_exception_midway_then_rerun_resumes(resnet20_cifar, cifar_test_256, tmp
     assert totals[-1] == 2
 
 
-def test_killed_process_resumes(resnet20_cifar, cifar_test_256, tmp_path):
+def test_killed_process_resumes(resnet20_cifar, cifar_test_256, tmp_path, uninterrupted):
+    from conftest import RESNET20_WEIGHTS
+
+    # the same first 256 test images, handed over in a file: the process imports neither conftest nor Lightning
+    images = tmp_path.parent / f"{tmp_path.name}_images.pt"
+    torch.save(cifar_test_256, images)
     script = textwrap.dedent(
         f"""
         import os, signal, sys, torch
         sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
         torch.set_num_threads(1)
-        from conftest import first_test_images, RESNET20_WEIGHTS
+        RESNET20_WEIGHTS = {str(RESNET20_WEIGHTS)!r}
+        batches = torch.load({str(images)!r})  # first_test_images(256)
         from critnet.checkpoints import load_weights
         from critnet.engine import EvaluationSet, evaluate_units
         from critnet.models import build_model
@@ -71,7 +94,7 @@ def test_killed_process_resumes(resnet20_cifar, cifar_test_256, tmp_path):
         def progress(done, total):
             if done == 4:
                 os.kill(os.getpid(), signal.SIGKILL)
-        evaluate_units(model, units, Perturbation("zero"), EvaluationSet.from_batches(first_test_images(256)),
+        evaluate_units(model, units, Perturbation("zero"), EvaluationSet.from_batches(batches),
                        resume_dir={str(tmp_path)!r}, progress=progress)
         """
     )
@@ -85,5 +108,5 @@ def test_killed_process_resumes(resnet20_cifar, cifar_test_256, tmp_path):
         resnet20_cifar, units, Perturbation("zero"), data, resume_dir=tmp_path, progress=lambda d, t: totals.append(t)
     )
     assert totals[-1] == len(units) - 4
-    assert summary(resumed) == summary(evaluate_units(resnet20_cifar, units, Perturbation("zero"), data))
+    assert summary(resumed) == uninterrupted
     assert os.listdir(tmp_path)

@@ -11,7 +11,6 @@ import struct
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from conftest import REPO, first_test_images, requires_shared
@@ -27,41 +26,7 @@ from critnet.faults import (
     wilson_interval,
 )
 from critnet.faults.injection import apply_fault_bit
-
-
-class TinyNet(nn.Module):
-    """Conv → BN → ReLU, a residual conv pair, pooling and a linear head: every shape the engine plans for."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, 5)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)) + x)
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
-def tiny_model(seed: int = 0) -> TinyNet:
-    torch.manual_seed(seed)
-    model = TinyNet()
-    for bn in (model.bn1, model.bn2):
-        bn.running_mean.uniform_(-0.2, 0.2)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.data.uniform_(0.5, 1.5)
-    model.conv1.weight.data[0, 0, 0, 0] = 0.0  # a zero weight: its sign flip leaves every logit as it was
-    return model.eval()
-
-
-def tiny_data(images: int = 24, batch: int = 8, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(images, 3, 6, 6, generator=generator)
-    y = torch.randint(0, 5, (images,), generator=generator)
-    return [(x[i: i + batch], y[i: i + batch]) for i in range(0, images, batch)]
+from tiny_nets import tiny_data, tiny_model
 
 
 def state_bytes(model: nn.Module) -> str:
@@ -326,45 +291,17 @@ def test_the_cli_preset_runs_the_campaign_and_rejects_bad_flags_in_one_line(tmp_
     assert errors == ["error: bits[0]: 40 is not a bit position 0..31 of a float32 value"]
 
 
-RANK_SCRIPT = """
-import json, os, sys, torch, torch.distributed as dist
-repo, rank, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-sys.path[:0] = [repo, repo + "/tests"]
-torch.set_num_threads(1)
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-from critnet.distributed import Distributed
-from critnet.faults import fault_campaign
-from test_faults import tiny_model, tiny_data
-totals = []
-campaign = fault_campaign(tiny_model(), tiny_data(), layers=[".*"], module_types=None, faults=30, seed=6,
-                          distributed=Distributed.current(), output_dir=out, progress=lambda d, t: totals.append(t))
-with open(f"{out}/rank{rank}.json", "w") as handle:
-    json.dump({"rows": repr(campaign.faults), "mine": totals[-1]}, handle)
-# leave together, then skip interpreter finalization (gloo teardown abort, pytorch/pytorch#179291)
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush(); sys.stderr.flush()
-os._exit(0)
-"""
-
-
-def test_two_gloo_processes_share_the_faults_and_equal_one(tmp_path):
+def test_two_gloo_processes_share_the_faults_and_equal_one(gloo_runs):
+    """The campaign of tests/gloo_runs.py (fixture gloo_runs) over two gloo processes: layers=[".*"],
+    module_types=None, faults=30, seed=6, output_dir=gloo_runs / "faults"."""
     import json
-    import socket
-    import subprocess
-    import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(REPO), str(r), port, str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err[-3000:]
+    from gloo_runs import FAULTS
+
+    assert FAULTS == dict(layers=[".*"], module_types=None, faults=30, seed=6)
+    folder = gloo_runs / "faults"
     single = fault_campaign(tiny_model(), tiny_data(), layers=[".*"], module_types=None, faults=30, seed=6)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["rows"] == ranks[1]["rows"] == repr(single.faults)
     assert ranks[0]["mine"] + ranks[1]["mine"] == 30 and min(ranks[0]["mine"], ranks[1]["mine"]) > 0
-    assert '"devices": 2' in (tmp_path / "campaign.json").read_text()  # written once, by rank 0
+    assert '"devices": 2' in (folder / "campaign.json").read_text()  # written once, by rank 0

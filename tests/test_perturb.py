@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,7 +20,6 @@ from critnet.perturb import (
 
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def state_checksum(model: nn.Module) -> str:
@@ -206,18 +202,15 @@ def test_noise_relative_uses_the_unit_std():
     assert single.tolist() == [4.0]  # one value: no spread, no noise (never NaN)
 
 
-def test_noise_draw_is_the_same_in_another_process():
+def test_noise_draw_is_the_same_in_another_process(gloo_runs):
+    """The other process: rank 0 of tests/gloo_runs.py, which seeds torch with 999 and runs with PYTHONHASHSEED=12345,
+    then draws Perturbation('noise', 1.0, seed=11) on zeros(8) for this unit."""
+    import json
+
     unit = Unit("channel", "layer1.0.conv1.weight", 5)
     here = Perturbation("noise", 1.0, seed=11).apply(torch.zeros(8), unit)
-    code = (
-        "import torch; torch.manual_seed(999);"
-        "from critnet.perturb import Perturbation, Unit;"
-        "print(Perturbation('noise', 1.0, seed=11).apply(torch.zeros(8), Unit('channel','layer1.0.conv1.weight',5))"
-        ".view(torch.int32).tolist())"
-    )
-    env = dict(os.environ, PYTHONHASHSEED="12345")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    assert eval(out.stdout) == here.view(torch.int32).tolist()
+    there = json.loads((gloo_runs / "fresh_process.json").read_text())["noise_int32"]
+    assert there == here.view(torch.int32).tolist()
 
 
 def test_activation_noise_is_shared_by_every_sample():

@@ -4,9 +4,6 @@ numbers of one process, exactly; only rank 0 writes."""
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,23 +30,18 @@ def arguments(root: Path, devices: int, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run(tmp_path: Path, devices: int, *extra: str) -> Path:
-    """The sweep in two processes started through analyze.py; returns the newest log_dir."""
-    root = tmp_path / f"devices{devices}"
-    command = [sys.executable, str(REPO / "analyze.py"), *arguments(root, devices, *extra)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    log_dirs = sorted(p.parent for p in root.rglob("prune_sweep.csv"))  # written once per run, by rank 0
-    return log_dirs[-1]
+def log_dirs(root: Path) -> list[Path]:
+    """The log_dirs of the runs under root, oldest first: prune_sweep.csv is written once per run, by rank 0."""
+    return sorted((p.parent for p in root.rglob("prune_sweep.csv")), key=lambda d: int(d.name.split("_")[-1]))
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory) -> tuple[Path, Path]:
-    """(tmp dir, log_dir) of one resumable two-process sweep, shared by both tests: each such run starts three
-    interpreters and a gloo group. Recording the partial file does not change the numbers."""
-    tmp = tmp_path_factory.mktemp("prune_ddp")
-    return tmp, run(tmp, 2, "--trainer.callbacks.init_args.resume=true")
+def two_processes(ddp_runs) -> tuple[Path, Path]:
+    """(folder, log_dir of the first run) of the resumable two-process sweep of tests/ddp_runs.py, run there with
+    ``arguments(folder / "devices2", 2, "--trainer.callbacks.init_args.resume=true")``; each such launch starts
+    three interpreters and a gloo group. Recording the partial file does not change the numbers."""
+    root = ddp_runs / "prune"
+    return root, log_dirs(root / "devices2")[0]
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -73,10 +65,13 @@ def test_two_processes_give_the_numbers_of_one(tmp_path, two_processes):
 def test_a_resumed_two_process_sweep_gives_the_same_numbers(two_processes):
     tmp, first = two_processes
     (partial,) = (tmp / "devices2" / "prune_partial").glob("*.jsonl")  # rank 0 alone writes
-    lines = partial.read_text().splitlines(keepends=True)
+    # tests/ddp_runs.py kept the first run's whole file, then cut it to its first two records, as if stopped after
+    # two settings, and ran the same two-process sweep again
+    lines = (tmp / "partial_whole.jsonl").read_text().splitlines(keepends=True)
     assert len(lines) >= 3
-    partial.write_text("".join(lines[:2]))  # as if stopped after two settings
-    second = run(tmp, 2, "--trainer.callbacks.init_args.resume=true")
+    runs = log_dirs(tmp / "devices2")
+    assert len(runs) == 2 and runs[0] == first
+    second = runs[1]
     assert second != first
     for name in ("prune_sweep.csv", "prune_guided.csv"):
         assert rows(second / name) == rows(first / name)

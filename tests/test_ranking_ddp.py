@@ -1,13 +1,9 @@
-"""Under DDP (2 CPU processes, gloo) the ranking equals the single-device ranking and only rank 0 writes."""
+"""Under DDP (2 CPU processes, gloo; the run is one of tests/ddp_runs.py) the ranking equals the single-device ranking and only rank 0 writes."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 from conftest import CIFAR_ROOT, KERNEL_REL, REPO, RESNET20_WEIGHTS, assert_ranked_like, f32_close, requires_shared
@@ -30,12 +26,6 @@ ANALYSIS = [
 ]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def arguments(root: Path, *extra: str) -> list[str]:
     return [
         "validate",
@@ -47,15 +37,6 @@ def arguments(root: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def analyze(root: Path, *extra: str) -> subprocess.CompletedProcess:
-    """analyze.py in a process of its own (which starts the second DDP process)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    command = [sys.executable, str(REPO / "analyze.py"), *arguments(root, *extra)]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
 def read_rows(root: Path) -> tuple[list[dict[str, str]], dict]:
     (csv_path,) = list(root.rglob("ranking.csv"))  # exactly one file: only rank 0 writes
     with open(csv_path, newline="") as handle:
@@ -63,14 +44,12 @@ def read_rows(root: Path) -> tuple[list[dict[str, str]], dict]:
     return rows, json.loads((csv_path.parent / "ranking.json").read_text())
 
 
-def test_two_cpu_processes_equal_one(tmp_path):
+def test_two_cpu_processes_equal_one(tmp_path, ddp_runs):
     main(arguments(tmp_path / "single", "--trainer.accelerator", "cpu", "--trainer.devices", "1"))  # in this process
-    analyze(
-        tmp_path / "ddp",
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-    )  # fmt: skip
+    # the same arguments with --trainer.devices 2 --trainer.strategy ddp: a run of tests/ddp_runs.py
+    ddp_root = ddp_runs / "ranking" / "ddp"
     single, single_summary = read_rows(tmp_path / "single")
-    ddp, ddp_summary = read_rows(tmp_path / "ddp")
+    ddp, ddp_summary = read_rows(ddp_root)
     assert single_summary["devices"] == 1 and ddp_summary["devices"] == 2
     assert ddp_summary["samples"] == single_summary["samples"] == 48
     assert len(single) == 64 + 10
@@ -91,5 +70,5 @@ def test_two_cpu_processes_equal_one(tmp_path):
     # Two units' odd-half scores lie only 2e-7 of the loss apart, within that rounding: they may swap places in one
     # half's ranking, which moves Spearman by 12 / (n (n² - 1)) = 3e-5 for n = 74; any real difference moves it more.
     assert abs(ddp_summary["split_half_spearman"] - single_summary["split_half_spearman"]) <= 1e-4
-    assert len(list((tmp_path / "ddp").rglob("version_*"))) == 1
-    assert len(list((tmp_path / "ddp").rglob("events.out.tfevents*"))) == 1
+    assert len(list(ddp_root.rglob("version_*"))) == 1
+    assert len(list(ddp_root.rglob("events.out.tfevents*"))) == 1

@@ -18,6 +18,8 @@ reference may come from another CPU, which rounds float32 differently). It also 
 
 Usage: python bench/topk.py [--data-root ../shared/data/cifar10] [--weights <resnet20 checkpoint>]
        [--exact-csv runs/.../ranking.csv] [--threads 1] [--out bench/results/topk.json]
+       python bench/topk.py --compare bench/results/topk.json --exact-csv runs/.../ranking.csv
+       (checks the top k a finished run recorded against a reference that was not ready when it ran)
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -116,7 +117,14 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=10_000,
                         help="the set (spread evenly over the split; the exact part runs on a tenth of it)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "topk.json"))
+    parser.add_argument("--compare", default=None, metavar="REPORT",
+                        help="only check the top k recorded in REPORT (a finished run's JSON) against --exact-csv")
     args = parser.parse_args(argv)
+    if args.compare is not None:
+        if args.exact_csv is None or not Path(args.exact_csv).is_file() or not Path(args.compare).is_file():
+            parser.error("--compare: needs an existing report and --exact-csv naming an existing ranking.csv")
+        compare(Path(args.compare), args.exact_csv)
+        return
     root, weights = Path(args.data_root), Path(args.weights)
     for path, flag in ((root / "test", "--data-root"), (weights, "--weights")):
         if not path.exists():
@@ -154,24 +162,11 @@ def main(argv=None) -> None:
               f"{run['work_fraction']:.3f} of its unit·images, {run['units_at_full_set']} units at the full set; "
               + "; ".join(f"{s['units']}→{s['units'] - s['eliminated']} at {s['images']}" for s in test["stages"]),
               flush=True)
-    full = runs[-1]
     top = [(row["unit"], row["score"]) for row in ranking.rows if row["exact"]][:k]
 
-    identical = "unchecked"
-    mismatches = []
-    if args.exact_csv is not None:
-        reference = read_reference(Path(args.exact_csv), k)
-        for position, ((unit, score), (ref_unit, ref_score)) in enumerate(zip(top, reference), 1):
-            close = abs(score - ref_score) <= 1e-6 * abs(ref_score)
-            if unit != ref_unit or not close:
-                mismatches.append({"rank": position, "certified": [unit, score], "exact": [ref_unit, ref_score]})
-        identical = str(len(top) == len(reference) == k and not mismatches).lower()
-        print(f"certified top {k} against {args.exact_csv}: {identical}"
-              + (f" (first mismatch: {mismatches[0]})" if mismatches else ""), flush=True)
+    identical, mismatches = check(top, args.exact_csv, k)
 
     projection = project(ranking.levels[0].test, units, RESNET50_UNITS, args.confidence)
-    overlap = full["boundary"]["overlapping"] if full["boundary"] else None
-    overlap_count = None if overlap is None else overlap["above"] + overlap["below"]
 
     print()
     print(f"| images | exact s (from {tenth} images) | halving s | speedup | unit·images | units at full set |")
@@ -188,14 +183,48 @@ def main(argv=None) -> None:
               "top_k_confidence": args.confidence, "first_stage": certify.FIRST_STAGE, "exact_images": tenth,
               "exact_s": exact_s,
               "runs": runs, "top": top, "reference": args.exact_csv, "top_identical": identical,
+              "command": " ".join(["python", "bench/topk.py", *(argv if argv is not None else sys.argv[1:])]),
               "mismatches": mismatches, "projection_resnet50": projection}
-    last = (f"topk_speedup={full['speedup']:.2f} top20_identical={identical} "
-            f"units_at_full_set={full['units_at_full_set']} overlap_at_boundary={overlap_count}")
+    finish(report, Path(args.out))
+
+
+def check(top: list, exact_csv: str | None, k: int) -> tuple[str, list]:
+    """Whether the certified top ``k`` equals the exact top ``k`` of ``exact_csv``: the same units in the same
+    order, scores within 1e-6 relative; "unchecked" without a reference."""
+    if exact_csv is None:
+        return "unchecked", []
+    reference = read_reference(Path(exact_csv), k)
+    mismatches = []
+    for position, ((unit, score), (ref_unit, ref_score)) in enumerate(zip(top, reference), 1):
+        if unit != ref_unit or abs(score - ref_score) > 1e-6 * abs(ref_score):
+            mismatches.append({"rank": position, "certified": [unit, score], "exact": [ref_unit, ref_score]})
+    identical = str(len(top) == len(reference) == k and not mismatches).lower()
+    print(f"certified top {k} against {exact_csv}: {identical}"
+          + (f" (first mismatch: {mismatches[0]})" if mismatches else ""), flush=True)
+    return identical, mismatches
+
+
+def finish(report: dict, out: Path) -> None:
+    full = report["runs"][-1]
+    boundary = full["boundary"]
+    report["overlap_at_boundary"] = (None if boundary is None
+                                     else boundary["overlapping"]["above"] + boundary["overlapping"]["below"])
+    last = (f"topk_speedup={full['speedup']:.2f} top20_identical={report['top_identical']} "
+            f"units_at_full_set={full['units_at_full_set']} overlap_at_boundary={report['overlap_at_boundary']}")
     report["last_line"] = last
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
     print(last)
+
+
+def compare(report_path: Path, exact_csv: str) -> None:
+    """``--compare``: check the top k a finished run recorded (its JSON report) against ``exact_csv`` and rewrite
+    the report and its last line; the timings stay those of that run."""
+    report = json.loads(report_path.read_text())
+    report["top_identical"], report["mismatches"] = check([tuple(t) for t in report["top"]], exact_csv,
+                                                          report["top_k"])
+    report["reference"] = exact_csv
+    finish(report, report_path)
 
 
 if __name__ == "__main__":

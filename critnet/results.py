@@ -236,7 +236,7 @@ class Ranking:
         )
         return csv_path, json_path
 
-    _COLUMNS = ("rank", "unit", "score", "delta_loss", "top1", "top5")
+    _COLUMNS = ("rank", "unit", "score", "delta_loss", "delta_loss_se", "top1", "top5")
 
     def __repr__(self) -> str:
         parts = []

@@ -64,9 +64,12 @@ def test_two_cpu_processes_equal_one(tmp_path, ddp_runs):
         b = by_unit[a["unit"]]
         assert (b["top1"], b["top5"], b["samples"]) == (a["top1"], a["top5"], "48"), a["unit"]
         assert f32_close(float(b["loss"]), float(a["loss"]), rel=KERNEL_REL), a["unit"]
-        for column in ("score", "delta_loss"):
+        # the paired errors are gathered like the sums: the same on any number of devices (to the same rounding)
+        for column in ("score", "delta_loss", "delta_loss_se", "delta_loss_lo", "delta_loss_hi"):
             close = f32_close(float(b[column]), float(a[column]), scale=float(a["loss"]), rel=KERNEL_REL)
             assert close, (a["unit"], column)
+        for column in ("top1_drop_se", "top1_drop_lo", "top1_drop_hi"):  # from counts: identical
+            assert b[column] == a[column], (a["unit"], column)
     # Two units' odd-half scores lie only 2e-7 of the loss apart, within that rounding: they may swap places in one
     # half's ranking, which moves Spearman by 12 / (n (n² - 1)) = 3e-5 for n = 74; any real difference moves it more.
     assert abs(ddp_summary["split_half_spearman"] - single_summary["split_half_spearman"]) <= 1e-4

@@ -76,7 +76,7 @@ class Ranking:
         rows: one dict per (unit, level), the ``ranking.csv`` columns, most critical first within each level.
         baseline: loss, top-1, top-5 and samples of the unperturbed model (and of the two halves).
         split_half: the agreement of the rankings on the even and the odd samples (first level).
-        engine_agreement: estimated vs exact scores (taylor, hybrid and halving; first level), else None.
+        engine_agreement: estimated vs exact scores (taylor and hybrid; first level), else None.
         levels: every level's :class:`LevelRanking`.
         summary: the ``ranking.json`` record.
 

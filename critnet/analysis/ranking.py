@@ -217,7 +217,7 @@ def rank(
             rows=ranking_rows(order_outcomes(outcomes, baseline, score), baseline, p),
             split_half=split_half_agreement(outcomes, baseline, score, top_k),
             engine_agreement=(estimate_agreement(outcomes, baseline, score, top_k)
-                              if method in ("taylor", "hybrid", "halving") else None),
+                              if method in ("taylor", "hybrid") else None),
             elapsed_s=time.perf_counter() - level_started,
             test=test or None,
         ))

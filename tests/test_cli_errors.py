@@ -39,6 +39,8 @@ RANKING = "--trainer.callbacks.init_args."
     ("rank_neurons.yaml", "levels", "[nan]", "levels (CriticalRanking): 'nan' is not a finite number"),
     ("rank_neurons.yaml", "levels", "[inf]", "levels (CriticalRanking): 'inf' is not a finite number"),
     ("rank_neurons.yaml", "top_k", "0", "CriticalRanking: top_k: 0 is not an integer >= 1"),
+    ("rank_neurons.yaml", "top_k_confidence", "1.0",
+     "CriticalRanking: top_k_confidence: 1.0 is not allowed; expected a probability strictly between 0 and 1"),
     ("prune_connections.yaml", "p_prune", "[1.5]", "PruneSweep: p_prune[0]: 1.5 is outside [0, 1]"),
     ("prune_connections.yaml", "p_bern", "[0.5, -0.1]", "PruneSweep: p_bern[1]: -0.1 is outside [0, 1]"),
     ("prune_connections.yaml", "method", "filters", "method (PruneSweep): 'filters' is not one of connections,"),

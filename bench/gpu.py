@@ -476,8 +476,7 @@ def part_engine(args, sizes, device) -> dict:
     seconds, ranking, peak = run("halving", halving_units, budget, top_k=top_k)
     # unit·images actually evaluated: every stage evaluates the remaining units on its new images
     per_stage = ranking.levels[0].test["stages"]
-    evaluated = sum(stage["units"] * (stage["images"] - before["images"])
-                    for stage, before in zip(per_stage, [{"images": 0}] + per_stage))
+    evaluated = ranking.levels[0].test["unit_images"]
     survivors = sum(1 for r in ranking.rows if r["exact"])
     report["methods"]["halving"] = {
         "units": len(halving_units), "top_k": top_k, "seconds": seconds, "peak_mb": peak,

@@ -70,9 +70,7 @@ def timed(fn):
 
 def work_fraction(test: dict, units: int) -> float:
     """Unit·images halving evaluated, as a fraction of the exact ranking's (every unit on every image)."""
-    stages = test["stages"]
-    done = sum(s["units"] * (s["images"] - before["images"]) for s, before in zip(stages, [{"images": 0}] + stages))
-    return done / (units * stages[-1]["images"])
+    return test["unit_images"] / (units * test["stages"][-1]["images"])
 
 
 def read_reference(path: Path, k: int) -> list[tuple[str, float]]:

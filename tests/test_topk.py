@@ -239,6 +239,9 @@ def test_halving_reports_the_exact_top_k_with_exact_full_set_scores(small_model,
     assert test["control_variate"] == "first-order Taylor per image"
     assert sum(s["eliminated"] for s in test["stages"]) + test["units_at_full_set"] == len(fast.units)
     assert test["units_at_full_set"] < len(fast.units)  # it did skip work
+    sizes = [s["images"] for s in test["stages"]]
+    new_images = [b - a for a, b in zip([0] + sizes, sizes)]
+    assert test["unit_images"] == sum(s["units"] * m for s, m in zip(test["stages"], new_images))
     # Halving evaluates its stages in other batches than the exact method: per-image losses agree to float32
     # rounding (bit for bit where the kernels do not depend on the batch size), hit counts exactly.
     exact_rows = {r["unit"]: r for r in exact.rows}

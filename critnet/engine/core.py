@@ -316,7 +316,7 @@ def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None, 
     covariates: dict[int, list[torch.Tensor]] = {i: [] for i in remaining}
     report.update(top_k=top_k, top_k_confidence=confidence, correction="bonferroni", z=z, order_seed=seed,
                   first_stage=sizes[0], tests=len(sizes) - 1,
-                  control_variate="first-order Taylor per image" if control else None, stages=stages)
+                  control_variate="first-order Taylor per image" if control else None, stages=stages, unit_images=0)
     evaluated = 0
     for j, size in enumerate(sizes):
         last = j == len(sizes) - 1
@@ -334,6 +334,7 @@ def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None, 
                 per_sample=True,
             )
         evaluated = size
+        report["unit_images"] += len(remaining) * len(new)  # the work done, against units × images for exact
         for i in remaining:
             parts[i].append((new, scored[i]))
         stage = {"images": size, "units": len(remaining), "eliminated": 0}

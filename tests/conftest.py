@@ -116,6 +116,30 @@ def assert_ranked_like(
         assert reference[a] >= reference[b] - rel * size, (a, b)
 
 
+def once_per_test_run(tmp_path_factory, name: str, build) -> Path:
+    """The folder ``build(folder)`` filled (or the path it returned), built once for the whole test run.
+
+    Under pytest-xdist (`make test` runs two workers) every worker sets up its own session fixtures; the
+    multi-process launches are the costliest of them, and each already keeps both cores busy. So the first worker
+    that needs one builds it under a lock in the folder all workers share, and the others wait and read it. A build
+    that fails leaves no marker, so the next worker that needs it tries again and reports its own failure.
+    """
+    import fcntl
+    import os
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        out = tmp_path_factory.mktemp(name)
+        return build(out) or out
+    shared = tmp_path_factory.getbasetemp().parent
+    out, built = shared / name, shared / f"{name}.built"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built.exists():
+            out.mkdir(exist_ok=True)
+            built.write_text(str(build(out) or out))
+    return Path(built.read_text())
+
+
 @pytest.fixture(scope="session")
 def seed_preset_log_dir(tmp_path_factory) -> Path:
     """The log_dir of one `analyze.py validate` run of configs/rank_seed.yaml on the first 256 test images (its
@@ -124,7 +148,7 @@ def seed_preset_log_dir(tmp_path_factory) -> Path:
         pytest.skip("../shared is not beside the repo")
     from test_ranking_cli import run_cli
 
-    return run_cli(tmp_path_factory.mktemp("seed_preset"), subset=256)
+    return once_per_test_run(tmp_path_factory, "seed_preset", lambda out: run_cli(out, subset=256))
 
 
 @pytest.fixture(scope="session")
@@ -138,16 +162,18 @@ def ddp_runs(tmp_path_factory) -> Path:
 
     if not RESNET20_WEIGHTS.is_file():
         pytest.skip("../shared is not beside the repo")
-    out = tmp_path_factory.mktemp("ddp_runs")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}  # two processes on two cores
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_runs.py"), str(out)], cwd=out, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+
+    def launch(out: Path) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}  # two processes on two cores
+        done = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_runs.py"), str(out)], cwd=out, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    return once_per_test_run(tmp_path_factory, "ddp_runs", launch)
 
 
 @pytest.fixture(scope="session")
@@ -159,19 +185,21 @@ def gloo_runs(tmp_path_factory, request) -> Path:
     import subprocess
     import sys
 
-    out = tmp_path_factory.mktemp("gloo_runs")
-    if RESNET20_WEIGHTS.is_file() and CIFAR_ROOT.is_dir():  # else only the parts that need no ../shared run
-        torch.save(request.getfixturevalue("cifar_test_256"), out / "images.pt")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    # two processes on two cores; a bare environment for the Lightning-free API check of test_api, another hash
-    # seed for the noise check of test_perturb
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "12345"}
-    script = str(REPO / "tests" / "gloo_runs.py")
-    procs = [subprocess.Popen([sys.executable, script, str(r), port, str(out), str(RESNET20_WEIGHTS)], env=env,
-                              cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-    return out
+    def launch(out: Path) -> None:
+        if RESNET20_WEIGHTS.is_file() and CIFAR_ROOT.is_dir():  # else only the parts that need no ../shared run
+            torch.save(request.getfixturevalue("cifar_test_256"), out / "images.pt")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        # two processes on two cores; a bare environment for the Lightning-free API check of test_api, another
+        # hash seed for the noise check of test_perturb
+        env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "12345"}
+        script = str(REPO / "tests" / "gloo_runs.py")
+        procs = [subprocess.Popen([sys.executable, script, str(r), port, str(out), str(RESNET20_WEIGHTS)], env=env,
+                                  cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r in range(2)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-3000:]
+
+    return once_per_test_run(tmp_path_factory, "gloo_runs", launch)

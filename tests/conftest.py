@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import lightning.pytorch  # noqa: F401  (before anything imports rich: see critnet/__init__.py on the typing cache)
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -17,11 +16,22 @@ RESNET20_WEIGHTS = CIFAR_CHECKPOINTS / "resnet20-12fca82f.th"
 requires_shared = pytest.mark.skipif(not RESNET20_WEIGHTS.is_file(), reason="../shared is not beside the repo")
 
 
+def pytest_configure(config):
+    """Import Lightning before anything imports rich (see critnet/__init__.py on the typing cache) in every process
+    that runs tests, but not in pytest-xdist's controller, which runs none: on a 2-core machine its import of
+    torch and Lightning delays the start of the workers by about as long as they take to import the same."""
+    if config.getoption("numprocesses", default=None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    import lightning.pytorch  # noqa: F401
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_intra_op_thread_for_shared_fixtures():
     """The same single thread for the module- and session-scoped fixtures (shared CLI runs, the seed preset):
     pytest sets those up before any function-scoped fixture, so without this they ran with every core's thread
     pool, several times slower beside other jobs on a 2-core machine."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -33,6 +43,8 @@ def one_intra_op_thread():
     """One intra-op thread per test process. The suite runs on 2-core machines where DDP tests start two
     processes and other jobs may run beside it: competing OpenMP thread pools make a forward pass many times
     slower. No result depends on it (both sides of every comparison run with the same setting)."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -61,6 +73,7 @@ def resnet20_cifar():
 
 def first_test_images(n: int, batch_size: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``n`` images of the shared CIFAR-10 test split, in dataset order, as (x, y) batches."""
+    import torch
     from torchvision import datasets, transforms
 
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
@@ -125,7 +138,6 @@ def once_per_test_run(tmp_path_factory, name: str, build) -> Path:
     that fails leaves no marker, so the next worker that needs it tries again and reports its own failure.
     """
     import fcntl
-    import os
 
     if "PYTEST_XDIST_WORKER" not in os.environ:
         out = tmp_path_factory.mktemp(name)
@@ -155,7 +167,6 @@ def seed_preset_log_dir(tmp_path_factory) -> Path:
 def ddp_runs(tmp_path_factory) -> Path:
     """The output folder of tests/ddp_runs.py: every two-process CLI run of test_cli, test_ranking_ddp and
     test_prune_ddp in one DDP launch (two interpreters and one gloo group instead of four of each)."""
-    import os
     import socket
     import subprocess
     import sys
@@ -186,6 +197,8 @@ def gloo_runs(tmp_path_factory, request) -> Path:
     import sys
 
     def launch(out: Path) -> None:
+        import torch
+
         if RESNET20_WEIGHTS.is_file() and CIFAR_ROOT.is_dir():  # else only the parts that need no ../shared run
             torch.save(request.getfixturevalue("cifar_test_256"), out / "images.pt")
         with socket.socket() as sock:

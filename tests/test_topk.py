@@ -254,9 +254,22 @@ def test_halving_reports_the_exact_top_k_with_exact_full_set_scores(small_model,
         assert row["top1"] == other["top1"] and row["top1_drop_se"] == other["top1_drop_se"]
     exact_units = [r for r in fast.rows if r["exact"]]
     assert len(exact_units) == test["units_at_full_set"]
+    # an eliminated unit is scored on the images it saw (the first of the seeded order), paired with the unperturbed
+    # model on those same images: a plain per-image loop over the zeroed channel gives the same numbers
+    order = certify.sample_order(96, 0)
+    base_losses, base_hits = per_image(model, data)
+    units = {u.label: u for u in fast.units}
     for row in fast.rows:
         if not row["exact"]:
-            assert row["samples"] < 96  # eliminated early, scored on the images it saw, with their own interval
+            assert row["samples"] < 96
+            seen = order[: row["samples"]]
+            zeroed = copy.deepcopy(model)
+            with torch.no_grad():
+                zeroed.get_parameter(units[row["unit"]].name)[row["index"]] = 0
+            losses, hits = per_image(zeroed, data)
+            assert f32_close(row["delta_loss"], (losses - base_losses)[seen].mean().item(),
+                             scale=base_losses[seen].mean().item(), rel=KERNEL_REL)
+            assert row["top1"] == pytest.approx(100 * hits[seen].double().mean().item(), rel=1e-12)
             assert math.isfinite(row["delta_loss_se"])
     # resuming reads every stage back: the same outcome, bit for bit
     again = critnet.rank(model, data, method="halving", resume_dir=tmp_path, **options)

@@ -26,7 +26,7 @@ from critnet.choices import (
 )
 from critnet.engine.certify import TOP_K_CONFIDENCE
 from critnet.distributed import Distributed
-from critnet.engine import evaluate_baseline, evaluate_units
+from critnet.engine import evaluate_baseline, evaluate_units, reference_pass
 from critnet.engine.data import as_evaluation_set
 from critnet.models.loading import weights_info
 from critnet.perturb import Perturbation, Unit, select_units
@@ -199,7 +199,9 @@ def rank(
         units = settings.select(model, example)
     units = list(units)
     read_s = time.perf_counter() - started
-    baseline = evaluate_baseline(model, evaluation_set)
+    # one unperturbed pass: the baseline sums it, every level's outcomes are paired with it
+    reference = reference_pass(model, evaluation_set) if method != "taylor" else None
+    baseline = evaluate_baseline(model, evaluation_set, reference)
     levels_ranked = []
     for p in settings.perturbations():
         level_started = time.perf_counter()
@@ -211,6 +213,7 @@ def rank(
                 rank=distributed.rank, world_size=distributed.world_size, all_gather=distributed.all_gather,
                 resume_dir=resume_dir, progress=bar.update, memory_budget_mb=memory_budget_mb,
                 taylor_order=taylor_order, top_k_confidence=top_k_confidence, seed=seed, report=test,
+                reference=reference,
             )
         levels_ranked.append(LevelRanking(
             perturbation=p,

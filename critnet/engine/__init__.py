@@ -12,6 +12,7 @@ _EXPORTS = {
     "EvaluationSet": "critnet.engine.data",
     "evaluate_baseline": "critnet.engine.core",
     "evaluate_units": "critnet.engine.core",
+    "reference_pass": "critnet.engine.core",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -32,7 +32,7 @@ from critnet.engine.resume import (
 from critnet.engine import certify
 from critnet.engine.suffix import SuffixEvaluator
 from critnet.engine.taylor import estimate_outcome, per_sample_estimates, taylor_estimates
-from critnet.engine.tallying import TallyPair, in_first_half, sum_halves
+from critnet.engine.tallying import sum_halves
 from critnet.engine.sharding import assign, gather_outcomes
 from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
 from critnet.choices import (
@@ -44,20 +44,38 @@ from critnet.choices import (
     check_probability,
     check_positive_int,
 )
-from critnet.evaluation import evaluation_mode, sample_pass, tally_pass
+from critnet.evaluation import evaluation_mode, sample_pass, tally_pass, tally_samples
 from critnet.scoring import Tally, UnitOutcome, criticality_key, per_sample_criticality, score_of
 
-def evaluate_baseline(model: nn.Module, data: EvaluationSet) -> UnitOutcome:
-    """Tallies of the unperturbed model over the evaluation set (``unit=None``)."""
-    with evaluation_mode(model, data.device, deterministic=True), torch.no_grad():
-        pair = tally_pass(model, data)
+def evaluate_baseline(model: nn.Module, data: EvaluationSet,
+                      reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> UnitOutcome:
+    """Tallies of the unperturbed model over the evaluation set (``unit=None``).
+
+    With ``reference`` (:func:`reference_pass` on the same model and set) no forward pass is made: its per-sample
+    results are summed batch by batch, as a pass would sum them.
+    """
+    if reference is not None:
+        pair = tally_samples(reference, data)
+    else:
+        with evaluation_mode(model, data.device, deterministic=True), torch.no_grad():
+            pair = tally_pass(model, data)
     return UnitOutcome(unit=None, total=pair.total, halves=pair.halves)
+
+
+def reference_pass(model: nn.Module, data: EvaluationSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unperturbed model's per-sample ``(losses, top1, top5)`` over the set, on the CPU: what
+    :func:`evaluate_units` pairs every outcome with, and what :func:`evaluate_baseline` can sum. A caller that needs
+    both (a ranking, with one call per level) passes the same reference to each and makes one pass instead of
+    several."""
+    with evaluation_mode(model, data.device, deterministic=True):
+        return sample_pass(model, data)
 
 
 class _Run:
     """The shared state of one ``evaluate_units`` call: sharding, resume records, progress."""
 
-    def __init__(self, model, units, perturbation, data, rank, world_size, all_gather, store, progress):
+    def __init__(self, model, units, perturbation, data, rank, world_size, all_gather, store, progress,
+                 reference=None):
         self.model = model
         self.units = units
         self.perturbation = perturbation
@@ -68,7 +86,7 @@ class _Run:
         self.store = store
         self.progress = progress
         self.records: dict[tuple[str, int], dict[str, Any]] = {}
-        self._reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = reference
         self.done = 0
         self.total = 0
         if store is not None:
@@ -169,6 +187,7 @@ def evaluate_units(
     top_k_confidence: float = certify.TOP_K_CONFIDENCE,
     seed: int = 0,
     report: dict[str, Any] | None = None,
+    reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> list[UnitOutcome]:
     """One outcome per unit, in the order of ``units``, on every rank.
 
@@ -194,6 +213,8 @@ def evaluate_units(
         top_k_confidence: ``halving``: the probability that its top ``top_k`` is the exact full-set top ``top_k``.
         seed: ``halving``: the random order in which its stages draw images.
         report: a dict ``halving`` fills with how its test went (stages, eliminations, the bound's quantile).
+        reference: :func:`reference_pass` of this model on ``data``, when the caller already made it (otherwise
+            the methods that pair outcomes with the unperturbed model make it themselves).
 
     Raises:
         ValueError: an unknown method or score, bad ranks, a unit the model does not have, or a perturbation that
@@ -223,7 +244,7 @@ def evaluate_units(
         store = ResultStore(resume_dir, fingerprint(model, units, perturbation, data.checksum, settings), rank)
     try:
         with evaluation_mode(model, data.device, deterministic=method != "taylor"):
-            run = _Run(model, units, perturbation, data, rank, world_size, all_gather, store, progress)
+            run = _Run(model, units, perturbation, data, rank, world_size, all_gather, store, progress, reference)
             if method == "halving":
                 outcomes = _halving(run, score, int(top_k), memory_budget_mb, float(top_k_confidence), int(seed),
                                     report if report is not None else {})
@@ -273,7 +294,7 @@ def _hybrid(
     """Taylor estimates for every unit, then exact scores in the order of the estimates, in rounds of ``top_k``
     units, until a whole round (after at least two) brings no unit into the exact top ``top_k``."""
     estimates = taylor_estimates(run.model, run.units, run.perturbation, run.data, taylor_order)
-    baseline = evaluate_baseline(run.model, run.data)
+    baseline = evaluate_baseline(run.model, run.data, run.reference())
     order = sorted(range(len(run.units)), key=lambda i: (criticality_key(estimates[i]), i))
     exact: dict[int, UnitOutcome] = {}
     position = 0
@@ -395,35 +416,24 @@ def _scatter(parts, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def _tally_over(parts, n: int, data: EvaluationSet, reference: tuple, unit: Unit, exact: bool) -> UnitOutcome:
     """The outcome of per-sample results scattered over the set, with the paired sums against ``reference``.
 
-    Summed per batch of the evaluation set and half, in the order the exact method sums them, so a complete set of
-    samples gives bit-identical tallies; a partial one also gets the unperturbed tally over the same samples."""
+    A complete set of samples is summed per batch of the evaluation set and half, in the order the exact method
+    sums them, so its tallies are bit-identical to the exact method's; a partial one (an eliminated unit's) is
+    summed per half at once, and also gets the unperturbed tally over the same samples."""
     losses, top1, top5 = _scatter(parts, n)
     present = torch.zeros(n, dtype=torch.bool)
     for positions, _ in parts:
         present[torch.tensor(positions)] = True
-    pair = TallyPair()
-    for offset, size in zip(data.offsets(), data.batch_sizes):
-        rows = slice(offset, offset + size)
-        keep = present[rows]
-        if not keep.any():
-            continue
-        mine = tuple(v[rows][keep][None] for v in (losses, top1, top5))
-        theirs = tuple(v[rows][keep] for v in reference)
-        if keep.all():
-            pair.add(sum_halves(*mine, offset, theirs)[0])
-            continue
-        # a partial batch: sum each half's present samples (sum_halves splits by position parity, so go per half)
-        even = in_first_half(offset, size)[keep]
-        for mask, slot in ((even, 0), (~even, 1)):
-            if not mask.any():
-                continue
-            pick = [v[:, mask] for v in mine]
-            ref = tuple(v[mask] for v in theirs)
-            first, second = sum_halves(*pick, 0, ref)[0]
-            whole = first + second
-            pair.add((whole, Tally()) if slot == 0 else (Tally(), whole))
     if exact or present.all():
+        pair = tally_samples((losses, top1, top5), data, reference)
         return UnitOutcome(unit, pair.total, pair.halves, exact=exact)
+    halves = []
+    even = torch.arange(n) % 2 == 0
+    for half in (present & even, present & ~even):
+        index = half.nonzero().squeeze(1)
+        mine = tuple(v[index][None] for v in (losses, top1, top5))
+        # from offset 0 sum_halves splits these by their own parity; all of them are in one half of the set
+        first, second = sum_halves(*mine, 0, tuple(v[index] for v in reference))[0]
+        halves.append(first + second)
     base = Tally(reference[0][present].sum().item(), int(reference[1][present].sum()),
                  int(reference[2][present].sum()), int(present.sum()))
-    return UnitOutcome(unit, pair.total, pair.halves, exact=False, reference=base)
+    return UnitOutcome(unit, halves[0] + halves[1], (halves[0], halves[1]), exact=False, reference=base)

@@ -192,6 +192,11 @@ def test_per_image_estimates_add_up_to_the_taylor_estimates(small_model):
         assert matrix.shape == (len(units), 96)
         sums = per_sample_estimates(small_model, units, perturbation, data, sums=True)
         assert torch.allclose(sums, matrix.sum(1), rtol=1e-12, atol=1e-12)
+        # halving's stages read the images they test from the same pass (same batches, same values)
+        keep = torch.zeros(96, dtype=torch.bool)
+        keep[[0, 5, 31, 32, 70, 95]] = True
+        same_sums, kept = per_sample_estimates(small_model, units, perturbation, data, sums=True, keep=keep)
+        assert torch.equal(same_sums, sums) and torch.equal(kept, matrix[:, keep])
         # the per-image terms of the same first-order estimate, summed in another order
         for unit, mean, estimate in zip(units, matrix.mean(1).tolist(), taylor_estimates(small_model, units, perturbation, data)):
             assert f32_close(mean, estimate, scale=matrix.abs().max().item(), rel=KERNEL_REL), unit.label
@@ -274,6 +279,11 @@ def test_halving_reports_the_exact_top_k_with_exact_full_set_scores(small_model,
     # resuming reads every stage back: the same outcome, bit for bit
     again = critnet.rank(model, data, method="halving", resume_dir=tmp_path, **options)
     assert again.rows == fast.rows
+    # a memory budget too small to keep the tested images' estimates from the full-set pass: each stage makes its
+    # own pass over its new images (other batches, so the estimates agree to rounding): the same top k
+    small = critnet.rank(model, data, method="halving", memory_budget_mb=1e-4, **options)
+    assert [r["unit"] for r in small.top(3)] == [r["unit"] for r in fast.top(3)]
+    assert small.levels[0].test["control_variate"] == test["control_variate"]
 
 
 def test_halving_settings_are_checked():

@@ -30,7 +30,7 @@ from critnet.engine.resume import (
     samples_to_record,
 )
 from critnet.engine import certify
-from critnet.engine.suffix import SuffixEvaluator
+from critnet.engine.suffix import DEFAULT_MEMORY_BUDGET_MB, SuffixEvaluator
 from critnet.engine.taylor import estimate_outcome, per_sample_estimates, taylor_estimates
 from critnet.engine.tallying import sum_halves
 from critnet.engine.sharding import assign, gather_outcomes
@@ -329,11 +329,22 @@ def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None, 
     # The control variate: each image's first-order Taylor estimate of the unit's loss change, whose full-set mean
     # one forward and backward pass gives; it removes the part of the per-image spread the estimate explains.
     control = score in ("loss", "delta_loss") and len(sizes) > 1
+    # The same pass also keeps each unit's estimates on the images the tests will see (all stages but the last),
+    # unless those would not fit the memory budget; then each stage makes its own pass over its new images.
+    tested = torch.zeros(n, dtype=torch.bool)
+    tested[order[: sizes[-2] if len(sizes) > 1 else 0]] = True
+    budget = (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
+    fits = len(run.units) * int(tested.sum()) * 8 <= budget
+    column = torch.cumsum(tested.long(), 0) - 1  # an image's column among the kept ones (set order)
     if control:
         try:
-            covariate_mean = per_sample_estimates(run.model, run.units, run.perturbation, data, sums=True) / n
+            found = per_sample_estimates(run.model, run.units, run.perturbation, data, sums=True,
+                                         keep=tested if fits else None)
         except (SettingError, RuntimeError):  # head units, or a model autograd cannot differentiate
             control = False
+        else:
+            sums, tested_estimates = found if fits else (found, None)
+            covariate_mean = sums / n
     covariates: dict[int, list[torch.Tensor]] = {i: [] for i in remaining}
     report.update(top_k=top_k, top_k_confidence=confidence, correction="bonferroni", z=z, order_seed=seed,
                   first_stage=sizes[0], tests=len(sizes) - 1,
@@ -365,7 +376,10 @@ def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None, 
         seen = order[:size]
         values = torch.stack([per_sample_criticality(_scatter(parts[i], n), reference, seen, score) for i in remaining])
         if control:
-            estimates = per_sample_estimates(run.model, [run.units[i] for i in remaining], run.perturbation, part)
+            if tested_estimates is not None:
+                estimates = tested_estimates[remaining][:, column[torch.tensor(new)]]
+            else:
+                estimates = per_sample_estimates(run.model, [run.units[i] for i in remaining], run.perturbation, part)
             placed = torch.zeros(n, dtype=torch.float64)
             for i, row in zip(remaining, estimates):
                 covariates[i].append(row)

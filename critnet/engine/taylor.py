@@ -149,7 +149,8 @@ def taylor_estimates(
 
 
 def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: Perturbation, data: EvaluationSet,
-                         sums: bool = False) -> torch.Tensor:
+                         sums: bool = False, keep: torch.Tensor | None = None
+                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Each image's first-order Taylor estimate of its own loss change, for every unit: ``dᵢ = ⟨Δyᵢ, ∂ℓᵢ/∂yᵢ⟩``
     with ``y`` the output of the unit's module (its activation for activation units) and ``Δy`` the change the
     perturbation makes to it (one forward and backward pass per batch).
@@ -157,9 +158,12 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
     Args:
         sums: return the per-unit sums over the images instead of the ``(units, images)`` matrix (what a
             full-set mean needs, in memory proportional to the units alone).
+        keep: with ``sums``, a boolean mask over the set's images whose per-image values to return as well (what
+            halving's stages need, from the same pass that gives the full-set means).
 
     Returns:
-        float64 on the CPU: ``(units, images)`` or, with ``sums``, ``(units,)``.
+        float64 on the CPU: ``(units, images)`` or, with ``sums``, ``(units,)``; with ``keep`` the pair of the sums
+        and the ``(units, kept images)`` matrix, the images in set order.
 
     Raises:
         SettingError: head units (their columns are not a slice along dimension 0).
@@ -192,10 +196,13 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
         return hook
 
     handles = [named_modules[name].register_forward_hook(recorder(name)) for name in {**owners, **layers}]
+    if keep is not None and not sums:
+        raise ValueError("keep: only with sums=True (without it every image's values are returned)")
     parts: dict[Unit, list[torch.Tensor]] = {u: [] for u in units}
+    kept: dict[Unit, list[torch.Tensor]] = {u: [] for u in units}
     try:
         with torch.enable_grad():
-            for x, y in data:
+            for (x, y), offset in zip(data, data.offsets()):
                 calls.clear()
                 x = x.detach().requires_grad_(True)  # every module output becomes part of the graph
                 loss = F.cross_entropy(model(x), y, reduction="sum")  # the gradient of image i's own loss
@@ -220,11 +227,17 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
                 for unit in units:
                     d = batch.get(unit, torch.zeros(len(y), dtype=torch.float64)).detach().cpu()
                     parts[unit].append(d.sum(0, keepdim=True) if sums else d)
+                    if keep is not None:
+                        kept[unit].append(d[keep[offset : offset + len(d)]])
     finally:
         for handle in handles:
             handle.remove()
     result = torch.stack([torch.cat(parts[u]) for u in units])
-    return result.sum(1) if sums else result
+    if not sums:
+        return result
+    if keep is None:
+        return result.sum(1)
+    return result.sum(1), torch.stack([torch.cat(kept[u]) for u in units])
 
 
 def _directional(module: nn.Module, units: list[Unit], perturbation: Perturbation, inputs: tuple,

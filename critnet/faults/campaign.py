@@ -6,13 +6,14 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
+from critnet.analysis.common import progress_bar
 from critnet.choices import SettingError, check_choice, check_fraction
 from critnet.distributed import Distributed
 from critnet.engine.data import as_evaluation_set
@@ -100,7 +101,7 @@ def fault_campaign(
     distributed: Distributed | None = None,
     device: torch.device | str | None = None,
     memory_budget_mb: float | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Any = False,
 ) -> Campaign:
     """Inject faults into ``model`` one at a time and count, per fault, how many images change.
 
@@ -133,7 +134,8 @@ def fault_campaign(
             every rank holds the data, one gather collects the counts, and the results equal one process.
         device: where the evaluation batches are held (default: where they come from).
         memory_budget_mb: memory for held batches and cached activations.
-        progress: called with (faults done, faults to do on this rank).
+        progress: draw a rich progress bar (or join a live ``rich.progress.Progress``), as :func:`critnet.rank`
+            does; a callable is instead called with (faults done, faults to do on this rank).
 
     Returns:
         The :class:`Campaign` (the same on every rank).
@@ -202,11 +204,14 @@ def fault_campaign(
             local[fault.id] = counts
             if store is not None:
                 store.append({"phase": RESUME_PHASE, "index": fault.id, "counts": counts.to_record()})
-            if progress is not None:
-                progress(len(local), len(mine))
+            report(len(local), len(mine))
 
+        own_bar = not callable(progress) or hasattr(progress, "add_task")  # True/False, or a live rich display
         try:
-            evaluator.run(mine, record)
+            with progress_bar(progress if own_bar else False, f"faults · {fault_model} · {target}", distributed,
+                              step_name="faults") as bar:
+                report = bar.update if own_bar else progress
+                evaluator.run(mine, record)
         finally:
             if store is not None:
                 store.close()

@@ -74,6 +74,16 @@ def test_every_torchvision_classifier_is_registered_with_its_input_size():
     assert get_model_spec("inception_v3").smallest_input == 75 and get_model_spec("resnet20").smallest_input == 32
 
 
+def test_vits_without_weights_are_built_for_their_registered_input_size():
+    """ViT-H/14's default weights are at 518 while its builder defaults to 224: a randomly initialised ViT must
+    accept the input size its spec (and so the data transforms) give it. Built on the meta device: no memory."""
+    for name in [n for n in list_models(include_timm=False) if n.startswith("vit_")]:
+        with torch.device("meta"):
+            model = get_model_spec(name).factory(num_classes=10)
+        assert model.image_size == get_model_spec(name).smallest_input, name
+    assert get_model_spec("vit_h_14").input_size == 518
+
+
 def test_a_torchvision_classifier_by_name_runs_at_its_smallest_input():
     model = load_model("mobilenet_v3_small", num_classes=3)
     with torch.no_grad():

@@ -41,7 +41,10 @@ def _register(name: str) -> None:
     def factory(num_classes: int = 1000, weights=None) -> nn.Module:
         # inception_v3/googlenet build auxiliary heads only for training; analyses need one output tensor.
         extra = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
-        return builder(weights=None, num_classes=num_classes, **extra, **image_size_kwargs(name, weights))
+        # without weights, build for the registered input size (the default weights' crop): ViT-H/14's is 518,
+        # its builder's own default 224
+        size = image_size_kwargs(name, weights if weights is not None else default)
+        return builder(weights=None, num_classes=num_classes, **extra, **size)
 
     factory.__name__ = name
     factory.__doc__ = f"torchvision {name} ({crop}×{crop} inputs)."

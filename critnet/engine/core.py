@@ -32,7 +32,7 @@ from critnet.engine.resume import (
 from critnet.engine import certify
 from critnet.engine.suffix import DEFAULT_MEMORY_BUDGET_MB, SuffixEvaluator
 from critnet.engine.taylor import estimate_outcome, per_sample_estimates, taylor_estimates
-from critnet.engine.tallying import sum_halves
+from critnet.engine.tallying import in_first_half, sum_halves
 from critnet.engine.sharding import assign, gather_outcomes
 from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
 from critnet.choices import (
@@ -441,7 +441,7 @@ def _tally_over(parts, n: int, data: EvaluationSet, reference: tuple, unit: Unit
         pair = tally_samples((losses, top1, top5), data, reference)
         return UnitOutcome(unit, pair.total, pair.halves, exact=exact)
     halves = []
-    even = torch.arange(n) % 2 == 0
+    even = in_first_half(0, n)
     for half in (present & even, present & ~even):
         index = half.nonzero().squeeze(1)
         mine = tuple(v[index][None] for v in (losses, top1, top5))

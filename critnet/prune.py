@@ -123,14 +123,25 @@ def _finish(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], unit_mask
     return PruneMasks(masks, selected, pruned, _total_parameters(model), units, units_pruned, **extra)
 
 
-def _candidates(norms: torch.Tensor, p_prune: float) -> tuple[torch.Tensor, float | None]:
-    """Norms strictly below the one at index int(p_prune·N) of the ascending sort; all of them when that is N."""
-    count = norms.numel()
+def _threshold(norms: Sequence[torch.Tensor], p_prune: float) -> float | None:
+    """The norm at index int(p_prune·N) of the ascending sort of all ``norms`` together; None when that is N
+    (every unit is a candidate).
+
+    A partial sort in place on one concatenated copy: a full sort would add the sorted values and an int64 index
+    per unit, about three times the norms' memory (tens of GB for the largest torchvision models' connections).
+    """
+    count = sum(n.numel() for n in norms)
     index = int(p_prune * count)
     if index >= count:
-        return torch.ones_like(norms, dtype=torch.bool), None
-    threshold = torch.sort(norms).values[index]
-    return norms < threshold, float(threshold)
+        return None
+    flat = torch.cat([n.flatten().cpu() for n in norms]).numpy()
+    flat.partition(index)
+    return float(flat[index])
+
+
+def _candidates(norms: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Norms strictly below ``threshold`` (ties at it survive, as in the original); all of them when it is None."""
+    return torch.ones_like(norms, dtype=torch.bool) if threshold is None else norms < threshold
 
 
 def layer_norms(model: nn.Module, method: str = "connections", include_linear: bool = False) -> list[torch.Tensor]:
@@ -165,18 +176,15 @@ def dwp_masks(model: nn.Module, method: str = "connections", scope: str = "globa
         norms = layer_norms(model, method, include_linear)
     if len(norms) != len(layers):
         raise PruneError(f"norms cover {len(norms)} layers, the selection has {len(layers)}")
-    sizes = [n.numel() for n in norms]
-    flat = torch.cat([n.flatten() for n in norms])
-
-    threshold: float | None = None
-    if scope == "global":
-        candidates, threshold = _candidates(flat, p_prune)
-    else:
-        candidates = torch.cat([_candidates(n.flatten(), p_prune)[0] for n in norms])
+    threshold = _threshold(norms, p_prune) if scope == "global" else None
     generator = torch.Generator().manual_seed(int(seed))
-    draws = torch.rand(flat.numel(), generator=generator, dtype=torch.float64)
-    prune_units = candidates & (draws < p_bern)
-    keep = [chunk.reshape(n.shape) for chunk, n in zip((~prune_units).split(sizes), norms)]
+    keep = []
+    for n in norms:
+        # Layer by layer, in model order: the CPU generator's uniform draws come out as one long draw would
+        # (checked in tests/test_prune.py), without a float64 number per unit of the whole model in memory at once.
+        candidates = _candidates(n, threshold if scope == "global" else _threshold([n], p_prune))
+        draws = torch.rand(n.shape, generator=generator, dtype=torch.float64)
+        keep.append(~(candidates & (draws < p_bern)))
     return _finish(model, layers, keep, seed=int(seed), threshold=threshold,
                    info={"method": method, "scope": scope, "p_prune": p_prune, "p_bern": p_bern})
 

@@ -238,6 +238,12 @@ def test_bernoulli_draws_are_seeded_nested_and_near_p_bern(resnet20_cifar):
     assert reused.fingerprint() == half.fingerprint()
     for name in full.masks:  # whatever half prunes, full prunes as well
         assert not (~half.masks[name] & full.masks[name]).any()
+    # one uniform number per (out, in) kernel of the whole model in model order, as one long draw of the seeded
+    # generator (critnet draws layer by layer to keep memory per layer)
+    kernels = [mask[:, :, 0, 0].flatten() for mask in full.masks.values()]
+    draws = torch.rand(sum(len(k) for k in kernels), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    for (name, mask), kept, draw in zip(half.masks.items(), kernels, draws.split([len(k) for k in kernels])):
+        assert torch.equal(mask[:, :, 0, 0].flatten(), ~(~kept & (draw < 0.5))), name
     assert abs(half.units_pruned / full.units_pruned - 0.5) < 0.02  # ~ 10^4 candidate kernels
     assert abs(half.ratio - 0.5 * full.ratio) < 0.01
 

@@ -426,6 +426,20 @@ def resolve_parameter(model: nn.Module, unit: Unit) -> nn.Parameter:
     return param
 
 
+def unit_values(model: nn.Module, unit: Unit, tensor: torch.Tensor) -> torch.Tensor:
+    """The view of ``tensor``, shaped like the unit's parameter (the parameter itself, its gradient, …), that a
+    tensor, channel or head unit covers: all of it, row ``index``, or head ``index``'s block of input columns.
+
+    >>> model = nn.MultiheadAttention(8, 2)
+    >>> unit_values(model, Unit("head", "", 1), model.out_proj.weight.detach()).shape
+    torch.Size([8, 4])
+    """
+    if unit.kind == "head":
+        width = attention_heads(resolve_head_module(model, unit))[2]
+        return tensor[:, unit.index * width : (unit.index + 1) * width]
+    return tensor if unit.index is None else tensor[unit.index]
+
+
 def resolve_module(model: nn.Module, unit: Unit) -> nn.Module:
     """The module an activation unit lives in; ValueError naming the unit if the model has none."""
     modules = dict(model.named_modules())
@@ -478,12 +492,7 @@ def perturbed(model: nn.Module, unit: Unit, perturbation: Perturbation) -> Itera
             handle.remove()
         return
 
-    data = resolve_parameter(model, unit).detach()
-    if unit.kind == "head":
-        width = data.shape[1] // attention_heads(resolve_head_module(model, unit))[1]
-        target = data[:, unit.index * width : (unit.index + 1) * width]
-    else:
-        target = data if unit.index is None else data[unit.index]
+    target = unit_values(model, unit, resolve_parameter(model, unit).detach())
     saved = target.clone()
     try:
         with torch.no_grad():

@@ -22,7 +22,7 @@ from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import VisionTransformer
 
 from critnet.engine import EvaluationSet, evaluate_units
-from critnet.perturb import Perturbation, Unit, activation_channel_dim, perturbed, select_units
+from critnet.perturb import Perturbation, Unit, activation_channel_dim, attention_heads, perturbed, select_units
 from critnet.engine.data import as_evaluation_set
 from critnet.evaluation import batch_tallies, evaluation_mode
 from critnet.prune import dwp_masks, pruned
@@ -254,3 +254,86 @@ def test_untraceable_units_fall_back_with_one_warning_that_counts_them():
                                          r"torch.fx cannot trace Branchy") as record:
         evaluate_units(model, units, Perturbation("zero"), EvaluationSet.from_batches(batches_for(4, 1, 8)))
     assert sum("full forward passes" in str(w.message) for w in record) == 1
+
+
+class SequenceFirstAttention(nn.Module):
+    """A user's network with a sequence-first ``nn.MultiheadAttention`` (batch_first=False) over 4×4 patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.attention = nn.MultiheadAttention(8, 2)
+        self.classifier = nn.Linear(8, CLASSES)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).permute(2, 0, 1)  # (tokens, batch, channels)
+        out, _ = self.attention(tokens, tokens, tokens)  # need_weights: the module returns weights beside it
+        return self.classifier(out.mean(0))
+
+
+def attention_units(model: nn.Module) -> list[Unit]:
+    """Heads, Linear output channels inside the blocks, and the output projection's weight, rows and bias."""
+    heads = select_units(model, "head")
+    units = spread(heads, 3) + spread(select_units(model, "channel", module_types=["Linear"]), 3)
+    for name in sorted({u.name for u in heads})[:2]:
+        child = attention_heads(model.get_submodule(name))[0]
+        units += [Unit("tensor", f"{name}.{child}.weight"), Unit("tensor", f"{name}.{child}.bias"),
+                  Unit("channel", f"{name}.{child}.weight", 1)]
+    return units
+
+
+@pytest.mark.parametrize("family", ["vit", "swin", "maxvit", "sequence_first"])
+def test_taylor_terms_of_attention_units_are_each_images_loss_derivative(family):
+    """Per image, the first-order term of scaling a unit by 1 + ε is the central difference of that image's loss
+    (float64, so the difference is exact to ~ε²); the Taylor estimates are its mean and, at order 2, add the mean
+    of half its square. nn.MultiheadAttention and Swin never call their output projection as a module."""
+    from critnet.engine.taylor import per_sample_estimates, taylor_estimates
+
+    torch.manual_seed(0)
+    model = (SequenceFirstAttention() if family == "sequence_first" else FAMILIES[family]()).eval().double()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):  # torch starts attention biases at zero: scaling them would change nothing
+                parameter.normal_(0.0, 0.1)
+    batches = [(x.double(), y) for x, y in batches_for(2)]
+    data = as_evaluation_set(batches)
+    units = attention_units(model)
+    eps = 1e-4
+    up, down = Perturbation("scale", 1 + eps), Perturbation("scale", 1 - eps)
+    x = torch.cat([x for x, _ in batches])
+    y = torch.cat([y for _, y in batches])
+
+    def losses(unit, perturbation):
+        with torch.no_grad(), perturbed(model, unit, perturbation):
+            return F.cross_entropy(model(x), y, reduction="none")
+
+    reference = torch.stack([(losses(u, up) - losses(u, down)) / 2 for u in units])
+    assert (reference.abs().amax(1) > 0).all()  # every unit moves some image's loss
+    ours = per_sample_estimates(model, units, up, data)
+    first = taylor_estimates(model, units, up, data, order=1)
+    second = taylor_estimates(model, units, up, data, order=2)
+    # the central difference is exact to ~ε² relative, and to the rounding of the float64 losses it subtracts
+    rounding = 4 * torch.finfo(torch.float64).eps * F.cross_entropy(model(x), y, reduction="none").max().item()
+    for unit, mine, theirs, a, b in zip(units, ours, reference, first, second):
+        tolerance = 1e-6 * theirs.abs().max().item() + rounding
+        assert (mine - theirs).abs().max().item() <= tolerance, unit.label
+        assert a == pytest.approx(theirs.mean().item(), abs=tolerance), unit.label
+        assert b - a == pytest.approx(0.5 * theirs.square().mean().item(), rel=1e-5, abs=tolerance ** 2), unit.label
+
+
+def test_halving_and_hybrid_rank_heads_with_taylor_terms(monkeypatch):
+    import critnet
+    from critnet.engine import certify
+
+    monkeypatch.setattr(certify, "FIRST_STAGE", 8)  # stages of 8, 16 and 32 images
+    torch.manual_seed(0)
+    model = tiny_vit().eval()
+    data = batches_for(3, count=8)
+    exact = critnet.rank(model, data, unit="head", perturbation="zero", score="delta_loss")
+    hybrid = critnet.rank(model, data, unit="head", perturbation="zero", score="delta_loss", method="hybrid",
+                          top_k=4)
+    assert [r["unit"] for r in hybrid.top(2)] == [r["unit"] for r in exact.top(2)]
+    halving = critnet.rank(model, data, unit="head", perturbation="zero", score="delta_loss", method="halving",
+                           top_k=2)
+    assert halving.levels[0].test["control_variate"] == "first-order Taylor per image"
+    assert [r["unit"] for r in halving.top(2)] == [r["unit"] for r in exact.top(2)]

@@ -149,8 +149,9 @@ def rank(
             interrupts).
         data: a DataLoader, any iterable of ``(inputs, targets)`` batches, or one ``(inputs, targets)`` pair. The
             batches are read once and held (up to ``memory_budget_mb``).
-        unit: ``tensor`` (a whole parameter), ``channel`` (output channel ``weight[c]``: a filter or neuron) or
-            ``activation`` (output channel ``c`` of a module, through a forward hook).
+        unit: ``tensor`` (a whole parameter), ``channel`` (output channel ``weight[c]``: a filter or neuron),
+            ``activation`` (output channel ``c`` of a module, through a forward hook) or ``head`` (one head of
+            each attention module).
         perturbation: ``add``, ``scale``, ``noise``, ``zero``, ``sign_flip``, ``bitflip`` or ``prune``.
         levels: the perturbation's amounts, one ranking each (ignored by ``zero`` and ``sign_flip``).
         include: regular expressions searched in parameter (or module) names; default ``["weight"]`` for tensor

@@ -18,14 +18,17 @@ Jacobian-vector product of that module alone; one small convolution per layer fo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from critnet.choices import TAYLOR_ORDERS, SettingError, check_choice
 from critnet.engine.data import EvaluationSet
-from critnet.perturb import Perturbation, Unit, activation_channel_dim, resolve_module, resolve_parameter
+from critnet.perturb import (Perturbation, Unit, activation_channel_dim, attention_heads, head_parameter_name,
+                             resolve_module, resolve_parameter, unit_values)
 from critnet.scoring import Tally, UnitOutcome
 
 
@@ -43,13 +46,12 @@ def taylor_estimates(
     model is left changed.
     """
     check_choice("taylor_order", order, TAYLOR_ORDERS)
-    if any(u.kind == "head" for u in units):
-        # a head's columns are not a slice along dimension 0, which the gradient bookkeeping below assumes
-        raise SettingError("method: taylor estimates are not defined for head units; use exact or naive")
     param_units = [u for u in units if u.kind != "activation"]
     act_units = [u for u in units if u.kind == "activation"]
-    names = sorted({u.name for u in param_units})
-    params = {name: resolve_parameter(model, Unit("tensor", name)) for name in names}
+    # a head lives in its attention's output-projection weight
+    name_of = {u: head_parameter_name(model, u) if u.kind == "head" else u.name for u in param_units}
+    params = {name_of[u]: resolve_parameter(model, u) for u in param_units}
+    names = sorted(params)
     layers = sorted({u.name for u in act_units})
     modules = {name: resolve_module(model, Unit("activation", name, 0)) for name in layers}
 
@@ -68,23 +70,14 @@ def taylor_estimates(
         return hook
 
     # order 2: per-sample directional derivatives need each parameter owner's inputs and output gradients
-    owners: dict[str, list[Unit]] = {}
-    if order == 2:
-        for u in param_units:
-            owners.setdefault(u.name.rpartition(".")[0], []).append(u)
+    owners = _owners(dict(model.named_modules()), param_units) if order == 2 else {}
     named_modules = dict(model.named_modules())
-    calls: dict[str, list[tuple[tuple, torch.Tensor]]] = {}
-
-    def call_recorder(name: str):
-        def hook(_module, inputs, output):
-            calls.setdefault(name, []).append((inputs, output))
-
-        return hook
-
+    calls: dict[str, list[_Call]] = {}
     fisher = {u: torch.zeros((), dtype=torch.float64) for u in units}
     flags = {name: p.requires_grad for name, p in params.items()}
     handles = [modules[name].register_forward_hook(recorder(name)) for name in layers]
-    handles += [named_modules[name].register_forward_hook(call_recorder(name)) for name in owners]
+    handles += [named_modules[name].register_forward_hook(_call_recorder(name, calls), with_kwargs=True)
+                for name in owners]
     try:
         for p in params.values():
             p.requires_grad_(True)
@@ -97,16 +90,16 @@ def taylor_estimates(
                 loss = F.cross_entropy(model(x), y, reduction="sum")
                 acts = [outputs[name] for name in layers]
                 owner_calls = [(name, call) for name in owners for call in calls.get(name, [])]
-                wrt = list(params.values()) + acts + [output for _, (_, output) in owner_calls]
+                wrt = list(params.values()) + acts + [call.output for _, call in owner_calls]
                 gradients = torch.autograd.grad(loss, wrt, allow_unused=True)
                 owner_grads = gradients[len(params) + len(acts):]
                 gradients = gradients[: len(params) + len(acts)]
                 derivatives: dict[Unit, torch.Tensor] = {}
-                for (name, (inputs, _)), g in zip(owner_calls, owner_grads):
+                for (name, call), g in zip(owner_calls, owner_grads):
                     if g is None:
                         continue
                     # a module called more than once adds up its calls before the square
-                    for unit, d in _directional(named_modules[name], owners[name], perturbation, inputs, g).items():
+                    for unit, d in _directional(named_modules[name], name, owners[name], perturbation, call, g).items():
                         derivatives[unit] = derivatives[unit] + d if unit in derivatives else d
                 for unit, d in derivatives.items():
                     fisher[unit] += 0.5 * d.square().sum().cpu()
@@ -139,10 +132,9 @@ def taylor_estimates(
             if unit.kind == "activation":
                 estimates.append(act_sums[unit].item() / samples + second)
                 continue
-            values = params[unit.name].detach()
-            grad = grads[unit.name]
-            if unit.index is not None:
-                values, grad = values[unit.index], grad[unit.index]
+            name = name_of[unit]
+            values = unit_values(model, unit, params[name].detach())
+            grad = unit_values(model, unit, grads[name])
             delta = perturbation.apply(values.clone(), unit).double() - values.double()
             estimates.append((delta * grad).sum().item() / samples + second)
     return estimates
@@ -165,37 +157,24 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
         float64 on the CPU: ``(units, images)`` or, with ``sums``, ``(units,)``; with ``keep`` the pair of the sums
         and the ``(units, kept images)`` matrix, the images in set order.
 
-    Raises:
-        SettingError: head units (their columns are not a slice along dimension 0).
-
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()
     >>> data = EvaluationSet.from_batches([(torch.randn(5, 4), torch.arange(5) % 3)])
     >>> per_sample_estimates(model, [Unit("channel", "1.weight", 0)], Perturbation("zero"), data).shape
     torch.Size([1, 5])
     """
-    if any(u.kind == "head" for u in units):
-        raise SettingError("method: per-image Taylor estimates are not defined for head units")
     param_units = [u for u in units if u.kind != "activation"]
     act_units = [u for u in units if u.kind == "activation"]
     named_modules = dict(model.named_modules())
-    owners: dict[str, list[Unit]] = {}
     for u in param_units:
         resolve_parameter(model, u)
-        owners.setdefault(u.name.rpartition(".")[0], []).append(u)
+    owners = _owners(named_modules, param_units)
     layers: dict[str, list[Unit]] = {}
     for u in act_units:
         resolve_module(model, u)
         layers.setdefault(u.name, []).append(u)
-    calls: dict[str, list[tuple[tuple, torch.Tensor]]] = {}
-
-    def recorder(name: str):
-        def hook(_module, inputs, output):
-            if isinstance(output, torch.Tensor):  # a tuple output (attention) gives no per-image estimate
-                calls.setdefault(name, []).append((inputs, output))
-
-        return hook
-
-    handles = [named_modules[name].register_forward_hook(recorder(name)) for name in {**owners, **layers}]
+    calls: dict[str, list[_Call]] = {}
+    handles = [named_modules[name].register_forward_hook(_call_recorder(name, calls), with_kwargs=True)
+               for name in {**owners, **layers}]
     if keep is not None and not sums:
         raise ValueError("keep: only with sums=True (without it every image's values are returned)")
     parts: dict[Unit, list[torch.Tensor]] = {u: [] for u in units}
@@ -207,17 +186,17 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
                 x = x.detach().requires_grad_(True)  # every module output becomes part of the graph
                 loss = F.cross_entropy(model(x), y, reduction="sum")  # the gradient of image i's own loss
                 recorded = [(name, call) for name in calls for call in calls[name]]
-                grads = torch.autograd.grad(loss, [out for _, (_, out) in recorded], allow_unused=True)
+                grads = torch.autograd.grad(loss, [call.output for _, call in recorded], allow_unused=True)
                 batch: dict[Unit, torch.Tensor] = {}
-                for (name, (inputs, output)), g in zip(recorded, grads):
+                for (name, call), g in zip(recorded, grads):
                     found: dict[Unit, torch.Tensor] = {}
                     if g is None:
                         found = {u: torch.zeros(len(y), dtype=torch.float64) for u in owners.get(name, []) + layers.get(name, [])}
                     else:
                         if name in owners:
-                            found.update(_directional(named_modules[name], owners[name], perturbation, inputs, g))
+                            found.update(_directional(named_modules[name], name, owners[name], perturbation, call, g))
                         for unit in layers.get(name, []):
-                            act = output.detach()
+                            act = call.output.detach()
                             dim = activation_channel_dim(named_modules[name], act)
                             values = act.select(dim, unit.index)
                             delta = perturbation.apply(values, unit).double() - values.double()
@@ -240,26 +219,90 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
     return result.sum(1), torch.stack([torch.cat(kept[u]) for u in units])
 
 
-def _directional(module: nn.Module, units: list[Unit], perturbation: Perturbation, inputs: tuple,
+class _Call(NamedTuple):
+    """One call of a module during the pass: its arguments and its (first) output tensor."""
+
+    args: tuple
+    kwargs: dict
+    output: torch.Tensor
+
+
+def _call_recorder(name: str, calls: dict[str, list[_Call]]):
+    def hook(module, args, kwargs, output):
+        primary = _primary(output)
+        if primary is None:
+            raise SettingError(f"method: module {name!r} ({type(module).__name__}) returns no tensor; Taylor "
+                               "estimates need its output")
+        calls.setdefault(name, []).append(_Call(args, kwargs, primary))
+
+    return hook
+
+
+def _primary(output) -> torch.Tensor | None:
+    """The output tensor of a module call: the output itself, or the first item of a tuple (attention modules
+    return the attention weights beside it)."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    return output if isinstance(output, torch.Tensor) else None
+
+
+def _owners(modules: dict[str, nn.Module], units: Sequence[Unit]) -> dict[str, list[Unit]]:
+    """Parameter units by the module whose call their change is read at: the parameter's owner, except for head
+    units and the parameters of an attention module's children, which go to the attention module
+    (``nn.MultiheadAttention`` and Swin use their projections' weights functionally: those Linear modules are
+    never called)."""
+    owners: dict[str, list[Unit]] = {}
+    for u in units:
+        owner = u.name if u.kind == "head" else u.name.rpartition(".")[0]
+        parent = owner.rpartition(".")[0]
+        inside = u.kind != "head" and owner != parent and attention_heads(modules[parent]) is not None
+        owners.setdefault(parent if inside else owner, []).append(u)
+    return owners
+
+
+def _batch_major(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (shaped like the module's output) with the samples along dimension 0."""
+    if isinstance(module, nn.MultiheadAttention) and not module.batch_first and t.dim() == 3:
+        return t.transpose(0, 1)
+    return t
+
+
+def _per_sample(module: nn.Module, change: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """``⟨Δyᵢ, ∂L/∂yᵢ⟩`` for every sample i, in float64."""
+    change, grad_out = _batch_major(module, change), _batch_major(module, grad_out)
+    return (change.double() * grad_out.double()).reshape(len(grad_out), -1).sum(1)
+
+
+def _directional(module: nn.Module, name: str, units: list[Unit], perturbation: Perturbation, call: _Call,
                  grad_out: torch.Tensor) -> dict[Unit, torch.Tensor]:
     """Per-sample ``dᵢ = ⟨Δyᵢ, ∂L/∂yᵢ⟩`` (float64, one value per sample) over one call of ``module`` for each of
     its units, with ``Δy`` the change of the module's output along the unit's perturbation (samples are
     independent in eval mode, so ``∂L/∂yᵢ`` is sample i's own gradient)."""
     result: dict[Unit, torch.Tensor] = {}
-    inputs = tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in inputs)
+    inputs = tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in call.args)
     g = grad_out.detach()
+    # units inside an attention module are routed to it (_owners): the path of their parameter below it
+    relative = {u: u.name[len(name) + 1:] if name else u.name for u in units if u.kind != "head"}
+    found = attention_heads(module)
+    projected = [u for u in units if u.kind == "head" or (found and relative[u].startswith(f"{found[0]}."))]
+    if projected:
+        result.update(_projection_directional(module, projected, perturbation,
+                                              _Call(inputs, call.kwargs, call.output), g))
     by_param: dict[str, list[Unit]] = {}
     for unit in units:
-        by_param.setdefault(unit.name.rpartition(".")[2], []).append(unit)
+        if unit not in projected:
+            by_param.setdefault(relative[unit], []).append(unit)
     for attr, group in by_param.items():
-        p = getattr(module, attr).detach()
+        p = module.get_parameter(attr).detach()
         sliced = [u for u in group if u.index is not None]
         if sliced and attr == "weight" and _linear_in_weight(module):
             # Conv/linear output channel c changes only in channel c: all units of the layer in one small call.
             deltas = torch.stack([perturbation.apply(p[u.index].clone(), u) - p[u.index] for u in sliced])
-            change = _weight_forward(module, inputs[0], deltas)  # (batch, units, ...)
+            change = _weight_forward(module, inputs[0], deltas)  # the units along the channel dimension
             index = torch.tensor([u.index for u in sliced], device=g.device)
-            d = (change.double() * g.index_select(1, index).double()).reshape(len(g), len(sliced), -1).sum(2)
+            dim = -1 if isinstance(module, nn.Linear) else 1  # a Linear's features are last: (batch, tokens, C)
+            terms = change.double() * g.index_select(dim, index).double()
+            d = terms.movedim(dim, -1).reshape(len(g), -1, len(sliced)).sum(1)
             for k, u in enumerate(sliced):
                 result[u] = d[:, k]
             group = [u for u in group if u.index is None]
@@ -270,15 +313,66 @@ def _directional(module: nn.Module, units: list[Unit], perturbation: Perturbatio
             else:
                 delta[u.index] = perturbation.apply(p[u.index].clone(), u) - p[u.index]
             if attr == "weight" and _linear_in_weight(module):  # the output is linear in the weight: no JVP needed
-                change = _weight_forward(module, inputs[0], delta)
-                result[u] = (change.double() * g.double()).reshape(len(g), -1).sum(1)
+                result[u] = _per_sample(module, _weight_forward(module, inputs[0], delta), g)
                 continue
 
             def output(q: torch.Tensor, name: str = attr) -> torch.Tensor:
-                return torch.func.functional_call(module, {name: q}, inputs)
+                return _primary(torch.func.functional_call(module, {name: q}, inputs, call.kwargs))
 
-            _, change = torch.func.jvp(output, (p,), (delta,))
-            result[u] = (change.double() * g.double()).reshape(len(g), -1).sum(1)
+            # the math kernel of scaled_dot_product_attention has forward-mode derivatives; the fused ones do not
+            with sdpa_kernel(SDPBackend.MATH):
+                _, change = torch.func.jvp(output, (p,), (delta,))
+            result[u] = _per_sample(module, change, g)
+    return result
+
+
+def _projection_directional(module: nn.Module, units: list[Unit], perturbation: Perturbation, call: _Call,
+                            g: torch.Tensor) -> dict[Unit, torch.Tensor]:
+    """``dᵢ`` of the units in an attention module's output projection: its heads and its weight and bias.
+
+    The heads' concatenated outputs ``z`` come from calling the attention with an identity projection and no
+    bias: its output is then ``z`` laid out as the module's output, wherever the module calls the projection
+    (``nn.MultiheadAttention`` and Swin use its weight functionally, so no hook on the projection would fire).
+    A change ``ΔW`` of the weight changes the output by ``z · ΔWᵀ`` position by position (head h: only its
+    columns of ``z`` and ``ΔW``; an output channel: only its row)."""
+    child, _, width = attention_heads(module)
+    projection = getattr(module, child)
+    weight = projection.weight.detach()
+    bias = None if projection.bias is None else projection.bias.detach()
+    identity = {f"{child}.weight": torch.eye(projection.in_features, dtype=weight.dtype, device=weight.device)}
+    if bias is not None:
+        identity[f"{child}.bias"] = torch.zeros(projection.in_features, dtype=weight.dtype, device=weight.device)
+    output = call.output.detach()
+    result: dict[Unit, torch.Tensor] = {}
+    with torch.no_grad():
+        z = _primary(torch.func.functional_call(module, identity, call.args, call.kwargs))
+        # the identity call only gives z if the projection is the module's last step (up to moving positions)
+        if z is None or z.shape[:-1] != output.shape[:-1] or not (
+                (F.linear(z, weight, bias) - output).abs().max() <= 1e-3 * output.abs().max()):
+            raise SettingError(f"method: the output of {type(module).__name__} is not its {child!r} projection's "
+                               "output; Taylor estimates of the units in that projection are not defined")
+        rows = [u for u in units if u.kind == "channel" and u.name.endswith(".weight")]
+        if rows:  # output channel c changes only in channel c: all rows in one call
+            deltas = torch.stack([perturbation.apply(weight[u.index].clone(), u) - weight[u.index] for u in rows])
+            index = torch.tensor([u.index for u in rows], device=g.device)
+            terms = _batch_major(module, F.linear(z, deltas).double() * g.index_select(-1, index).double())
+            for u, d in zip(rows, terms.reshape(len(terms), -1, len(rows)).sum(1).unbind(1)):
+                result[u] = d
+        for u in units:
+            if u in result:
+                continue
+            if u.kind == "head":
+                columns = slice(u.index * width, (u.index + 1) * width)
+                delta = perturbation.apply(weight[:, columns].clone(), u) - weight[:, columns]
+                result[u] = _per_sample(module, F.linear(z[..., columns], delta), g)
+                continue
+            p = weight if u.name.endswith(".weight") else bias
+            delta = torch.zeros_like(p)
+            target = delta if u.index is None else delta[u.index]
+            values = p if u.index is None else p[u.index]
+            target.copy_(perturbation.apply(values.clone(), u) - values)
+            change = F.linear(z, delta) if p is weight else delta.expand_as(output)
+            result[u] = _per_sample(module, change, g)
     return result
 
 

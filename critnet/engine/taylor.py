@@ -13,6 +13,10 @@ gradients (the usual diagonal approximation would need them and drop those terms
 gradient summed over a whole weight tensor is close to zero, so ``add δ`` on tensors has almost no first-order
 signal. ``dᵢ`` comes from the owning module's output gradient and the change of its output along ``Δv`` (a
 Jacobian-vector product of that module alone; one small convolution per layer for conv/linear channel units).
+
+Head units are their column block of the attention's output-projection weight. Their ``dᵢ``, and those of every
+parameter inside an attention module, are read at the attention module's call (:func:`_owners`), because
+``nn.MultiheadAttention`` and Swin read their projections' weights functionally and never call those modules.
 """
 
 from __future__ import annotations
@@ -51,7 +55,6 @@ def taylor_estimates(
     # a head lives in its attention's output-projection weight
     name_of = {u: head_parameter_name(model, u) if u.kind == "head" else u.name for u in param_units}
     params = {name_of[u]: resolve_parameter(model, u) for u in param_units}
-    names = sorted(params)
     layers = sorted({u.name for u in act_units})
     modules = {name: resolve_module(model, Unit("activation", name, 0)) for name in layers}
 
@@ -70,8 +73,8 @@ def taylor_estimates(
         return hook
 
     # order 2: per-sample directional derivatives need each parameter owner's inputs and output gradients
-    owners = _owners(dict(model.named_modules()), param_units) if order == 2 else {}
     named_modules = dict(model.named_modules())
+    owners = _owners(named_modules, param_units) if order == 2 else {}
     calls: dict[str, list[_Call]] = {}
     fisher = {u: torch.zeros((), dtype=torch.float64) for u in units}
     flags = {name: p.requires_grad for name, p in params.items()}

@@ -329,18 +329,20 @@ def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None, 
     # The control variate: each image's first-order Taylor estimate of the unit's loss change, whose full-set mean
     # one forward and backward pass gives; it removes the part of the per-image spread the estimate explains.
     control = score in ("loss", "delta_loss") and len(sizes) > 1
-    # The same pass also keeps each unit's estimates on the images the tests will see (all stages but the last),
-    # unless those would not fit the memory budget; then each stage makes its own pass over its new images.
-    tested = torch.zeros(n, dtype=torch.bool)
-    tested[order[: sizes[-2] if len(sizes) > 1 else 0]] = True
-    budget = (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
-    fits = len(run.units) * int(tested.sum()) * 8 <= budget
-    column = torch.cumsum(tested.long(), 0) - 1  # an image's column among the kept ones (set order)
     if control:
+        # The same pass also keeps each unit's estimates on the images the tests will see (all stages but the
+        # last), unless those would not fit the memory budget; then each stage makes its own pass over its new images.
+        tested = torch.zeros(n, dtype=torch.bool)
+        tested[order[: sizes[-2]]] = True
+        budget = (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
+        fits = len(run.units) * int(tested.sum()) * 8 <= budget
+        column = torch.cumsum(tested.long(), 0) - 1  # an image's column among the kept ones (set order)
         try:
             found = per_sample_estimates(run.model, run.units, run.perturbation, data, sums=True,
                                          keep=tested if fits else None)
-        except (SettingError, RuntimeError):  # head units, or a model autograd cannot differentiate
+        except (SettingError, RuntimeError):
+            # a module without a tensor output, an attention whose output is not its projection's, or a model
+            # autograd cannot differentiate: the test runs without the covariate
             control = False
         else:
             sums, tested_estimates = found if fits else (found, None)

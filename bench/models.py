@@ -29,6 +29,7 @@ from pathlib import Path
 REL_TOL = 1e-6
 KINDS = ("tensor", "channel", "activation", "head")
 SAMPLED_KINDS = ("channel", "activation", "head")
+DEFAULT_IMAGES = 4
 
 
 def state_checksum(model) -> str:
@@ -57,7 +58,7 @@ def measure(name: str, units_per_kind: int, images: int, classes: int) -> dict:
     torch.manual_seed(0)
     spec = get_model_spec(name)
     size = spec.smallest_input
-    record: dict = {"model": name, "input": size, "failure": None}
+    record: dict = {"model": name, "input": size, "images": images, "failure": None}
     model = spec.factory(num_classes=classes).eval()
     record["params"] = sum(p.numel() for p in model.parameters())
     generator = torch.Generator().manual_seed(0)
@@ -175,8 +176,11 @@ def table(results: dict) -> tuple[str, dict]:
             note = f"mismatch: {', '.join(r['mismatches'])} {note}"
         if not r["restored_bit_identical"]:
             note = f"weights not restored! {note}"
+        # records from before the image count was kept were all made with the default
+        images = r.get("images", DEFAULT_IMAGES)
+        size = f"{r['input']} ({images} image{'s' if images > 1 else ''})" if images != DEFAULT_IMAGES else r["input"]
         rows.append(
-            f"| {name} | {r['params'] / 1e6:.1f} | {r['input']} | {u['tensor']} | {u['channel']} | {u['activation']} "
+            f"| {name} | {r['params'] / 1e6:.1f} | {size} | {u['tensor']} | {u['channel']} | {u['activation']} "
             f"| {u['head']} | {'yes' if r['traced'] else 'no'} | {'yes' if r['exact_equals_naive'] else 'NO'} "
             f"({r['sampled_units']}) | {r['s_per_unit_exact']:.3f} | {r['s_per_unit_naive']:.3f} | {sweep} "
             f"| {cell(note)} |"
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redo", action="store_true", help="measure models that already have a record again")
     parser.add_argument("--table-only", action="store_true", help="only write the table from the records")
     parser.add_argument("--units", type=int, default=3, help="units sampled per kind (channel, activation, head)")
-    parser.add_argument("--images", type=int, default=4, help="random images in the evaluation batch")
+    parser.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="random images in the evaluation batch")
     parser.add_argument("--classes", type=int, default=1000, help="classifier outputs")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per model")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per model")

@@ -74,11 +74,11 @@ def data(cifar_test_256):
 
 
 @pytest.fixture(scope="module")
-def batches_of_64(cifar_test_256):
-    """The first 128 of those images in two batches of 64, for the engine-against-reference cases: still several
-    batches and both halves, and half the reference loop's full forward passes."""
+def two_batches(cifar_test_256):
+    """The first 64 of those images in two batches of 32, for the engine-against-reference cases: still several
+    batches and both halves, and a quarter of the reference loop's full forward passes over all 256."""
     x, y = cifar_test_256[0]
-    return [(x[:64], y[:64]), (x[64:], y[64:])]
+    return [(x[:32], y[:32]), (x[32:64], y[32:64])]
 
 
 def test_baseline_is_the_plain_forward_pass(resnet20_cifar, cifar_test_256, data):
@@ -93,14 +93,14 @@ def test_baseline_is_the_plain_forward_pass(resnet20_cifar, cifar_test_256, data
     assert baseline.halves[0].samples == baseline.halves[1].samples == 128
 
 
-def test_naive_matches_reference_and_restores(resnet20_cifar, batches_of_64):
-    data = EvaluationSet.from_batches(batches_of_64)
+def test_naive_matches_reference_and_restores(resnet20_cifar, two_batches):
+    data = EvaluationSet.from_batches(two_batches)
     units = select_units(resnet20_cifar, "channel", include=[r"layer3\.2\.conv2"])[:2]
     units += select_units(resnet20_cifar, "tensor", include=[r"layer2\.0\.bn1\.weight"])
     before = state_checksum(resnet20_cifar)
     outcomes = evaluate_units(resnet20_cifar, units, Perturbation("add", 0.5), data, method="naive")
     assert state_checksum(resnet20_cifar) == before
-    assert_matches(outcomes, reference(resnet20_cifar, units, Perturbation("add", 0.5), batches_of_64), units, 128)
+    assert_matches(outcomes, reference(resnet20_cifar, units, Perturbation("add", 0.5), two_batches), units, 64)
 
 
 def some_units(model, kind):
@@ -126,21 +126,21 @@ def some_units(model, kind):
     ],
     ids=lambda v: v if isinstance(v, str) else v.label,
 )
-def test_exact_equals_reference_loop(resnet20_cifar, batches_of_64, kind, perturbation):
-    data = EvaluationSet.from_batches(batches_of_64)
+def test_exact_equals_reference_loop(resnet20_cifar, two_batches, kind, perturbation):
+    data = EvaluationSet.from_batches(two_batches)
     units = some_units(resnet20_cifar, kind)
     before = state_checksum(resnet20_cifar)
     outcomes = evaluate_units(resnet20_cifar, units, perturbation, data, method="exact")
     assert state_checksum(resnet20_cifar) == before
     assert not any(m._forward_hooks for m in resnet20_cifar.modules())
-    assert_matches(outcomes, reference(resnet20_cifar, units, perturbation, batches_of_64), units, 128)
+    assert_matches(outcomes, reference(resnet20_cifar, units, perturbation, two_batches), units, 64)
 
 
 def test_exact_in_segments_and_streamed_data_gives_the_same_tallies(resnet20_cifar, cifar_test_256):
     units = select_units(resnet20_cifar, "channel", include=[r"layer1\.2\.conv1", r"layer3\.0\.conv2"])[::20]
-    held = EvaluationSet.from_batches(cifar_test_256)
-    streamed = EvaluationSet.from_batches([(x[:64], y[:64]) for x, y in cifar_test_256] * 2, memory_budget_mb=0.5)
-    assert held.in_memory and not streamed.in_memory and streamed.samples == 256
+    held = EvaluationSet.from_batches([(x[:64], y[:64]) for x, y in cifar_test_256])
+    streamed = EvaluationSet.from_batches([(x[:32], y[:32]) for x, y in cifar_test_256] * 2, memory_budget_mb=0.5)
+    assert held.in_memory and not streamed.in_memory and streamed.samples == 128
     whole = evaluate_units(resnet20_cifar, units, Perturbation("zero"), held, method="exact")
     # a budget below one batch's cached activations: every batch is its own segment
     split = evaluate_units(resnet20_cifar, units, Perturbation("zero"), held, method="exact", memory_budget_mb=1)
@@ -165,7 +165,8 @@ def raise_after(n):
 
 
 @pytest.mark.parametrize("method", ["naive", "exact", "hybrid", "halving"])
-def test_model_is_bit_identical_after_an_exception(resnet20_cifar, data, method):
+def test_model_is_bit_identical_after_an_exception(resnet20_cifar, two_batches, method):
+    data = EvaluationSet.from_batches(two_batches)
     units = select_units(resnet20_cifar, "activation", include=[r"layer2\.1\.conv1"])[:2]
     units += select_units(resnet20_cifar, "channel", include=[r"layer3\.1\.conv2"])[:3]
     before = state_checksum(resnet20_cifar)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -185,6 +186,10 @@ def _activation_channels(name: str, module: nn.Module, example_input: torch.Tens
 
 
 def _probe_activation_channels(model: nn.Module, names: list[str], example_input: torch.Tensor) -> dict[str, int]:
+    """The output channels of each of the modules ``names`` that the model calls on ``example_input`` (one forward
+    pass in eval mode, so no BatchNorm statistic moves); modules it never calls are absent."""
+    from critnet.evaluation import evaluation_mode
+
     modules = dict(model.named_modules())
     channels: dict[str, int] = {}
     handles = []
@@ -200,14 +205,11 @@ def _probe_activation_channels(model: nn.Module, names: list[str], example_input
     try:
         for name in names:
             handles.append(modules[name].register_forward_hook(recorder(name)))
-        with torch.no_grad():
+        with torch.no_grad(), evaluation_mode(model, deterministic=False):
             model(example_input)
     finally:
         for handle in handles:
             handle.remove()
-    missing = [n for n in names if n not in channels]
-    if missing:
-        raise SettingError(f"activation units: modules {missing} are not called in the model's forward pass")
     return channels
 
 
@@ -232,8 +234,9 @@ def select_units(
         module_types: class names of the owning module (e.g. ``["Conv2d", "Linear"]``; subclasses such as
             ``NonDynamicallyQuantizableLinear`` are matched by their own name). Default: any for tensor units,
             ``["Conv2d", "Linear"]`` for channel and activation units, every attention module for head units.
-        example_input: an input batch, only needed for activation units of modules that do not declare their
-            output channels (e.g. ``ReLU``); the model is run once on it to read them.
+        example_input: an input batch for activation units: the model is run once on it (in eval mode) to read
+            each module's output channels and to leave out modules it never calls. Without it only modules that
+            declare their channels (``out_channels``, ``out_features``, ``num_features``) can be selected.
 
     Raises:
         ValueError: unknown kind or module type, an invalid regular expression, or an empty selection.
@@ -276,19 +279,23 @@ def select_units(
             and _matches(name, include_patterns, exclude_patterns)
             and (types is None or type(module).__name__ in types)
         ]
-        declared: dict[str, int] = {}
-        undeclared: list[str] = []
+        if example_input is None:
+            declared = {name: _activation_channels(name, modules[name], None) for name in names}
+        else:
+            # The forward pass says which modules are called at all: a module whose weight the model reads
+            # functionally (Swin's attn.qkv and attn.proj) is never called, so a hook on it would never fire and
+            # its "units" would score zero.
+            declared = _probe_activation_channels(model, names, example_input)
+            uncalled = [name for name in names if name not in declared]
+            if uncalled and len(uncalled) < len(names):
+                warnings.warn(f"activation units: {len(uncalled)} selected modules are never called in the forward "
+                              f"pass and are left out (e.g. {uncalled[0]!r}: the model uses its weights directly)",
+                              stacklevel=2)
+            elif uncalled:
+                raise SettingError(f"activation units: the selected modules {uncalled[:3]} are never called in the "
+                                   "model's forward pass")
         for name in names:
-            try:
-                declared[name] = _activation_channels(name, modules[name], example_input)
-            except ValueError:
-                if example_input is None:
-                    raise
-                undeclared.append(name)
-        if undeclared:
-            declared.update(_probe_activation_channels(model, undeclared, example_input))
-        for name in names:
-            units.extend(Unit("activation", name, c) for c in range(declared[name]))
+            units.extend(Unit("activation", name, c) for c in range(declared.get(name, 0)))
 
     if not units:
         raise SettingError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import re
 import warnings
 
 import pytest
@@ -103,9 +104,7 @@ def test_exact_equals_naive_on_every_family(family):
     model = FAMILIES[family]().eval()
     batches = batches_for()
     units = spread(select_units(model, "channel"), 5)
-    # Swin's attention reads its qkv/proj weights functionally: those Linear modules are never called, so a forward
-    # hook on them would never fire
-    units += spread(select_units(model, "activation", exclude=[r"attn\.(qkv|proj)$"], example_input=batches[0][0]), 3)
+    units += spread(select_units(model, "activation", example_input=batches[0][0]), 3)
     if family in ("vit", "swin", "maxvit"):
         units += spread(select_units(model, "head"), 3)
     assert_exact_equals_naive(model, units, batches)
@@ -337,3 +336,26 @@ def test_halving_and_hybrid_rank_heads_with_taylor_terms(monkeypatch):
                            top_k=2)
     assert halving.levels[0].test["control_variate"] == "first-order Taylor per image"
     assert [r["unit"] for r in halving.top(2)] == [r["unit"] for r in exact.top(2)]
+
+
+def test_activation_units_leave_out_modules_the_model_never_calls():
+    """Swin's attention reads its qkv and proj weights functionally: those Linear modules are never called, so an
+    activation unit on them would never change anything. With an example input the selection keeps exactly the
+    modules a forward pass calls, and says how many it left out."""
+    torch.manual_seed(0)
+    model = FAMILIES["swin"]().eval()
+    x = batches_for()[0][0]
+    called = set()
+    handles = [m.register_forward_hook(lambda module, *_: called.add(module)) for m in model.modules()]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    linear = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    never = [name for name in linear if model.get_submodule(name) not in called]
+    assert never and all(re.search(r"attn\.(qkv|proj)$", name) for name in never)
+    with pytest.warns(UserWarning, match=f"{len(never)} selected modules are never called"):
+        units = select_units(model, "activation", example_input=x)
+    assert sorted({u.name for u in units}) == sorted(set(linear) - set(never))
+    with pytest.raises(ValueError, match="never called"):
+        select_units(model, "activation", include=[r"attn\.qkv$"], example_input=x)

@@ -90,6 +90,11 @@ def test_include_exclude_and_module_types():
     relu = select_units(model, "activation", module_types=["ReLU"], example_input=torch.zeros(1, 2, 2, 2))
     assert [u.label for u in relu] == ["relu[0]", "relu[1]", "relu[2]"]
     assert hooks_left(model) == 0
+    # that forward pass runs in eval mode: a model in training mode keeps its BatchNorm statistics and its mode
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    select_units(model, "activation", module_types=["ReLU"], example_input=torch.randn(4, 2, 2, 2))
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize(

@@ -281,15 +281,25 @@ def attention_units(model: nn.Module) -> list[Unit]:
     return units
 
 
-@pytest.mark.parametrize("family", ["vit", "swin", "maxvit", "sequence_first"])
+def timm_vit() -> nn.Module:
+    """A two-block timm ViT (its Attention calls qkv and proj as modules); skips the test without timm."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=2,
+                              num_classes=CLASSES)
+    nn.init.normal_(model.head.weight)  # timm starts the classifier at zero
+    return model
+
+
+@pytest.mark.parametrize("family", ["vit", "swin", "maxvit", "sequence_first", "timm_vit"])
 def test_taylor_terms_of_attention_units_are_each_images_loss_derivative(family):
     """Per image, the first-order term of scaling a unit by 1 + ε is the central difference of that image's loss
     (float64, so the difference is exact to ~ε²); the Taylor estimates are its mean and, at order 2, add the mean
-    of half its square. nn.MultiheadAttention and Swin never call their output projection as a module."""
+    of half its square. nn.MultiheadAttention and Swin never call their output projection as a module; timm does."""
     from critnet.engine.taylor import per_sample_estimates, taylor_estimates
 
     torch.manual_seed(0)
-    model = (SequenceFirstAttention() if family == "sequence_first" else FAMILIES[family]()).eval().double()
+    build = {"sequence_first": SequenceFirstAttention, "timm_vit": timm_vit}.get(family) or FAMILIES[family]
+    model = build().eval().double()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("bias"):  # torch starts attention biases at zero: scaling them would change nothing

@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from critnet.callbacks.summary import RunSummary
 from critnet.data import ClassificationDataModule
+from critnet.distributed import peer_stopped
 from critnet.errors import CritnetError, Interrupted, one_line
 from critnet.module import ClassifierModule
 
@@ -159,6 +160,12 @@ def _run_reporting_errors(cli_class: type[CritnetCLI], args: Sequence[str] | Non
         raise SystemExit(130) from stop
     except Exception as err:
         user_error = _critnet_cause(err)
+        if user_error is None and peer_stopped(err):
+            # The process that stopped has said why (one line, or its traceback); a second traceback here, about
+            # the broken connection, would only bury it.
+            print("error: another process of this distributed run stopped (its message above says why); this one "
+                  "stops with it", file=sys.stderr)
+            raise SystemExit(2) from err
         if user_error is None:
             raise
         # Bad input is the user's to fix: one line naming the flag or file, not a traceback.

@@ -41,6 +41,23 @@ def all_gather_objects(obj: T) -> list[T]:
     return gathered
 
 
+# What gloo raises on a rank whose peer process ended (a crash, or a one-line error such as an unreadable image).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_stopped(err: BaseException | None) -> bool:
+    """Whether ``err`` (or an exception it was raised from) says that another process of the job ended while this
+    one was waiting for it in a collective."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, getattr(dist, "DistNetworkError", ())) or (
+                isinstance(err, RuntimeError) and any(text in str(err) for text in _PEER_GONE)):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 @dataclass(frozen=True)
 class Distributed:
     """How an analysis shares its work among the processes of a job: this process's rank, the number of

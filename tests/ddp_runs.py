@@ -13,7 +13,9 @@ on the files under OUT:
 - ``OUT/ranking/ddp``: test_ranking_ddp's ranking;
 - ``OUT/prune/devices2``: test_prune_ddp's resumable sweep, run twice: after the first run rank 0 keeps the whole
   partial file as ``OUT/prune/partial_whole.jsonl`` and cuts the partial file to its first two records, as if
-  stopped after two settings; the second run resumes from it.
+  stopped after two settings; the second run resumes from it;
+- ``OUT/unreadable/rankRANK.json``: test_unreadable's run with an unreadable image on rank 1 (last: it breaks the
+  group): each rank's exit status and error lines.
 """
 
 from __future__ import annotations
@@ -65,10 +67,41 @@ def run_all(out: Path) -> None:
         partial.write_text("".join(lines[:2]))
     dist.barrier()
     main(prune)
+    unreadable(out)
+
+
+def unreadable(out: Path) -> None:
+    """Last, as it breaks the group: test_unreadable's two-process run whose unreadable image falls to rank 1.
+    Each rank keeps its exit status and what it wrote to stderr; rank 1 then ends, and rank 0, waiting for it,
+    finds the connection closed."""
+    import contextlib
+    import io
+    import json
+
+    import test_unreadable
+
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    folder = out / "unreadable"
+    args = test_unreadable.cli_args(folder / "data", folder / "run", 0, *DDP)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            main(["validate", *args])
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+    errors = [line for line in stderr.getvalue().splitlines() if line.startswith("error:")]
+    record = {"code": code, "errors": errors, "stderr": stderr.getvalue(),
+              "bad": (folder / "bad.txt").read_text()}
+    (folder / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     if "LOCAL_RANK" not in os.environ:  # the process the test started, before Lightning starts rank 1
         (out / "trainer_flag_type.txt").write_text(trainer_flag_type())
+        import test_unreadable
+
+        bad = test_unreadable.tree_with_a_bad_image_on_rank_1(out / "unreadable" / "data")
+        (out / "unreadable" / "bad.txt").write_text(str(bad))
     run_all(out)

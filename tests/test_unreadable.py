@@ -42,6 +42,14 @@ def cifar_tree(root: Path, *bad: str) -> dict[str, Path]:
     return {kind: files[kind] for kind in bad}
 
 
+def tree_with_a_bad_image_on_rank_1(root: Path) -> Path:
+    """A tree whose one unreadable image is dataset index 5: the second rank's under two-process DDP (rank r
+    reads indices r, r + 2, …). Returns that image's path."""
+    bad = cifar_tree(root, "truncated")["truncated"]
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(root / "test/class03/0000a.png")  # sorts before it: index 4
+    return bad
+
+
 def cli_args(root: Path, out: Path, workers: int, *extra: str) -> list[str]:
     return ["-c", str(REPO / "configs/resnet20_cifar10.yaml"), "--data.root", str(root), "--model.weights", "null",
             "--data.batch_size", "2", "--data.num_workers", str(workers), "--trainer.accelerator", "cpu",
@@ -134,3 +142,16 @@ def test_the_analysis_json_files_list_the_skipped_images(tmp_path):
                                           "--data.skip_unreadable", "true")])
         record = json.loads((Path(cli.trainer.log_dir) / name).read_text())
         assert record["skipped_images"] == 2 and record["skipped_paths"] == sorted(map(str, bad.values()))
+
+
+def test_under_ddp_the_rank_that_waits_for_the_stopped_one_says_so_in_one_line(ddp_runs):
+    """The last run of tests/ddp_runs.py: two DDP processes, the unreadable image on rank 1. Rank 1 stops with the
+    one line naming the file; rank 0, waiting for it in a collective, used to print gloo's broken-connection
+    traceback and exit 1."""
+    ranks = [json.loads((ddp_runs / "unreadable" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    bad = ranks[1]["bad"]
+    assert ranks[1]["code"] == 2 and ranks[1]["errors"][0].startswith(f"error: cannot read image {bad}: ")
+    assert ranks[0]["code"] == 2 and ranks[0]["errors"] == [
+        "error: another process of this distributed run stopped (its message above says why); this one stops with it"]
+    for rank in ranks:
+        assert len(rank["errors"]) == 1 and "Traceback" not in rank["stderr"]

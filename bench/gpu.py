@@ -134,10 +134,11 @@ def backend_flags() -> dict:
 
 @contextlib.contextmanager
 def stack_samples(value: int | None):
-    """Set ``critnet.engine.suffix.STACK_SAMPLES`` (read at every stacking decision) for the duration."""
+    """Set ``critnet.engine.suffix.STACK_SAMPLES`` (read at every stacking decision), for every device type, for
+    the duration."""
     saved = engine_suffix.STACK_SAMPLES
     if value is not None:
-        engine_suffix.STACK_SAMPLES = value
+        engine_suffix.STACK_SAMPLES = {kind: value for kind in saved}
     try:
         yield
     finally:
@@ -433,7 +434,7 @@ def part_engine(args, sizes, device) -> dict:
     units = sample_units(model, "channel", sizes["engine_units"], seed=4)
     budget = args.memory_budget_mb
     report: dict = {"arch": sizes["arch"], "input": sizes["size"], "images": n, "batch": sizes["batch"],
-                    "memory_budget_mb": budget, "stack_samples_default": engine_suffix.STACK_SAMPLES,
+                    "memory_budget_mb": budget, "stack_samples_default": engine_suffix.STACK_SAMPLES[torch.device(device).type],
                     "all_channel_units": len(critnet.select_units(model, "channel")), "methods": {}}
     probe = engine_suffix.SuffixEvaluator(model, critnet.Perturbation("zero"), data, budget)
     report["crossing_mb_per_sample"] = probe.bytes_per_sample / 2**20
@@ -496,7 +497,7 @@ def part_engine(args, sizes, device) -> dict:
     big = max(max(sizes["budgets"]), budget)
     for value in sizes["stack_samples"]:
         with stack_samples(value):
-            effective = engine_suffix.STACK_SAMPLES
+            effective = engine_suffix.STACK_SAMPLES[torch.device(device).type]
             seconds, _, peak = run("exact", subset, big)
         report["stacking"].append({"stack_samples": effective, "memory_budget_mb": big, "seconds": seconds,
                                    "peak_mb": peak, "unit_images_per_s": len(subset) * n / seconds})

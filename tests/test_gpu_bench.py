@@ -79,7 +79,7 @@ def test_smoke_report(gpu_bench, tmp_path, capsys):
     # 32 images are fewer than halving's first stage: one stage, every unit on every image
     assert [s["images"] for s in halving["stages"]] == [32] and halving["work_fraction"] == 1
     assert halving["top_k"] <= halving["survivors"] <= halving["units"]
-    assert [s["stack_samples"] for s in engine["stacking"]] == [stack, 8]
+    assert [s["stack_samples"] for s in engine["stacking"]] == [stack["cpu"], 8]  # the smoke run is on the CPU
     assert [b["memory_budget_mb"] for b in engine["budgets"]] == [64.0]  # the smoke budget is the main one
     assert engine["best_setting"]["speedup_over_default"] > 0
 

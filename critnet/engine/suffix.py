@@ -45,9 +45,10 @@ DEFAULT_MEMORY_BUDGET_MB = 1024.0
 _TRACE_LOCK = threading.Lock()
 _INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
                       "ilshift", "irshift", "imatmul"}
-# Perturbed variants are stacked along the batch up to about this many samples per suffix pass: enough to hide
-# per-call overhead on small batches; larger stacks do not run faster per sample on a CPU (they leave the caches).
-STACK_SAMPLES = 256 if torch.cuda.is_available() else 128
+# Perturbed variants are stacked along the batch up to about this many samples per suffix pass, by the device the
+# pass runs on: enough to hide per-call overhead on small batches; larger stacks do not run faster per sample on a
+# CPU (they leave the caches).
+STACK_SAMPLES = {"cuda": 256, "cpu": 128}
 
 
 @dataclass
@@ -429,7 +430,7 @@ class SuffixEvaluator:
         """How many perturbed variants to stack along the batch: enough to fill about ``STACK_SAMPLES`` samples
         within the memory budget, and only if stacking gives bit-identical logits on this suffix and device."""
         batch = env[node].shape[0]
-        wanted = max(1, STACK_SAMPLES // batch)
+        wanted = max(1, STACK_SAMPLES.get(env[node].device.type, STACK_SAMPLES["cpu"]) // batch)
         if self.bytes_per_sample > 0:
             wanted = min(wanted, max(1, int(self.budget // (4 * batch * self.bytes_per_sample))))
         if wanted == 1:

@@ -46,15 +46,15 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken p
 
 
 def peer_stopped(err: BaseException | None) -> bool:
-    """Whether ``err`` (or an exception it was raised from) says that another process of the job ended while this
-    one was waiting for it in a collective."""
+    """Whether ``err`` (or an exception it was explicitly raised from) is gloo's report that another process of the
+    job ended while this one was waiting for it in a collective. Other network errors (a port in use, a timeout)
+    and errors raised while handling one are not: their own message is the one to show."""
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, getattr(dist, "DistNetworkError", ())) or (
-                isinstance(err, RuntimeError) and any(text in str(err) for text in _PEER_GONE)):
+        if isinstance(err, RuntimeError) and any(text in str(err) for text in _PEER_GONE):
             return True
         seen.add(id(err))
-        err = err.__cause__ or err.__context__
+        err = err.__cause__
     return False
 
 

@@ -14,9 +14,10 @@ gradient summed over a whole weight tensor is close to zero, so ``add δ`` on te
 signal. ``dᵢ`` comes from the owning module's output gradient and the change of its output along ``Δv`` (a
 Jacobian-vector product of that module alone; one small convolution per layer for conv/linear channel units).
 
-Head units are their column block of the attention's output-projection weight. Their ``dᵢ``, and those of every
-parameter inside an attention module, are read at the attention module's call (:func:`_owners`), because
-``nn.MultiheadAttention`` and Swin read their projections' weights functionally and never call those modules.
+Head units are their column block of the attention's output-projection weight; their ``dᵢ`` are read at the
+attention module's call. So are those of a parameter inside an attention module whose own module is not called
+once per image (:func:`_owners`): ``nn.MultiheadAttention`` and Swin read their projections' weights
+functionally and never call those modules.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def taylor_estimates(
     flags = {name: p.requires_grad for name, p in params.items()}
     handles = [modules[name].register_forward_hook(recorder(name)) for name in layers]
     handles += [named_modules[name].register_forward_hook(_call_recorder(name, calls), with_kwargs=True)
-                for name in owners]
+                for name in _watched(owners)]
     try:
         for p in params.values():
             p.requires_grad_(True)
@@ -92,18 +93,12 @@ def taylor_estimates(
                     x = x.detach().requires_grad_(True)  # so that every activation is part of the graph
                 loss = F.cross_entropy(model(x), y, reduction="sum")
                 acts = [outputs[name] for name in layers]
-                owner_calls = [(name, call) for name in owners for call in calls.get(name, [])]
-                wrt = list(params.values()) + acts + [call.output for _, call in owner_calls]
+                recorded = [(name, call) for name in calls for call in calls[name]]
+                wrt = list(params.values()) + acts + [call.output for _, call in recorded]
                 gradients = torch.autograd.grad(loss, wrt, allow_unused=True)
                 owner_grads = gradients[len(params) + len(acts):]
                 gradients = gradients[: len(params) + len(acts)]
-                derivatives: dict[Unit, torch.Tensor] = {}
-                for (name, call), g in zip(owner_calls, owner_grads):
-                    if g is None:
-                        continue
-                    # a module called more than once adds up its calls before the square
-                    for unit, d in _directional(named_modules[name], name, owners[name], perturbation, call, g).items():
-                        derivatives[unit] = derivatives[unit] + d if unit in derivatives else d
+                derivatives = _unit_derivatives(named_modules, owners, perturbation, recorded, owner_grads, len(y))
                 for unit, d in derivatives.items():
                     fisher[unit] += 0.5 * d.square().sum().cpu()
                 for name, g in zip(params, gradients[: len(params)]):
@@ -177,7 +172,7 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
         layers.setdefault(u.name, []).append(u)
     calls: dict[str, list[_Call]] = {}
     handles = [named_modules[name].register_forward_hook(_call_recorder(name, calls), with_kwargs=True)
-               for name in {**owners, **layers}]
+               for name in _watched(owners) | set(layers)]
     if keep is not None and not sums:
         raise ValueError("keep: only with sums=True (without it every image's values are returned)")
     parts: dict[Unit, list[torch.Tensor]] = {u: [] for u in units}
@@ -190,22 +185,17 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
                 loss = F.cross_entropy(model(x), y, reduction="sum")  # the gradient of image i's own loss
                 recorded = [(name, call) for name in calls for call in calls[name]]
                 grads = torch.autograd.grad(loss, [call.output for _, call in recorded], allow_unused=True)
-                batch: dict[Unit, torch.Tensor] = {}
+                batch = _unit_derivatives(named_modules, owners, perturbation, recorded, grads, len(y))
                 for (name, call), g in zip(recorded, grads):
-                    found: dict[Unit, torch.Tensor] = {}
-                    if g is None:
-                        found = {u: torch.zeros(len(y), dtype=torch.float64) for u in owners.get(name, []) + layers.get(name, [])}
-                    else:
-                        if name in owners:
-                            found.update(_directional(named_modules[name], name, owners[name], perturbation, call, g))
-                        for unit in layers.get(name, []):
-                            act = call.output.detach()
-                            dim = activation_channel_dim(named_modules[name], act)
-                            values = act.select(dim, unit.index)
-                            delta = perturbation.apply(values, unit).double() - values.double()
-                            found[unit] = (delta * g.select(dim, unit.index).double()).reshape(len(delta), -1).sum(1)
-                    for unit, d in found.items():  # a module called more than once adds up its calls
-                        batch[unit] = batch[unit] + d if unit in batch else d
+                    if g is None or name not in layers:
+                        continue
+                    act = call.output.detach()
+                    dim = activation_channel_dim(named_modules[name], act)
+                    for unit in layers[name]:
+                        values = act.select(dim, unit.index)
+                        delta = perturbation.apply(values, unit).double() - values.double()
+                        d = (delta * g.select(dim, unit.index).double()).reshape(len(delta), -1).sum(1)
+                        batch[unit] = batch[unit] + d if unit in batch else d  # a module called more than once
                 for unit in units:
                     d = batch.get(unit, torch.zeros(len(y), dtype=torch.float64)).detach().cpu()
                     parts[unit].append(d.sum(0, keepdim=True) if sums else d)
@@ -249,18 +239,63 @@ def _primary(output) -> torch.Tensor | None:
     return output if isinstance(output, torch.Tensor) else None
 
 
-def _owners(modules: dict[str, nn.Module], units: Sequence[Unit]) -> dict[str, list[Unit]]:
-    """Parameter units by the module whose call their change is read at: the parameter's owner, except for head
-    units and the parameters of an attention module's children, which go to the attention module
-    (``nn.MultiheadAttention`` and Swin use their projections' weights functionally: those Linear modules are
-    never called)."""
-    owners: dict[str, list[Unit]] = {}
+class _Route(NamedTuple):
+    """Where the per-image terms of one module's parameter units are read."""
+
+    units: list[Unit]
+    enclosing: str | None  # the nearest attention module around the owner: read there if the owner is not
+    # called once per image (MHA's out_proj and Swin's qkv/proj are never called, Swin V2's cpb_mlp runs on a
+    # table shared by all images)
+
+
+def _owners(modules: dict[str, nn.Module], units: Sequence[Unit]) -> dict[str, _Route]:
+    """Parameter units by the module whose call their change is read at: the parameter's owner, or for head units
+    the attention module itself."""
+    owners: dict[str, _Route] = {}
     for u in units:
         owner = u.name if u.kind == "head" else u.name.rpartition(".")[0]
-        parent = owner.rpartition(".")[0]
-        inside = u.kind != "head" and owner != parent and attention_heads(modules[parent]) is not None
-        owners.setdefault(parent if inside else owner, []).append(u)
+        enclosing = None
+        if u.kind != "head":
+            parts = owner.split(".") if owner else []
+            for k in range(len(parts) - 1, -1, -1):
+                name = ".".join(parts[:k])
+                if name in modules and attention_heads(modules[name]) is not None:
+                    enclosing = name
+                    break
+        owners.setdefault(owner, _Route([], enclosing)).units.append(u)
     return owners
+
+
+def _watched(owners: dict[str, _Route]) -> set[str]:
+    """The modules whose calls a pass records for ``owners``."""
+    return set(owners) | {route.enclosing for route in owners.values() if route.enclosing is not None}
+
+
+def _unit_derivatives(modules: dict[str, nn.Module], owners: dict[str, _Route], perturbation: Perturbation,
+                      recorded: list[tuple[str, _Call]], grads: Sequence[torch.Tensor | None],
+                      samples: int) -> dict[Unit, torch.Tensor]:
+    """Every parameter unit's per-sample ``dᵢ`` in one batch, summed over the calls of the module it is read at
+    (units whose module took no part in the loss get none)."""
+    by_name: dict[str, list[tuple[_Call, torch.Tensor | None]]] = {}
+    for (name, call), g in zip(recorded, grads):
+        by_name.setdefault(name, []).append((call, g))
+    result: dict[Unit, torch.Tensor] = {}
+    for owner, route in owners.items():
+        name = owner
+        calls = by_name.get(owner, [])
+        per_image = calls and all(c.output.dim() > 0 and _batch_major(modules[owner], c.output).shape[0] == samples
+                                  for c, _ in calls)
+        if not per_image and route.enclosing is not None and by_name.get(route.enclosing):
+            name = route.enclosing
+        elif calls and not per_image:
+            raise SettingError(f"method: module {owner!r} is not called once per image (its output's first "
+                               "dimension is not the batch); per-image Taylor terms of its units are not defined")
+        for call, g in by_name.get(name, []):
+            if g is None:
+                continue
+            for unit, d in _directional(modules[name], name, route.units, perturbation, call, g).items():
+                result[unit] = result[unit] + d if unit in result else d
+    return result
 
 
 def _batch_major(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -283,14 +318,15 @@ def _directional(module: nn.Module, name: str, units: list[Unit], perturbation: 
     independent in eval mode, so ``∂L/∂yᵢ`` is sample i's own gradient)."""
     result: dict[Unit, torch.Tensor] = {}
     inputs = tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in call.args)
+    kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in call.kwargs.items()}
     g = grad_out.detach()
-    # units inside an attention module are routed to it (_owners): the path of their parameter below it
+    # a unit read at an enclosing attention module's call (_owners): the path of its parameter below that module
     relative = {u: u.name[len(name) + 1:] if name else u.name for u in units if u.kind != "head"}
     found = attention_heads(module)
     projected = [u for u in units if u.kind == "head" or (found and relative[u].startswith(f"{found[0]}."))]
     if projected:
-        result.update(_projection_directional(module, projected, perturbation,
-                                              _Call(inputs, call.kwargs, call.output), g))
+        result.update(_projection_directional(module, projected, perturbation, _Call(inputs, kwargs, call.output),
+                                              g))
     by_param: dict[str, list[Unit]] = {}
     for unit in units:
         if unit not in projected:
@@ -320,7 +356,7 @@ def _directional(module: nn.Module, name: str, units: list[Unit], perturbation: 
                 continue
 
             def output(q: torch.Tensor, name: str = attr) -> torch.Tensor:
-                return _primary(torch.func.functional_call(module, {name: q}, inputs, call.kwargs))
+                return _primary(torch.func.functional_call(module, {name: q}, inputs, kwargs))
 
             # the math kernel of scaled_dot_product_attention has forward-mode derivatives; the fused ones do not
             with sdpa_kernel(SDPBackend.MATH):
@@ -349,11 +385,26 @@ def _projection_directional(module: nn.Module, units: list[Unit], perturbation: 
     result: dict[Unit, torch.Tensor] = {}
     with torch.no_grad():
         z = _primary(torch.func.functional_call(module, identity, call.args, call.kwargs))
-        # the identity call only gives z if the projection is the module's last step (up to moving positions)
-        if z is None or z.shape[:-1] != output.shape[:-1] or not (
-                (F.linear(z, weight, bias) - output).abs().max() <= 1e-3 * output.abs().max()):
-            raise SettingError(f"method: the output of {type(module).__name__} is not its {child!r} projection's "
-                               "output; Taylor estimates of the units in that projection are not defined")
+        # The identity call only gives z if the projection is the module's last step (up to moving positions):
+        # the real projection of z must be the module's output. Where that output is zero (a zero-initialised
+        # projection) the comparison proves nothing, so a random projection is compared as well.
+        probes = [(weight, bias, output)]
+        if not output.abs().max() > 0:
+            generator = torch.Generator().manual_seed(0)
+            random = torch.randn(weight.shape, generator=generator, dtype=torch.float64).to(weight)
+            substitute = {f"{child}.weight": random}
+            random_bias = None
+            if bias is not None:
+                random_bias = torch.randn(bias.shape, generator=generator, dtype=torch.float64).to(bias)
+                substitute[f"{child}.bias"] = random_bias
+            probes.append((random, random_bias, _primary(torch.func.functional_call(module, substitute, call.args,
+                                                                                     call.kwargs))))
+        for w, b, expected in probes:
+            if z is None or expected is None or z.shape[:-1] != expected.shape[:-1] or z.shape[-1] != w.shape[1] or \
+                    not (F.linear(z, w, b) - expected).abs().max() <= 1e-3 * expected.abs().max():
+                raise SettingError(f"method: the output of {type(module).__name__} is not its {child!r} "
+                                   "projection's output; Taylor estimates of the units in that projection are not "
+                                   "defined")
         rows = [u for u in units if u.kind == "channel" and u.name.endswith(".weight")]
         if rows:  # output channel c changes only in channel c: all rows in one call
             deltas = torch.stack([perturbation.apply(weight[u.index].clone(), u) - weight[u.index] for u in rows])

@@ -289,8 +289,8 @@ def select_units(
             uncalled = [name for name in names if name not in declared]
             if uncalled and len(uncalled) < len(names):
                 warnings.warn(f"activation units: {len(uncalled)} selected modules are never called in the forward "
-                              f"pass and are left out (e.g. {uncalled[0]!r}: the model uses its weights directly)",
-                              stacklevel=2)
+                              f"pass in eval mode and are left out (e.g. {uncalled[0]!r}: the model reads its weights "
+                              "directly, or calls it only in training)", stacklevel=2)
             elif uncalled:
                 raise SettingError(f"activation units: the selected modules {uncalled[:3]} are never called in the "
                                    "model's forward pass")

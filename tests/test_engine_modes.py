@@ -128,6 +128,32 @@ def test_second_order_of_a_module_called_twice_sums_its_calls_first():
     assert gap == pytest.approx(expected, rel=1e-4, abs=1e-10)
 
 
+def test_activation_terms_of_a_module_called_twice_cover_both_calls():
+    """The perturbation's hook changes every call of the module, so each image's term sums both calls (the order-1
+    estimate used to read only the last one). Reference: the float64 central difference of each image's loss."""
+    from critnet.engine.taylor import per_sample_estimates, taylor_estimates
+    from critnet.perturb import Unit, perturbed
+
+    model = _SharedLayer().double().eval()
+    x, y = torch.randn(9, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64), torch.arange(9) % 4
+    data = EvaluationSet.from_batches([(x[:5], y[:5]), (x[5:], y[5:])])
+    units = [Unit("activation", "inner", c) for c in (0, 3)]
+    eps = 1e-5
+    up, down = Perturbation("scale", 1 + eps), Perturbation("scale", 1 - eps)
+
+    def losses(unit, perturbation):
+        with torch.no_grad(), perturbed(model, unit, perturbation):
+            return F.cross_entropy(model(x), y, reduction="none")
+
+    reference = torch.stack([(losses(u, up) - losses(u, down)) / 2 for u in units])
+    rounding = 4 * torch.finfo(torch.float64).eps * losses(units[0], up).max().item()
+    ours = per_sample_estimates(model, units, up, data)
+    for unit, mine, theirs, estimate in zip(units, ours, reference, taylor_estimates(model, units, up, data)):
+        tolerance = 1e-6 * theirs.abs().max().item() + rounding
+        assert (mine - theirs).abs().max().item() <= tolerance, unit.label
+        assert estimate == pytest.approx(theirs.mean().item(), abs=tolerance), unit.label
+
+
 def test_taylor_activation_estimate_tracks_small_exact_changes(resnet20_cifar, data):
     units = select_units(resnet20_cifar, "activation", include=[r"layer2\.1\.conv2"])[:6]
     perturbation = Perturbation("add", 1e-2)

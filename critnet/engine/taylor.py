@@ -56,22 +56,10 @@ def taylor_estimates(
     # a head lives in its attention's output-projection weight
     name_of = {u: head_parameter_name(model, u) if u.kind == "head" else u.name for u in param_units}
     params = {name_of[u]: resolve_parameter(model, u) for u in param_units}
-    layers = sorted({u.name for u in act_units})
-    modules = {name: resolve_module(model, Unit("activation", name, 0)) for name in layers}
+    layers = _layers(model, act_units)
 
     grads = {name: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for name, p in params.items()}
     act_sums = {u: torch.zeros((), dtype=torch.float64) for u in act_units}
-    by_layer: dict[str, list[Unit]] = {}
-    for u in act_units:
-        by_layer.setdefault(u.name, []).append(u)
-
-    outputs: dict[str, torch.Tensor] = {}
-
-    def recorder(name: str):
-        def hook(_module, _inputs, output):
-            outputs[name] = output
-
-        return hook
 
     # order 2: per-sample directional derivatives need each parameter owner's inputs and output gradients
     named_modules = dict(model.named_modules())
@@ -79,43 +67,31 @@ def taylor_estimates(
     calls: dict[str, list[_Call]] = {}
     fisher = {u: torch.zeros((), dtype=torch.float64) for u in units}
     flags = {name: p.requires_grad for name, p in params.items()}
-    handles = [modules[name].register_forward_hook(recorder(name)) for name in layers]
-    handles += [named_modules[name].register_forward_hook(_call_recorder(name, calls), with_kwargs=True)
-                for name in _watched(owners)]
+    handles = [named_modules[name].register_forward_hook(_call_recorder(name, calls), with_kwargs=True)
+               for name in _watched(owners) | set(layers)]
     try:
         for p in params.values():
             p.requires_grad_(True)
         with torch.enable_grad():
             for x, y in data:
-                outputs.clear()
                 calls.clear()
                 if act_units:
                     x = x.detach().requires_grad_(True)  # so that every activation is part of the graph
                 loss = F.cross_entropy(model(x), y, reduction="sum")
-                acts = [outputs[name] for name in layers]
                 recorded = [(name, call) for name in calls for call in calls[name]]
-                wrt = list(params.values()) + acts + [call.output for _, call in recorded]
-                gradients = torch.autograd.grad(loss, wrt, allow_unused=True)
-                owner_grads = gradients[len(params) + len(acts):]
-                gradients = gradients[: len(params) + len(acts)]
-                derivatives = _unit_derivatives(named_modules, owners, perturbation, recorded, owner_grads, len(y))
-                for unit, d in derivatives.items():
-                    fisher[unit] += 0.5 * d.square().sum().cpu()
+                gradients = torch.autograd.grad(loss, list(params.values()) + [call.output for _, call in recorded],
+                                                allow_unused=True)
+                call_grads = gradients[len(params):]
                 for name, g in zip(params, gradients[: len(params)]):
                     if g is not None:
                         grads[name] += g.double()
-                for name, act, g in zip(layers, acts, gradients[len(params) :]):
-                    if g is None:
-                        continue
-                    act = act.detach()
-                    dim = activation_channel_dim(modules[name], act)
-                    for unit in by_layer[name]:
-                        values = act.select(dim, unit.index)
-                        delta = perturbation.apply(values, unit).double() - values.double()
-                        per_sample = (delta * g.select(dim, unit.index).double()).reshape(len(delta), -1).sum(1)
-                        act_sums[unit] += per_sample.sum().cpu()
-                        if order == 2:
-                            fisher[unit] += 0.5 * per_sample.square().sum().cpu()
+                for unit, d in _activation_terms(named_modules, layers, perturbation, recorded, call_grads).items():
+                    act_sums[unit] += d.sum().cpu()
+                    if order == 2:
+                        fisher[unit] += 0.5 * d.square().sum().cpu()
+                derivatives = _unit_derivatives(named_modules, owners, perturbation, recorded, call_grads, len(y))
+                for unit, d in derivatives.items():
+                    fisher[unit] += 0.5 * d.square().sum().cpu()
     finally:
         for handle in handles:
             handle.remove()
@@ -166,10 +142,7 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
     for u in param_units:
         resolve_parameter(model, u)
     owners = _owners(named_modules, param_units)
-    layers: dict[str, list[Unit]] = {}
-    for u in act_units:
-        resolve_module(model, u)
-        layers.setdefault(u.name, []).append(u)
+    layers = _layers(model, act_units)
     calls: dict[str, list[_Call]] = {}
     handles = [named_modules[name].register_forward_hook(_call_recorder(name, calls), with_kwargs=True)
                for name in _watched(owners) | set(layers)]
@@ -186,16 +159,7 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
                 recorded = [(name, call) for name in calls for call in calls[name]]
                 grads = torch.autograd.grad(loss, [call.output for _, call in recorded], allow_unused=True)
                 batch = _unit_derivatives(named_modules, owners, perturbation, recorded, grads, len(y))
-                for (name, call), g in zip(recorded, grads):
-                    if g is None or name not in layers:
-                        continue
-                    act = call.output.detach()
-                    dim = activation_channel_dim(named_modules[name], act)
-                    for unit in layers[name]:
-                        values = act.select(dim, unit.index)
-                        delta = perturbation.apply(values, unit).double() - values.double()
-                        d = (delta * g.select(dim, unit.index).double()).reshape(len(delta), -1).sum(1)
-                        batch[unit] = batch[unit] + d if unit in batch else d  # a module called more than once
+                batch.update(_activation_terms(named_modules, layers, perturbation, recorded, grads))
                 for unit in units:
                     d = batch.get(unit, torch.zeros(len(y), dtype=torch.float64)).detach().cpu()
                     parts[unit].append(d.sum(0, keepdim=True) if sums else d)
@@ -237,6 +201,34 @@ def _primary(output) -> torch.Tensor | None:
     if isinstance(output, (tuple, list)) and output:
         output = output[0]
     return output if isinstance(output, torch.Tensor) else None
+
+
+def _layers(model: nn.Module, units: Sequence[Unit]) -> dict[str, list[Unit]]:
+    """Activation units by the module whose output they are a channel of (each checked to exist)."""
+    layers: dict[str, list[Unit]] = {}
+    for u in units:
+        resolve_module(model, u)
+        layers.setdefault(u.name, []).append(u)
+    return layers
+
+
+def _activation_terms(modules: dict[str, nn.Module], layers: dict[str, list[Unit]], perturbation: Perturbation,
+                      recorded: list[tuple[str, _Call]], grads: Sequence[torch.Tensor | None]
+                      ) -> dict[Unit, torch.Tensor]:
+    """Every activation unit's per-sample ``dᵢ = ⟨Δaᵢ, ∂L/∂aᵢ⟩`` in one batch, summed over the calls of its module
+    (a module called more than once, like torchvision's ResNet ReLU, is perturbed at every call)."""
+    result: dict[Unit, torch.Tensor] = {}
+    for (name, call), g in zip(recorded, grads):
+        if g is None or name not in layers:
+            continue
+        act = call.output.detach()
+        dim = activation_channel_dim(modules[name], act)
+        for unit in layers[name]:
+            values = act.select(dim, unit.index)
+            delta = perturbation.apply(values, unit).double() - values.double()
+            d = (delta * g.select(dim, unit.index).double()).reshape(len(delta), -1).sum(1)
+            result[unit] = result[unit] + d if unit in result else d
+    return result
 
 
 class _Route(NamedTuple):

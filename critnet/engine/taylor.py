@@ -317,8 +317,8 @@ def _directional(module: nn.Module, name: str, units: list[Unit], perturbation: 
     found = attention_heads(module)
     projected = [u for u in units if u.kind == "head" or (found and relative[u].startswith(f"{found[0]}."))]
     if projected:
-        result.update(_projection_directional(module, projected, perturbation, _Call(inputs, kwargs, call.output),
-                                              g))
+        result.update(_projection_directional(module, name, projected, perturbation,
+                                              _Call(inputs, kwargs, call.output), g))
     by_param: dict[str, list[Unit]] = {}
     for unit in units:
         if unit not in projected:
@@ -357,15 +357,16 @@ def _directional(module: nn.Module, name: str, units: list[Unit], perturbation: 
     return result
 
 
-def _projection_directional(module: nn.Module, units: list[Unit], perturbation: Perturbation, call: _Call,
-                            g: torch.Tensor) -> dict[Unit, torch.Tensor]:
-    """``dᵢ`` of the units in an attention module's output projection: its heads and its weight and bias.
+def _projection_directional(module: nn.Module, name: str, units: list[Unit], perturbation: Perturbation,
+                            call: _Call, g: torch.Tensor) -> dict[Unit, torch.Tensor]:
+    """``dᵢ`` of the units in the output projection of the attention module ``name``: its heads and its weight and
+    bias.
 
     The heads' concatenated outputs ``z`` come from calling the attention with an identity projection and no
     bias: its output is then ``z`` laid out as the module's output, wherever the module calls the projection
     (``nn.MultiheadAttention`` and Swin use its weight functionally, so no hook on the projection would fire).
-    A change ``ΔW`` of the weight changes the output by ``z · ΔWᵀ`` position by position (head h: only its
-    columns of ``z`` and ``ΔW``; an output channel: only its row)."""
+    Head h changes the output by ``z[..., h] · ΔW[:, h]ᵀ`` position by position; the weight's and bias's own
+    units are those of the projection called on ``z``."""
     child, _, width = attention_heads(module)
     projection = getattr(module, child)
     weight = projection.weight.detach()
@@ -397,28 +398,16 @@ def _projection_directional(module: nn.Module, units: list[Unit], perturbation: 
                 raise SettingError(f"method: the output of {type(module).__name__} is not its {child!r} "
                                    "projection's output; Taylor estimates of the units in that projection are not "
                                    "defined")
-        rows = [u for u in units if u.kind == "channel" and u.name.endswith(".weight")]
-        if rows:  # output channel c changes only in channel c: all rows in one call
-            deltas = torch.stack([perturbation.apply(weight[u.index].clone(), u) - weight[u.index] for u in rows])
-            index = torch.tensor([u.index for u in rows], device=g.device)
-            terms = _batch_major(module, F.linear(z, deltas).double() * g.index_select(-1, index).double())
-            for u, d in zip(rows, terms.reshape(len(terms), -1, len(rows)).sum(1).unbind(1)):
-                result[u] = d
         for u in units:
-            if u in result:
-                continue
             if u.kind == "head":
                 columns = slice(u.index * width, (u.index + 1) * width)
                 delta = perturbation.apply(weight[:, columns].clone(), u) - weight[:, columns]
                 result[u] = _per_sample(module, F.linear(z[..., columns], delta), g)
-                continue
-            p = weight if u.name.endswith(".weight") else bias
-            delta = torch.zeros_like(p)
-            target = delta if u.index is None else delta[u.index]
-            values = p if u.index is None else p[u.index]
-            target.copy_(perturbation.apply(values.clone(), u) - values)
-            change = F.linear(z, delta) if p is weight else delta.expand_as(output)
-            result[u] = _per_sample(module, change, g)
+    own = [u for u in units if u.kind != "head"]
+    if own:  # the projection's own weight and bias units: the Linear module's rule, on z with the samples first
+        z, output, g = (_batch_major(module, t) for t in (z, output, g))
+        result.update(_directional(projection, f"{name}.{child}" if name else child, own, perturbation,
+                                   _Call((z,), {}, output), g))
     return result
 
 

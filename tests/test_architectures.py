@@ -27,6 +27,7 @@ from critnet.perturb import Perturbation, Unit, activation_channel_dim, attentio
 from critnet.engine.data import as_evaluation_set
 from critnet.evaluation import batch_tallies, evaluation_mode
 from critnet.prune import dwp_masks, pruned
+from conftest import KERNEL_REL
 
 
 def evaluate(model, batches):
@@ -396,11 +397,17 @@ def test_halving_and_hybrid_rank_heads_with_taylor_terms(monkeypatch):
     exact = critnet.rank(model, data, unit="head", perturbation="zero", score="delta_loss")
     hybrid = critnet.rank(model, data, unit="head", perturbation="zero", score="delta_loss", method="hybrid",
                           top_k=4)
+    # two rounds of 4 check all 8 heads with the exact method's code on the same batches: the same numbers
     assert [r["unit"] for r in hybrid.top(2)] == [r["unit"] for r in exact.top(2)]
     halving = critnet.rank(model, data, unit="head", perturbation="zero", score="delta_loss", method="halving",
                            top_k=2)
     assert halving.levels[0].test["control_variate"] == "first-order Taylor per image"
-    assert [r["unit"] for r in halving.top(2)] == [r["unit"] for r in exact.top(2)]
+    # halving evaluates its stages in other batches: its top 2 are the exact top 2 up to float32 rounding of the
+    # losses at the boundary (bit for bit only where the kernels do not depend on the batch size)
+    exact_rows = {r["unit"]: r for r in exact.rows}
+    second = exact.top(2)[-1]["score"]
+    for row in halving.top(2):
+        assert exact_rows[row["unit"]]["score"] >= second - KERNEL_REL * exact_rows[row["unit"]]["loss"], row["unit"]
 
 
 def test_activation_units_leave_out_modules_the_model_never_calls():

@@ -214,7 +214,7 @@ def prune_sweep(
 
     >>> import critnet, torch
     >>> model = critnet.load_model("resnet20")
-    >>> sweep = critnet.prune_sweep(model, (torch.randn(16, 3, 32, 32), torch.arange(16) % 10), p_prune=[0.0, 0.5])
+    >>> sweep = critnet.prune_sweep(model, (torch.randn(16, 3, 32, 32), torch.arange(16) % 10), p_prune=[0.5])
     >>> [round(row["ratio"], 2) for row in sweep.rows]
     [0.0, 0.5]
     """

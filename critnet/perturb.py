@@ -241,9 +241,10 @@ def select_units(
     Raises:
         ValueError: unknown kind or module type, an invalid regular expression, or an empty selection.
 
-    >>> import torchvision
-    >>> len(select_units(torchvision.models.vit_b_16(), "head"))
-    144
+    >>> encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, nhead=4, batch_first=True), num_layers=2)
+    >>> units = select_units(encoder, "head")
+    >>> len(units), units[0].label
+    (8, 'layers.0.self_attn[0]')
     """
     if kind not in UNIT_KINDS:
         raise SettingError(f"kind: {kind!r} is not one of {', '.join(UNIT_KINDS)}")

@@ -34,8 +34,12 @@ class ImageFolderDataModule(ClassificationDataModule):
         arch: The model whose preprocessing to start from; set from ``--model.arch`` by the CLI.
         weights: Its weights; set from ``--model.weights`` by the CLI.
 
-    >>> data = ImageFolderDataModule("path/to/tree", image_size=32, arch="mobilenet_v2")  # doctest: +SKIP
-    >>> data.num_classes, data.preprocessing.crop_size  # doctest: +SKIP
+    >>> import os, tempfile
+    >>> with tempfile.TemporaryDirectory() as root:
+    ...     for name in ("cat", "dog", "fox"):
+    ...         os.makedirs(os.path.join(root, "val", name))
+    ...     data = ImageFolderDataModule(root, image_size=32, arch="mobilenet_v2")
+    >>> data.num_classes, data.preprocessing.crop_size
     (3, 32)
     """
 

@@ -80,8 +80,12 @@ class Ranking:
         levels: every level's :class:`LevelRanking`.
         summary: the ``ranking.json`` record.
 
-    >>> ranking = critnet.rank(model, (images, labels), unit="channel", perturbation="zero")  # doctest: +SKIP
-    >>> ranking.top(3)  # doctest: +SKIP
+    >>> model = nn.Linear(2, 2, bias=False)
+    >>> _ = nn.init.eye_(model.weight)  # logit c is input feature c
+    >>> images, labels = torch.tensor([[5.0, 0.0]] * 4), torch.zeros(4, dtype=torch.long)
+    >>> ranking = critnet.rank(model, (images, labels), unit="channel", perturbation="zero")
+    >>> [(row["unit"], round(row["loss"], 4)) for row in ranking.top(2)]  # without channel 0, a coin toss: ln 2
+    [('weight[0]', 0.6931), ('weight[1]', 0.0067)]
     """
 
     model_name: str
@@ -278,8 +282,12 @@ class Sweep:
         info: the JSON record besides the settings (network, parameters, baseline, timings, …).
         criticality: the ranking that ordered the channels (compare_orders computing one), else None.
 
-    >>> sweep = critnet.prune_sweep(model, data, p_prune=[0.1, 0.2])  # doctest: +SKIP
-    >>> sweep.plot()  # doctest: +SKIP
+    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(16, 3))
+    >>> sweep = critnet.prune_sweep(model, (torch.randn(8, 1, 4, 4), torch.arange(8) % 3), p_prune=[0.25, 0.5])
+    >>> [(row["p_prune"], row["pruned_weights"]) for row in sweep.rows]  # the conv's 4 kernels have 9 weights each
+    [(0.0, 0), (0.25, 9), (0.5, 18)]
+    >>> len(sweep.plot().axes)  # top-1, top-5 and loss
+    3
     """
 
     kind: str

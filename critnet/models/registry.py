@@ -55,8 +55,10 @@ def register_model(
 ) -> Callable[[ModelFactory], ModelFactory]:
     """Class/function decorator that registers ``factory`` under ``name``.
 
-    >>> @register_model("tiny", family="cifar", default_num_classes=10, input_size=32)  # doctest: +SKIP
-    ... def tiny(num_classes=10): return nn.Linear(3 * 32 * 32, num_classes)
+    >>> @register_model("tiny", family="cifar", default_num_classes=10, input_size=32)
+    ... def tiny(num_classes=10): return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))
+    >>> build_model("tiny")(torch.zeros(1, 3, 32, 32)).shape
+    torch.Size([1, 10])
 
     Raises:
         ValueError: if ``name`` is already registered — two models silently

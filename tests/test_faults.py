@@ -205,6 +205,88 @@ def test_leveugle_sizing_and_wilson_intervals_against_hand_computed_values():
     assert overall["critical"] <= overall["critical_high"] <= 1
 
 
+def test_a_leveugle_sized_campaign_weights_every_rate_by_population():
+    """About the same number of faults per layer, layers of 162 to 30 weights: the overall rates are the
+    population's (each fault stands for its layer's weights × bits over its layer's faults), not the pooled ones."""
+    model, batches = tiny_model(), tiny_data()
+    campaign = fault_campaign(model, batches, error_margin=0.2, confidence=0.9, seed=2)
+    sizes = {name: p.numel() * 32 for name, p in model.named_parameters()}
+    drawn = {name: sum(r["parameter"] == name for r in campaign.faults) for name in sizes}
+    assert {n: d for n, d in drawn.items() if d} == {"conv1.weight": 17, "conv2.weight": 17, "fc.weight": 17}
+
+    def weighted(numerator, denominator):
+        weight = {name: sizes[name] / drawn[name] for name in drawn if drawn[name]}
+        top = math.fsum(weight[r["parameter"]] * numerator(r) for r in campaign.faults)
+        return top / math.fsum(weight[r["parameter"]] * denominator(r) for r in campaign.faults)
+
+    overall = campaign.rates["overall"]
+    sdc1 = weighted(lambda r: r["sdc1"], lambda r: r["images"])
+    finite = lambda r: r["images"] - r["delta_loss_excluded"]  # noqa: E731
+    delta = weighted(lambda r: r["delta_loss"] * finite(r) if finite(r) else 0.0, finite)
+    assert overall["sdc1_per_image"] == pytest.approx(sdc1, rel=1e-12)
+    assert overall["delta_loss"] == pytest.approx(delta, rel=1e-9) and math.isfinite(delta)
+    pooled = sum(r["sdc1"] for r in campaign.faults) / sum(r["images"] for r in campaign.faults)
+    assert abs(pooled - sdc1) > 0.01 * sdc1 > 0  # the pooled mean would fail the check on this draw
+    assert overall["sdc1_per_image_low"] < sdc1 < overall["sdc1_per_image_high"]
+    assert overall["population"] == sum(sizes[n] for n in drawn if drawn[n])
+    # Kish's effective number of faults of 3 × 17 faults weighted 96, 192 and 17.6 each
+    weights = [sizes[n] / drawn[n] for n in drawn if drawn[n] for _ in range(drawn[n])]
+    kish = sum(weights) ** 2 / sum(w * w * (1 - 17 / sizes[n]) for n in drawn if drawn[n]
+                                   for w in [sizes[n] / 17] * 17)
+    assert overall["effective_n"] == pytest.approx(kish, rel=1e-12) and overall["effective_n"] < 51
+
+
+def test_non_finite_images_are_counted_and_left_out_of_delta_loss():
+    model, batches = tiny_model(), tiny_data()
+    campaign = fault_campaign(model, batches, bits=[30], layers=[r"conv\d\.weight"], faults=30, seed=0)
+    broken = [r for r in campaign.faults if r["nonfinite"]]
+    assert broken and any(r["nonfinite"] < r["images"] for r in broken)  # partly and wholly broken faults
+    for row in campaign.faults:  # a NaN/inf logit always leaves the loss out; no finite image is lost otherwise
+        assert row["nonfinite"] <= row["delta_loss_excluded"] <= row["images"]
+        assert math.isfinite(row["delta_loss"]) == (row["delta_loss_excluded"] < row["images"])
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        golden = nn.functional.cross_entropy(model(x), y, reduction="none").double()
+        for row in campaign.faults[:6]:
+            with injected(model, Fault(0, "bitflip", "weights", tuple(Site(*s) for s in sites_of(row)))):
+                change = nn.functional.cross_entropy(model(x), y, reduction="none").double() - golden
+            kept = change[torch.isfinite(change)]
+            assert len(change) - len(kept) == row["delta_loss_excluded"]
+            if len(kept):
+                assert row["delta_loss"] == pytest.approx(kept.mean().item(), rel=1e-6, abs=1e-9)
+    for table in ("overall", "layer", "bit", "layer_bit"):
+        rows = campaign.rates[table] if table != "overall" else [campaign.rates["overall"]]
+        for row in rows:
+            if row["faults"]:
+                assert math.isfinite(row["delta_loss"]), row
+    assert campaign.rates["overall"]["delta_loss_excluded"] == sum(r["delta_loss_excluded"] for r in campaign.faults)
+
+
+def test_empty_layer_bit_cells_are_reported_with_their_population():
+    model, batches = tiny_model(), tiny_data(images=8)
+    campaign = fault_campaign(model, batches, error_margin=0.2, confidence=0.9, seed=1)
+    cells = campaign.rates["layer_bit"]
+    assert len(cells) == 3 * 32  # every layer × bit, drawn or not
+    sizes = dict((n, p.numel()) for n, p in model.named_parameters())
+    empty = [c for c in cells if c["faults"] == 0]
+    assert empty and all(math.isnan(c["critical"]) and math.isnan(c["sdc1_per_image"]) for c in empty)
+    assert all(c["population"] == sizes[c["layer"]] for c in cells)
+    for row in campaign.rates["bit"]:  # a bit's row covers every layer's values at that bit, drawn or not
+        assert row["population"] == sum(sizes[n] for n in ("conv1.weight", "conv2.weight", "fc.weight"))
+        assert row["unsampled"] == 0
+
+
+def test_strata_without_a_fault_leave_the_overall_rate_open():
+    # 4 faults shared in proportion: fc (30 weights) gets none, so a tenth of the population is unknown
+    model, batches = tiny_model(), tiny_data(images=8)
+    campaign = fault_campaign(model, batches, bits=[30], faults=4, seed=0)
+    overall = campaign.rates["overall"]
+    assert overall["unsampled"] == 30 and math.isnan(overall["critical"])
+    share = 30 / overall["population"]
+    assert overall["critical_low"] <= 1 - share and overall["critical_high"] >= share
+    assert repr(campaign).splitlines()[2].split()[:3] == ["overall", "4", "–"]
+
+
 def test_seeded_draws_repeat_and_replay_from_faults_csv(tmp_path):
     model, batches = tiny_model(), tiny_data()
     first = fault_campaign(model, batches, faults=30, seed=7, output_dir=tmp_path / "a")

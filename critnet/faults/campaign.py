@@ -242,9 +242,14 @@ def fault_campaign(
     return campaign
 
 
+#: Bumped when :class:`FaultCounts` records change shape (2: ``loss_excluded``), so older partial files are not read.
+RECORD_VERSION = 2
+
+
 def campaign_fingerprint(model_sum: str, data_sum: str, faults: Sequence[Fault]) -> str:
     """A stable identifier of (weights, data, fault list) for the partial-results file (never ``hash()``)."""
-    payload = {"model": model_sum, "data": data_sum, "faults": [f.list_row() for f in faults]}
+    payload = {"records": RECORD_VERSION, "model": model_sum, "data": data_sum,
+               "faults": [f.list_row() for f in faults]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 

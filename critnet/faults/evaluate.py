@@ -36,7 +36,9 @@ class FaultCounts:
     ``masked`` (bit-identical logits) + ``noncritical`` (logits differ, same top-1) + ``sdc1`` (top-1 changed) =
     ``images``. ``sdc5`` (the golden top-1 class left the faulty top-5) and ``nonfinite`` (a NaN/inf logit; such an
     image has no trustworthy class and counts as SDC-1 and SDC-5) are subsets of ``sdc1``. The ``*_correct``
-    counts repeat these over the images the golden model classifies correctly.
+    counts repeat these over the images the golden model classifies correctly. ``delta_loss_sum`` adds the change
+    of cross-entropy over the images whose logits and loss stay finite; ``loss_excluded`` counts the others, so
+    one broken image never turns the fault's mean into NaN.
     """
 
     images: int = 0
@@ -45,11 +47,17 @@ class FaultCounts:
     sdc1: int = 0
     sdc5: int = 0
     nonfinite: int = 0
-    delta_loss_sum: float = 0.0  # float64 sum of per-image (faulty - golden) cross-entropy
+    delta_loss_sum: float = 0.0  # float64 sum of per-image (faulty - golden) cross-entropy, finite images only
     faulty_correct: int = 0
     correct_images: int = 0
     sdc1_correct: int = 0
     sdc5_correct: int = 0
+    loss_excluded: int = 0  # images left out of delta_loss_sum: a non-finite logit or loss
+
+    @property
+    def loss_images(self) -> int:
+        """The images ``delta_loss_sum`` covers."""
+        return self.images - self.loss_excluded
 
     def to_record(self) -> list:
         return [getattr(self, f.name) for f in fields(self)]
@@ -96,11 +104,14 @@ def tally_rows(counts: FaultCounts, faulty: Tensor, rows: Tensor, golden: Golden
     targets = golden.targets[rows]
     losses = F.cross_entropy(faulty, targets, reduction="none").double()
     delta = torch.where(masked, torch.zeros_like(losses), losses - golden.losses[rows])
+    # a NaN/inf logit has no meaningful loss (and finite logits can still overflow it): counted, not summed
+    excluded = nonfinite | ~torch.isfinite(delta)
+    delta = torch.where(excluded, torch.zeros_like(delta), delta)
     correct = golden.correct[rows]
     hits = (faulty.argmax(1) == targets) & ~nonfinite
     # one conversion to Python numbers per call: the per-count syncs dominate on small packs
-    masked_n, sdc1_n, sdc5_n, nonfinite_n, hits_n, correct_n, sdc1_c, sdc5_c = torch.stack(
-        [masked, sdc1, sdc5, nonfinite, hits, correct, sdc1 & correct, sdc5 & correct]).sum(1).tolist()
+    masked_n, sdc1_n, sdc5_n, nonfinite_n, hits_n, correct_n, sdc1_c, sdc5_c, excluded_n = torch.stack(
+        [masked, sdc1, sdc5, nonfinite, hits, correct, sdc1 & correct, sdc5 & correct, excluded]).sum(1).tolist()
     counts.images += len(rows)
     counts.masked += masked_n
     counts.sdc1 += sdc1_n
@@ -112,6 +123,7 @@ def tally_rows(counts: FaultCounts, faulty: Tensor, rows: Tensor, golden: Golden
     counts.correct_images += correct_n
     counts.sdc1_correct += sdc1_c
     counts.sdc5_correct += sdc5_c
+    counts.loss_excluded += excluded_n
 
 
 def tally_masked(counts: FaultCounts, rows: Tensor, golden: GoldenRun) -> None:

@@ -11,13 +11,14 @@ from typing import Any
 from critnet.faults.draw import Stratum
 from critnet.faults.evaluate import FaultCounts
 from critnet.faults.injection import FAULT_LIST_COLUMNS, Fault, bits_to_float
-from critnet.faults.stats import stratified_rate
+from critnet.faults.stats import domain_estimate
 from critnet.reporting.common import write_csv, write_json
 
 #: One row per fault: the fault list, then counts over the evaluated images (see :class:`FaultCounts`).
 FAULT_COLUMNS = (*FAULT_LIST_COLUMNS, "images", "masked", "noncritical", "sdc1", "sdc5", "nonfinite", "delta_loss",
-                 "accuracy_drop", "correct_images", "sdc1_correct", "sdc5_correct", "critical", "critical_correct")
-#: Fault-level outcomes (a fault counts once), reported as rates over faults with Wilson intervals.
+                 "accuracy_drop", "correct_images", "sdc1_correct", "sdc5_correct", "critical", "critical_correct",
+                 "delta_loss_excluded")
+#: Fault-level outcomes (a fault counts once), reported as rates over faults with 95 % intervals.
 FAULT_METRICS = {
     "critical": "SDC-1 rate over all images above the threshold",
     "critical_correct": "SDC-1 rate over the golden-correct images above the threshold",
@@ -25,11 +26,22 @@ FAULT_METRICS = {
     "nonfinite": "a NaN/inf logit on at least one image",
     "masked": "bit-identical logits on every image",
 }
-#: Image-level means over (fault, image) pairs; no interval (the images of one fault are not independent draws).
-IMAGE_METRICS = ("sdc1_per_image", "sdc1_per_image_correct", "sdc5_per_image", "delta_loss", "accuracy_drop")
+#: Image-level means over (fault, image) pairs of the population: per fault ``(numerator, denominator)``.
+IMAGE_METRICS = {
+    "sdc1_per_image": lambda c: (c.sdc1, c.images),
+    "sdc1_per_image_correct": lambda c: (c.sdc1_correct, c.correct_images),
+    "sdc5_per_image": lambda c: (c.sdc5, c.images),
+    "delta_loss": lambda c: (c.delta_loss_sum, c.loss_images),  # the (fault, image) pairs with a finite loss
+    "accuracy_drop": lambda c: (100.0 * (c.correct_images - c.faulty_correct), c.images),
+}
+#: The image-level rates in [0, 1], which carry an interval (a mean change of loss or accuracy has none).
+BOUNDED_IMAGE_METRICS = ("sdc1_per_image", "sdc1_per_image_correct", "sdc5_per_image")
 RATE_COLUMNS = ("group", "layer", "bit", "faults", "population",
-                *[f"{m}{s}" for m in FAULT_METRICS for s in ("", "_low", "_high")], *IMAGE_METRICS)
-RANKING_COLUMNS = ("rank", "kind", "name", "faults", "critical", "critical_low", "critical_high", "sdc1_per_image")
+                *[f"{m}{s}" for m in FAULT_METRICS for s in ("", "_low", "_high")], *IMAGE_METRICS,
+                *[f"{m}{s}" for m in BOUNDED_IMAGE_METRICS for s in ("_low", "_high")], "effective_n", "unsampled",
+                "delta_loss_excluded")
+RANKING_COLUMNS = ("rank", "kind", "name", "faults", "critical", "critical_low", "critical_high", "sdc1_per_image",
+                   "sdc1_per_image_low", "sdc1_per_image_high")
 
 
 class Campaign:
@@ -39,10 +51,18 @@ class Campaign:
         faults: one dict per fault (``FAULT_COLUMNS``): where it struck, its original and faulty values, and counts
             over the evaluated images — ``masked`` (bit-identical logits), ``noncritical`` (logits differ, same
             top-1), ``sdc1`` (top-1 changed; NaN/inf logits included), ``sdc5`` (the golden top-1 left the faulty
-            top-5), ``nonfinite``; ``delta_loss`` is the mean change of cross-entropy, ``accuracy_drop`` the change
-            of top-1 accuracy in points; ``*_correct`` count only images the golden model classifies correctly.
-        rates: ``{"overall": row, "layer": rows, "bit": rows, "layer_bit": rows}``, every fault-level rate with
-            its Wilson 95 % interval (``RATE_COLUMNS``).
+            top-5), ``nonfinite``; ``delta_loss`` is the mean change of cross-entropy over the images whose loss
+            stays finite (``delta_loss_excluded`` counts the others; nan when there is none), ``accuracy_drop`` the
+            change of top-1 accuracy in points; ``*_correct`` count only images the golden model classifies
+            correctly.
+        rates: ``{"overall": row, "layer": rows, "bit": rows, "layer_bit": rows}`` (``RATE_COLUMNS``): every rate
+            estimated as the faults were sampled (:func:`critnet.faults.stats.domain_estimate`: each fault weighted
+            by its stratum's population over its faults drawn, bits as domains of the layer strata), the
+            fault-level rates and the per-image SDC rates with 95 % intervals that count faults as the sampling
+            units; ``effective_n`` is what the row's faults are worth as equally weighted draws, ``unsampled`` the
+            row's possible faults in strata with no fault drawn (then the rates are nan and the intervals span
+            every value those faults could take). A layer × bit cell without a fault is reported with 0 faults,
+            its population and nan rates.
         sizing: per stratum the population, Leveugle's sample size, the faults drawn and the margin reached.
         settings, golden, info: what ran, the fault-free accuracy on the images, checksums and timings.
 
@@ -76,11 +96,13 @@ class Campaign:
         images = max(c.images, 1)
         row.update({
             "images": c.images, "masked": c.masked, "noncritical": c.noncritical, "sdc1": c.sdc1, "sdc5": c.sdc5,
-            "nonfinite": c.nonfinite, "delta_loss": c.delta_loss_sum / images,
+            "nonfinite": c.nonfinite,
+            "delta_loss": c.delta_loss_sum / c.loss_images if c.loss_images else math.nan,
             "accuracy_drop": 100.0 * (c.correct_images - c.faulty_correct) / images,
             "correct_images": c.correct_images, "sdc1_correct": c.sdc1_correct, "sdc5_correct": c.sdc5_correct,
             "critical": c.sdc1 / images > self.threshold,
             "critical_correct": c.correct_images > 0 and c.sdc1_correct / c.correct_images > self.threshold,
+            "delta_loss_excluded": c.loss_excluded,
         })
         return row
 
@@ -96,16 +118,18 @@ class Campaign:
     # ----------------------------------------------------------------- rates
 
     def _rates(self, confidence: float) -> dict[str, Any]:
+        ber = len(self.strata) == 1 and math.isinf(self.strata[0].population)
         stratum_of = {(s.layer, b): s for s in self.strata for b in s.bits}
-        members: dict[str, list[dict]] = {s.label: [] for s in self.strata}
-        for row, fault in zip(self.faults, self.fault_list):
-            if len(self.strata) == 1 and math.isinf(self.strata[0].population):
-                members[self.strata[0].label].append(row)
+        # the faults drawn from each stratum, by bit: a row selects whole strata or one bit of them
+        members: dict[str, dict[int | None, list[int]]] = {s.label: {} for s in self.strata}
+        for position, fault in enumerate(self.fault_list):
+            if ber:
+                members[self.strata[0].label].setdefault(None, []).append(position)
             elif len(fault.sites) == 1 and (fault.sites[0].parameter, fault.sites[0].bit) in stratum_of:
-                members[stratum_of[(fault.sites[0].parameter, fault.sites[0].bit)].label].append(row)
-        single_sites = not (len(self.strata) == 1 and math.isinf(self.strata[0].population))
-        layers = list(dict.fromkeys(s.layer for s in self.strata)) if single_sites else []
-        bits = sorted({b for s in self.strata for b in s.bits}) if single_sites else []
+                label = stratum_of[(fault.sites[0].parameter, fault.sites[0].bit)].label
+                members[label].setdefault(fault.sites[0].bit, []).append(position)
+        layers = [] if ber else list(dict.fromkeys(s.layer for s in self.strata))
+        bits = [] if ber else sorted({b for s in self.strata for b in s.bits})
         tables: dict[str, Any] = {"overall": self._group_row("overall", None, None, members, confidence)}
         tables["layer"] = [self._group_row("layer", layer, None, members, confidence) for layer in layers]
         tables["bit"] = [self._group_row("bit", None, bit, members, confidence) for bit in bits]
@@ -113,32 +137,43 @@ class Campaign:
                                for layer in layers for bit in bits]
         return tables
 
-    def _group_row(self, group: str, layer: str | None, bit: int | None, members: dict[str, list[dict]],
-                   confidence: float) -> dict[str, Any]:
-        cells = []
+    def _group_row(self, group: str, layer: str | None, bit: int | None,
+                   members: dict[str, dict[int | None, list[int]]], confidence: float) -> dict[str, Any]:
+        cells = []  # per stratum the row touches: the stratum, its faults drawn, those in the row, its possible ones
         for s in self.strata:
             if (layer is not None and s.layer != layer) or (bit is not None and bit not in s.bits):
                 continue
-            rows = [r for r in members[s.label] if bit is None or r["bit"] == bit]
-            share = 1.0 if bit is None or len(s.bits) == 1 else 1.0 / len(s.bits)
-            cells.append((rows, s.population * share))
-        rows = [r for rs, _ in cells for r in rs]
+            drawn = sum(len(p) for p in members[s.label].values())
+            inside = [p for b, ps in members[s.label].items() if bit is None or b == bit for p in ps]
+            domain = s.population if bit is None or len(s.bits) == 1 else s.elements
+            cells.append((s, drawn, inside, domain))
+        population = sum(domain for *_, domain in cells)
         out: dict[str, Any] = {"group": group, "layer": layer if layer is not None else "",
-                               "bit": bit if bit is not None else "", "faults": len(rows),
-                               "population": sum(p for _, p in cells)}
+                               "bit": bit if bit is not None else "", "faults": sum(len(i) for _, _, i, _ in cells),
+                               "population": population}
+
+        def estimate(values, bounded: bool) -> dict[str, float]:
+            strata = []
+            for s, drawn, inside, domain in cells:
+                pairs = [values(p) for p in inside]
+                strata.append({"population": s.population, "drawn": drawn, "domain": domain,
+                               "y": [y for y, _ in pairs], "x": [x for _, x in pairs]})
+            return domain_estimate(strata, confidence, bounded)
+
         for metric in FAULT_METRICS:
-            estimate = stratified_rate([{"successes": sum(self._outcome(r, metric) for r in rs), "trials": len(rs),
-                                         "population": p} for rs, p in cells], confidence)
-            out[metric], out[f"{metric}_low"], out[f"{metric}_high"] = estimate["rate"], estimate["low"], estimate["high"]
-        images = sum(r["images"] for r in rows)
-        correct = sum(r["correct_images"] for r in rows)
-        out["sdc1_per_image"] = sum(r["sdc1"] for r in rows) / images if images else math.nan
-        out["sdc1_per_image_correct"] = sum(r["sdc1_correct"] for r in rows) / correct if correct else math.nan
-        out["sdc5_per_image"] = sum(r["sdc5"] for r in rows) / images if images else math.nan
-        out["delta_loss"] = sum(r["delta_loss"] for r in rows) / len(rows) if rows else math.nan
-        out["accuracy_drop"] = sum(r["accuracy_drop"] for r in rows) / len(rows) if rows else math.nan
-        if isinstance(out["population"], float) and math.isfinite(out["population"]):
-            out["population"] = int(out["population"])
+            row = estimate(lambda p, m=metric: (float(self._outcome(self.faults[p], m)), 1.0), True)
+            out[metric], out[f"{metric}_low"], out[f"{metric}_high"] = row["rate"], row["low"], row["high"]
+        out["effective_n"], out["unsampled"] = row["kish_n"], row["unsampled"]  # the same for every metric
+        for metric, values in IMAGE_METRICS.items():
+            bounded = metric in BOUNDED_IMAGE_METRICS
+            row = estimate(lambda p, v=values: v(self.counts[p]), bounded)
+            out[metric] = row["rate"]
+            if bounded:
+                out[f"{metric}_low"], out[f"{metric}_high"] = row["low"], row["high"]
+        out["delta_loss_excluded"] = sum(self.counts[p].loss_excluded for _, _, inside, _ in cells for p in inside)
+        for key in ("population", "unsampled"):
+            if isinstance(out[key], float) and math.isfinite(out[key]):
+                out[key] = int(out[key])
         return out
 
     def vulnerability_ranking(self) -> list[dict[str, Any]]:
@@ -146,9 +181,8 @@ class Campaign:
         entries = [("layer", r["layer"], r) for r in self.rates["layer"]] + [("bit", r["bit"], r) for r in self.rates["bit"]]
         entries = [e for e in entries if e[2]["faults"] > 0]
         entries.sort(key=lambda e: (-_or_zero(e[2]["critical"]), -_or_zero(e[2]["sdc1_per_image"]), e[0], str(e[1])))
-        return [{"rank": i + 1, "kind": kind, "name": name, "faults": r["faults"], "critical": r["critical"],
-                 "critical_low": r["critical_low"], "critical_high": r["critical_high"],
-                 "sdc1_per_image": r["sdc1_per_image"]} for i, (kind, name, r) in enumerate(entries)]
+        return [{"rank": i + 1, "kind": kind, "name": name, **{c: r[c] for c in RANKING_COLUMNS[3:]}}
+                for i, (kind, name, r) in enumerate(entries)]
 
     # ----------------------------------------------------------------- files and views
 
@@ -186,7 +220,7 @@ class Campaign:
 
     def plot(self):
         """A matplotlib figure: the layer × bit heatmap of critical-fault (SDC-1) rates and the per-layer rates
-        with their Wilson intervals."""
+        with their 95 % intervals."""
         from critnet.reporting.faults import campaign_figure
 
         return campaign_figure(self)
@@ -194,8 +228,7 @@ class Campaign:
     def table_rows(self) -> list[list[str]]:
         rows = [self.rates["overall"], *self.rates["layer"]]
         return [[r["layer"] or "overall", str(r["faults"]), _percent(r, "critical"), _percent(r, "critical_correct"),
-                 _percent(r, "sdc5"), _percent(r, "nonfinite"), f"{100 * _or_zero(r['sdc1_per_image']):.2f}"]
-                for r in rows]
+                 _percent(r, "sdc5"), _percent(r, "nonfinite"), _percent(r, "sdc1_per_image")] for r in rows]
 
     TABLE_HEADER = ("layer", "faults", "critical % (all images)", "critical % (correct images)", "SDC-5 %",
                     "non-finite %", "SDC-1 % per image")
@@ -222,9 +255,11 @@ def _or_zero(value: float) -> float:
 
 def _percent(row: dict[str, Any], metric: str) -> str:
     rate, low, high = row[metric], row[f"{metric}_low"], row[f"{metric}_high"]
-    if isinstance(rate, float) and math.isnan(rate):
+    if math.isnan(low):
         return "–"
-    return f"{100 * rate:.2f} [{100 * low:.2f}, {100 * high:.2f}]"
+    # a row with unsampled strata has no point estimate, only the span its interval allows
+    shown = "–" if math.isnan(rate) else f"{100 * rate:.2f}"
+    return f"{shown} [{100 * low:.2f}, {100 * high:.2f}]"
 
 
 def _cell(value: Any) -> Any:

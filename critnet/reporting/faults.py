@@ -37,7 +37,7 @@ def _layer_bars(axes, campaign) -> None:
     axes.barh(positions, rates, xerr=[low, high], color="tab:red", ecolor="black", capsize=2)
     axes.set_yticks(positions, [f"{r['layer']} (n={r['faults']})" for r in rows], fontsize=6)
     axes.invert_yaxis()
-    axes.set_xlabel("critical faults, % (Wilson 95 % interval)")
+    axes.set_xlabel("critical faults, % (95 % interval, faults as sampling units)")
     axes.set_title("per layer", fontsize=9)
 
 
@@ -62,7 +62,7 @@ def heatmap_figure(campaign):
 
 
 def layer_figure(campaign):
-    """Per-layer critical-fault rates with Wilson error bars; None for bit-error-rate campaigns."""
+    """Per-layer critical-fault rates with 95 % error bars; None for bit-error-rate campaigns."""
     from matplotlib.figure import Figure
 
     if not campaign.rates["layer"]:

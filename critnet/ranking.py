@@ -147,7 +147,8 @@ def boundary_overlap(rows: Sequence[dict[str, Any]], score: str, top_k: int) -> 
     Only exact rows with an interval take part; None for ``top5_drop`` (no interval columns) or when the ``top_k``-th
     row has no interval.
 
-    >>> rows = [{"exact": True, "delta_loss_lo": lo, "delta_loss_hi": lo + 1.0} for lo in (5.0, 3.5, 3.0, 0.0)]
+    >>> rows = [{"unit": f"conv.weight[{i}]", "exact": True, "delta_loss_lo": lo, "delta_loss_hi": lo + 1.0}
+    ...         for i, lo in enumerate((5.0, 3.5, 3.0, 0.0))]
     >>> boundary_overlap(rows, "delta_loss", 2)["overlapping"]
     {'above': 0, 'below': 1}
     """

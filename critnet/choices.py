@@ -17,6 +17,8 @@ PerturbationKind = Literal["add", "scale", "noise", "zero", "sign_flip", "bitfli
 Score = Literal["loss", "delta_loss", "top1_drop", "top5_drop"]
 Method = Literal["exact", "naive", "taylor", "hybrid", "halving"]
 TaylorOrder = Literal[1, 2]
+#: The confidence bounds of ``method="halving"``: ``betting`` holds in finite samples, ``normal`` is nominal.
+Bound = Literal["betting", "normal"]
 PruneMethod = Literal["connections", "neurons", "weights"]
 PruneScope = Literal["global", "layerwise"]
 ChannelOrder = Literal["criticality", "l1", "random"]
@@ -29,6 +31,7 @@ PERTURBATION_KINDS: tuple[str, ...] = get_args(PerturbationKind)
 SCORES: tuple[str, ...] = get_args(Score)
 METHODS: tuple[str, ...] = get_args(Method)
 TAYLOR_ORDERS: tuple[int, ...] = get_args(TaylorOrder)
+BOUNDS: tuple[str, ...] = get_args(Bound)
 PRUNE_METHODS: tuple[str, ...] = get_args(PruneMethod)
 PRUNE_SCOPES: tuple[str, ...] = get_args(PruneScope)
 CHANNEL_ORDERS: tuple[str, ...] = get_args(ChannelOrder)
@@ -99,6 +102,18 @@ def check_finite(key: str, value: Any) -> float:
         raise SettingError(f"{key}: {value!r} is not a number") from None
     if not math.isfinite(number):
         raise SettingError(f"{key}: {value!r} is not a finite number")
+    return number
+
+
+def check_positive_number(key: str, value: Any) -> float:
+    """``value`` as a finite float > 0; otherwise a :class:`SettingError` naming ``key``.
+
+    >>> check_positive_number("delta_loss_clip", 20)
+    20.0
+    """
+    number = check_finite(key, value)
+    if not number > 0:
+        raise SettingError(f"{key}: {value!r} is not a number > 0")
     return number
 
 

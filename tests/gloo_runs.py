@@ -77,8 +77,11 @@ def engine_part(rank: int, out: Path, model, units, data) -> None:
 
     result, counts = {}, {}
     for method in ("exact", "halving"):
+        # halving with the normal bound: it eliminates units on these few images, so the ranks' agreement on
+        # eliminations is exercised (the betting bound decides through the same agreement)
         outcomes = evaluate_units(model, units, Perturbation("zero"), data, method=method, top_k=3, rank=rank,
                                   world_size=2, all_gather=all_gather,
+                                  **({"bound": "normal"} if method == "halving" else {}),
                                   progress=lambda done, total: counts.__setitem__(method, total))
         result[method] = [[o.unit.label, o.exact] + [[t.loss_sum, t.top1_correct, t.top5_correct, t.samples]
                           for t in o.halves] for o in outcomes]

@@ -148,7 +148,7 @@ def test_bounds_are_normal_intervals_with_the_finite_population_correction():
     g = torch.Generator().manual_seed(0)
     values = torch.randn(6, 40, generator=g, dtype=torch.float64) + torch.arange(6.0, dtype=torch.float64)[:, None]
     values[2, 7] = math.nan
-    estimate, lower, upper = certify.bounds(values, population=100, z=3.0)
+    estimate, lower, upper = certify.normal_bounds(values, population=100, z=3.0)
     for u, row in enumerate(values.tolist()):
         if u == 2:
             assert lower[u] == upper[u] == math.inf  # a broken unit is never eliminated
@@ -158,7 +158,7 @@ def test_bounds_are_normal_intervals_with_the_finite_population_correction():
         assert lower[u].item() == pytest.approx(statistics.fmean(row) - margin, rel=1e-12)
         assert upper[u].item() == pytest.approx(statistics.fmean(row) + margin, rel=1e-12)
     # the whole set: the mean is known exactly
-    _, lower, upper = certify.bounds(values[:, :40], population=40, z=3.0)
+    _, lower, upper = certify.normal_bounds(values[:, :40], population=40, z=3.0)
     assert torch.equal(lower[[0, 1, 3]], upper[[0, 1, 3]])
 
 
@@ -167,8 +167,8 @@ def test_bounds_with_a_control_variate_are_the_regression_estimator():
     x = torch.randn(3, 50, generator=g, dtype=torch.float64)
     values = 2.0 * x + 0.3 * torch.randn(3, 50, generator=g, dtype=torch.float64) + 1.0
     known = torch.tensor([0.1, -0.2, 0.0], dtype=torch.float64)  # the covariate's mean over the whole set
-    estimate, lower, upper = certify.bounds(values, population=500, z=2.5, covariate=x, covariate_mean=known)
-    plain = certify.bounds(values, population=500, z=2.5)
+    estimate, lower, upper = certify.normal_bounds(values, population=500, z=2.5, covariate=x, covariate_mean=known)
+    plain = certify.normal_bounds(values, population=500, z=2.5)
     for u in range(3):
         xs, ys = x[u].tolist(), values[u].tolist()
         slope = statistics.covariance(xs, ys) / statistics.variance(xs)
@@ -234,13 +234,15 @@ def staged(monkeypatch):
 
 
 def test_halving_reports_the_exact_top_k_with_exact_full_set_scores(small_model, staged, tmp_path):
+    # the normal bound eliminates units on these 96 images; the engine's bookkeeping is the same for both bounds
     model, data = small_model, small_data(n=96)
-    options = dict(unit="channel", perturbation="zero", score="delta_loss", top_k=3)
+    options = dict(unit="channel", perturbation="zero", score="delta_loss", top_k=3, bound="normal")
     exact = critnet.rank(model, data, **options)
     fast = critnet.rank(model, data, method="halving", resume_dir=tmp_path, **options)
     test = fast.summary["levels"][0]["top_k_test"]
     assert [s["images"] for s in test["stages"]][-1] == 96 and test["first_stage"] == 16
-    assert test["tests"] == 2 and test["correction"] == "bonferroni" and test["top_k_confidence"] == 0.99
+    assert test["tests"] == 2 and test["correction"] == "bonferroni over units × tests"
+    assert test["top_k_confidence"] == 0.99 and test["bound"] == "normal" and test["guarantee"] == "nominal"
     assert test["control_variate"] == "first-order Taylor per image"
     assert sum(s["eliminated"] for s in test["stages"]) + test["units_at_full_set"] == len(fast.units)
     assert test["units_at_full_set"] < len(fast.units)  # it did skip work
@@ -291,3 +293,164 @@ def test_halving_settings_are_checked():
         critnet.RankSettings(method="halving", top_k_confidence=1.0)
     with pytest.raises(SettingError, match="top_k_confidence"):
         critnet.RankSettings(method="halving", top_k_confidence=float("nan"))
+
+
+# ------------------------------------------------------------------------- the betting bound (finite-sample)
+
+
+def _bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("population", ["rare", "lognormal", "two_point", "uniform"])
+def test_betting_bounds_hold_at_every_look_in_simulation(population):
+    """Each one-sided bound is wrong, at any of several looks, at most ``alpha`` of the time: checked over 600
+    random orders of hard populations (a 1 % rare effect, a heavy tail, two values far apart), against the
+    error a binomial count of 600 allows. Orders are the rows of one tensor, so one call bounds them all."""
+    from scipy.stats import binom
+
+    g = torch.Generator().manual_seed(3)
+    n, alpha, orders = 500, 0.1, 600
+    values = {
+        "rare": torch.cat([torch.full((5,), 1.0), torch.zeros(n - 5)]),
+        "lognormal": (2.0 * torch.randn(n, generator=g, dtype=torch.float64)).exp().clamp(max=100.0),
+        "two_point": torch.cat([torch.full((250,), -1.0), torch.full((250,), 1.0)]),
+        "uniform": torch.rand(n, generator=g, dtype=torch.float64),
+    }[population].double()
+    low, high = float(values.min()), float(values.max())
+    if population == "rare":
+        low = -1.0  # a declared range wider than the values seen
+    mean = values.mean().item()
+    drawn = values[torch.stack([torch.randperm(n, generator=g) for _ in range(orders)])]
+    above = torch.zeros(orders, dtype=torch.bool)
+    below = torch.zeros(orders, dtype=torch.bool)
+    for look in (10, 40, 120, 300, 499):
+        _, lower, upper = certify.betting_bounds(drawn[:, :look], n, alpha, low, high)
+        assert (lower <= upper).all()
+        above |= lower > mean
+        below |= upper < mean
+    limit = binom.ppf(0.999, orders, alpha)  # a count this high happens once in 1,000 runs of a valid bound
+    assert above.sum() <= limit and below.sum() <= limit, (int(above.sum()), int(below.sum()), limit)
+
+
+def test_betting_bounds_shrink_to_the_mean_of_the_whole_set():
+    values = torch.tensor([[0.0, 1.0, 0.0, 1.0], [5.0, 5.0, 5.0, 5.0]], dtype=torch.float64)
+    estimate, lower, upper = certify.betting_bounds(values, population=4, alpha=0.01, low=0.0, high=5.0)
+    # every image seen: only the true mean is possible (to the bisection's precision of the range)
+    assert torch.allclose(lower, torch.tensor([0.5, 5.0], dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(upper, torch.tensor([0.5, 5.0], dtype=torch.float64), atol=1e-9)
+    broken = certify.betting_bounds(torch.tensor([[0.0, math.nan]]), 10, 0.01, 0.0, 1.0)
+    assert broken[1].item() == broken[2].item() == math.inf  # a broken network is never eliminated
+
+
+def test_betting_halving_eliminates_units_and_keeps_the_exact_top_k():
+    """A network whose five leading units hurt every image by far more than the rest: the betting bound
+    eliminates the rest early, the top 5 are the exact top 5 with exact full-set scores, and an eliminated unit's
+    scores are over the images it saw (the first of the seeded order), as a plain per-image loop gives them."""
+    coverage = _bench("topk_coverage")
+    model, data, _ = coverage.rare_effect_network(images=2000, share=0.0)  # no rare unit: a wide gap
+    options = dict(unit="channel", perturbation="zero", include=["features.weight"], score="delta_loss", top_k=4)
+    exact = critnet.rank(model, data, **options)
+    fast = critnet.rank(model, data, method="halving", **options)
+    test = fast.levels[0].test
+    assert test["bound"] == "betting" and test["guarantee"] == "finite-sample" and test["control_variate"] is None
+    assert test["range_width"] == certify.LOSS_CLIP and 0 < test["largest_value"] < certify.LOSS_CLIP
+    assert test["units_at_full_set"] < len(fast.units)  # it did skip work
+    assert [r["unit"] for r in fast.top(4)] == [r["unit"] for r in exact.top(4)]
+    for row, reference in zip(fast.top(4), exact.top(4)):
+        assert row["exact"] and row["samples"] == 2000
+        assert f32_close(row["score"], reference["score"], scale=reference["loss"], rel=KERNEL_REL)
+    order = certify.sample_order(2000, 0)
+    base, _ = per_image(model, data)
+    x = torch.cat([x for x, _ in data])
+    for row in fast.rows:
+        if not row["exact"]:
+            unit = int(row["index"])
+            cut = x.clone()
+            cut[:, unit] = 0  # the identity features: zeroing the channel zeroes this contribution
+            losses, _ = per_image(model, [(cut, torch.zeros(len(cut), dtype=torch.long))])
+            seen = order[: row["samples"]]
+            assert f32_close(row["delta_loss"], (losses - base)[seen].mean().item(), scale=1.0, rel=KERNEL_REL)
+
+
+def test_a_rare_effect_unit_defeats_the_normal_bound_but_not_the_betting_bound():
+    """The fifth most critical unit does all its damage on 1 % of the images. The normal bound eliminates it
+    exactly when the first stage holds none of those images (its spread there is 0); the betting bound never
+    does, because the declared range says what the images not yet seen could still hold."""
+    coverage = _bench("topk_coverage")
+    model, data, truth = coverage.rare_effect_network()
+    x = torch.cat([x for x, _ in data])
+    rare_images = set((x[:, 4] > 0).nonzero().squeeze(1).tolist())
+    first_stage = certify.stage_sizes(2000)[0]
+    options = dict(unit="channel", perturbation="zero", include=["features.weight"], score="delta_loss",
+                   method="halving", top_k=5)
+    for seed in range(12):
+        missed = not rare_images & set(certify.sample_order(2000, seed)[:first_stage].tolist())
+        normal = critnet.rank(model, data, seed=seed, bound="normal", **options)
+        betting = critnet.rank(model, data, seed=seed, **options)
+        assert (sorted(r["unit"] for r in normal.top(5)) != sorted(truth)) == missed, seed
+        assert sorted(r["unit"] for r in betting.top(5)) == sorted(truth), seed
+
+
+def test_a_loss_beyond_the_clip_voids_the_guarantee_and_says_so(capsys):
+    from critnet.reporting.ranking import test_note
+
+    coverage = _bench("topk_coverage")
+    model, data, _ = coverage.rare_effect_network(images=600)
+    ranking = critnet.rank(model, data, unit="channel", perturbation="zero", include=["features.weight"],
+                           score="delta_loss", method="halving", top_k=5, loss_clip=10.0)
+    test = ranking.levels[0].test
+    assert test["guarantee"].startswith("void") and test["largest_value"] > 10.0 and test["values_outside_range"] > 0
+    assert test_note(test, ranking.rows).startswith("halving: NO GUARANTEE (void")
+    normal = critnet.rank(model, data, unit="channel", perturbation="zero", include=["features.weight"],
+                          score="delta_loss", method="halving", top_k=5, bound="normal")
+    assert "nominal" in test_note(normal.levels[0].test, normal.rows)
+    assert normal.summary["levels"][0]["top_k_test"]["guarantee"] == "nominal"
+
+
+def test_a_non_finite_covariate_falls_back_to_the_plain_normal_bound():
+    g = torch.Generator().manual_seed(4)
+    values = torch.randn(3, 30, generator=g, dtype=torch.float64) + 1.0
+    covariate = values + 0.1 * torch.randn(3, 30, generator=g, dtype=torch.float64)
+    covariate[0, 5] = math.inf
+    known = torch.tensor([1.0, math.nan, 1.0], dtype=torch.float64)
+    with_cv = certify.normal_bounds(values, 100, 3.0, covariate, known)
+    plain = certify.normal_bounds(values, 100, 3.0)
+    for u in (0, 1):  # the broken covariate and the broken mean: the plain bound, finite
+        assert all(t[u].item() == p[u].item() for t, p in zip(with_cv, plain)), u
+    assert (with_cv[2][2] - with_cv[1][2]) < (plain[2][2] - plain[1][2])  # the usable one still narrows
+
+
+def test_survivors_always_keep_top_k_units_even_with_nan_bounds():
+    lower = torch.tensor([math.nan, 1.0, math.nan, 0.5])
+    upper = torch.tensor([math.nan, 0.9, 0.2, 0.6])
+    keep = certify.survivors(lower, upper, 2)
+    assert int(keep.sum()) >= 2 and keep[1] and keep[3]
+
+
+def test_bound_settings_are_checked():
+    with pytest.raises(SettingError, match="bound"):
+        critnet.RankSettings(method="halving", bound="hoeffding")
+    with pytest.raises(SettingError, match="loss_clip"):
+        critnet.RankSettings(method="halving", loss_clip=0.0)
+    assert critnet.RankSettings().as_dict(resume=False)["bound"] == "betting"
+
+
+@pytest.mark.slow
+def test_the_coverage_benchmark_in_small():
+    """``bench/topk_coverage.py`` on 200 seeds of each synthetic scenario and 100 of the network: the betting
+    bound's top k is never wrong, and the last line says so."""
+    coverage = _bench("topk_coverage")
+    rows = coverage.run({name: coverage.synthetic(name) for name in ("gaussian", "lognormal2", "rare1", "rare05")},
+                        ["betting", "normal"], 200, 0.99)
+    rows += coverage.network_run(100)
+    assert all(r["wrong"] == 0 for r in rows if r["bound"] == "betting")
+    assert any(r["wrong"] > 0 for r in rows if r["bound"] == "normal" and r["scenario"] == "rare05")
+    assert coverage.last_line(rows).startswith("worst_wrong_rate=0.0000 ")

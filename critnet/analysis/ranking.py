@@ -12,19 +12,22 @@ from torch import nn
 
 from critnet.analysis.common import model_device, model_name, progress_bar
 from critnet.choices import (
+    BOUNDS,
     LEVELLESS,
     METHODS,
     PERTURBATION_KINDS,
     SCORES,
     TAYLOR_ORDERS,
     UNIT_KINDS,
+    Bound,
     SettingError,
     check_choice,
     check_finite,
     check_positive_int,
+    check_positive_number,
     check_probability,
 )
-from critnet.engine.certify import TOP_K_CONFIDENCE
+from critnet.engine.certify import LOSS_CLIP, TOP_K_CONFIDENCE
 from critnet.distributed import Distributed
 from critnet.engine import evaluate_baseline, evaluate_units, reference_pass
 from critnet.engine.data import as_evaluation_set
@@ -58,6 +61,8 @@ class RankSettings:
     top_k: int = 20
     taylor_order: int = 1
     top_k_confidence: float = TOP_K_CONFIDENCE
+    bound: str = "betting"
+    loss_clip: float = LOSS_CLIP
     levels_checked: tuple[float, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +74,8 @@ class RankSettings:
         check_positive_int("top_k", self.top_k)
         check_positive_int("seed", self.seed, minimum=0)
         check_probability("top_k_confidence", self.top_k_confidence)
+        check_choice("bound", self.bound, BOUNDS)
+        check_positive_number("loss_clip", self.loss_clip)
         levels = [self.levels] if isinstance(self.levels, (int, float)) else list(self.levels)
         checked = tuple(check_finite(f"levels[{i}]", level) for i, level in enumerate(levels))
         if not checked and self.perturbation not in LEVELLESS:
@@ -105,6 +112,8 @@ class RankSettings:
             "top_k": self.top_k,
             "taylor_order": self.taylor_order,
             "top_k_confidence": self.top_k_confidence,
+            "bound": self.bound,
+            "loss_clip": self.loss_clip,
             "resume": resume,
         }
 
@@ -133,6 +142,8 @@ def rank(
     top_k: int = 20,
     taylor_order: int = 1,
     top_k_confidence: float = TOP_K_CONFIDENCE,
+    bound: Bound = "betting",
+    loss_clip: float = LOSS_CLIP,
     units: Sequence[Unit] | None = None,
     device: Any = None,
     memory_budget_mb: float | None = None,
@@ -168,7 +179,14 @@ def rank(
         top_k: rows shown in tables, and the exact top of ``hybrid``/``halving``.
         taylor_order: ``1`` or ``2`` (adds the empirical-Fisher term), for ``taylor`` and ``hybrid``.
         top_k_confidence: ``halving``: the probability that its top ``top_k`` is the exact full-set top ``top_k``
-            (family-wise over every unit and stage).
+            (family-wise over every unit and stage): a finite-sample guarantee with ``bound="betting"``, a nominal
+            level with ``bound="normal"``.
+        bound: ``halving``'s confidence bounds: ``betting`` (the default: betting confidence sequences for
+            sampling without replacement, valid in finite samples for values in a declared range) or ``normal``
+            (normal intervals with a Taylor control variate: faster, nominal).
+        loss_clip: ``halving`` with ``bound="betting"`` and a loss score: the declared largest per-image loss
+            (nats) of a perturbed network. The ranking's ``test`` records the largest it saw and calls the
+            guarantee void if any exceeded it.
         units: score exactly these :class:`~critnet.perturb.Unit` objects instead of selecting them.
         device: where to evaluate (default: where the model is).
         memory_budget_mb: the most memory held batches and cached activations may take (None: no limit for the
@@ -191,7 +209,7 @@ def rank(
     (10, 'channel')
     """
     settings = RankSettings(unit, perturbation, levels, include, exclude, module_types, relative, seed, score,
-                            method, top_k, taylor_order, top_k_confidence)
+                            method, top_k, taylor_order, top_k_confidence, bound, loss_clip)
     distributed = distributed or Distributed.single()
     started = time.perf_counter()
     evaluation_set = as_evaluation_set(data, device=model_device(model, device), memory_budget_mb=memory_budget_mb)
@@ -213,7 +231,8 @@ def rank(
                 model, units, p, evaluation_set, method=method, score=score, top_k=top_k,
                 rank=distributed.rank, world_size=distributed.world_size, all_gather=distributed.all_gather,
                 resume_dir=resume_dir, progress=bar.update, memory_budget_mb=memory_budget_mb,
-                taylor_order=taylor_order, top_k_confidence=top_k_confidence, seed=seed, report=test,
+                taylor_order=taylor_order, top_k_confidence=top_k_confidence, bound=bound,
+                loss_clip=loss_clip, seed=seed, report=test,
                 reference=reference,
             )
         levels_ranked.append(LevelRanking(

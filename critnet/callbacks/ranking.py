@@ -13,6 +13,7 @@ from critnet.analysis.ranking import RankSettings, rank
 from critnet.callbacks.common import AnalysisCallback, network_of
 from critnet.choices import (
     STAGES,
+    Bound,
     Method,
     PerturbationKind,
     Score,
@@ -23,6 +24,7 @@ from critnet.choices import (
     check_positive_int,
 )
 from critnet.distributed import Distributed
+from critnet.engine.certify import LOSS_CLIP, TOP_K_CONFIDENCE
 from critnet.reporting.common import console, tensorboard_experiment
 
 
@@ -61,7 +63,14 @@ class CriticalRanking(AnalysisCallback):
             empirical-Fisher second-order term, which helps where first-order terms cancel, e.g. ``add`` on whole
             tensors of a trained network, and adds noise for zeroed channels).
         top_k_confidence: ``halving``: the probability that its top ``top_k`` is the exact full-set top
-            ``top_k`` (Bonferroni-corrected over every unit and stage); strictly between 0 and 1.
+            ``top_k`` (Bonferroni-corrected over every unit); strictly between 0 and 1. A finite-sample guarantee
+            with ``bound: betting``, a nominal level with ``bound: normal``.
+        bound: ``halving``'s confidence bounds: ``betting`` (finite-sample: betting confidence sequences for
+            sampling without replacement) or ``normal`` (normal intervals with a Taylor control variate; faster,
+            nominal).
+        loss_clip: ``halving`` with ``bound: betting`` and a loss score: the declared largest per-image loss
+            (nats) of a perturbed network; the run records the largest it saw and calls its guarantee void if one
+            exceeded it.
         run_on: When to run: ``[validate]`` (end of ``validate``) and/or ``fit`` (end of ``fit``).
         resume: Append finished units to a partial-results file and resume from it when the same analysis is run
             again after an interruption.
@@ -90,7 +99,9 @@ class CriticalRanking(AnalysisCallback):
         method: Method = "exact",
         top_k: int = 20,
         taylor_order: TaylorOrder = 1,
-        top_k_confidence: float = 0.99,
+        top_k_confidence: float = TOP_K_CONFIDENCE,
+        bound: Bound = "betting",
+        loss_clip: float = LOSS_CLIP,
         run_on: list[Stage] = ["validate"],  # noqa: B006 - read only
         resume: bool = False,
         resume_dir: str | None = None,
@@ -103,7 +114,7 @@ class CriticalRanking(AnalysisCallback):
         self.options = dict(unit=unit, include=include, exclude=list(exclude or []), module_types=module_types,
                             perturbation=perturbation, levels=list(levels), relative=relative, seed=seed, score=score,
                             method=method, top_k=top_k, taylor_order=taylor_order,
-                            top_k_confidence=top_k_confidence)
+                            top_k_confidence=top_k_confidence, bound=bound, loss_clip=loss_clip)
         self.num_batches = num_batches
         self.run_on = list(run_on)
         self.memory_budget_mb = memory_budget_mb

@@ -36,6 +36,7 @@ from critnet.engine.tallying import in_first_half, sum_halves
 from critnet.engine.sharding import assign, gather_outcomes
 from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
 from critnet.choices import (
+    BOUNDS,
     METHODS,
     SCORES,
     TAYLOR_ORDERS,
@@ -43,6 +44,7 @@ from critnet.choices import (
     check_choice,
     check_probability,
     check_positive_int,
+    check_positive_number,
 )
 from critnet.evaluation import evaluation_mode, sample_pass, tally_pass, tally_samples
 from critnet.scoring import Tally, UnitOutcome, criticality_key, per_sample_criticality, score_of
@@ -185,6 +187,8 @@ def evaluate_units(
     memory_budget_mb: float | None = None,
     taylor_order: int = 1,
     top_k_confidence: float = certify.TOP_K_CONFIDENCE,
+    bound: str = "betting",
+    loss_clip: float = certify.LOSS_CLIP,
     seed: int = 0,
     report: dict[str, Any] | None = None,
     reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -210,7 +214,13 @@ def evaluate_units(
             it the evaluation set is processed in segments of whole batches (same scores).
         taylor_order: the estimates of ``taylor`` and ``hybrid``: 1 (first order) or 2 (plus the empirical-Fisher
             second-order term, which helps where first-order terms cancel, e.g. ``add`` on whole tensors).
-        top_k_confidence: ``halving``: the probability that its top ``top_k`` is the exact full-set top ``top_k``.
+        top_k_confidence: ``halving``: the probability that its top ``top_k`` is the exact full-set top ``top_k``
+            (a finite-sample guarantee with ``bound="betting"``, nominal with ``bound="normal"``).
+        bound: ``halving``'s confidence bounds: ``betting`` (finite-sample) or ``normal`` (nominal; with a Taylor
+            control variate for loss scores). See :mod:`critnet.engine.certify`.
+        loss_clip: ``betting`` with a loss score: the declared largest per-image loss of a perturbed network
+            (so each image's Δloss lies in ``[−loss_i, loss_clip − loss_i]``); a run that sees a larger one records
+            its guarantee as void.
         seed: ``halving``: the random order in which its stages draw images.
         report: a dict ``halving`` fills with how its test went (stages, eliminations, the bound's quantile).
         reference: :func:`reference_pass` of this model on ``data``, when the caller already made it (otherwise
@@ -225,6 +235,8 @@ def evaluate_units(
     check_choice("taylor_order", taylor_order, TAYLOR_ORDERS)
     check_positive_int("top_k", top_k)
     check_probability("top_k_confidence", top_k_confidence)
+    check_choice("bound", bound, BOUNDS)
+    check_positive_number("loss_clip", loss_clip)
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"rank/world_size: need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     if world_size > 1 and all_gather is None:
@@ -240,14 +252,16 @@ def evaluate_units(
             settings.update(taylor_order=taylor_order)
         if method == "halving":
             settings.update(first_stage=certify.FIRST_STAGE, top_k_confidence=float(top_k_confidence), seed=int(seed),
-                            test=certify.TEST_VERSION)
+                            test=certify.TEST_VERSION, bound=bound)
+            if bound == "betting" and score in ("loss", "delta_loss"):
+                settings.update(loss_clip=float(loss_clip))
         store = ResultStore(resume_dir, fingerprint(model, units, perturbation, data.checksum, settings), rank)
     try:
         with evaluation_mode(model, data.device, deterministic=method != "taylor"):
             run = _Run(model, units, perturbation, data, rank, world_size, all_gather, store, progress, reference)
             if method == "halving":
                 outcomes = _halving(run, score, int(top_k), memory_budget_mb, float(top_k_confidence), int(seed),
-                                    report if report is not None else {})
+                                    bound, float(loss_clip), report if report is not None else {})
             else:
                 outcomes = _dispatch(run, method, score, int(top_k), memory_budget_mb, taylor_order)
     finally:
@@ -312,110 +326,87 @@ def _hybrid(
 
 
 def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None, confidence: float, seed: int,
-             report: dict[str, Any]) -> dict[int, UnitOutcome]:
-    """The sequential test of :mod:`critnet.engine.certify` on growing random parts of the set. Each stage
-    evaluates only its new images; a unit that reaches the end has been evaluated on every image, and its per-image
-    results are summed batch by batch exactly as the exact method sums them, so its scores are the exact full-set
-    scores. Fills ``report`` with the test's settings and what each stage decided."""
+             bound: str, loss_clip: float, report: dict[str, Any]) -> dict[int, UnitOutcome]:
+    """The sequential test of :mod:`critnet.engine.certify`, evaluating the network on each stage's new images.
+    A unit that reaches the end has been evaluated on every image, and its per-image results are summed batch by
+    batch exactly as the exact method sums them, so its scores are the exact full-set scores. Fills ``report``
+    with the test's record (:class:`~critnet.engine.certify.SequentialTestRecord`)."""
     data, n = run.data, run.data.samples
     reference = run.reference()
-    sizes = certify.stage_sizes(n, certify.FIRST_STAGE)
-    order = certify.sample_order(n, seed)
-    z = certify.critical_z(len(run.units), len(sizes) - 1, confidence)
-    remaining = list(range(len(run.units)))
-    parts: dict[int, list[tuple[list[int], tuple]]] = {i: [] for i in remaining}
-    outcomes: dict[int, UnitOutcome] = {}
-    stages: list[dict[str, int]] = []
-    # The control variate: each image's first-order Taylor estimate of the unit's loss change, whose full-set mean
-    # one forward and backward pass gives; it removes the part of the per-image spread the estimate explains.
-    control = score in ("loss", "delta_loss") and len(sizes) > 1
-    if control:
-        # The same pass also keeps each unit's estimates on the images the tests will see (all stages but the
-        # last), unless those would not fit the memory budget; then each stage makes its own pass over its new images.
-        tested = torch.zeros(n, dtype=torch.bool)
-        tested[order[: sizes[-2]]] = True
-        budget = (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
-        fits = len(run.units) * int(tested.sum()) * 8 <= budget
-        column = torch.cumsum(tested.long(), 0) - 1  # an image's column among the kept ones (set order)
-        try:
-            found = per_sample_estimates(run.model, run.units, run.perturbation, data, sums=True,
-                                         keep=tested if fits else None)
-        except (SettingError, RuntimeError):
-            # a module without a tensor output, an attention whose output is not its projection's, or a model
-            # autograd cannot differentiate: the test runs without the covariate
-            control = False
-        else:
-            sums, tested_estimates = found if fits else (found, None)
-            covariate_mean = sums / n
-    covariates: dict[int, list[torch.Tensor]] = {i: [] for i in remaining}
-    report.update(top_k=top_k, top_k_confidence=confidence, correction="bonferroni", z=z, order_seed=seed,
-                  first_stage=sizes[0], tests=len(sizes) - 1,
-                  control_variate="first-order Taylor per image" if control else None, stages=stages, unit_images=0)
-    evaluated = 0
-    for j, size in enumerate(sizes):
-        last = j == len(sizes) - 1
-        if len(remaining) <= top_k and not last:
-            continue  # nothing left to decide: only the full-set scores are missing
-        new = sorted(order[evaluated:size].tolist())
-        part = data.subset(new)
-        evaluator = SuffixEvaluator(run.model, run.perturbation, part, memory_budget_mb)
+    parts: dict[int, list[tuple[list[int], tuple]]] = {i: [] for i in range(len(run.units))}
+
+    def evaluate(stage: int, remaining: list[int], positions: list[int]) -> torch.Tensor:
+        evaluator = SuffixEvaluator(run.model, run.perturbation, data.subset(positions), memory_budget_mb)
         with torch.no_grad():
             scored = run.evaluate(
                 remaining,
-                f"halving/{j}",
+                f"halving/{stage}",
                 lambda work, record: evaluator.run(work, record, per_sample=True),
                 lambda idx: evaluator.costs([run.units[i] for i in idx]),
                 per_sample=True,
             )
-        evaluated = size
-        report["unit_images"] += len(remaining) * len(new)  # the work done, against units × images for exact
+        index = torch.tensor(positions)
+        base = tuple(v[index] for v in reference)
+        every = torch.arange(len(positions))
+        rows = []
         for i in remaining:
-            parts[i].append((new, scored[i]))
-        stage = {"images": size, "units": len(remaining), "eliminated": 0}
-        stages.append(stage)
-        if last:
-            break
-        seen = order[:size]
-        values = torch.stack([per_sample_criticality(_scatter(parts[i], n), reference, seen, score) for i in remaining])
-        if control:
-            if tested_estimates is not None:
-                estimates = tested_estimates[remaining][:, column[torch.tensor(new)]]
-            else:
-                estimates = per_sample_estimates(run.model, [run.units[i] for i in remaining], run.perturbation, part)
-            placed = torch.zeros(n, dtype=torch.float64)
-            for i, row in zip(remaining, estimates):
-                covariates[i].append(row)
-            x = []
-            for i in remaining:
-                placed.zero_()
-                placed[torch.tensor(_positions(parts[i]))] = torch.cat(covariates[i])
-                x.append(placed[seen].clone())
-            _, lower, upper = certify.bounds(values, n, z, torch.stack(x), covariate_mean[remaining])
-        else:
-            _, lower, upper = certify.bounds(values, n, z)
-        keep = certify.survivors(lower, upper, top_k)
-        if run.world_size > 1:
-            # every rank decides alike on the CPU; on GPUs a backward pass may round differently, so rank 0 decides
-            keep = run.all_gather(keep)[0]
-        keep = keep.tolist()
-        for i, kept in zip(remaining, keep):
-            if not kept:
-                outcomes[i] = _tally_over(parts.pop(i), n, data, reference, run.units[i], exact=False)
-        stage["eliminated"] = keep.count(False)
-        remaining = [i for i, kept in zip(remaining, keep) if kept]
-    for i in remaining:
-        outcomes[i] = _tally_over(parts.pop(i), n, data, reference, run.units[i], exact=True)
-    report["units_at_full_set"] = len(remaining)
+            samples = tuple(v.cpu() for v in scored[i])
+            parts[i].append((positions, samples))
+            rows.append(per_sample_criticality(samples, base, every, score))
+        return torch.stack(rows)
+
+    covariate, covariate_mean = None, None
+    if bound == "normal" and score in ("loss", "delta_loss"):
+        covariate, covariate_mean = _taylor_covariate(run, seed, memory_budget_mb)
+    floor, width = certify.per_image_range(score, reference, loss_clip) if bound == "betting" else (None, None)
+    agree = (lambda keep: run.all_gather(keep)[0]) if run.world_size > 1 else None
+    # every rank decides alike on the CPU; on GPUs a backward pass may round differently, so rank 0 decides
+    remaining, seen, record = certify.sequential_test(
+        len(run.units), n, top_k, evaluate, bound=bound, confidence=confidence, floor=floor, width=width,
+        loss_clip=loss_clip if bound == "betting" and score in ("loss", "delta_loss") else None,
+        seed=seed, first_stage=certify.FIRST_STAGE, covariate=covariate, covariate_mean=covariate_mean, agree=agree)
+    outcomes: dict[int, UnitOutcome] = {}
+    for i in range(len(run.units)):
+        outcomes[i] = _tally_over(parts.pop(i), n, data, reference, run.units[i], exact=i in remaining)
     # Units whose exact full-set score equals the k-th's cannot be told apart from it: they are reported, not cut.
     common = Tally(reference[0].sum().item(), int(reference[1].sum()), int(reference[2].sum()), n)
     keys = sorted(criticality_key(score_of(outcomes[i].total, common, score)) for i in remaining)
-    report["ties_at_boundary"] = sum(key == keys[top_k - 1] for key in keys[top_k:]) if len(keys) > top_k else 0
+    record.ties_at_boundary = sum(key == keys[top_k - 1] for key in keys[top_k:]) if len(keys) > top_k else 0
+    report.update(record.as_dict())
     return outcomes
 
 
-def _positions(parts) -> list[int]:
-    """The image positions of per-sample parts, in the order their values are concatenated."""
-    return [p for positions, _ in parts for p in positions]
+def _taylor_covariate(run: _Run, seed: int, memory_budget_mb: float | None):
+    """The normal bound's control variate: each image's first-order Taylor estimate of the unit's loss change,
+    whose full-set mean one forward and backward pass gives; it removes the part of the per-image spread the
+    estimate explains. ``(None, None)`` where the model has no such estimates."""
+    data, n = run.data, run.data.samples
+    sizes = certify.stage_sizes(n, certify.FIRST_STAGE)
+    if len(sizes) < 2:
+        return None, None
+    # The same pass also keeps each unit's estimates on the images the tests will see (all stages but the last),
+    # unless those would not fit the memory budget; then each stage makes its own pass over its new images.
+    tested = torch.zeros(n, dtype=torch.bool)
+    tested[certify.sample_order(n, seed)[: sizes[-2]]] = True
+    budget = (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
+    fits = len(run.units) * int(tested.sum()) * 8 <= budget
+    column = torch.cumsum(tested.long(), 0) - 1  # an image's column among the kept ones (set order)
+    try:
+        found = per_sample_estimates(run.model, run.units, run.perturbation, data, sums=True,
+                                     keep=tested if fits else None)
+    except (SettingError, RuntimeError):
+        # a module without a tensor output, an attention whose output is not its projection's, or a model
+        # autograd cannot differentiate: the test runs without the covariate
+        return None, None
+    sums, kept = found if fits else (found, None)
+
+    def covariate(stage: int, remaining: list[int], positions: list[int]) -> torch.Tensor:
+        if kept is not None:
+            return kept[remaining][:, column[torch.tensor(positions)]]
+        return per_sample_estimates(run.model, [run.units[i] for i in remaining], run.perturbation,
+                                    data.subset(positions))
+
+    return covariate, sums / n
 
 
 def _scatter(parts, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -251,15 +251,27 @@ def hybrid_note(agreement: dict[str, Any]) -> str:
 
 
 def test_note(test: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
-    """One console line on halving's sequential test: its guarantee, what each stage decided, and how many units
-    reached the whole set (their scores are the exact full-set scores; the others were eliminated early)."""
+    """One console line on halving's sequential test: its guarantee (finite-sample, nominal, or void), what each
+    stage decided, and how many units reached the whole set (their scores are the exact full-set scores; the others
+    were eliminated early)."""
     stages = "; ".join(f"{s['units']} units on {s['images']} images, {s['eliminated']} eliminated" for s in test["stages"])
     exact = sum(1 for row in rows if row["exact"])
-    return (f"halving: the top {test['top_k']} is the exact full-set top {test['top_k']} with probability ≥ "
-            f"{test['top_k_confidence']} ({test['correction']} over {len(rows)} units × {test['tests']} tests, "
-            f"bounds at {test['z']:.2f} standard errors); {stages}; {exact} units have exact full-set scores, "
+    k, confidence = test["top_k"], test["top_k_confidence"]
+    if test.get("bound") == "normal":
+        claim = (f"the top {k} is the exact full-set top {k} at a nominal {confidence} (normal bounds at "
+                 f"{test['z']:.2f} standard errors, {test['correction']}: {len(rows)} units × {test['tests']} tests; "
+                 f"not a finite-sample guarantee)")
+    else:
+        seen = test.get("largest_value")
+        what = "loss" if test.get("loss_clip") is not None else "miss"
+        claim = (f"the top {k} is the exact full-set top {k} with probability ≥ {confidence} (finite-sample betting "
+                 f"bounds, {test['correction']}, a perturbed network's per-image {what} declared in "
+                 f"[0, {test['range_width']:g}]" + (f", largest seen {seen:.4g}" if seen is not None else "") + ")")
+        if test["guarantee"].startswith("void"):
+            claim = f"NO GUARANTEE ({test['guarantee']}); without it, {claim}"
+    return (f"halving: {claim}; {stages}; {exact} units have exact full-set scores, "
             f"{len(rows) - exact} were eliminated early (their scores are over the images they saw)"
-            + (f"; {test['ties_at_boundary']} units tie with the {test['top_k']}th" if test.get("ties_at_boundary") else ""))
+            + (f"; {test['ties_at_boundary']} units tie with the {k}th" if test.get("ties_at_boundary") else ""))
 
 
 def boundary_note(boundary: Mapping[str, Any]) -> str:

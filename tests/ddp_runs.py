@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-sys.path[:0] = [str(TESTS.parent), str(TESTS)]
+sys.path[:0] = [str(TESTS), str(TESTS.parent)]  # tests/conftest.py, not the doctest one at the root
 
 # test_cli_errors' typing check wants critnet, then the command line, imported first in a fresh interpreter
 import critnet  # noqa: E402, F401

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-sys.path[:0] = [str(TESTS.parent), str(TESTS)]
+sys.path[:0] = [str(TESTS), str(TESTS.parent)]  # tests/conftest.py, not the doctest one at the root
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

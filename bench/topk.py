@@ -1,4 +1,4 @@
-"""Benchmark of halving's certified top 20 against the exact ranking (a benchmark, not a test).
+"""Benchmark of halving's top 20 against the exact ranking, with each bound (a benchmark, not a test).
 
 ResNet20 with the shared checkpoint, all 698 conv and linear output channels zeroed one at a time (the units of
 ``configs/rank_neurons.yaml``), scored by Δloss on the CIFAR-10 test split, read through critnet's own CIFAR-10
@@ -6,18 +6,18 @@ datamodule (the images the command line ranks). In one run it times
 
 - the exact ranking on 1,000 test images spread evenly over the class-sorted split (every 10th); the exact method's
   cost is linear in the images, so ten times its time stands in for the exact ranking of all 10,000;
-- ``method="halving"`` (top 20, ``top_k_confidence`` 0.99) on all 10,000 images, and on 1,000 and 2,500 images
-  spread evenly, against the exact time for as many images (the speedup's growth with the set).
+- ``method="halving"`` (top 20, ``top_k_confidence`` 0.99) on all 10,000 images with each bound: ``betting`` (the
+  default, finite-sample) and ``normal`` (nominal), optionally also on smaller sets spread evenly (``--scaling``).
 
-With ``--exact-csv`` (the ``ranking.csv`` of an exact run on the whole split, e.g. ``configs/rank_neurons.yaml``) it
-checks the certified top 20: the same units in the same order, and the same scores within 1e-6 relative (the
-reference may come from another CPU, which rounds float32 differently). It also projects the speedup to ResNet50 on
-10,000 ImageNet images from the measured stage survival rates (see ``project``). The last line is machine-readable:
+With ``--exact-csv`` (the ``ranking.csv`` of an exact run on the whole split, e.g. ``configs/rank_neurons.yaml``, or
+any CSV with ``rank,unit,score`` rows of the exact top 20) it checks each top 20: the same units in the same order,
+and the same scores within 1e-6 relative (the reference may come from another CPU, which rounds float32
+differently). The last line is machine-readable:
 
-    topk_speedup=<x> top20_identical=<true|false|unchecked> units_at_full_set=<n> overlap_at_boundary=<n>
+    topk_speedup=<x> top20_identical=<..> guarantee=<..> normal_speedup=<x> normal_top20_identical=<..>
 
 Usage: python bench/topk.py [--data-root ../shared/data/cifar10] [--weights <resnet20 checkpoint>]
-       [--exact-csv runs/.../ranking.csv] [--threads 1] [--out bench/results/topk.json]
+       [--exact-csv runs/.../ranking.csv] [--threads 1] [--bounds betting,normal] [--out bench/results/topk.json]
        python bench/topk.py --compare bench/results/topk.json --exact-csv runs/.../ranking.csv
        (checks the top k a finished run recorded against a reference that was not ready when it ran)
 """
@@ -42,8 +42,6 @@ from critnet.engine.data import EvaluationSet  # noqa: E402
 
 OPTIONS = dict(unit="channel", perturbation="zero", include=["weight"], module_types=["Conv2d", "Linear"],
                score="delta_loss")
-#: ResNet50's conv and linear output channels (torchvision), for the projection.
-RESNET50_UNITS = 27_560
 
 
 def load_split(root: Path) -> EvaluationSet:
@@ -80,29 +78,6 @@ def read_reference(path: Path, k: int) -> list[tuple[str, float]]:
     return [(row["unit"], float(row["score"])) for row in rows[:k]]
 
 
-def project(test: dict, units: int, target_units: int, confidence: float) -> dict:
-    """The work fraction of halving on ``target_units`` units and the same number of images, from the stage survival
-    rates measured here.
-
-    Assumes the same fraction of units survives each stage (a network whose per-image spread of scores, relative to
-    the gap to the k-th unit, is like ResNet20's) and a top k that is the same fraction of the units. ``same_stage``
-    takes the rates as they are; ``one_stage_later`` lets every elimination happen one stage (twice the images)
-    later, which covers the wider Bonferroni bound over more units (the images needed for a given margin grow with
-    the square of the quantile)."""
-    stages = test["stages"]
-    z_here = certify.critical_z(units, test["tests"], confidence)
-    z_there = certify.critical_z(target_units, test["tests"], confidence)
-    sizes = [s["images"] for s in stages]
-    alive = [s["units"] / units for s in stages]
-    new = [b - a for a, b in zip([0] + sizes, sizes)]
-    same = sum(a * m for a, m in zip(alive, new)) / sizes[-1]
-    later = sum(a * m for a, m in zip([1.0] + alive[:-1], new)) / sizes[-1]
-    return {"target_units": target_units, "z_here": z_here, "z_there": z_there,
-            "images_needed_ratio": (z_there / z_here) ** 2,
-            "same_stage": {"work_fraction": same, "speedup": 1 / same},
-            "one_stage_later": {"work_fraction": later, "speedup": 1 / later}}
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "cifar10"))
@@ -111,7 +86,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--confidence", type=float, default=0.99, help="top_k_confidence")
-    parser.add_argument("--scaling", default="1000,2500", help="smaller sets for the speedup's growth ('' = none)")
+    parser.add_argument("--scaling", default="", help="smaller sets for the speedup's growth, e.g. 1000,2500")
+    parser.add_argument("--bounds", default="betting,normal", help="halving's bounds to run, in this order")
     parser.add_argument("--images", type=int, default=10_000,
                         help="the set (spread evenly over the split; the exact part runs on a tenth of it)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "topk.json"))
@@ -146,43 +122,38 @@ def main(argv=None) -> None:
 
     runs = []
     sizes = sorted({int(s) for s in args.scaling.split(",") if s and int(s) < data.samples} | {data.samples})
-    for images in sizes:
-        seconds, ranking = timed(lambda: critnet.rank(model, spread(data, images), method="halving", top_k=k,
-                                                     top_k_confidence=args.confidence, **OPTIONS))
-        level = ranking.summary["levels"][0]
-        test = level["top_k_test"]
-        run = {"images": images, "seconds": seconds, "exact_seconds": per_image_s * images,
-               "speedup": per_image_s * images / seconds, "work_fraction": work_fraction(test, units),
-               "units_at_full_set": test["units_at_full_set"], "z": test["z"], "stages": test["stages"],
-               "boundary": level["boundary"]}
-        runs.append(run)
-        print(f"halving on {images} images: {seconds:.1f} s, {run['speedup']:.2f}× the exact time, "
-              f"{run['work_fraction']:.3f} of its unit·images, {run['units_at_full_set']} units at the full set; "
-              + "; ".join(f"{s['units']}→{s['units'] - s['eliminated']} at {s['images']}" for s in test["stages"]),
-              flush=True)
-    top = [(row["unit"], row["score"]) for row in ranking.rows if row["exact"]][:k]
-
-    identical, mismatches = check(top, args.exact_csv, k)
-
-    projection = project(ranking.levels[0].test, units, RESNET50_UNITS, args.confidence)
+    bounds = [b for b in args.bounds.split(",") if b]
+    for bound in bounds:
+        for images in sizes:
+            seconds, ranking = timed(lambda: critnet.rank(model, spread(data, images), method="halving", top_k=k,
+                                                         top_k_confidence=args.confidence, bound=bound, **OPTIONS))
+            level = ranking.summary["levels"][0]
+            test = level["top_k_test"]
+            run = {"bound": bound, "images": images, "seconds": seconds, "exact_seconds": per_image_s * images,
+                   "speedup": per_image_s * images / seconds, "work_fraction": work_fraction(test, units),
+                   "units_at_full_set": test["units_at_full_set"], "guarantee": test["guarantee"],
+                   "largest_value": test.get("largest_value"), "stages": test["stages"], "boundary": level["boundary"],
+                   "top": [(row["unit"], row["score"]) for row in ranking.rows if row["exact"]][:k]}
+            run["top_identical"], run["mismatches"] = check(run["top"], args.exact_csv, k) if images == data.samples \
+                else ("unchecked", [])
+            runs.append(run)
+            print(f"halving ({bound}) on {images} images: {seconds:.1f} s, {run['speedup']:.2f}× the exact time, "
+                  f"{run['work_fraction']:.3f} of its unit·images, {run['units_at_full_set']} units at the full set, "
+                  f"guarantee {run['guarantee']}; "
+                  + "; ".join(f"{s['units']}→{s['units'] - s['eliminated']} at {s['images']}" for s in test["stages"]),
+                  flush=True)
 
     print()
-    print(f"| images | exact s (from {tenth} images) | halving s | speedup | unit·images | units at full set |")
-    print("|---|---|---|---|---|---|")
+    print(f"| bound | images | exact s (from {tenth} images) | halving s | speedup | unit·images | units at full set |")
+    print("|---|---|---|---|---|---|---|")
     for run in runs:
-        print(f"| {run['images']} | {run['exact_seconds']:.0f} | {run['seconds']:.0f} | {run['speedup']:.2f}× | "
-              f"{run['work_fraction']:.3f} | {run['units_at_full_set']} |")
-    print(f"ResNet50 ({RESNET50_UNITS} units, 10,000 ImageNet images), projected from these survival rates: "
-          f"{projection['same_stage']['speedup']:.1f}× (same stages), {projection['one_stage_later']['speedup']:.1f}× "
-          f"(every elimination one stage later; the bound grows from {projection['z_here']:.2f} to "
-          f"{projection['z_there']:.2f} standard errors)")
+        print(f"| {run['bound']} | {run['images']} | {run['exact_seconds']:.0f} | {run['seconds']:.0f} | "
+              f"{run['speedup']:.2f}× | {run['work_fraction']:.3f} | {run['units_at_full_set']} |")
 
     report = {"units": units, "images": data.samples, "threads": torch.get_num_threads(), "top_k": k,
               "top_k_confidence": args.confidence, "first_stage": certify.FIRST_STAGE, "exact_images": tenth,
-              "exact_s": exact_s,
-              "runs": runs, "top": top, "reference": args.exact_csv, "top_identical": identical,
-              "command": " ".join(["python", "bench/topk.py", *(argv if argv is not None else sys.argv[1:])]),
-              "mismatches": mismatches, "projection_resnet50": projection}
+              "exact_s": exact_s, "runs": runs, "reference": args.exact_csv,
+              "command": " ".join(["python", "bench/topk.py", *(argv if argv is not None else sys.argv[1:])])}
     finish(report, Path(args.out))
 
 
@@ -203,12 +174,20 @@ def check(top: list, exact_csv: str | None, k: int) -> tuple[str, list]:
 
 
 def finish(report: dict, out: Path) -> None:
-    full = report["runs"][-1]
-    boundary = full["boundary"]
-    report["overlap_at_boundary"] = (None if boundary is None
-                                     else boundary["overlapping"]["above"] + boundary["overlapping"]["below"])
-    last = (f"topk_speedup={full['speedup']:.2f} top20_identical={report['top_identical']} "
-            f"units_at_full_set={full['units_at_full_set']} overlap_at_boundary={report['overlap_at_boundary']}")
+    parts = []
+    for bound, prefix in (("betting", ""), ("normal", "normal_")):
+        full = [r for r in report["runs"] if r["bound"] == bound and r["images"] == report["images"]]
+        if not full:
+            continue
+        run = full[-1]
+        boundary = run["boundary"]
+        run["overlap_at_boundary"] = (None if boundary is None
+                                      else boundary["overlapping"]["above"] + boundary["overlapping"]["below"])
+        speedup = "topk_speedup" if bound == "betting" else "normal_speedup"
+        parts.append(f"{speedup}={run['speedup']:.2f} {prefix}top20_identical={run['top_identical']} "
+                     f"{prefix}units_at_full_set={run['units_at_full_set']}"
+                     + (f" guarantee={run['guarantee'].split(':')[0]}" if bound == "betting" else ""))
+    last = " ".join(parts)
     report["last_line"] = last
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
@@ -216,11 +195,12 @@ def finish(report: dict, out: Path) -> None:
 
 
 def compare(report_path: Path, exact_csv: str) -> None:
-    """``--compare``: check the top k a finished run recorded (its JSON report) against ``exact_csv`` and rewrite
+    """``--compare``: check the top k each full-set run recorded (its JSON report) against ``exact_csv`` and rewrite
     the report and its last line; the timings stay those of that run."""
     report = json.loads(report_path.read_text())
-    report["top_identical"], report["mismatches"] = check([tuple(t) for t in report["top"]], exact_csv,
-                                                          report["top_k"])
+    for run in report["runs"]:
+        if run["images"] == report["images"]:
+            run["top_identical"], run["mismatches"] = check([tuple(t) for t in run["top"]], exact_csv, report["top_k"])
     report["reference"] = exact_csv
     finish(report, report_path)
 

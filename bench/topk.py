@@ -12,9 +12,11 @@ datamodule (the images the command line ranks). In one run it times
 With ``--exact-csv`` (the ``ranking.csv`` of an exact run on the whole split, e.g. ``configs/rank_neurons.yaml``, or
 any CSV with ``rank,unit,score`` rows of the exact top 20) it checks each top 20: the same units in the same order,
 and the same scores within 1e-6 relative (the reference may come from another CPU, which rounds float32
-differently). The last line is machine-readable:
+differently). Times are wall seconds and this process's CPU seconds (with one intra-op thread the CPU time is the
+steadier measure when other jobs share the machine). The last line is machine-readable:
 
-    topk_speedup=<x> top20_identical=<..> guarantee=<..> normal_speedup=<x> normal_top20_identical=<..>
+    topk_speedup=<x> cpu_speedup=<x> top20_identical=<..> units_at_full_set=<n> guarantee=<..>
+    normal_speedup=<x> normal_cpu_speedup=<x> normal_top20_identical=<..> normal_units_at_full_set=<n>
 
 Usage: python bench/topk.py [--data-root ../shared/data/cifar10] [--weights <resnet20 checkpoint>]
        [--exact-csv runs/.../ranking.csv] [--threads 1] [--bounds betting,normal] [--out bench/results/topk.json]
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -64,6 +67,14 @@ def timed(fn):
     started = time.perf_counter()
     result = fn()
     return time.perf_counter() - started, result
+
+
+def cpu_timed(fn):
+    """Wall and CPU seconds of ``fn`` (the CPU time of this process, all its threads): with one intra-op thread the
+    CPU time hardly changes when other jobs share the machine, where the wall time grows with them."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, result
 
 
 def work_fraction(test: dict, units: int) -> float:
@@ -114,45 +125,51 @@ def main(argv=None) -> None:
     k = args.top_k
 
     tenth = data.samples // 10
-    exact_s, exact = timed(lambda: critnet.rank(model, spread(data, tenth), method="exact", top_k=k, **OPTIONS))
-    per_image_s = exact_s / tenth
+    exact_s, exact_cpu_s, exact = cpu_timed(lambda: critnet.rank(model, spread(data, tenth), method="exact", top_k=k,
+                                                                 **OPTIONS))
+    per_image_s, per_image_cpu_s = exact_s / tenth, exact_cpu_s / tenth
     units = len(exact.units)
-    print(f"exact: {units} units on {tenth} images in {exact_s:.1f} s → {per_image_s * data.samples:.0f} s projected "
-          f"for {data.samples}", flush=True)
+    print(f"exact: {units} units on {tenth} images in {exact_s:.1f} s ({exact_cpu_s:.1f} CPU s) → "
+          f"{per_image_s * data.samples:.0f} s projected for {data.samples}", flush=True)
 
     runs = []
     sizes = sorted({int(s) for s in args.scaling.split(",") if s and int(s) < data.samples} | {data.samples})
     bounds = [b for b in args.bounds.split(",") if b]
     for bound in bounds:
         for images in sizes:
-            seconds, ranking = timed(lambda: critnet.rank(model, spread(data, images), method="halving", top_k=k,
-                                                         top_k_confidence=args.confidence, bound=bound, **OPTIONS))
+            seconds, cpu_s, ranking = cpu_timed(lambda: critnet.rank(model, spread(data, images), method="halving",
+                                                                     top_k=k, top_k_confidence=args.confidence,
+                                                                     bound=bound, **OPTIONS))
             level = ranking.summary["levels"][0]
             test = level["top_k_test"]
             run = {"bound": bound, "images": images, "seconds": seconds, "exact_seconds": per_image_s * images,
-                   "speedup": per_image_s * images / seconds, "work_fraction": work_fraction(test, units),
+                   "speedup": per_image_s * images / seconds, "cpu_seconds": cpu_s,
+                   "exact_cpu_seconds": per_image_cpu_s * images, "cpu_speedup": per_image_cpu_s * images / cpu_s, "work_fraction": work_fraction(test, units),
                    "units_at_full_set": test["units_at_full_set"], "guarantee": test["guarantee"],
                    "largest_value": test.get("largest_value"), "stages": test["stages"], "boundary": level["boundary"],
                    "top": [(row["unit"], row["score"]) for row in ranking.rows if row["exact"]][:k]}
             run["top_identical"], run["mismatches"] = check(run["top"], args.exact_csv, k) if images == data.samples \
                 else ("unchecked", [])
             runs.append(run)
-            print(f"halving ({bound}) on {images} images: {seconds:.1f} s, {run['speedup']:.2f}× the exact time, "
+            print(f"halving ({bound}) on {images} images: {seconds:.1f} s, {run['speedup']:.2f}× the exact time "
+                  f"({cpu_s:.1f} CPU s, {run['cpu_speedup']:.2f}× the exact CPU time), "
                   f"{run['work_fraction']:.3f} of its unit·images, {run['units_at_full_set']} units at the full set, "
                   f"guarantee {run['guarantee']}; "
                   + "; ".join(f"{s['units']}→{s['units'] - s['eliminated']} at {s['images']}" for s in test["stages"]),
                   flush=True)
 
     print()
-    print(f"| bound | images | exact s (from {tenth} images) | halving s | speedup | unit·images | units at full set |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| bound | images | exact s (from {tenth} images) | halving s | speedup | CPU-time speedup | unit·images "
+          f"| units at full set |")
+    print("|---|---|---|---|---|---|---|---|")
     for run in runs:
         print(f"| {run['bound']} | {run['images']} | {run['exact_seconds']:.0f} | {run['seconds']:.0f} | "
-              f"{run['speedup']:.2f}× | {run['work_fraction']:.3f} | {run['units_at_full_set']} |")
+              f"{run['speedup']:.2f}× | {run['cpu_speedup']:.2f}× | {run['work_fraction']:.3f} | "
+              f"{run['units_at_full_set']} |")
 
     report = {"units": units, "images": data.samples, "threads": torch.get_num_threads(), "top_k": k,
               "top_k_confidence": args.confidence, "first_stage": certify.FIRST_STAGE, "exact_images": tenth,
-              "exact_s": exact_s, "runs": runs, "reference": args.exact_csv,
+              "exact_s": exact_s, "exact_cpu_s": exact_cpu_s, "runs": runs, "reference": args.exact_csv,
               "command": " ".join(["python", "bench/topk.py", *(argv if argv is not None else sys.argv[1:])])}
     finish(report, Path(args.out))
 
@@ -184,7 +201,8 @@ def finish(report: dict, out: Path) -> None:
         run["overlap_at_boundary"] = (None if boundary is None
                                       else boundary["overlapping"]["above"] + boundary["overlapping"]["below"])
         speedup = "topk_speedup" if bound == "betting" else "normal_speedup"
-        parts.append(f"{speedup}={run['speedup']:.2f} {prefix}top20_identical={run['top_identical']} "
+        parts.append(f"{speedup}={run['speedup']:.2f} {prefix}cpu_speedup={run.get('cpu_speedup', math.nan):.2f} "
+                     f"{prefix}top20_identical={run['top_identical']} "
                      f"{prefix}units_at_full_set={run['units_at_full_set']}"
                      + (f" guarantee={run['guarantee'].split(':')[0]}" if bound == "betting" else ""))
     last = " ".join(parts)

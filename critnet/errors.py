@@ -31,3 +31,17 @@ def one_line(err: CritnetError) -> str:
         if last.startswith(prefix):
             return last[len(prefix):]
     return last
+
+
+class DataError(CritnetError):
+    """Data an analysis cannot evaluate: not ``(inputs, targets)`` batches, targets that are not class indices of
+    the model, or no samples. The message names the batch and the value at fault."""
+
+
+class ModelInputError(DataError):
+    """Inputs the model rejects on its first forward pass; the message names the model, the shape it expects
+    (where that can be known) and the shape it received."""
+
+
+class OutputError(CritnetError):
+    """A model output from which the logits cannot be read (or an ``output=`` selector that does not fit it)."""

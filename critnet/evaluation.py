@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from critnet.distributed import Distributed
 from critnet.engine.data import EvaluationSet, as_evaluation_set
 from critnet.engine.tallying import TallyPair, sum_halves
+from critnet.outputs import OutputSelector, logits_of
 from critnet.scoring import Tally, per_sample
 
 ForwardContext = Callable[[], AbstractContextManager]
@@ -71,29 +72,30 @@ def device_of(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def batch_results(model: nn.Module, data: EvaluationSet, *,
-                  forward_context: ForwardContext | None = None) -> Iterator[tuple[int, Tensor, Tensor, Tensor, Tensor]]:
+def batch_results(model: nn.Module, data: EvaluationSet, *, forward_context: ForwardContext | None = None,
+                  output: OutputSelector = None) -> Iterator[tuple[int, Tensor, Tensor, Tensor, Tensor]]:
     """One forward pass per batch: ``(offset, logits, losses, top1, top5)`` with per-sample float64 losses and
     bool hits (:func:`critnet.scoring.per_sample`); ``offset`` is the batch's first sample in the set.
 
     The caller sets the mode (:func:`evaluation_mode`) and gradients; ``forward_context`` wraps each forward pass
-    (e.g. an autocast for bf16-mixed); the loss is always computed from float32 logits.
+    (e.g. an autocast for bf16-mixed); the logits are read from the model's output by ``output``
+    (:func:`critnet.outputs.logits_of`) and the loss is always computed from float32 logits.
     """
     for (x, y), offset in zip(data, data.offsets()):
         with forward_context() if forward_context is not None else nullcontext():
-            logits = model(x)
+            logits = logits_of(model(x), output)
         logits = logits.float()
         losses, top1, top5 = per_sample(logits[None], y.to(logits.device))
         yield offset, logits, losses[0], top1[0], top5[0]
 
 
 def tally_pass(model: nn.Module, data: EvaluationSet, *, forward_context: ForwardContext | None = None,
-               reference: tuple[Tensor, Tensor, Tensor] | None = None) -> TallyPair:
+               reference: tuple[Tensor, Tensor, Tensor] | None = None, output: OutputSelector = None) -> TallyPair:
     """Tallies over the two (even/odd) halves of the set, summed batch by batch (what the engine's exact method
     sums, so its scores can be compared bit for bit); with ``reference`` (the unperturbed per-sample results of
     :func:`sample_pass`) also the paired sums behind the standard errors."""
     pair = TallyPair()
-    for offset, _, losses, top1, top5 in batch_results(model, data, forward_context=forward_context):
+    for offset, _, losses, top1, top5 in batch_results(model, data, forward_context=forward_context, output=output):
         rows = None if reference is None else tuple(r[offset : offset + len(losses)] for r in reference)
         pair.add(sum_halves(losses[None], top1[None], top5[None], offset, rows)[0])
     return pair
@@ -111,15 +113,17 @@ def tally_samples(samples: tuple[Tensor, Tensor, Tensor], data: EvaluationSet,
     return pair
 
 
-def sample_pass(model: nn.Module, data: EvaluationSet) -> tuple[Tensor, Tensor, Tensor]:
+def sample_pass(model: nn.Module, data: EvaluationSet, output: OutputSelector = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample losses (float64), top-1 and top-5 hits over the whole set, on the CPU."""
     with torch.no_grad():
-        parts = [(losses.cpu(), top1.cpu(), top5.cpu()) for _, _, losses, top1, top5 in batch_results(model, data)]
+        parts = [(losses.cpu(), top1.cpu(), top5.cpu())
+                 for _, _, losses, top1, top5 in batch_results(model, data, output=output)]
     return tuple(torch.cat([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
 
 
 def batch_tallies(model: nn.Module, data: EvaluationSet | list, *, distributed: Distributed | None = None,
-                  sharded: bool = False, forward_context: ForwardContext | None = None) -> Tally:
+                  sharded: bool = False, forward_context: ForwardContext | None = None,
+                  output: OutputSelector = None) -> Tally:
     """The tally of a whole set, summed per batch and then in batch order, on every rank.
 
     With several ranks (``distributed``), rank r evaluates the batches r, r + world_size, … and the per-batch sums
@@ -133,7 +137,7 @@ def batch_tallies(model: nn.Module, data: EvaluationSet | list, *, distributed: 
     if len(data):
         with torch.no_grad():
             for position, (_, _, losses, top1, top5) in enumerate(
-                batch_results(model, data, forward_context=forward_context)
+                batch_results(model, data, forward_context=forward_context, output=output)
             ):
                 index = rank + position * world_size if sharded else position
                 if index % world_size != rank:
@@ -152,7 +156,7 @@ def batch_tallies(model: nn.Module, data: EvaluationSet | list, *, distributed: 
 
 def evaluate(model: nn.Module, data: Any, *, device: torch.device | str | None = None,
              distributed: Distributed | None = None, forward_context: ForwardContext | None = None,
-             memory_budget_mb: float | None = None) -> dict[str, float | int]:
+             memory_budget_mb: float | None = None, output: OutputSelector = None) -> dict[str, float | int]:
     """Top-1 and top-5 accuracy (percent), mean cross-entropy (float64 sum) and the sample count of ``model``
     on ``data``, in eval mode; the model's train flags are put back afterwards.
 
@@ -164,6 +168,10 @@ def evaluate(model: nn.Module, data: Any, *, device: torch.device | str | None =
             world_size-th batch and the sums are gathered (every rank returns the same numbers).
         forward_context: wraps each forward pass, e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)``.
         memory_budget_mb: batches beyond this size are streamed from ``data`` instead of held.
+        output: where the logits are in what the model returns (see :func:`critnet.outputs.logits_of`): ``None``
+            takes a tensor as it is and reads ``.logits`` (attribute or key) from anything else, e.g. a Hugging Face
+            ``ModelOutput`` or a dict; a key (``"scores"``), an index (``0`` for a tuple) or a callable that takes
+            the model's output and returns the logits tensor selects them explicitly.
 
     >>> import torch
     >>> from torch import nn
@@ -175,5 +183,6 @@ def evaluate(model: nn.Module, data: Any, *, device: torch.device | str | None =
     device = torch.device(device) if device is not None else device_of(model)
     evaluation_set = as_evaluation_set(data, device=device, memory_budget_mb=memory_budget_mb)
     with evaluation_mode(model, device):
-        tally = batch_tallies(model, evaluation_set, distributed=distributed, forward_context=forward_context)
+        tally = batch_tallies(model, evaluation_set, distributed=distributed, forward_context=forward_context,
+                              output=output)
     return tally.summary()

@@ -31,6 +31,7 @@ from critnet.engine.data import as_evaluation_set
 from critnet.engine.resume import ResultStore
 from critnet.errors import CritnetError
 from critnet.evaluation import ForwardContext, batch_tallies, evaluation_mode
+from critnet.outputs import OutputSelector, check_selector, describe_selector
 from critnet.perturb import Unit
 from critnet.prune import (
     PruneError,
@@ -65,8 +66,9 @@ class _MaskEvaluation:
 
     def __init__(self, model: nn.Module, data: Any, *, distributed: Distributed, sharded: bool,
                  forward_context: ForwardContext | None, resume_dir: str | Path | None, precision: str | None,
-                 device: Any, memory_budget_mb: float | None) -> None:
+                 device: Any, memory_budget_mb: float | None, output: OutputSelector = None) -> None:
         self.model = model
+        self.output = output
         self.distributed = distributed
         self.sharded = sharded
         self.forward_context = forward_context
@@ -83,9 +85,12 @@ class _MaskEvaluation:
     def _open_store(self, directory: str | Path, precision: str | None) -> None:
         """The partial-results file of this evaluation (rank 0 writes it) and the tallies already in it (every
         rank). The file is keyed by the weights, every rank's share of the data and the precision, so a changed
-        model, data subset, device count or precision starts afresh."""
+        model, data subset, device count, precision or output selector starts afresh."""
         shares = self.distributed.gather(getattr(self.data, "checksum", ""))
-        key = hashlib.sha256(json.dumps(["prune-sweep/2", self.checksum, shares, precision or ""]).encode())
+        identity = ["prune-sweep/2", self.checksum, shares, precision or ""]
+        if self.output is not None:  # absent by default, so that partial files written before it keep resuming
+            identity.append(describe_selector(self.output))
+        key = hashlib.sha256(json.dumps(identity).encode())
         problem, loaded = None, {}
         if self.distributed.is_lead:
             try:
@@ -110,7 +115,7 @@ class _MaskEvaluation:
         if fingerprint not in self.cache:
             with pruned(self.model, masks), evaluation_mode(self.model):
                 tally = batch_tallies(self.model, self.data, distributed=self.distributed, sharded=self.sharded,
-                                      forward_context=self.forward_context)
+                                      forward_context=self.forward_context, output=self.output)
             self.cache[fingerprint] = tally
             if self.store is not None:
                 self.store.append({"phase": "prune", "index": fingerprint, "loss_sum": tally.loss_sum,
@@ -153,11 +158,12 @@ def check_order_settings(orders: Sequence[str], ratios: Any, criticality_score: 
     return orders, check_fractions(f"{prefix}ratios", ratios)
 
 
-def _evaluation(model, data, distributed, sharded, forward_context, resume_dir, precision, device, memory_budget_mb):
+def _evaluation(model, data, distributed, sharded, forward_context, resume_dir, precision, device, memory_budget_mb,
+                output):
     distributed = distributed or Distributed.single()
     return distributed, _MaskEvaluation(model, data, distributed=distributed, sharded=sharded,
                                         forward_context=forward_context, resume_dir=resume_dir, precision=precision,
-                                        device=device, memory_budget_mb=memory_budget_mb)
+                                        device=device, memory_budget_mb=memory_budget_mb, output=output)
 
 
 def prune_sweep(
@@ -181,6 +187,7 @@ def prune_sweep(
     precision: str | None = None,
     name: str | None = None,
     reference_metrics: Mapping[str, Any] | None = None,
+    output: OutputSelector = None,
 ) -> Sweep:
     """Prune ``model`` by DWP §3.2 masks at every p_prune × p_bern setting, evaluate it on ``data``, and restore the
     exact weights after each setting.
@@ -208,6 +215,12 @@ def prune_sweep(
         precision: the numerics ``forward_context`` gives (keys the resume file), e.g. ``"bf16-mixed"``.
         name: how reports call the model (default: its class name).
         reference_metrics: metrics of the unpruned model measured elsewhere, recorded beside the sweep.
+        output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`): ``None`` (the
+            default) takes a tensor as it is and reads ``.logits`` (attribute or key) from anything else, e.g. a
+            Hugging Face ``ModelOutput`` or a dict; a key (``"scores"``), an index (``0`` for a tuple) or a
+            callable that takes the model's output and returns the logits tensor selects them explicitly. With
+            ``resume_dir`` a key or index keys the resume file as it is, a callable by its module and qualified
+            name.
 
     Returns:
         A :class:`~critnet.results.Sweep`: one row per setting and draw, the unpruned baseline first.
@@ -219,9 +232,10 @@ def prune_sweep(
     [0.0, 0.5]
     """
     p_prune, p_bern = check_sweep_settings(method, scope, p_prune, p_bern, repeats, seed)
+    check_selector(output)
     started = time.perf_counter()
     distributed, evaluate = _evaluation(model, data, distributed, sharded, forward_context, resume_dir, precision,
-                                        device, memory_budget_mb)
+                                        device, memory_budget_mb, output)
     network = model_name(model, name)
     plan = [(0.0, 0.0, 0, seed)]  # the unpruned baseline first, as in the original table
     for prune in p_prune:
@@ -303,6 +317,7 @@ def compare_orders(
     forward_context: ForwardContext | None = None,
     precision: str | None = None,
     name: str | None = None,
+    output: OutputSelector = None,
 ) -> Sweep:
     """Zero whole output channels in several orders — least critical first, smallest L1 norm first, at random —
     at the same fractions of channels, and evaluate each (weights restored exactly after every setting).
@@ -322,8 +337,9 @@ def compare_orders(
         repeats: draws of the random order.
         seed: base seed of the random order.
         include_linear: prune Linear layers' output features as well as Conv2d filters.
-        device, memory_budget_mb, resume_dir, progress, distributed, sharded, forward_context, precision, name:
-            as for :func:`prune_sweep` (with ``sharded`` data the ranking needs ``criticality_data``).
+        device, memory_budget_mb, resume_dir, progress, distributed, sharded, forward_context, precision, name,
+            output: as for :func:`prune_sweep` (with ``sharded`` data the ranking needs ``criticality_data``);
+            ``output`` also reads the logits of the criticality ranking.
 
     Returns:
         A :class:`~critnet.results.Sweep` with one row per order, ratio and draw; ``.criticality`` holds the
@@ -337,6 +353,7 @@ def compare_orders(
     ['l1', 'random']
     """
     orders, ratios = check_order_settings(orders, ratios, criticality_score, criticality_method, repeats, seed)
+    check_selector(output)
     started = time.perf_counter()
     network = model_name(model, name)
     distributed = distributed or Distributed.single()
@@ -354,7 +371,7 @@ def compare_orders(
             computed = rank(
                 model, data if criticality_data is None else criticality_data, unit="channel", perturbation="zero",
                 units=channels, score=criticality_score, method=criticality_method, device=device,
-                memory_budget_mb=memory_budget_mb, distributed=distributed, name=name,
+                memory_budget_mb=memory_budget_mb, distributed=distributed, name=name, output=output,
                 # the engine's own resume file, keyed by weights, units, data and method
                 resume_dir=None if resume_dir is None else Path(resume_dir) / "criticality",
             )
@@ -372,7 +389,7 @@ def compare_orders(
             for ratio in ratios for order in orders for repeat in range(repeats if order == "random" else 1)]
     guided_started = time.perf_counter()
     distributed, evaluate = _evaluation(model, data, distributed, sharded, forward_context, resume_dir, precision,
-                                        device, memory_budget_mb)
+                                        device, memory_budget_mb, output)
     rows = []
     try:
         ordered: dict[tuple[str, int], list[Unit]] = {}

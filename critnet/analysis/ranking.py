@@ -32,6 +32,7 @@ from critnet.distributed import Distributed
 from critnet.engine import evaluate_baseline, evaluate_units, reference_pass
 from critnet.engine.data import as_evaluation_set
 from critnet.models.loading import weights_info
+from critnet.outputs import OutputSelector, check_selector, describe_selector
 from critnet.perturb import Perturbation, Unit, select_units
 from critnet.ranking import estimate_agreement, order_outcomes, ranking_rows, split_half_agreement, tally_summary
 from critnet.results import LevelRanking, Ranking
@@ -63,6 +64,7 @@ class RankSettings:
     top_k_confidence: float = TOP_K_CONFIDENCE
     bound: str = "betting"
     loss_clip: float = LOSS_CLIP
+    output: OutputSelector = None
     levels_checked: tuple[float, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +78,7 @@ class RankSettings:
         check_probability("top_k_confidence", self.top_k_confidence)
         check_choice("bound", self.bound, BOUNDS)
         check_positive_number("loss_clip", self.loss_clip)
+        check_selector(self.output)
         levels = [self.levels] if isinstance(self.levels, (int, float)) else list(self.levels)
         checked = tuple(check_finite(f"levels[{i}]", level) for i, level in enumerate(levels))
         if not checked and self.perturbation not in LEVELLESS:
@@ -114,6 +117,7 @@ class RankSettings:
             "top_k_confidence": self.top_k_confidence,
             "bound": self.bound,
             "loss_clip": self.loss_clip,
+            "output": describe_selector(self.output),
             "resume": resume,
         }
 
@@ -152,6 +156,7 @@ def rank(
     distributed: Distributed | None = None,
     name: str | None = None,
     num_batches: int | None = None,
+    output: OutputSelector = None,
 ) -> Ranking:
     """Rank the units of ``model`` by how much perturbing each one alone hurts it on ``data``.
 
@@ -197,6 +202,12 @@ def rank(
             rank returns the whole ranking.
         name: how reports call the model (default: its class name).
         num_batches: recorded in the settings: how many batches of a longer source ``data`` holds.
+        output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`): ``None`` (the
+            default) takes a tensor as it is and reads ``.logits`` (attribute or key) from anything else, e.g. a
+            Hugging Face ``ModelOutput`` or a dict; a key (``"scores"``), an index (``0`` for a tuple) or a
+            callable that takes the model's output and returns the logits tensor selects them explicitly. Every
+            method reads the logits this way; with ``resume_dir`` a key or index enters the resume fingerprint as
+            it is, a callable by its module and qualified name.
 
     Returns:
         A :class:`~critnet.results.Ranking`.
@@ -209,7 +220,7 @@ def rank(
     (10, 'channel')
     """
     settings = RankSettings(unit, perturbation, levels, include, exclude, module_types, relative, seed, score,
-                            method, top_k, taylor_order, top_k_confidence, bound, loss_clip)
+                            method, top_k, taylor_order, top_k_confidence, bound, loss_clip, output)
     distributed = distributed or Distributed.single()
     started = time.perf_counter()
     evaluation_set = as_evaluation_set(data, device=model_device(model, device), memory_budget_mb=memory_budget_mb)
@@ -219,8 +230,8 @@ def rank(
     units = list(units)
     read_s = time.perf_counter() - started
     # one unperturbed pass: the baseline sums it, every level's outcomes are paired with it
-    reference = reference_pass(model, evaluation_set) if method != "taylor" else None
-    baseline = evaluate_baseline(model, evaluation_set, reference)
+    reference = reference_pass(model, evaluation_set, output) if method != "taylor" else None
+    baseline = evaluate_baseline(model, evaluation_set, reference, output)
     levels_ranked = []
     for p in settings.perturbations():
         level_started = time.perf_counter()
@@ -233,7 +244,7 @@ def rank(
                 resume_dir=resume_dir, progress=bar.update, memory_budget_mb=memory_budget_mb,
                 taylor_order=taylor_order, top_k_confidence=top_k_confidence, bound=bound,
                 loss_clip=loss_clip, seed=seed, report=test,
-                reference=reference,
+                reference=reference, output=output,
             )
         levels_ranked.append(LevelRanking(
             perturbation=p,

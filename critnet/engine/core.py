@@ -47,38 +47,43 @@ from critnet.choices import (
     check_positive_number,
 )
 from critnet.evaluation import evaluation_mode, sample_pass, tally_pass, tally_samples
+from critnet.outputs import OutputSelector, check_selector, describe_selector
 from critnet.scoring import Tally, UnitOutcome, criticality_key, per_sample_criticality, score_of
 
 def evaluate_baseline(model: nn.Module, data: EvaluationSet,
-                      reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> UnitOutcome:
+                      reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                      output: OutputSelector = None) -> UnitOutcome:
     """Tallies of the unperturbed model over the evaluation set (``unit=None``).
 
     With ``reference`` (:func:`reference_pass` on the same model and set) no forward pass is made: its per-sample
-    results are summed batch by batch, as a pass would sum them.
+    results are summed batch by batch, as a pass would sum them. ``output`` says where the logits are in what the
+    model returns (:func:`critnet.outputs.logits_of`).
     """
     if reference is not None:
         pair = tally_samples(reference, data)
     else:
         with evaluation_mode(model, data.device, deterministic=True), torch.no_grad():
-            pair = tally_pass(model, data)
+            pair = tally_pass(model, data, output=output)
     return UnitOutcome(unit=None, total=pair.total, halves=pair.halves)
 
 
-def reference_pass(model: nn.Module, data: EvaluationSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reference_pass(model: nn.Module, data: EvaluationSet,
+                   output: OutputSelector = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The unperturbed model's per-sample ``(losses, top1, top5)`` over the set, on the CPU: what
     :func:`evaluate_units` pairs every outcome with, and what :func:`evaluate_baseline` can sum. A caller that needs
     both (a ranking, with one call per level) passes the same reference to each and makes one pass instead of
     several."""
     with evaluation_mode(model, data.device, deterministic=True):
-        return sample_pass(model, data)
+        return sample_pass(model, data, output)
 
 
 class _Run:
     """The shared state of one ``evaluate_units`` call: sharding, resume records, progress."""
 
     def __init__(self, model, units, perturbation, data, rank, world_size, all_gather, store, progress,
-                 reference=None):
+                 reference=None, output=None):
         self.model = model
+        self.output = output
         self.units = units
         self.perturbation = perturbation
         self.data = data
@@ -143,7 +148,7 @@ class _Run:
         are taken against."""
         if self._reference is None:
             with torch.no_grad():
-                self._reference = sample_pass(self.model, self.data)
+                self._reference = sample_pass(self.model, self.data, self.output)
         return self._reference
 
     def _report(self) -> None:
@@ -192,6 +197,7 @@ def evaluate_units(
     seed: int = 0,
     report: dict[str, Any] | None = None,
     reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    output: OutputSelector = None,
 ) -> list[UnitOutcome]:
     """One outcome per unit, in the order of ``units``, on every rank.
 
@@ -225,6 +231,8 @@ def evaluate_units(
         report: a dict ``halving`` fills with how its test went (stages, eliminations, the bound's quantile).
         reference: :func:`reference_pass` of this model on ``data``, when the caller already made it (otherwise
             the methods that pair outcomes with the unperturbed model make it themselves).
+        output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`); every method
+            reads them this way. A key or index enters the resume fingerprint as it is, a callable by its name.
 
     Raises:
         ValueError: an unknown method or score, bad ranks, a unit the model does not have, or a perturbation that
@@ -237,6 +245,7 @@ def evaluate_units(
     check_probability("top_k_confidence", top_k_confidence)
     check_choice("bound", bound, BOUNDS)
     check_positive_number("loss_clip", loss_clip)
+    check_selector(output)
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"rank/world_size: need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     if world_size > 1 and all_gather is None:
@@ -255,10 +264,13 @@ def evaluate_units(
                             test=certify.TEST_VERSION, bound=bound)
             if bound == "betting" and score in ("loss", "delta_loss"):
                 settings.update(loss_clip=float(loss_clip))
+        if output is not None:  # absent by default, so that partial files written before it keep resuming
+            settings.update(output=describe_selector(output))
         store = ResultStore(resume_dir, fingerprint(model, units, perturbation, data.checksum, settings), rank)
     try:
         with evaluation_mode(model, data.device, deterministic=method != "taylor"):
-            run = _Run(model, units, perturbation, data, rank, world_size, all_gather, store, progress, reference)
+            run = _Run(model, units, perturbation, data, rank, world_size, all_gather, store, progress, reference,
+                       output)
             if method == "halving":
                 outcomes = _halving(run, score, int(top_k), memory_budget_mb, float(top_k_confidence), int(seed),
                                     bound, float(loss_clip), report if report is not None else {})
@@ -278,10 +290,11 @@ def _dispatch(
         with torch.no_grad():
             return run.evaluate(
                 everything, "exact",
-                lambda work, record: run_naive(run.model, work, run.perturbation, run.data, record, run.reference()),
+                lambda work, record: run_naive(run.model, work, run.perturbation, run.data, record, run.reference(),
+                                               run.output),
             )
     if method == "taylor":
-        estimates = taylor_estimates(run.model, run.units, run.perturbation, run.data, taylor_order)
+        estimates = taylor_estimates(run.model, run.units, run.perturbation, run.data, taylor_order, run.output)
         run.total += len(estimates)
         run.done += len(estimates)
         run._report()
@@ -292,7 +305,7 @@ def _dispatch(
 
 
 def _exact(run: _Run, indices: Sequence[int], phase: str, memory_budget_mb: float | None) -> dict[int, UnitOutcome]:
-    evaluator = SuffixEvaluator(run.model, run.perturbation, run.data, memory_budget_mb, run.reference())
+    evaluator = SuffixEvaluator(run.model, run.perturbation, run.data, memory_budget_mb, run.reference(), run.output)
     with torch.no_grad():
         return run.evaluate(indices, phase, evaluator.run, lambda idx: evaluator.costs([run.units[i] for i in idx]))
 
@@ -307,7 +320,7 @@ def _hybrid(
 ) -> dict[int, UnitOutcome]:
     """Taylor estimates for every unit, then exact scores in the order of the estimates, in rounds of ``top_k``
     units, until a whole round (after at least two) brings no unit into the exact top ``top_k``."""
-    estimates = taylor_estimates(run.model, run.units, run.perturbation, run.data, taylor_order)
+    estimates = taylor_estimates(run.model, run.units, run.perturbation, run.data, taylor_order, run.output)
     baseline = evaluate_baseline(run.model, run.data, run.reference())
     order = sorted(range(len(run.units)), key=lambda i: (criticality_key(estimates[i]), i))
     exact: dict[int, UnitOutcome] = {}
@@ -336,7 +349,8 @@ def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None, 
     parts: dict[int, list[tuple[list[int], tuple]]] = {i: [] for i in range(len(run.units))}
 
     def evaluate(stage: int, remaining: list[int], positions: list[int]) -> torch.Tensor:
-        evaluator = SuffixEvaluator(run.model, run.perturbation, data.subset(positions), memory_budget_mb)
+        evaluator = SuffixEvaluator(run.model, run.perturbation, data.subset(positions), memory_budget_mb,
+                                    output=run.output)
         with torch.no_grad():
             scored = run.evaluate(
                 remaining,
@@ -393,7 +407,7 @@ def _taylor_covariate(run: _Run, seed: int, memory_budget_mb: float | None):
     column = torch.cumsum(tested.long(), 0) - 1  # an image's column among the kept ones (set order)
     try:
         found = per_sample_estimates(run.model, run.units, run.perturbation, data, sums=True,
-                                     keep=tested if fits else None)
+                                     keep=tested if fits else None, output=run.output)
     except (SettingError, RuntimeError):
         # a module without a tensor output, an attention whose output is not its projection's, or a model
         # autograd cannot differentiate: the test runs without the covariate
@@ -404,7 +418,7 @@ def _taylor_covariate(run: _Run, seed: int, memory_budget_mb: float | None):
         if kept is not None:
             return kept[remaining][:, column[torch.tensor(positions)]]
         return per_sample_estimates(run.model, [run.units[i] for i in remaining], run.perturbation,
-                                    data.subset(positions))
+                                    data.subset(positions), output=run.output)
 
     return covariate, sums / n
 

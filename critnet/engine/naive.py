@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from critnet.engine.data import EvaluationSet
 from critnet.evaluation import tally_pass
+from critnet.outputs import OutputSelector
 from critnet.perturb import Perturbation, Unit, perturbed
 from critnet.scoring import UnitOutcome
 
@@ -19,10 +20,12 @@ def run_naive(
     data: EvaluationSet,
     record: Callable[[int, UnitOutcome], None],
     reference: tuple[Tensor, Tensor, Tensor] | None = None,
+    output: OutputSelector = None,
 ) -> None:
     """Evaluate each ``(index, unit)`` of ``work`` with a full forward pass per batch; ``record`` gets each outcome
-    (with the paired sums when ``reference`` holds the unperturbed per-sample results)."""
+    (with the paired sums when ``reference`` holds the unperturbed per-sample results). ``output`` says where the
+    logits are in what the model returns (:func:`critnet.outputs.logits_of`)."""
     for index, unit in work:
         with perturbed(model, unit, perturbation):
-            pair = tally_pass(model, data, reference=reference)
+            pair = tally_pass(model, data, reference=reference, output=output)
         record(index, UnitOutcome(unit=unit, total=pair.total, halves=pair.halves))

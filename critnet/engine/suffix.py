@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from critnet.engine.data import EvaluationSet
 from critnet.engine.naive import run_naive
 from critnet.engine.tallying import TallyPair, sum_halves
+from critnet.outputs import OutputSelector, logits_of
 from critnet.perturb import Perturbation, Unit, head_parameter_name, perturbed
 from critnet.scoring import UnitOutcome
 from critnet.scoring import per_sample as sample_stats
@@ -282,10 +283,13 @@ class SuffixEvaluator:
         data: EvaluationSet,
         memory_budget_mb: float | None = None,
         reference: tuple[Tensor, Tensor, Tensor] | None = None,
+        output: OutputSelector = None,
     ) -> None:
         self.model = model
         self.perturbation = perturbation
         self.data = data
+        #: Where the logits are in what the model returns: a suffix graph returns whatever the model returns.
+        self.output = output
         #: The unperturbed per-sample results over ``data`` (``sample_pass``): outcomes then carry paired sums.
         self.reference = reference
         self.traced, self.trace_failure = trace_failure(model)
@@ -333,7 +337,7 @@ class SuffixEvaluator:
                           f"passes: {why}", stacklevel=2)
             if per_sample:
                 raise ValueError("per-sample results need a traced model")
-            run_naive(self.model, unplanned, self.perturbation, self.data, record, self.reference)
+            run_naive(self.model, unplanned, self.perturbation, self.data, record, self.reference, self.output)
         planned = [(i, u, p) for i, u, p in planned if p is not None]
         if not planned:
             return
@@ -384,7 +388,7 @@ class SuffixEvaluator:
                 for index, unit, _ in module_units:
                     with perturbed(self.model, unit, self.perturbation):
                         for env, (_, y, offset) in zip(states, batches):
-                            logits = suffix(*[env[n] for n in inputs])
+                            logits = logits_of(suffix(*[env[n] for n in inputs]), self.output)
                             losses, top1, top5 = sample_stats(logits.unsqueeze(0), y)
                             consume(index, (losses[0], top1[0], top5[0]), offset)
                     if last_segment:
@@ -408,7 +412,7 @@ class SuffixEvaluator:
                                 outs.append(out)
                             v = len(outs)
                             args = [torch.cat(outs) if n is node else _repeat(env[n], v, n in traced.batched) for n in inputs]
-                            logits = suffix(*args)
+                            logits = logits_of(suffix(*args), self.output)
                             losses, top1, top5 = sample_stats(logits.reshape(v, len(y), -1), y)
                             for k, (index, _, _) in enumerate(chunk):
                                 consume(index, (losses[k], top1[k], top5[k]), offset)
@@ -438,9 +442,10 @@ class SuffixEvaluator:
         if any(n in self.traced.batched and not isinstance(env[n], Tensor) for n in inputs):
             # a value read off the batch (a ViT's ``x.shape[0]`` used by a later reshape) would not stack
             return 1
-        single = suffix(*[env[n] for n in inputs])  # what every unit's pass runs: its errors are real errors
+        # what every unit's pass runs: its errors are real errors
+        single = logits_of(suffix(*[env[n] for n in inputs]), self.output)
         try:
-            double = suffix(*[_repeat(env[n], 2, n in self.traced.batched) for n in inputs])
+            double = logits_of(suffix(*[_repeat(env[n], 2, n in self.traced.batched) for n in inputs]), self.output)
         except Exception:  # noqa: BLE001 - a suffix that cannot take a stacked batch is run one variant at a time
             return 1
         if not (isinstance(double, Tensor) and double.shape[0] == 2 * batch):

@@ -32,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from critnet.choices import TAYLOR_ORDERS, SettingError, check_choice
 from critnet.engine.data import EvaluationSet
+from critnet.outputs import OutputSelector, logits_of
 from critnet.perturb import (Perturbation, Unit, activation_channel_dim, attention_heads, head_parameter_name,
                              resolve_module, resolve_parameter, unit_values)
 from critnet.scoring import Tally, UnitOutcome
@@ -40,12 +41,14 @@ from critnet.scoring import Tally, UnitOutcome
 
 
 def taylor_estimates(
-    model: nn.Module, units: Sequence[Unit], perturbation: Perturbation, data: EvaluationSet, order: int = 1
+    model: nn.Module, units: Sequence[Unit], perturbation: Perturbation, data: EvaluationSet, order: int = 1,
+    output: OutputSelector = None,
 ) -> list[float]:
     """The estimated Δloss of every unit (mean loss over the evaluation set), in the order of ``units``.
 
     Args:
         order: 1 (first order) or 2 (first order plus the empirical-Fisher second-order term).
+        output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`).
 
     Gradients are taken with ``torch.autograd.grad``, so no ``.grad`` attribute and no ``requires_grad`` flag of the
     model is left changed.
@@ -77,7 +80,7 @@ def taylor_estimates(
                 calls.clear()
                 if act_units:
                     x = x.detach().requires_grad_(True)  # so that every activation is part of the graph
-                loss = F.cross_entropy(model(x), y, reduction="sum")
+                loss = F.cross_entropy(logits_of(model(x), output), y, reduction="sum")
                 recorded = [(name, call) for name in calls for call in calls[name]]
                 gradients = torch.autograd.grad(loss, list(params.values()) + [call.output for _, call in recorded],
                                                 allow_unused=True)
@@ -115,7 +118,7 @@ def taylor_estimates(
 
 
 def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: Perturbation, data: EvaluationSet,
-                         sums: bool = False, keep: torch.Tensor | None = None
+                         sums: bool = False, keep: torch.Tensor | None = None, output: OutputSelector = None,
                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Each image's first-order Taylor estimate of its own loss change, for every unit: ``dᵢ = ⟨Δyᵢ, ∂ℓᵢ/∂yᵢ⟩``
     with ``y`` the output of the unit's module (its activation for activation units) and ``Δy`` the change the
@@ -126,6 +129,7 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
             full-set mean needs, in memory proportional to the units alone).
         keep: with ``sums``, a boolean mask over the set's images whose per-image values to return as well (what
             halving's stages need, from the same pass that gives the full-set means).
+        output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`).
 
     Returns:
         float64 on the CPU: ``(units, images)`` or, with ``sums``, ``(units,)``; with ``keep`` the pair of the sums
@@ -155,7 +159,8 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
             for (x, y), offset in zip(data, data.offsets()):
                 calls.clear()
                 x = x.detach().requires_grad_(True)  # every module output becomes part of the graph
-                loss = F.cross_entropy(model(x), y, reduction="sum")  # the gradient of image i's own loss
+                # the gradient of image i's own loss
+                loss = F.cross_entropy(logits_of(model(x), output), y, reduction="sum")
                 recorded = [(name, call) for name in calls for call in calls[name]]
                 grads = torch.autograd.grad(loss, [call.output for _, call in recorded], allow_unused=True)
                 batch = _unit_derivatives(named_modules, owners, perturbation, recorded, grads, len(y))

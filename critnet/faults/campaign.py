@@ -33,6 +33,7 @@ from critnet.faults.draw import (
 from critnet.faults.evaluate import FaultCounts, FaultEvaluator
 from critnet.faults.injection import FAULT_MODELS, FAULT_TARGETS, Fault, read_fault_list, write_fault_list
 from critnet.faults.results import Campaign
+from critnet.outputs import OutputSelector, check_selector, describe_selector
 
 StratifyBy = Literal["layer", "bit"]
 STRATIFY_KEYS: tuple[str, ...] = get_args(StratifyBy)
@@ -102,6 +103,7 @@ def fault_campaign(
     device: torch.device | str | None = None,
     memory_budget_mb: float | None = None,
     progress: Any = False,
+    output: OutputSelector = None,
 ) -> Campaign:
     """Inject faults into ``model`` one at a time and count, per fault, how many images change.
 
@@ -136,6 +138,12 @@ def fault_campaign(
         memory_budget_mb: memory for held batches and cached activations.
         progress: draw a rich progress bar (or join a live ``rich.progress.Progress``), as :func:`critnet.rank`
             does; a callable is instead called with (faults done, faults to do on this rank).
+        output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`): ``None`` (the
+            default) takes a tensor as it is and reads ``.logits`` (attribute or key) from anything else, e.g. a
+            Hugging Face ``ModelOutput`` or a dict; a key (``"scores"``), an index (``0`` for a tuple) or a
+            callable that takes the model's output and returns the logits tensor selects them explicitly. With
+            ``resume`` a key or index keys the partial-results file as it is, a callable by its module and
+            qualified name.
 
     Returns:
         The :class:`Campaign` (the same on every rank).
@@ -152,6 +160,7 @@ def fault_campaign(
     check_campaign_settings(target=target, fault_model=fault_model, bits=bits, faults=faults,
                             error_margin=error_margin, confidence=confidence, stratify=stratify, ber=ber,
                             critical_threshold=critical_threshold, seed=seed)
+    check_selector(output)
     stratify = (stratify,) if isinstance(stratify, str) else tuple(stratify)
     bits = tuple(bits) if bits is not None else tuple(range(32))
     distributed = distributed or Distributed.single()
@@ -173,15 +182,18 @@ def fault_campaign(
 
     # eval mode (BatchNorm running statistics) and exact GPU arithmetic for the golden run and every fault
     with evaluation_mode(model, evaluation.device):
-        evaluator = FaultEvaluator(model, evaluation, memory_budget_mb)
+        evaluator = FaultEvaluator(model, evaluation, memory_budget_mb, output=output)
         settings = {"target": target, "fault_model": fault_model, "ber": ber, "layers": list(members), "bits": list(bits),
                     "faults": faults, "error_margin": error_margin, "confidence": confidence, "stratify": list(stratify),
                     "seed": seed, "critical_threshold": critical_threshold,
-                    "fault_list": None if fault_list is None else str(fault_list)}
+                    "fault_list": None if fault_list is None else str(fault_list),
+                    "output": describe_selector(output)}
         store = None
         done: dict[int, FaultCounts] = {}
         if resume:
             key = campaign_fingerprint(checksum, evaluation.checksum, fault_list_)
+            if output is not None:  # absent by default, so that partial files written before it keep resuming
+                key = hashlib.sha256(f"{key}|output={describe_selector(output)}".encode()).hexdigest()[:len(key)]
             directory = Path(resume_dir) if resume_dir is not None else Path(output_dir) / "faults_partial"
             try:
                 store = ResultStore(directory, key, distributed.rank)

@@ -26,6 +26,7 @@ from critnet.engine.data import EvaluationSet
 from critnet.evaluation import batch_results
 from critnet.engine.suffix import DEFAULT_MEMORY_BUDGET_MB, TracedModel, segment_batches, trace
 from critnet.faults.injection import Fault, injected
+from critnet.outputs import OutputSelector, logits_of
 from critnet.perturb import Unit
 
 
@@ -78,12 +79,12 @@ class GoldenRun:
     correct: Tensor
 
 
-def golden_run(model: nn.Module, data: EvaluationSet) -> GoldenRun:
+def golden_run(model: nn.Module, data: EvaluationSet, output: OutputSelector = None) -> GoldenRun:
     """One fault-free forward pass over ``data`` through critnet's evaluation loop, batch by batch as every naive
-    reference does."""
+    reference does; ``output`` says where the logits are in what the model returns."""
     logits, targets = [], []
     with torch.no_grad():
-        for (_, out, _, _, _), (_, y) in zip(batch_results(model, data), data):
+        for (_, out, _, _, _), (_, y) in zip(batch_results(model, data, output=output), data):
             logits.append(out)
             targets.append(y)
     out, y = torch.cat(logits), torch.cat(targets)
@@ -168,6 +169,8 @@ class FaultEvaluator:
         memory_budget_mb: the most memory the cached values crossing the cuts may take; data beyond it is
             processed in segments of whole batches.
         pack_size: images per packed suffix pass (default: the largest batch of ``data``).
+        output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`); the traced
+            suffixes return whatever the model returns.
 
     >>> from critnet.engine.data import as_evaluation_set
     >>> from critnet.faults.injection import Site
@@ -182,10 +185,11 @@ class FaultEvaluator:
     """
 
     def __init__(self, model: nn.Module, data: EvaluationSet, memory_budget_mb: float | None = None,
-                 pack_size: int | None = None) -> None:
+                 pack_size: int | None = None, output: OutputSelector = None) -> None:
         self.model = model
         self.data = data
-        self.golden = golden_run(model, data)
+        self.output = output
+        self.golden = golden_run(model, data, output)
         self.traced: TracedModel | None = trace(model)
         self.budget = (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
         self.pack_size = pack_size or max(data.batch_sizes)
@@ -262,7 +266,8 @@ class FaultEvaluator:
                 counts = FaultCounts()
                 with injected(self.model, fault):
                     for (x, _), offset in zip(self.data, self.data.offsets()):
-                        tally_rows(counts, self.model(x), everything[offset: offset + len(x)], self.golden)
+                        tally_rows(counts, logits_of(self.model(x), self.output), everything[offset: offset + len(x)],
+                                   self.golden)
                         self.stats["full_passes"] += 1
                 record(fault, counts)
             else:
@@ -300,7 +305,8 @@ class FaultEvaluator:
                 for fault in in_model:
                     with injected(self.model, fault):
                         for env, (_, rows) in zip(states, batches):
-                            tally_rows(counts[fault.id], suffix(*[env[n] for n in inputs]), rows, self.golden)
+                            logits = logits_of(suffix(*[env[n] for n in inputs]), self.output)
+                            tally_rows(counts[fault.id], logits, rows, self.golden)
                             self.stats["in_model_passes"] += 1
                     done(fault)
                 nodes: dict[fx.Node, list[Fault]] = {}
@@ -347,12 +353,16 @@ class _ChannelFaults:
         """Whether a pack of rows from different batches, in another order, gives every row its golden logits."""
         rows = [(b, r) for b, (_, batch_rows) in enumerate(self.batches) for r in range(len(batch_rows))]
         picked = rows[::-1][: self.size]
-        logits = self.suffix(*self._pack_inputs([(b, torch.tensor([r]), None, None) for b, r in picked]))
+        logits = self._logits([(b, torch.tensor([r]), None, None) for b, r in picked])
         expected = torch.stack([self.golden.logits[self.batches[b][1][r]] for b, r in picked])
         if torch.equal(logits.view(torch.int32), expected.view(torch.int32)):
             return True
         self.evaluator.fallbacks[str(self.node.target)] = "packed rows do not reproduce the golden logits"
         return False
+
+    def _logits(self, parts: list[tuple[int, Tensor, int | None, Tensor | None]]) -> Tensor:
+        """The suffix's logits on the packed ``parts`` (see :meth:`_pack_inputs`)."""
+        return logits_of(self.suffix(*self._pack_inputs(parts)), self.evaluator.output)
 
     def _pack_inputs(self, parts: list[tuple[int, Tensor, int | None, Tensor | None]]) -> list:
         args = []
@@ -397,7 +407,7 @@ class _ChannelFaults:
                 if not self.packable:
                     if differs.any():  # the whole batch in its own order, as the golden run saw it
                         everything = torch.arange(len(rows), device=rows.device)
-                        logits = self.suffix(*self._pack_inputs([(b, everything, channel, values)]))
+                        logits = self._logits([(b, everything, channel, values)])
                         tally_rows(self.counts[fault.id], logits, rows, self.golden)
                     else:
                         tally_masked(self.counts[fault.id], rows, self.golden)
@@ -438,7 +448,7 @@ class _ChannelFaults:
         parts = [(q.batch, q.rows, q.channel, q.values) for q in pack]
         if room:  # a short last pack is filled with fault-free rows, so every pass has the checked batch size
             parts.append((0, torch.zeros(room, dtype=torch.long, device=pack[0].rows.device), None, None))
-        logits = self.suffix(*self._pack_inputs(parts))
+        logits = self._logits(parts)
         self.evaluator.stats["packs"] += 1
         self.evaluator.stats["images_packed"] += self.size - room
         self.evaluator.stats["padding_images"] += room

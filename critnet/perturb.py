@@ -17,9 +17,11 @@ otherwise (``[batch, channels, height, width]``, ``[batch, features]``).
 Head units: head ``h`` of an attention module with ``num_heads`` heads of width
 ``d`` is the column block ``proj.weight[:, h*d:(h+1)*d]`` of its output projection
 (``out_proj`` of ``nn.MultiheadAttention``, ``proj`` of timm's ``Attention`` and
-torchvision's Swin attention): the heads' outputs are concatenated head by head
-before that projection, so zeroing the block removes exactly head ``h``'s
-contribution. Other perturbations act on the same block of weights.
+torchvision's Swin attention, ``o_proj`` of Hugging Face transformers 5 attentions,
+``output.dense`` of transformers 4.x ``ViTAttention``-style containers): the heads'
+outputs are concatenated head by head before that projection, so zeroing the block
+removes exactly head ``h``'s contribution. Other perturbations act on the same block
+of weights.
 
 A :class:`Perturbation` is a pure function of a unit's values. :func:`perturbed`
 applies it to a model for the duration of a ``with`` block and puts back the
@@ -44,8 +46,15 @@ from critnet.choices import LEVELLESS, PERTURBATION_KINDS, UNIT_KINDS, SettingEr
 _DEFAULT_INCLUDE = {"tensor": ("weight",), "channel": ("weight",), "activation": None, "head": None}
 _DEFAULT_MODULE_TYPES = {"tensor": None, "channel": ("Conv2d", "Linear"), "activation": ("Conv2d", "Linear"),
                          "head": None}
-# Output projections of attention modules, in the order they are looked for (torchvision's MaxViT calls it merge).
-_PROJECTION_NAMES = ("out_proj", "proj", "merge")
+# Output projections of attention modules, in the order they are looked for (torchvision's MaxViT calls it merge,
+# Hugging Face transformers 5 o_proj).
+_PROJECTION_NAMES = ("out_proj", "proj", "merge", "o_proj")
+# Attributes holding an attention module's number of heads (transformers: num_attention_heads).
+_HEAD_COUNTS = ("num_heads", "n_heads", "num_attention_heads")
+# transformers 4.x splits an attention in two: ViTAttention holds the heads in ``attention`` (Swin: ``self``) and
+# the projection after them in ``output.dense``, so the container is the head module.
+_SPLIT_HEAD_CHILDREN = ("attention", "self")
+_SPLIT_PROJECTION = "output.dense"
 # Modules whose output is channels-first whatever its rank.
 _CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
                    nn.GroupNorm)
@@ -140,21 +149,40 @@ def activation_channel_dim(module: nn.Module, output: torch.Tensor) -> int:
     return 1
 
 
+def _head_count(module: nn.Module | None) -> int | None:
+    for attribute in _HEAD_COUNTS:
+        heads = getattr(module, attribute, None)
+        if isinstance(heads, int) and not isinstance(heads, bool) and heads >= 1:
+            return heads
+    return None
+
+
 def attention_heads(module: nn.Module) -> tuple[str, int, int] | None:
     """``(projection child name, number of heads, head width)`` of an attention module, or None if ``module`` is
-    not one: an ``nn.MultiheadAttention`` or any module with an integer ``num_heads`` (``n_heads``) and a Linear
-    ``out_proj``, ``proj`` or ``merge`` (MaxViT) child whose input features split evenly into the heads.
+    not one: an ``nn.MultiheadAttention`` or any module with an integer ``num_heads`` (``n_heads``,
+    ``num_attention_heads``) and a Linear ``out_proj``, ``proj``, ``merge`` (MaxViT) or ``o_proj`` (Hugging Face
+    transformers 5) child whose input features split evenly into the heads; or a transformers 4.x attention
+    container (``ViTAttention``), whose ``attention`` (``self``) child holds the heads and whose ``output.dense`` is
+    the projection after them.
 
     >>> attention_heads(nn.MultiheadAttention(16, 4))
     ('out_proj', 4, 4)
     """
-    heads = getattr(module, "num_heads", getattr(module, "n_heads", None))
-    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+    heads = _head_count(module)
+    if heads is not None:
+        for child in _PROJECTION_NAMES:
+            projection = getattr(module, child, None)
+            if isinstance(projection, nn.Linear) and projection.in_features % heads == 0:
+                return child, heads, projection.in_features // heads
         return None
-    for child in _PROJECTION_NAMES:
-        projection = getattr(module, child, None)
+    for child in _SPLIT_HEAD_CHILDREN:
+        heads = _head_count(module._modules.get(child))
+        if heads is None:
+            continue
+        output = module._modules.get(_SPLIT_PROJECTION.partition(".")[0])
+        projection = getattr(output, _SPLIT_PROJECTION.partition(".")[2], None)
         if isinstance(projection, nn.Linear) and projection.in_features % heads == 0:
-            return child, heads, projection.in_features // heads
+            return _SPLIT_PROJECTION, heads, projection.in_features // heads
     return None
 
 

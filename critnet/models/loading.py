@@ -17,12 +17,16 @@ def load_model(arch: str, weights: str | None = None, num_classes: int | None = 
 
     Args:
         arch: a model name from ``critnet.models.list_models()``: a torchvision classifier (``"mobilenet_v2"``), a
-            CIFAR ResNet (``"resnet20"``) or ``"timm/<name>"`` (with ``pip install critnet[timm]``).
+            CIFAR ResNet (``"resnet20"``), ``"timm/<name>"`` (with ``pip install critnet[timm]``) or
+            ``"hf/<hub id, directory or model type>"``, a Hugging Face transformers image classifier (with
+            ``pip install critnet[transformers]``; see :mod:`critnet.models.hf_models`), which returns its
+            ``ModelOutput``.
         weights: a state-dict file (``.th``/``.pth``/``.pt``), a Lightning ``.ckpt``, a known checkpoint name
             (``resnet20-cifar10``), a torchvision weight name of ``arch`` (``DEFAULT``, ``IMAGENET1K_V2``,
             ``ResNet50_Weights.IMAGENET1K_V2``; downloaded once into ``checkpoints/`` and hash-checked) or, for timm
-            models, ``pretrained`` or a timm pretrained tag (through timm's cache); ``None`` keeps the random
-            initialisation.
+            models, ``pretrained`` or a timm pretrained tag (through timm's cache); for transformers models
+            ``pretrained``: the checkpoint's weights from its directory or the local Hugging Face cache (never
+            downloaded). ``None`` keeps the random initialisation.
         num_classes: output classes; default: the architecture's own.
 
     The returned module carries :class:`~critnet.checkpoints.WeightsInfo` (path and sha256 of the weights) as
@@ -35,6 +39,13 @@ def load_model(arch: str, weights: str | None = None, num_classes: int | None = 
     spec = get_model_spec(arch)
     classes = num_classes if num_classes is not None else spec.default_num_classes
     info: WeightsInfo | None = None
+    if spec.family == "hf" and weights is not None:
+        from critnet.models.hf_models import build_pretrained, wants_pretrained
+
+        if wants_pretrained(arch, weights):
+            model, info = build_pretrained(arch, weights, num_classes)
+            setattr(model, WEIGHTS_ATTRIBUTE, info)
+            return model.eval()
     if spec.family == "timm" and weights is not None:
         from critnet.models.timm_models import build_pretrained, pretrained_tag
 

@@ -1,8 +1,8 @@
 """The evaluation preprocessing a model's weights expect: resize, centre crop, interpolation, mean and std.
 
 torchvision weights carry their own (``weights.transforms()``: ViT-B/16 SWAG wants 384 px bicubic, EfficientNet-B3
-320 → 300 px, ...); timm models carry a pretrained config. A model evaluated with another preprocessing than its
-weights were trained with loses accuracy for no reason of its own.
+320 → 300 px, ...); timm models carry a pretrained config, transformers models an image processor. A model
+evaluated with another preprocessing than its weights were trained with loses accuracy for no reason of its own.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class Preprocessing:
 def preprocessing(arch: str | None = None, weights: str | None = None) -> Preprocessing:
     """The eval preprocessing of ``arch`` with ``weights``: a torchvision weight name's own; for a file or random
     weights the architecture's default weights' (what a fine-tuned copy most likely kept); for timm models their
-    pretrained config; otherwise resize 256, crop 224, bilinear, ImageNet mean/std.
+    pretrained config; for transformers models their image processor's (:func:`critnet.models.hf_models
+    .hf_preprocessing`); otherwise resize 256, crop 224, bilinear, ImageNet mean/std.
 
     >>> preprocessing("efficientnet_b3").crop_size
     300
@@ -76,6 +77,10 @@ def preprocessing(arch: str | None = None, weights: str | None = None) -> Prepro
         return Preprocessing(tf.resize_size[0], tf.crop_size[0], tf.interpolation.value, tuple(tf.mean), tuple(tf.std))
     if spec.family == "timm":
         return _timm_preprocessing(arch, weights)
+    if spec.family == "hf":
+        from critnet.models.hf_models import hf_preprocessing
+
+        return hf_preprocessing(arch)
     return Preprocessing(spec.input_size, spec.input_size)
 
 

@@ -3,7 +3,8 @@
 Every model critnet can analyse is registered here under a unique name, so that a
 YAML config can say ``arch: resnet56`` and a typo gets a list of valid names
 instead of an ``AttributeError`` from deep inside an import. Names of the form
-``timm/<name>`` are looked up in timm (an optional extra) when first asked for.
+``timm/<name>`` are looked up in timm and ``hf/<name>`` in Hugging Face transformers
+(optional extras) when first asked for.
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ ModelFactory = Callable[..., nn.Module]
 
 #: Prefix of timm model names: ``timm/vit_tiny_patch16_224``.
 TIMM_PREFIX = "timm/"
+#: Prefix of Hugging Face transformers classifiers: ``hf/google/vit-base-patch16-224``, ``hf/path/to/directory``.
+HF_PREFIX = "hf/"
+#: ``--model.weights`` values that mean "the named model's own pretrained weights" (timm's default tag, a
+#: transformers checkpoint's weights).
+PRETRAINED_NAMES = ("pretrained", "DEFAULT")
+
+
+class MissingExtraError(CritnetError):
+    """An optional dependency that is not installed."""
 
 
 @dataclass(frozen=True)
@@ -28,7 +38,8 @@ class ModelSpec:
     Attributes:
         name: the registered name (``--model.arch``).
         factory: builds the model with random weights: ``factory(num_classes=...)``.
-        family: ``cifar`` (CIFAR layout), ``imagenet`` (torchvision, ImageNet layout) or ``timm``.
+        family: ``cifar`` (CIFAR layout), ``imagenet`` (torchvision, ImageNet layout), ``timm`` or ``hf``
+            (Hugging Face transformers).
         default_num_classes: output classes when none are asked for.
         input_size: the side of the square input the model is meant for (the eval crop of its default weights).
         min_input_size: the smallest input side it accepts; equal to ``input_size`` where only that size works
@@ -74,8 +85,10 @@ def register_model(
     return decorator
 
 
-def list_models(include_timm: bool = True) -> list[str]:
-    """Names of all models critnet can build, sorted: registered ones, then ``timm/<name>`` when timm is installed.
+def list_models(include_timm: bool = True, include_hf: bool = True) -> list[str]:
+    """Names of all models critnet can build, sorted: registered ones, then ``timm/<name>`` when timm is installed,
+    then the ``hf/<id>`` that build offline when transformers is installed (any transformers image classifier in
+    a local directory or the Hugging Face cache, or of a model type such as ``hf/vit``, builds too).
 
     >>> "mobilenet_v2" in list_models()
     True
@@ -85,6 +98,10 @@ def list_models(include_timm: bool = True) -> list[str]:
         from critnet.models.timm_models import timm_model_names
 
         names += [TIMM_PREFIX + n for n in timm_model_names()]
+    if include_hf:
+        from critnet.models.hf_models import hf_model_names
+
+        names += hf_model_names()
     return names
 
 
@@ -104,9 +121,14 @@ def get_model_spec(name: str) -> ModelSpec:
         from critnet.models.timm_models import timm_spec
 
         return timm_spec(name)
+    if isinstance(name, str) and name.startswith(HF_PREFIX):
+        from critnet.models.hf_models import hf_spec
+
+        return hf_spec(name)
     raise UnknownModelError(
         f"unknown model {name!r} (--model.arch); registered models: {', '.join(sorted(_REGISTRY))}, "
-        f"or {TIMM_PREFIX}<name> with timm installed (`python analyze.py --list-models` lists them all)"
+        f"or {TIMM_PREFIX}<name> with timm installed, or {HF_PREFIX}<hub id, directory or model type> with "
+        "transformers installed (`python analyze.py --list-models` lists them all)"
     )
 
 

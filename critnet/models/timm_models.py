@@ -12,14 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from critnet.errors import CritnetError
-from critnet.models.registry import TIMM_PREFIX, ModelSpec, UnknownModelError
-
-#: ``--model.weights`` values that mean "timm's default pretrained tag for this model".
-DEFAULT_TAGS = ("pretrained", "DEFAULT")
-
-
-class MissingExtraError(CritnetError):
-    """An optional dependency that is not installed."""
+from critnet.models.registry import PRETRAINED_NAMES, TIMM_PREFIX, MissingExtraError, ModelSpec, UnknownModelError
 
 
 def _timm():
@@ -79,7 +72,7 @@ def pretrained_tag(arch: str, weights: str) -> str | None:
         return None
     timm = _timm()
     name = split_name(arch)
-    if weights in DEFAULT_TAGS:
+    if weights in PRETRAINED_NAMES:  # timm's default pretrained tag for this model
         cfg = timm.get_pretrained_cfg(name)
         tag = getattr(cfg, "tag", None)
         return tag or ""

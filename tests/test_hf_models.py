@@ -1,0 +1,291 @@
+"""Hugging Face transformers image classifiers as the ``hf/<name>`` model family: tiny random models of each family
+(ViT, DeiT, BEiT, Swin, ConvNeXt) written by ``save_pretrained`` and loaded back by name; exact = naive on their
+units, heads against masking the head's output before the projection, weights, preprocessing, and the transformers
+4.x attention layout. Skipped without transformers, but for the line that says how to install it."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import critnet
+from critnet.checkpoints import sha256_of
+from critnet.checksums import state_digest
+from critnet.engine import EvaluationSet, evaluate_units
+from critnet.errors import CritnetError
+from critnet.models import get_model_spec, list_models, load_model
+from critnet.models.preprocessing import Preprocessing, preprocessing
+from critnet.perturb import Perturbation, Unit, attention_heads, perturbed, select_units
+from conftest import F32_REL, f32_close
+
+CLASSES = 5
+SIZE = 32
+ATTENTION_FAMILIES = ("vit", "deit", "beit", "swin")
+
+
+def tiny_models(transformers) -> dict[str, nn.Module]:
+    """One two-stage or two-layer member of each family, hidden width 32 or less, 32×32 inputs."""
+    vit_like = dict(image_size=SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, num_labels=CLASSES)
+    return {
+        "vit": transformers.ViTForImageClassification(transformers.ViTConfig(**vit_like)),
+        "deit": transformers.DeiTForImageClassification(transformers.DeiTConfig(**vit_like)),
+        "beit": transformers.BeitForImageClassification(
+            transformers.BeitConfig(**vit_like, use_relative_position_bias=True)),
+        "swin": transformers.SwinForImageClassification(transformers.SwinConfig(
+            image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4,
+            num_labels=CLASSES)),
+        "convnext": transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
+            image_size=SIZE, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=CLASSES)),
+    }
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, tuple[str, dict]]:
+    """``family -> (hf/<directory>, state dict)`` of each tiny model written by save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    out = {}
+    for family, model in tiny_models(transformers).items():
+        model.save_pretrained(root / family)
+        out[family] = (f"hf/{root / family}", {k: v.clone() for k, v in model.state_dict().items()})
+    return out
+
+
+def batches(count: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, SIZE, SIZE, generator=generator), torch.randint(0, CLASSES, (4,), generator=generator))
+            for _ in range(count)]
+
+
+def spread(units: list[Unit], count: int) -> list[Unit]:
+    if len(units) <= count:
+        return units
+    return [units[round(i * (len(units) - 1) / (count - 1))] for i in range(count)]
+
+
+def test_hf_names_need_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if transformers were not installed
+    with pytest.raises(CritnetError, match=r"pip install critnet\[transformers\]") as error:
+        load_model("hf/google/vit-base-patch16-224")
+    assert "\n" not in str(error.value)
+    assert not any(name.startswith("hf/") for name in list_models())
+
+
+def test_a_directory_a_known_id_and_a_model_type_by_name(saved):
+    arch, _ = saved["vit"]
+    spec = get_model_spec(arch)
+    assert (spec.family, spec.default_num_classes, spec.input_size, spec.smallest_input) == ("hf", CLASSES, SIZE, SIZE)
+    assert get_model_spec(saved["convnext"][0]).smallest_input == 32
+    model = load_model(arch, num_classes=3)
+    assert type(model).__name__ == "ViTForImageClassification" and not model.training
+    assert model.classifier.out_features == 3 and model.critnet_weights is None
+    # published architectures build offline: ViT-B/16's 144 heads and 86.6 M parameters, Swin-T's 138 heads
+    with torch.device("meta"):
+        vit_b = get_model_spec("hf/google/vit-base-patch16-224").factory()
+        swin_t = get_model_spec("hf/microsoft/swin-tiny-patch4-window7-224").factory()
+    assert len(select_units(vit_b, "head")) == 144 and sum(p.numel() for p in vit_b.parameters()) == 86_567_656
+    assert len(select_units(swin_t, "head")) == 138
+    assert "hf/google/vit-base-patch16-224" in list_models()
+    spec = get_model_spec("hf/beit")  # a model type: its default configuration, 1000 classes
+    assert (spec.family, spec.default_num_classes, spec.input_size) == ("hf", 1000, 224)
+    with pytest.raises(CritnetError, match=r"unknown model 'hf/no/such-model' \(--model.arch\).*known id") as error:
+        get_model_spec("hf/no/such-model")
+    assert "\n" not in str(error.value)
+
+
+def test_pretrained_weights_come_from_the_directory_bit_for_bit(saved, tmp_path):
+    arch, state = saved["vit"]
+    model = load_model(arch, weights="pretrained")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items()) and not model.training
+    info = model.critnet_weights
+    assert info.path.endswith("model.safetensors") and info.sha256 == sha256_of(info.path)
+    # a state-dict file goes through critnet's own strict loader
+    torch.save(state, tmp_path / "vit.pth")
+    again = load_model(arch, weights=str(tmp_path / "vit.pth"))
+    assert state_digest(again) == state_digest(model)
+    for weights, name, message in [
+        ("pretrained", arch, "trained with 5 classes, not 3"),
+        ("IMAGENET1K_V1", arch, "neither a file nor 'pretrained'"),
+        ("pretrained", "hf/vit", "default configuration of the model type 'vit', which has no weights"),
+        ("pretrained", "hf/google/vit-base-patch16-224", "not in the local Hugging Face cache"),
+    ]:
+        with pytest.raises(CritnetError, match=message) as error:
+            load_model(name, weights=weights, num_classes=3 if name == arch else None)
+        assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("family", ["vit", "deit", "beit", "swin", "convnext"])
+def test_exact_equals_naive_and_evaluate_reads_the_logits(saved, family):
+    model = load_model(saved[family][0])
+    data = batches()
+    units = spread(select_units(model, "channel"), 4)
+    units += spread(select_units(model, "activation", example_input=data[0][0]), 3)
+    if family in ATTENTION_FAMILIES:
+        units += spread(select_units(model, "head"), 3)
+    before = state_digest(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exact = evaluate_units(model, units, Perturbation("zero"), EvaluationSet.from_batches(data), method="exact")
+    # torch.fx cannot trace transformers' models (control flow on shapes and dtypes): full passes, said once
+    assert all("full forward passes: torch.fx cannot trace" in str(w.message) for w in caught
+               if "exact engine" in str(w.message))
+    naive = evaluate_units(model, units, Perturbation("zero"), EvaluationSet.from_batches(data), method="naive")
+    for e, n in zip(exact, naive):
+        assert (e.unit, e.total.top1_correct, e.total.top5_correct) == (n.unit, n.total.top1_correct,
+                                                                         n.total.top5_correct)
+        assert f32_close(e.total.loss_sum, n.total.loss_sum), e.unit.label
+    result = critnet.evaluate(model, data)
+    with torch.no_grad():
+        logits = torch.cat([model(x).logits for x, _ in data])
+    targets = torch.cat([y for _, y in data])
+    assert result["samples"] == 8 and result["top1_correct"] == int((logits.argmax(1) == targets).sum())
+    assert f32_close(result["loss"], F.cross_entropy(logits, targets).item())
+    assert state_digest(model) == before
+
+
+@pytest.mark.parametrize("family, heads", [("vit", 8), ("deit", 8), ("beit", 8), ("swin", 6)])
+def test_a_head_is_its_block_of_the_projection_after_the_attention(saved, family, heads):
+    """Zeroing head h's columns of ``o_proj`` gives the logits of zeroing head h's output before ``o_proj``."""
+    model = load_model(saved[family][0])
+    units = select_units(model, "head")
+    assert len(units) == heads and all(u.name.endswith(".attention") for u in units)
+    x = batches(1)[0][0]
+    for unit in (units[1], units[-1]):
+        child, _, width = attention_heads(model.get_submodule(unit.name))
+        assert child == "o_proj"
+
+        def silence(_module, args, h=unit.index):
+            z = args[0].clone()
+            z[..., h * width:(h + 1) * width] = 0
+            return (z,)
+
+        handle = model.get_submodule(f"{unit.name}.{child}").register_forward_pre_hook(silence)
+        with torch.no_grad():
+            masked = model(x).logits
+        handle.remove()
+        with torch.no_grad(), perturbed(model, unit, Perturbation("zero")):
+            zeroed = model(x).logits
+        torch.testing.assert_close(zeroed, masked, rtol=F32_REL, atol=F32_REL * masked.abs().max().item())
+        with torch.no_grad():
+            assert not torch.allclose(model(x).logits, masked), unit.label  # the head did contribute
+
+
+@pytest.mark.filterwarnings("ignore:exact engine.*torch.fx cannot trace:UserWarning")
+def test_rank_ranks_a_vits_heads_with_exact_equal_to_naive(saved):
+    model = load_model(saved["vit"][0])
+    data = batches(3)
+    exact = critnet.rank(model, data, unit="head", perturbation="zero", score="delta_loss")
+    naive = critnet.rank(model, data, unit="head", perturbation="zero", score="delta_loss", method="naive")
+    assert len(exact.rows) == 8
+    rows = {r["unit"]: r for r in naive.rows}
+    for row in exact.rows:
+        assert row["top1"] == rows[row["unit"]]["top1"]
+        assert f32_close(row["delta_loss"], rows[row["unit"]]["delta_loss"], scale=exact.baseline["loss"])
+
+
+def test_preprocessing_follows_the_image_processor(saved):
+    transformers = pytest.importorskip("transformers")
+    vit = saved["vit"][0][len("hf/"):]
+    transformers.ViTImageProcessor(size={"height": SIZE, "width": SIZE}, resample=3, image_mean=[0.4, 0.4, 0.4],
+                                   image_std=[0.2, 0.2, 0.2]).save_pretrained(vit)
+    assert preprocessing(saved["vit"][0]) == Preprocessing(SIZE, SIZE, "bicubic", (0.4,) * 3, (0.2,) * 3)
+    # ConvNeXt's processor: below 384 px, resize to shortest_edge / crop_pct and crop shortest_edge
+    convnext = saved["convnext"][0][len("hf/"):]
+    transformers.ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875,
+                                        image_mean=[0.485, 0.456, 0.406],
+                                        image_std=[0.229, 0.224, 0.225]).save_pretrained(convnext)
+    assert preprocessing(saved["convnext"][0]) == Preprocessing(256, 224, "bicubic")
+    # without a processor file: the type's processor class (DeiT: 256 → 224 bicubic), at the model's input size
+    deit = preprocessing("hf/facebook/deit-small-patch16-224")
+    assert (deit.resize_size, deit.crop_size, deit.interpolation) == (256, 224, "bicubic")
+    swin = preprocessing(saved["swin"][0])
+    assert (swin.resize_size, swin.crop_size) == (SIZE, SIZE)
+
+
+# --- transformers 4.x: ViTAttention holds the heads in ``attention`` and the projection in ``output.dense`` ---
+
+class SelfAttention4(nn.Module):
+    """transformers 4.x's ViTSelfAttention: the heads, concatenated head by head; no projection."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.num_attention_heads, self.attention_head_size = heads, width // heads
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, x):
+        split = lambda t: t.unflatten(-1, (self.num_attention_heads, -1)).transpose(1, 2)  # noqa: E731
+        z = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)))
+        return (z.transpose(1, 2).flatten(2),)
+
+
+class SelfOutput4(nn.Module):
+    """transformers 4.x's ViTSelfOutput: the projection after the heads (the residual is added by the layer)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.dropout = nn.Dropout(0.0)
+
+    def forward(self, hidden, _input):
+        return self.dropout(self.dense(hidden))
+
+
+class Attention4(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.attention = SelfAttention4(width, heads)
+        self.output = SelfOutput4(width)
+
+    def forward(self, x):
+        return (self.output(self.attention(x)[0], x),)
+
+
+class Vit4(nn.Module):
+    def __init__(self, width: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.patches = nn.Conv2d(3, width, 8, stride=8)
+        self.attention = Attention4(width, heads)
+        self.classifier = nn.Linear(width, CLASSES)
+
+    def forward(self, x):
+        tokens = self.patches(x).flatten(2).transpose(1, 2)
+        return self.classifier((tokens + self.attention(tokens)[0]).mean(1))
+
+
+def test_transformers_4_attention_containers_hold_the_heads():
+    torch.manual_seed(0)
+    model = Vit4().eval()
+    assert attention_heads(model.attention) == ("output.dense", 4, 4)
+    assert attention_heads(model.attention.attention) is None  # the heads alone have no projection
+    units = select_units(model, "head")
+    assert [u.label for u in units] == [f"attention[{h}]" for h in range(4)]
+    x = batches(1)[0][0]
+    with torch.no_grad(), perturbed(model, units[2], Perturbation("zero")):
+        assert torch.count_nonzero(model.attention.output.dense.weight[:, 8:12]) == 0
+        zeroed = model(x)
+
+    def silence(_module, args):
+        z = args[0].clone()
+        z[..., 8:12] = 0
+        return (z,)
+
+    handle = model.attention.output.dense.register_forward_pre_hook(silence)
+    with torch.no_grad():
+        masked = model(x)
+    handle.remove()
+    torch.testing.assert_close(zeroed, masked, rtol=F32_REL, atol=F32_REL * masked.abs().max().item())
+    # this one traces: the exact engine cuts at the container's call
+    data = EvaluationSet.from_batches(batches())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact = evaluate_units(model, units, Perturbation("zero"), data, method="exact")
+    naive = evaluate_units(model, units, Perturbation("zero"), data, method="naive")
+    for e, n in zip(exact, naive):
+        assert e.total.top1_correct == n.total.top1_correct and f32_close(e.total.loss_sum, n.total.loss_sum)

@@ -289,3 +289,68 @@ def test_transformers_4_attention_containers_hold_the_heads():
     naive = evaluate_units(model, units, Perturbation("zero"), data, method="naive")
     for e, n in zip(exact, naive):
         assert e.total.top1_correct == n.total.top1_correct and f32_close(e.total.loss_sum, n.total.loss_sum)
+
+
+def test_taylor_terms_of_a_vits_heads_and_projections_are_each_images_loss_derivative(saved):
+    """Per image, the first-order term of scaling a unit by 1 + ε is the central difference of that image's loss
+    (float64): heads, the q/k/v and o_proj channels, and o_proj's weight and bias."""
+    from critnet.engine.data import as_evaluation_set
+    from critnet.engine.taylor import per_sample_estimates
+
+    model = load_model(saved["vit"][0]).double()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):  # transformers starts biases at zero: scaling them would change nothing
+                parameter.normal_(0.0, 0.1)
+    attention = "vit.layers.1.attention"
+    units = select_units(model, "head", include=[attention])[::2]
+    units += [Unit("channel", f"{attention}.{p}.weight", 3) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    units += [Unit("tensor", f"{attention}.o_proj.weight"), Unit("tensor", f"{attention}.o_proj.bias")]
+    data = [(x.double(), y) for x, y in batches()]
+    x, y = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+    eps = 1e-4
+
+    def losses(unit, factor):
+        with torch.no_grad(), perturbed(model, unit, Perturbation("scale", factor)):
+            return F.cross_entropy(model(x).logits, y, reduction="none")
+
+    reference = torch.stack([(losses(u, 1 + eps) - losses(u, 1 - eps)) / 2 for u in units])
+    assert bool((reference.abs().amax(1) > 0).all())
+    ours = per_sample_estimates(model, units, Perturbation("scale", 1 + eps), as_evaluation_set(data))
+    rounding = 4 * torch.finfo(torch.float64).eps * losses(units[0], 1.0).max().item()
+    for unit, mine, theirs in zip(units, ours, reference):
+        assert (mine - theirs).abs().max().item() <= 1e-6 * theirs.abs().max().item() + rounding, unit.label
+
+
+def test_taylor_terms_of_transformers_4_heads_and_the_refusal_on_windows(saved):
+    """A 4.x container's heads (projection ``output.dense``) get each image's loss derivative; Swin's attention
+    runs on windows of images, so its units have no per-image terms: one line says so, for its heads and for the
+    Linear layers inside it alike (summing rows of windows as if they were images would be silently wrong)."""
+    from critnet.engine.data import as_evaluation_set
+    from critnet.engine.taylor import per_sample_estimates
+
+    torch.manual_seed(0)
+    model = Vit4().eval().double()
+    data = [(x.double(), y) for x, y in batches()]
+    x, y = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+    units = select_units(model, "head") + [Unit("channel", "attention.attention.query.weight", 1),
+                                           Unit("channel", "attention.output.dense.weight", 2)]
+    eps = 1e-4
+
+    def losses(unit, factor):
+        with torch.no_grad(), perturbed(model, unit, Perturbation("scale", factor)):
+            return F.cross_entropy(model(x), y, reduction="none")
+
+    reference = torch.stack([(losses(u, 1 + eps) - losses(u, 1 - eps)) / 2 for u in units])
+    ours = per_sample_estimates(model, units, Perturbation("scale", 1 + eps), as_evaluation_set(data))
+    rounding = 4 * torch.finfo(torch.float64).eps * losses(units[0], 1.0).max().item()
+    for unit, mine, theirs in zip(units, ours, reference):
+        assert theirs.abs().max() > 0 and (mine - theirs).abs().max() <= 1e-6 * theirs.abs().max() + rounding, unit
+
+    swin = load_model(saved["swin"][0])
+    windows = as_evaluation_set(batches(1))
+    attention = "swin.encoder.layers.0.blocks.0.attention"
+    for unit in (Unit("head", attention, 1), Unit("channel", f"{attention}.q_proj.weight", 0)):
+        with pytest.raises(CritnetError, match=f"module '{attention}' is not called once per image") as error:
+            per_sample_estimates(swin, [unit], Perturbation("zero"), windows)
+        assert "\n" not in str(error.value)

@@ -277,15 +277,19 @@ def _unit_derivatives(modules: dict[str, nn.Module], owners: dict[str, _Route], 
     for (name, call), g in zip(recorded, grads):
         by_name.setdefault(name, []).append((call, g))
     result: dict[Unit, torch.Tensor] = {}
+
+    def per_image(module_name: str) -> bool:
+        calls = by_name.get(module_name, [])
+        return bool(calls) and all(c.output.dim() > 0 and _batch_major(modules[module_name], c.output).shape[0]
+                                   == samples for c, _ in calls)
+
     for owner, route in owners.items():
         name = owner
-        calls = by_name.get(owner, [])
-        per_image = calls and all(c.output.dim() > 0 and _batch_major(modules[owner], c.output).shape[0] == samples
-                                  for c, _ in calls)
-        if not per_image and route.enclosing is not None and by_name.get(route.enclosing):
+        if not per_image(owner) and route.enclosing is not None and by_name.get(route.enclosing):
             name = route.enclosing
-        elif calls and not per_image:
-            raise SettingError(f"method: module {owner!r} is not called once per image (its output's first "
+        # an attention called on windows of images (Hugging Face's Swin) is no better than its Linear layers
+        if by_name.get(name) and not per_image(name):
+            raise SettingError(f"method: module {name!r} is not called once per image (its output's first "
                                "dimension is not the batch); per-image Taylor terms of its units are not defined")
         for call, g in by_name.get(name, []):
             if g is None:
@@ -373,7 +377,7 @@ def _projection_directional(module: nn.Module, name: str, units: list[Unit], per
     Head h changes the output by ``z[..., h] · ΔW[:, h]ᵀ`` position by position; the weight's and bias's own
     units are those of the projection called on ``z``."""
     child, _, width = attention_heads(module)
-    projection = getattr(module, child)
+    projection = module.get_submodule(child)  # transformers 4.x: output.dense
     weight = projection.weight.detach()
     bias = None if projection.bias is None else projection.bias.detach()
     identity = {f"{child}.weight": torch.eye(projection.in_features, dtype=weight.dtype, device=weight.device)}

@@ -1,4 +1,6 @@
-"""Support matrix: every torchvision classification model through critnet, on random weights.
+"""Support matrix: every torchvision classification model through critnet, on random weights, and one Hugging Face
+transformers classifier per family (``hf/<hub id>``, built offline from its published configuration) when
+transformers is installed.
 
 Per model, at the smallest input it accepts: does torch.fx trace it; how many units of each kind it has; do the
 exact (suffix-only) and naive engines agree on a sample of units (identical correct counts, loss within
@@ -7,11 +9,12 @@ with the weights checked bit-identical afterwards.
 
 Each model runs in its own process with a time limit, and its record is appended to a JSON file at once, so the
 matrix grows over several runs (``--models a,b,c``) and a crash or timeout costs one row. The markdown table
-lists every torchvision classifier; models without a record say "not run". The last line printed is one JSON
+lists every torchvision classifier and the transformers ones; models without a record say "not run". The last line printed is one JSON
 object summarising the table.
 
     PYTHONPATH=. python bench/models.py --models mobilenet_v3_small,vit_b_16 --results bench/results/models.json
     PYTHONPATH=. python bench/models.py --table-only --results bench/results/models.json
+    PYTHONPATH=. python bench/models.py --models hf   # the transformers rows only
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ REL_TOL = 1e-6
 KINDS = ("tensor", "channel", "activation", "head")
 SAMPLED_KINDS = ("channel", "activation", "head")
 DEFAULT_IMAGES = 4
+#: One transformers image classifier per family critnet supports (ViT, DeiT, BEiT, Swin, ConvNeXt).
+HF_MODELS = ("hf/google/vit-base-patch16-224", "hf/facebook/deit-small-patch16-224",
+             "hf/microsoft/beit-base-patch16-224", "hf/microsoft/swin-tiny-patch4-window7-224",
+             "hf/facebook/convnext-tiny-224")
 
 
 def state_checksum(model) -> str:
@@ -136,14 +143,20 @@ def load_results(path: Path) -> dict:
 def all_models() -> list[str]:
     import torchvision
 
-    return torchvision.models.list_models(module=torchvision.models)
+    from critnet.models.hf_models import transformers_installed
+
+    return torchvision.models.list_models(module=torchvision.models) + (list(HF_MODELS) if transformers_installed()
+                                                                         else [])
 
 
 def smallest_first(names: list[str]) -> list[str]:
-    """Models in order of their parameter count, so a run cut short has covered the most models."""
+    """torchvision models in order of their parameter count, so a run cut short has covered the most models; then
+    the transformers ones."""
     import torchvision
 
-    return sorted(names, key=lambda n: torchvision.models.get_model_weights(n).DEFAULT.meta["num_params"])
+    hf = [n for n in names if n in HF_MODELS]
+    rest = [n for n in names if n not in HF_MODELS]
+    return sorted(rest, key=lambda n: torchvision.models.get_model_weights(n).DEFAULT.meta["num_params"]) + hf
 
 
 def cell(value) -> str:
@@ -190,7 +203,8 @@ def table(results: dict) -> tuple[str, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", help="comma-separated torchvision names (default: every classifier)")
+    parser.add_argument("--models", help="comma-separated names (torchvision or hf/<id>; 'hf' for every hf/ row; "
+                        "default: every classifier)")
     parser.add_argument("--results", default="bench/results/models.json", help="JSON file the records go to")
     parser.add_argument("--table", default="bench/results/models.md", help="markdown file the table goes to")
     parser.add_argument("--redo", action="store_true", help="measure models that already have a record again")
@@ -211,9 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.results)
     results = load_results(path)
     names = args.models.split(",") if args.models else smallest_first(all_models())
+    names = [m for n in names for m in (HF_MODELS if n == "hf" else (n,))]
     unknown = sorted(set(names) - set(all_models()))
     if unknown:
-        parser.error(f"--models: not torchvision classifiers: {', '.join(unknown)}")
+        parser.error(f"--models: not in the matrix (torchvision classifiers, {', '.join(HF_MODELS)} with "
+                     f"transformers installed): {', '.join(unknown)}")
     if not args.table_only:
         for name in names:
             if name in results and not args.redo:

@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from critnet.checkpoints import WeightsInfo, load_weights
 from critnet.errors import CritnetError
 from critnet.models import get_model_spec, load_model, weights_info
+from critnet.outputs import logits_of
 
 EVAL_STAGES = ("val", "test")
 DEFAULT_ARCH = "resnet20"
@@ -146,7 +147,8 @@ class ClassifierModule(L.LightningModule):
         self.last_metrics: dict[str, dict[str, float]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        # the logits, also of a model that returns them in a ModelOutput (transformers' classifiers)
+        return logits_of(self.model(x))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

@@ -354,3 +354,29 @@ def test_taylor_terms_of_transformers_4_heads_and_the_refusal_on_windows(saved):
         with pytest.raises(CritnetError, match=f"module '{attention}' is not called once per image") as error:
             per_sample_estimates(swin, [unit], Perturbation("zero"), windows)
         assert "\n" not in str(error.value)
+
+
+def test_validate_ranks_the_heads_of_an_hf_model_through_the_command_line(saved, tmp_path):
+    """``--model.arch hf/<directory>`` with its weights, preprocessed by its processor, its heads ranked."""
+    import csv
+    import json
+
+    from critnet.cli import main
+    from test_data import make_image_folder
+
+    make_image_folder(tmp_path / "tree", "val", CLASSES, 2, size=(40, 48))
+    (tmp_path / "heads.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: critnet.callbacks.ranking.CriticalRanking\n"
+        "      init_args: {unit: head, perturbation: zero, score: delta_loss}\n")
+    arch = saved["vit"][0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "exact engine.*torch.fx cannot trace")
+        main(["validate", "--model.arch", arch, "--model.weights", "pretrained", "-c", str(tmp_path / "heads.yaml"),
+              "--data.root", str(tmp_path / "tree"), "--data.num_workers", "0", "--data.batch_size", "4",
+              "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+              "--trainer.default_root_dir", str(tmp_path / "out")])
+    (run,) = (tmp_path / "out").glob("lightning_logs/version_*")
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["samples"] == 2 * CLASSES and record["model"] == arch
+    units = [row["unit"] for row in csv.DictReader((run / "ranking.csv").open())]
+    assert sorted(units) == sorted(f"vit.layers.{layer}.attention[{h}]" for layer in range(2) for h in range(4))

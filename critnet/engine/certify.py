@@ -64,9 +64,9 @@ BET_TRUNCATION = 0.95
 #: The bets are sized for a bound after this share of the images (the plug-in bet of Waudby-Smith & Ramdas for a
 #: fixed sample size), where most eliminations fall.
 BET_HORIZON = 0.125
-#: Each betting stage holds this many times the images of the one before (fine stages cost nothing: the bound is
-#: time-uniform), rounded to whole 128s.
-BETTING_GROWTH = 1.5
+#: Each betting stage holds this many times the images of the one before, rounded to whole 128s and at least 128
+#: more: fine stages cost the bound nothing (it is time-uniform) and let a unit go soon after its bound allows.
+BETTING_GROWTH = 1.15
 
 
 def stage_sizes(samples: int, first: int = FIRST_STAGE, growth: float = 2.0) -> list[int]:
@@ -163,7 +163,8 @@ def betting_bounds(values: Tensor, population: int, alpha: float, low: float, hi
             images, **in the order they were drawn** (each bet uses only the images before it).
         population: the number of images of the whole set.
         alpha: the error probability of each one-sided bound.
-        low, high: the range every value of the population lies in; values outside are clipped to it.
+        low: the lowest value any image of the population can take; values below are clipped to it.
+        high: the highest; values above are clipped to it.
         truncation: the largest fraction of the capital staked on one image, below 1 (default
             :data:`BET_TRUNCATION`).
 
@@ -374,8 +375,8 @@ def sequential_test(
             ``positions`` (sorted). The engine evaluates the network there; a replay reads a matrix.
         bound: ``betting`` (finite-sample) or ``normal`` (nominal).
         confidence: the probability that the top ``top_k`` is the exact full-set top ``top_k``.
-        floor, width: ``betting``: every image's value lies in ``[floor[i], floor[i] + width]``
-            (:func:`per_image_range`); the bets are made on the value minus its floor.
+        floor: ``betting``: ``(samples,)`` each image's lowest possible value (:func:`per_image_range`).
+        width: ``betting``: every image's value lies in ``[floor[i], floor[i] + width]``.
         loss_clip: recorded with the range when the width is a declared largest per-image loss.
         seed: the random order of the images.
         first_stage: images in the first stage.

@@ -5,6 +5,9 @@ units, heads against masking the head's output before the projection, weights, p
 
 from __future__ import annotations
 
+import csv
+import json
+import shutil
 import sys
 import warnings
 
@@ -119,6 +122,13 @@ def test_pretrained_weights_come_from_the_directory_bit_for_bit(saved, tmp_path)
         with pytest.raises(CritnetError, match=message) as error:
             load_model(name, weights=weights, num_classes=3 if name == arch else None)
         assert "\n" not in str(error.value)
+    # a checkpoint whose config asks for a third layer that its weights do not have
+    deeper = tmp_path / "deeper"
+    shutil.copytree(arch[len("hf/"):], deeper)
+    config = json.loads((deeper / "config.json").read_text())
+    (deeper / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(CritnetError, match="does not fit ViTForImageClassification: missing keys: vit.layers.2"):
+        load_model(f"hf/{deeper}", weights="pretrained")
 
 
 @pytest.mark.parametrize("family", ["vit", "deit", "beit", "swin", "convnext"])
@@ -358,9 +368,6 @@ def test_taylor_terms_of_transformers_4_heads_and_the_refusal_on_windows(saved):
 
 def test_validate_ranks_the_heads_of_an_hf_model_through_the_command_line(saved, tmp_path):
     """``--model.arch hf/<directory>`` with its weights, preprocessed by its processor, its heads ranked."""
-    import csv
-    import json
-
     from critnet.cli import main
     from test_data import make_image_folder
 

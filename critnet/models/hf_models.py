@@ -28,7 +28,6 @@ from typing import Any
 from torch import nn
 
 from critnet.checkpoints import CheckpointError, WeightsInfo, sha256_of
-from critnet.errors import CritnetError
 from critnet.models.registry import HF_PREFIX, PRETRAINED_NAMES, MissingExtraError, ModelSpec, UnknownModelError
 
 #: Published architectures of common hub checkpoints (ImageNet-1k classifiers): ``id -> (model type, config
@@ -119,7 +118,7 @@ def resolve(arch: str) -> HFSource:
     ('table', 'vit', 12)
     """
     transformers = _transformers()
-    name = arch[len(HF_PREFIX):] if arch.startswith(HF_PREFIX) else arch
+    name = arch.removeprefix(HF_PREFIX)
     directory = Path(name).expanduser()
     if (directory / "config.json").is_file():
         return HFSource(arch, "directory", str(directory), transformers.AutoConfig.from_pretrained(str(directory)))
@@ -241,8 +240,8 @@ def build_pretrained(arch: str, weights: str, num_classes: int | None = None) ->
             "--model.arch hf/<directory>")
     labels = source.config.num_labels
     if num_classes is not None and num_classes != labels:
-        raise CheckpointError(f"--model.weights {weights}: {arch} was trained with {labels} classes, not {num_classes}; "
-                              "is the number of classes (or the data) the one of this checkpoint?")
+        raise CheckpointError(f"--model.weights {weights}: {arch} was trained with {labels} classes, not "
+                              f"{num_classes}; is the number of classes (or the data) the one of this checkpoint?")
     try:
         model, info = model_class(source).from_pretrained(source.location, local_files_only=True,
                                                           output_loading_info=True)
@@ -253,7 +252,8 @@ def build_pretrained(arch: str, weights: str, num_classes: int | None = None) ->
     faults = {key: sorted(info.get(key) or ()) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(faults.values()):
         shown = "; ".join(f"{key.replace('_', ' ')}: {', '.join(map(str, keys[:8]))}"
-                          + (f" … ({len(keys)} in all)" if len(keys) > 8 else "") for key, keys in faults.items() if keys)
+                          + (f" … ({len(keys)} in all)" if len(keys) > 8 else "")
+                          for key, keys in faults.items() if keys)
         raise CheckpointError(f"--model.weights {weights}: the checkpoint in {source.location} does not fit "
                               f"{type(model).__name__}: {shown}")
     path = _weights_file(source)

@@ -131,6 +131,27 @@ def test_pretrained_weights_come_from_the_directory_bit_for_bit(saved, tmp_path)
         load_model(f"hf/{deeper}", weights="pretrained")
 
 
+def test_a_hub_id_in_the_local_cache_has_its_config_and_weights_from_there(saved, tmp_path, monkeypatch):
+    """A cached hub model (the cache's layout: refs/main names the snapshot holding the files) is read from the
+    cache and nothing else; an id that is not cached and not known is unknown."""
+    import huggingface_hub.constants
+
+    arch, state = saved["deit"]
+    repo = tmp_path / "hub" / "models--someone--tiny-deit"
+    shutil.copytree(arch[len("hf/"):], repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = get_model_spec("hf/someone/tiny-deit")
+    assert (spec.default_num_classes, spec.input_size) == (CLASSES, SIZE)
+    model = load_model("hf/someone/tiny-deit", weights="pretrained")
+    assert type(model).__name__ == "DeiTForImageClassification"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert model.critnet_weights.path.startswith(str(repo)) and model.critnet_weights.sha256
+    with pytest.raises(CritnetError, match="unknown model 'hf/someone/other-deit'"):
+        get_model_spec("hf/someone/other-deit")
+
+
 @pytest.mark.parametrize("family", ["vit", "deit", "beit", "swin", "convnext"])
 def test_exact_equals_naive_and_evaluate_reads_the_logits(saved, family):
     model = load_model(saved[family][0])

@@ -1,4 +1,5 @@
-"""Analyse a trained classifier: ``python analyze.py validate -c configs/resnet20_cifar10.yaml [-c configs/rank_seed.yaml]``."""
+"""Analyse a trained classifier: ``python analyze.py validate -c resnet20_cifar10 [-c rank_seed]`` (preset names, or
+paths to YAML files)."""
 
 from critnet.cli import main
 

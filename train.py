@@ -1,4 +1,5 @@
-"""Train or fine-tune: ``python train.py -c configs/resnet20_cifar10.yaml -c configs/finetune_resnet20_jpeg.yaml``."""
+"""Train or fine-tune: ``python train.py -c resnet20_cifar10 -c finetune_resnet20_jpeg`` (preset names, or paths to
+YAML files)."""
 
 from critnet.cli import train_main
 

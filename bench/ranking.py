@@ -125,7 +125,7 @@ def validate_throughput(root: Path, weights: Path, batch_size: int, workers: int
     def validate() -> float:
         with tempfile.TemporaryDirectory() as run_dir:
             command = [sys.executable, str(REPO / "analyze.py"), "validate", "-c",
-                       str(REPO / "configs" / "resnet20_cifar10.yaml"), "--data.root", str(root), "--model.weights",
+                       str(REPO / "critnet/presets/resnet20_cifar10.yaml"), "--data.root", str(root), "--model.weights",
                        str(weights), "--data.batch_size", str(batch_size), "--data.num_workers", str(workers),
                        "--trainer.default_root_dir", run_dir, "--trainer.enable_progress_bar", "false",
                        "--trainer.accelerator", "cpu"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Any, NoReturn, Sequence
@@ -9,7 +10,9 @@ from typing import Any, NoReturn, Sequence
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from jsonargparse import DefaultHelpFormatter
 
+from critnet import presets
 from critnet.callbacks.summary import RunSummary
 from critnet.data import ClassificationDataModule
 from critnet.distributed import peer_stopped
@@ -78,8 +81,39 @@ class CritnetArgumentParser(LightningArgumentParser):
         raise SystemExit(2)
 
 
+class PresetHelpFormatter(DefaultHelpFormatter):
+    """Keeps the line breaks of the epilog, so that the presets are listed one a line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def presets_epilog(example: str) -> str:
+    """The list of presets (name and first comment line) and an example command that end ``--help``."""
+    width = max(len(name) for name in presets.names())
+    rows = [f"  {name:<{width}}  {presets.summary(name)}" for name in presets.names()]
+    text = "\n".join([
+        "presets: -c NAME or --config NAME, repeated to compose (an existing file of that name wins; any path to",
+        "a YAML file works too):",
+        *rows,
+        "",
+        f"example: {os.path.basename(sys.argv[0])} {example}",
+    ])
+    return text.replace("%", "%%")  # argparse %-formats the epilog (for %(prog)s)
+
+
 class CritnetCLI(LightningCLI):
     """LightningCLI with critnet's always-on callbacks and the data → model class-count link."""
+
+    DESCRIPTION = "Rank the critical units of a trained image classifier, prune it, inject faults: critnet."
+    EXAMPLE = "validate -c resnet20_cifar10 -c rank_neurons --data.root DIR --model.weights FILE"
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        for action in parser._actions:
+            if action.dest == "config":
+                action.help = "A preset's name (listed below) or the path of a YAML or JSON config file."
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunSummary, "summary")
@@ -126,6 +160,8 @@ def share_model_with_data(config: Any) -> None:
 class TrainCLI(CritnetCLI):
     """``train.py``: also keeps the best checkpoint (by val/top1) in ``checkpoints/``."""
 
+    EXAMPLE = "-c resnet20_cifar10 -c finetune_resnet20_jpeg --data.root DIR --model.weights FILE"
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -139,6 +175,13 @@ class TrainCLI(CritnetCLI):
         })
 
 
+def _parser_kwargs(cli_class: type[CritnetCLI]) -> dict[str, Any]:
+    """The main parser's and every subcommand parser's help end with the presets."""
+    help_kwargs = {"epilog": presets_epilog(cli_class.EXAMPLE), "formatter_class": PresetHelpFormatter}
+    return {"description": cli_class.DESCRIPTION, **help_kwargs,
+            **{name: dict(help_kwargs) for name in cli_class.subcommands()}}
+
+
 def _run(cli_class: type[CritnetCLI], args: Sequence[str] | None) -> CritnetCLI:
     return cli_class(
         ClassifierModule,
@@ -149,11 +192,20 @@ def _run(cli_class: type[CritnetCLI], args: Sequence[str] | None) -> CritnetCLI:
         args=list(args) if args is not None else None,
         auto_configure_optimizers=False,
         parser_class=CritnetArgumentParser,
+        parser_kwargs=_parser_kwargs(cli_class),
     )
 
 
 def _run_reporting_errors(cli_class: type[CritnetCLI], args: Sequence[str] | None) -> CritnetCLI:
+    """Run the CLI on ``args`` (``None``: the command line itself) with presets resolved, bad input reported in one
+    line (exit status 2), an interrupted analysis in one line (exit status 130)."""
     try:
+        if args is None:
+            # Rewritten in place rather than passed as args: LightningCLI warns when it gets both, and a DDP launch
+            # re-runs sys.argv in every process.
+            sys.argv[1:] = resolve_presets(sys.argv[1:])
+        else:
+            args = resolve_presets(args)
         return _run(cli_class, args)
     except Interrupted as stop:
         print(f"interrupted: {stop}", file=sys.stderr)
@@ -185,6 +237,55 @@ def _critnet_cause(err: BaseException | None) -> CritnetError | None:
     return None
 
 
+_CONFIG_FLAGS = ("-c", "--config")
+# A value jsonargparse would read as a file name (not an inline YAML/JSON config such as '{trainer: {...}}')
+_FILE_NAME = re.compile(r"[\w.~/+-]+")
+
+
+def resolve_presets(args: Sequence[str]) -> list[str]:
+    """``args`` with the value of every ``-c``/``--config`` that names a preset replaced by the preset's path.
+
+    An existing file always wins over a preset of the same name; a value that is neither an existing file nor a
+    preset raises :class:`CritnetError` naming the flag and listing the presets; an inline YAML/JSON config is left
+    to jsonargparse.
+
+    >>> from critnet.cli import resolve_presets
+    >>> args = resolve_presets(["validate", "-c", "resnet20_cifar10", "--config=rank_neurons.yaml"])
+    >>> args[:2], args[2] == str(critnet.presets.path("resnet20_cifar10"))
+    (['validate', '-c'], True)
+    >>> args[3] == "--config=" + str(critnet.presets.path("rank_neurons"))
+    True
+    >>> resolve_presets(["validate", "-c", "resnet20"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    critnet.errors.CritnetError: -c resnet20: no such file, and no preset of that name; the presets are ...
+    """
+    resolved: list[str] = []
+    flag = None
+    for arg in args:
+        if flag is not None:
+            resolved.append(_config_file(flag, arg))
+            flag = None
+        elif arg in _CONFIG_FLAGS:
+            flag = arg
+            resolved.append(arg)
+        elif arg.startswith("--config="):
+            resolved.append("--config=" + _config_file("--config", arg[len("--config="):]))
+        else:
+            resolved.append(arg)
+    return resolved
+
+
+def _config_file(flag: str, value: str) -> str:
+    if os.path.isfile(value) or not _FILE_NAME.fullmatch(value):
+        return value
+    try:
+        return str(presets.path(value))
+    except CritnetError:
+        raise CritnetError(f"{flag} {value}: no such file, and no preset of that name; the presets are "
+                           f"{', '.join(presets.names())}") from None
+
+
 def print_models() -> None:
     """Print every model name ``--model.arch`` accepts, one a line, with its input size."""
     from critnet.models import get_model_spec, list_models
@@ -202,7 +303,7 @@ def print_models() -> None:
 
 
 def main(args: Sequence[str] | None = None) -> CritnetCLI | None:
-    """Entry point of ``analyze.py``: ``main(["validate", "-c", "configs/resnet20_cifar10.yaml", ...])``.
+    """Entry point of ``analyze.py``: ``main(["validate", "-c", "resnet20_cifar10", ...])``.
 
     ``main(["--list-models"])`` prints the model names instead (LightningCLI has no place for a flag that needs no
     subcommand, so it is handled before parsing).
@@ -216,7 +317,13 @@ def main(args: Sequence[str] | None = None) -> CritnetCLI | None:
 
 def train_main(args: Sequence[str] | None = None) -> CritnetCLI:
     """Entry point of ``train.py``: always the ``fit`` subcommand, best checkpoint kept in ``checkpoints/``."""
-    args = list(sys.argv[1:] if args is None else args)
-    if args[:1] == ["fit"]:
-        args = args[1:]
-    return _run_reporting_errors(TrainCLI, ["fit", *args])
+    if args is None:
+        sys.argv[1:] = _fit(sys.argv[1:])
+        return _run_reporting_errors(TrainCLI, None)
+    return _run_reporting_errors(TrainCLI, _fit(args))
+
+
+def _fit(args: Sequence[str]) -> list[str]:
+    args = list(args)
+    return ["fit", *(args[1:] if args[:1] == ["fit"] else args)]
+

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PRESETS = REPO / "critnet" / "presets"  # the command line's YAML presets, shipped in the package
 SHARED = REPO.parent / "shared"
 CIFAR_ROOT = SHARED / "data" / "cifar10"
 CIFAR_CHECKPOINTS = SHARED / "checkpoints" / "cifar10"
@@ -154,7 +155,7 @@ def once_per_test_run(tmp_path_factory, name: str, build) -> Path:
 
 @pytest.fixture(scope="session")
 def seed_preset_log_dir(tmp_path_factory) -> Path:
-    """The log_dir of one `analyze.py validate` run of configs/rank_seed.yaml on the first 256 test images (its
+    """The log_dir of one `analyze.py validate` run of the rank_seed preset on the first 256 test images (its
     num_batches=1 ranks the first batch of 128), shared by the tests that check its files."""
     if not RESNET20_WEIGHTS.is_file():
         pytest.skip("../shared is not beside the repo")

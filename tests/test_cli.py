@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import datasets, transforms
 
-from conftest import CIFAR_ROOT, KERNEL_REL, REPO, RESNET20_WEIGHTS, f32_close, requires_shared
+from conftest import CIFAR_ROOT, KERNEL_REL, PRESETS, RESNET20_WEIGHTS, f32_close, requires_shared
 from critnet.cli import main, train_main
 
 pytestmark = requires_shared
@@ -17,7 +17,7 @@ SUBSET = ["--data.subset_size", "600", "--data.subset_seed", "0"]
 
 
 def cli_args(tmp_path, *extra):
-    return ["validate", "-c", str(REPO / "configs/resnet20_cifar10.yaml"), "--data.root", str(CIFAR_ROOT),
+    return ["validate", "-c", str(PRESETS / "resnet20_cifar10.yaml"), "--data.root", str(CIFAR_ROOT),
             "--model.weights", str(RESNET20_WEIGHTS), "--trainer.default_root_dir", str(tmp_path),
             "--data.num_workers", "0", "--trainer.enable_progress_bar", "false", *extra]
 
@@ -29,7 +29,7 @@ def read_metrics(root: Path) -> dict:
 
 def plain_loop(indices):
     """Evaluate the public ResNet20 with nothing but torch/torchvision over the same files, in batches of 128 like
-    configs/resnet20_cifar10.yaml: the same batches give the same kernels, so the same float32 per-sample losses."""
+    the resnet20_cifar10 preset: the same batches give the same kernels, so the same float32 per-sample losses."""
     from critnet.models.cifar_resnet import CifarResNet  # the architecture only; weights loaded by hand
 
     model = CifarResNet(3)
@@ -104,7 +104,7 @@ def test_ddp_two_processes_count_every_image_once(tmp_path, ddp_runs):
 
 def test_short_fit_leaves_a_checkpoint_that_validate_loads(tmp_path):
     ckpt_dir = tmp_path / "checkpoints"
-    train_main(["-c", str(REPO / "configs/resnet20_cifar10.yaml"), "--data.root", str(CIFAR_ROOT),
+    train_main(["-c", str(PRESETS / "resnet20_cifar10.yaml"), "--data.root", str(CIFAR_ROOT),
                 "--model.weights", str(RESNET20_WEIGHTS), "--model.lr", "0.01", "--data.num_workers", "0",
                 "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
                 "--data.batch_size", "32", *SUBSET, "--trainer.enable_progress_bar", "false",

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CIFAR_ROOT, REPO, RESNET20_WEIGHTS, requires_shared
+from conftest import CIFAR_ROOT, PRESETS, REPO, RESNET20_WEIGHTS, requires_shared
 
 from critnet.cli import main
 
@@ -21,7 +21,7 @@ pytestmark = requires_shared
 
 
 def cli_args(tmp_path: Path, preset: str, *extra: str, subset: int = 8) -> list[str]:
-    return ["validate", "-c", str(REPO / "configs/resnet20_cifar10.yaml"), "-c", str(REPO / "configs" / preset),
+    return ["validate", "-c", str(PRESETS / "resnet20_cifar10.yaml"), "-c", str(PRESETS / preset),
             "--data.root", str(CIFAR_ROOT), "--model.weights", str(RESNET20_WEIGHTS),
             "--data.subset_size", str(subset), "--data.subset_seed", "0", "--data.num_workers", "0",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false", *extra]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, first_test_images, requires_shared
+from conftest import PRESETS, first_test_images, requires_shared
 from critnet.choices import SettingError
 from critnet.faults import (
     Fault,
@@ -354,7 +354,7 @@ def test_the_cli_preset_runs_the_campaign_and_rejects_bad_flags_in_one_line(tmp_
     from critnet.cli import main
 
     make_image_folder(tmp_path / "data", "test", 10, 1)
-    args = ["validate", "-c", str(REPO / "configs/resnet20_cifar10.yaml"), "-c", str(REPO / "configs/faults_resnet20.yaml"),
+    args = ["validate", "-c", str(PRESETS / "resnet20_cifar10.yaml"), "-c", str(PRESETS / "faults_resnet20.yaml"),
             "--data.root", str(tmp_path / "data"), "--data.batch_size", "5", "--data.num_workers", "0",
             "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
             "--trainer.accelerator", "cpu", "--trainer.callbacks.init_args.faults", "8",

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import REPO
+from conftest import PRESETS
 from critnet.cli import main
 from test_data import make_image_folder
 
@@ -18,7 +18,7 @@ def tiny_imagenet(tmp_path_factory):
 
 
 def imagenet_args(root, out, config="resnet18_imagenet.yaml"):
-    return ["-c", str(REPO / "configs" / config), "--data.root", str(root), "--data.num_classes", "3",
+    return ["-c", str(PRESETS / config), "--data.root", str(root), "--data.num_classes", "3",
             "--model.weights", "null", "--data.batch_size", "4", "--data.num_workers", "0",
             "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out)]

@@ -57,7 +57,7 @@ import sys  # noqa: E402
 
 import torchvision  # noqa: E402
 
-from conftest import REPO  # noqa: E402
+from conftest import PRESETS  # noqa: E402
 from critnet.checkpoints import CheckpointError, torchvision_weights  # noqa: E402
 from critnet.models import load_model  # noqa: E402
 from critnet.models.preprocessing import preprocessing  # noqa: E402
@@ -235,7 +235,7 @@ def test_validate_any_torchvision_classifier_with_a_preset_on_an_image_folder(ti
     from critnet.cli import main
 
     main(["validate", "--model.arch", "mobilenet_v3_small", "--model.weights", "null",
-          "-c", str(REPO / "configs/prune_neurons.yaml"), "--data.root", str(tiny_tree), "--data.image_size", "32",
+          "-c", str(PRESETS / "prune_neurons.yaml"), "--data.root", str(tiny_tree), "--data.image_size", "32",
           *quiet(tmp_path)])
     (run,) = tmp_path.glob("lightning_logs/version_*")
     record = json.loads((run / "metrics.json").read_text())
@@ -250,7 +250,7 @@ def test_rank_heads_of_a_user_network_through_the_cli(tiny_tree, tmp_path):
     main(["validate", "--model.network", "torchvision.models.VisionTransformer",
           "--model.network.image_size", "16", "--model.network.patch_size", "8", "--model.network.num_layers", "1",
           "--model.network.num_heads", "2", "--model.network.hidden_dim", "8", "--model.network.mlp_dim", "8",
-          "--model.network.num_classes", "3", "-c", str(REPO / "configs/rank_heads.yaml"),
+          "--model.network.num_classes", "3", "-c", str(PRESETS / "rank_heads.yaml"),
           "--data.root", str(tiny_tree), "--data.image_size", "16", *quiet(tmp_path)])
     import csv
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CIFAR_ROOT, KERNEL_REL, REPO, RESNET20_WEIGHTS, f32_close, requires_shared
+from conftest import CIFAR_ROOT, KERNEL_REL, PRESETS, RESNET20_WEIGHTS, f32_close, requires_shared
 from test_prune import masked_copy, reference_evaluate, reference_masks
 
 from critnet.cli import main
@@ -20,10 +20,10 @@ pytestmark = requires_shared
 SUBSET = 128  # a seeded random subset: the first test images are all airplanes
 
 
-def run_cli(tmp_path: Path, *extra: str, presets=("configs/prune_connections.yaml",)):
-    args = ["validate", "-c", str(REPO / "configs/resnet20_cifar10.yaml")]
+def run_cli(tmp_path: Path, *extra: str, presets=("prune_connections.yaml",)):
+    args = ["validate", "-c", str(PRESETS / "resnet20_cifar10.yaml")]
     for preset in presets:
-        args += ["-c", str(REPO / preset)]
+        args += ["-c", str(PRESETS / preset)]
     args += [
         "--data.root", str(CIFAR_ROOT), "--model.weights", str(RESNET20_WEIGHTS),
         "--data.subset_size", str(SUBSET), "--data.subset_seed", "0", "--data.batch_size", "64",

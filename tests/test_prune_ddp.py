@@ -7,7 +7,7 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import CIFAR_ROOT, REPO, RESNET20_WEIGHTS, requires_shared
+from conftest import CIFAR_ROOT, PRESETS, RESNET20_WEIGHTS, requires_shared
 
 from critnet.cli import main
 
@@ -17,7 +17,7 @@ pytestmark = requires_shared
 def arguments(root: Path, devices: int, *extra: str) -> list[str]:
     return [
         "validate",
-        "-c", str(REPO / "configs/resnet20_cifar10.yaml"), "-c", str(REPO / "configs/prune_connections.yaml"),
+        "-c", str(PRESETS / "resnet20_cifar10.yaml"), "-c", str(PRESETS / "prune_connections.yaml"),
         "--data.root", str(CIFAR_ROOT), "--model.weights", str(RESNET20_WEIGHTS),
         # 3 batches of 32 over 2 ranks: rank 0 evaluates two of them, rank 1 one
         "--data.subset_size", "96", "--data.subset_seed", "1", "--data.batch_size", "32", "--data.num_workers", "0",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import PRESETS
 from PIL import Image
 
 from critnet.cli import main
@@ -35,10 +35,10 @@ def tiny_imagenet(tmp_path_factory) -> Path:
 
 
 def imagenet_args(arch: str, root: Path, weights: Path, log_root: Path, preset: str, batch_size: int) -> list[str]:
-    config = REPO / f"configs/{arch}_imagenet.yaml"
+    config = PRESETS / f"{arch}_imagenet.yaml"
     base = ["-c", str(config)] if config.is_file() else [
         "--model.arch", arch, "--data.class_path", "critnet.data.ImageNetDataModule"]
-    return ["validate", *base, "-c", str(REPO / preset),
+    return ["validate", *base, "-c", str(PRESETS / preset),
             "--data.root", str(root), "--data.num_classes", "3", "--data.resize_size", "36", "--data.crop_size", "32",
             "--data.batch_size", str(batch_size), "--data.num_workers", "0",
             "--model.weights", str(weights), "--trainer.accelerator", "cpu",
@@ -46,9 +46,9 @@ def imagenet_args(arch: str, root: Path, weights: Path, log_root: Path, preset: 
 
 
 @pytest.mark.parametrize("arch,preset,extra,batch_size", [
-    ("resnet18", "configs/prune_connections.yaml",
+    ("resnet18", "prune_connections.yaml",
      ["--trainer.callbacks.init_args.p_prune=[0.0, 0.3, 1.0]", "--trainer.callbacks.init_args.p_bern=[1.0]"], 4),
-    ("resnet50", "configs/prune_neurons.yaml", ["--trainer.callbacks.init_args.p_prune=[0.05, 1.0]"], 6),
+    ("resnet50", "prune_neurons.yaml", ["--trainer.callbacks.init_args.p_prune=[0.05, 1.0]"], 6),
 ])
 def test_imagenet_sweep_runs_and_restores(tmp_path, tiny_imagenet, arch, preset, extra, batch_size):
     torch.manual_seed(1)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import (
     CIFAR_ROOT,
     KERNEL_REL,
-    REPO,
+    PRESETS,
     RESNET20_WEIGHTS,
     assert_ranked_like,
     f32_close,
@@ -30,11 +30,11 @@ from critnet.cli import main
 pytestmark = requires_shared
 
 
-def run_cli(tmp_path: Path, *extra: str, presets=("configs/rank_seed.yaml",), subset: int = 128) -> Path:
+def run_cli(tmp_path: Path, *extra: str, presets=("rank_seed.yaml",), subset: int = 128) -> Path:
     """``analyze.py validate`` on the first ``subset`` test images; returns the run's log_dir."""
-    args = ["validate", "-c", str(REPO / "configs/resnet20_cifar10.yaml")]
+    args = ["validate", "-c", str(PRESETS / "resnet20_cifar10.yaml")]
     for preset in presets:
-        args += ["-c", str(REPO / preset)]
+        args += ["-c", str(PRESETS / preset)]
     args += [
         "--data.root", str(CIFAR_ROOT),
         "--model.weights", str(RESNET20_WEIGHTS),
@@ -150,7 +150,7 @@ def test_prune_sweep_against_an_independent_loop_and_tensorboard(tmp_path, resne
         "--trainer.callbacks.init_args.levels", json.dumps(levels),
         "--trainer.callbacks.init_args.score", "delta_loss",
         "--trainer.callbacks.init_args.top_k", "5",
-        presets=("configs/rank_neurons.yaml",),
+        presets=("rank_neurons.yaml",),
         subset=32,
     )  # fmt: skip
     rows = read_csv(log_dir / "ranking.csv")

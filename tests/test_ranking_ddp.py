@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from conftest import CIFAR_ROOT, KERNEL_REL, REPO, RESNET20_WEIGHTS, assert_ranked_like, f32_close, requires_shared
+from conftest import CIFAR_ROOT, KERNEL_REL, PRESETS, RESNET20_WEIGHTS, assert_ranked_like, f32_close, requires_shared
 
 from critnet.cli import main
 
@@ -29,7 +29,7 @@ ANALYSIS = [
 def arguments(root: Path, *extra: str) -> list[str]:
     return [
         "validate",
-        "-c", str(REPO / "configs/resnet20_cifar10.yaml"), "-c", str(REPO / "configs/rank_seed.yaml"),
+        "-c", str(PRESETS / "resnet20_cifar10.yaml"), "-c", str(PRESETS / "rank_seed.yaml"),
         "--data.root", str(CIFAR_ROOT), "--model.weights", str(RESNET20_WEIGHTS),
         "--data.subset_size", "48", "--data.batch_size", "16", "--data.num_workers", "0",
         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",

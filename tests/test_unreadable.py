@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import REPO
+from conftest import PRESETS
 from critnet.cli import main
 from critnet.data import CIFAR10DataModule, ImageReadError, image_folder
 from critnet.errors import one_line
@@ -51,7 +51,7 @@ def tree_with_a_bad_image_on_rank_1(root: Path) -> Path:
 
 
 def cli_args(root: Path, out: Path, workers: int, *extra: str) -> list[str]:
-    return ["-c", str(REPO / "configs/resnet20_cifar10.yaml"), "--data.root", str(root), "--model.weights", "null",
+    return ["-c", str(PRESETS / "resnet20_cifar10.yaml"), "--data.root", str(root), "--model.weights", "null",
             "--data.batch_size", "2", "--data.num_workers", str(workers), "--trainer.accelerator", "cpu",
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out), *extra]
 
@@ -138,7 +138,7 @@ def test_an_error_raised_in_a_loader_worker_reports_its_own_message(tmp_path):
 def test_the_analysis_json_files_list_the_skipped_images(tmp_path):
     bad = cifar_tree(tmp_path / "data", "truncated", "text")
     for preset, name in (("rank_seed.yaml", "ranking.json"), ("prune_neurons.yaml", "prune_sweep.json")):
-        cli = main(["validate", *cli_args(tmp_path / "data", tmp_path / preset, 0, "-c", str(REPO / "configs" / preset),
+        cli = main(["validate", *cli_args(tmp_path / "data", tmp_path / preset, 0, "-c", str(PRESETS / preset),
                                           "--data.skip_unreadable", "true")])
         record = json.loads((Path(cli.trainer.log_dir) / name).read_text())
         assert record["skipped_images"] == 2 and record["skipped_paths"] == sorted(map(str, bad.values()))

@@ -1,4 +1,5 @@
-"""The command line: ``python analyze.py fit|validate|test|predict`` and ``python train.py``."""
+"""The command line: ``critnet fit|validate|test|predict`` and ``critnet-train`` (also ``python analyze.py`` and
+``python train.py`` in a checkout)."""
 
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ def share_model_with_data(config: Any) -> None:
 
 
 class TrainCLI(CritnetCLI):
-    """``train.py``: also keeps the best checkpoint (by val/top1) in ``checkpoints/``."""
+    """``critnet-train`` (``train.py``): also keeps the best checkpoint (by val/top1) in ``checkpoints/``."""
 
     EXAMPLE = "-c resnet20_cifar10 -c finetune_resnet20_jpeg --data.root DIR --model.weights FILE"
 
@@ -303,7 +304,8 @@ def print_models() -> None:
 
 
 def main(args: Sequence[str] | None = None) -> CritnetCLI | None:
-    """Entry point of ``analyze.py``: ``main(["validate", "-c", "resnet20_cifar10", ...])``.
+    """Entry point of the ``critnet`` command and of ``analyze.py``: ``main(["validate", "-c", "resnet20_cifar10",
+    ...])``.
 
     ``main(["--list-models"])`` prints the model names instead (LightningCLI has no place for a flag that needs no
     subcommand, so it is handled before parsing).
@@ -316,7 +318,8 @@ def main(args: Sequence[str] | None = None) -> CritnetCLI | None:
 
 
 def train_main(args: Sequence[str] | None = None) -> CritnetCLI:
-    """Entry point of ``train.py``: always the ``fit`` subcommand, best checkpoint kept in ``checkpoints/``."""
+    """Entry point of the ``critnet-train`` command and of ``train.py``: always the ``fit`` subcommand, best
+    checkpoint kept in ``checkpoints/``."""
     if args is None:
         sys.argv[1:] = _fit(sys.argv[1:])
         return _run_reporting_errors(TrainCLI, None)
@@ -327,3 +330,13 @@ def _fit(args: Sequence[str]) -> list[str]:
     args = list(args)
     return ["fit", *(args[1:] if args[:1] == ["fit"] else args)]
 
+
+def command() -> None:
+    """The installed ``critnet`` command: :func:`main` on the command line (a console script exits with the status
+    its function returns, so this returns nothing rather than the CLI object)."""
+    main()
+
+
+def train_command() -> None:
+    """The installed ``critnet-train`` command: :func:`train_main` on the command line."""
+    train_main()

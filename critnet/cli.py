@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -184,6 +185,7 @@ def _parser_kwargs(cli_class: type[CritnetCLI]) -> dict[str, Any]:
 
 
 def _run(cli_class: type[CritnetCLI], args: Sequence[str] | None) -> CritnetCLI:
+    quiet_lightning_tips()
     return cli_class(
         ClassifierModule,
         ClassificationDataModule,
@@ -285,6 +287,25 @@ def _config_file(flag: str, value: str) -> str:
     except CritnetError:
         raise CritnetError(f"{flag} {value}: no such file, and no preset of that name; the presets are "
                            f"{', '.join(presets.names())}") from None
+
+
+class _NoLightningTips(logging.Filter):
+    """Drops the tips Lightning logs at the start of every run ("💡 Tip: ... install litlogger", "... litmodels"):
+    they advertise its cloud services and say nothing about the run. Its other messages and warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and str(record.msg).startswith("💡"))
+
+
+def quiet_lightning_tips() -> None:
+    """Install :class:`_NoLightningTips` on the loggers that Lightning's ``rank_zero_info`` writes to (once)."""
+    from lightning_utilities.core import rank_zero
+
+    names = {"lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", rank_zero.log.name}
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoLightningTips) for f in logger.filters):
+            logger.addFilter(_NoLightningTips())
 
 
 def print_models() -> None:

@@ -1,7 +1,9 @@
-"""The presets the command line takes by name or by path."""
+"""The installed commands (``critnet``, ``critnet-train``) and the presets they take by name or by path."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -9,12 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PRESETS, REPO
+from conftest import CIFAR_ROOT, PRESETS, REPO, RESNET20_WEIGHTS, requires_shared
 from critnet import presets
-from critnet.cli import main, resolve_presets, train_main
+from critnet.cli import _NoLightningTips, main, resolve_presets, train_main
 from critnet.errors import CritnetError
 
 PRESET_FILES = sorted(PRESETS.glob("*.yaml"))
+
+
+def command(name: str) -> Path:
+    """A console script of this environment (``pip install -e .`` and ``make install`` make them)."""
+    path = Path(sys.executable).with_name(name)
+    assert path.is_file(), f"{path} is missing: reinstall critnet (make install)"
+    return path
 
 
 def checkout_free_env() -> dict[str, str]:
@@ -75,8 +84,39 @@ def test_help_lists_every_preset_with_its_summary(capsys):
         assert example in out
 
 
+def test_lightning_tips_are_dropped_and_nothing_else():
+    def record(level, msg):
+        return logging.LogRecord("lightning.pytorch.utilities.rank_zero", level, __file__, 1, msg, None, None)
+
+    keep = _NoLightningTips().filter
+    assert not keep(record(logging.INFO, "💡 Tip: For seamless cloud logging ... litlogger ..."))
+    assert keep(record(logging.INFO, "GPU available: False, used: False"))
+    assert keep(record(logging.WARNING, "💡 a warning that happens to start like a tip"))
+
+
+@requires_shared
+def test_the_critnet_command_runs_presets_by_name_from_any_folder_without_tips(tmp_path):
+    """The console script, from a folder outside the checkout: a model preset and an analysis preset by name; the
+    console has Lightning's own lines but not its advertising tips."""
+    done = subprocess.run(
+        [command("critnet"), "validate", "-c", "resnet20_cifar10", "--config", "rank_seed",
+         "--data.root", str(CIFAR_ROOT), "--model.weights", str(RESNET20_WEIGHTS), "--data.subset_size", "32",
+         "--data.subset_seed", "0", "--data.num_workers", "0", "--trainer.callbacks.init_args.progress", "false"],
+        cwd=tmp_path, env=checkout_free_env(), capture_output=True, text=True, timeout=300)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-3000:]
+    assert "GPU available:" in console  # Lightning's other messages still print
+    for tip in ("litlogger", "litmodels", "💡"):
+        assert tip not in console, console
+    assert "args parameter" not in console  # LightningCLI's warning when it gets both args and a command line
+    log_dir = next(tmp_path.glob("runs/resnet20_cifar10/lightning_logs/version_0"))
+    assert json.loads((log_dir / "metrics.json").read_text())["samples"] == 32
+    ranking = json.loads((log_dir / "ranking.json").read_text())  # rank_seed: 39 weight tensors, one batch
+    assert (ranking["units"], ranking["batches"], ranking["baseline"]["samples"]) == (39, 1, 32)
+
+
 def test_train_py_takes_names_from_a_checkout(tmp_path):
-    """``train.py`` composes presets by name into a ``fit`` config that
+    """``train.py`` (``critnet-train``'s twin in a checkout) composes presets by name into a ``fit`` config that
     keeps the best checkpoint."""
     done = subprocess.run(
         [sys.executable, REPO / "train.py", "-c", "resnet20_cifar10", "-c", "finetune_resnet20_jpeg", "--print_config"],

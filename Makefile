@@ -4,7 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.critnet-installed
 
-.PHONY: install test bench clean
+.PHONY: install test wheel-check docs bench clean
+
+comma := ,
+# The docs extra (MkDocs) once the project has a site to build.
+EXTRAS := test$(if $(wildcard mkdocs.yml),$(comma)docs)
 
 install: $(STAMP)
 
@@ -13,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 # Two workers on the 2-core CI machine, one per core (every test runs one intra-op thread); whole files go to one
@@ -22,6 +26,21 @@ WORKERS ?= auto
 
 test: install
 	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
+
+# The built wheel, installed into a fresh environment outside the checkout: `critnet validate -c resnet20_cifar10`
+# on the whole shared test split and the documentation's Python example, run from other folders (.ci/wheel_check.py).
+wheel-check: install
+	$(BIN)/python .ci/wheel_check.py
+
+# The documentation site, warnings as errors, into build/site (ignored by git); a venv made before mkdocs.yml
+# existed gets the docs extra here.
+docs: install
+ifneq ($(wildcard mkdocs.yml),)
+	test -x $(BIN)/mkdocs || $(BIN)/python -m pip install --quiet --no-compile -e ".[$(EXTRAS)]"
+	$(BIN)/mkdocs build --strict --site-dir build/site
+else
+	@echo "docs: no mkdocs.yml, no site to build"
+endif
 
 bench: install
 	$(BIN)/python bench/ranking.py

@@ -1,7 +1,7 @@
 """Benchmark of halving's top 20 against the exact ranking, with each bound (a benchmark, not a test).
 
 ResNet20 with the shared checkpoint, all 698 conv and linear output channels zeroed one at a time (the units of
-``configs/rank_neurons.yaml``), scored by Δloss on the CIFAR-10 test split, read through critnet's own CIFAR-10
+the ``rank_neurons`` preset), scored by Δloss on the CIFAR-10 test split, read through critnet's own CIFAR-10
 datamodule (the images the command line ranks). In one run it times
 
 - the exact ranking on 1,000 test images spread evenly over the class-sorted split (every 10th); the exact method's
@@ -9,7 +9,7 @@ datamodule (the images the command line ranks). In one run it times
 - ``method="halving"`` (top 20, ``top_k_confidence`` 0.99) on all 10,000 images with each bound: ``betting`` (the
   default, finite-sample) and ``normal`` (nominal), optionally also on smaller sets spread evenly (``--scaling``).
 
-With ``--exact-csv`` (the ``ranking.csv`` of an exact run on the whole split, e.g. ``configs/rank_neurons.yaml``, or
+With ``--exact-csv`` (the ``ranking.csv`` of an exact run on the whole split, of the ``rank_neurons`` preset, or
 any CSV with ``rank,unit,score`` rows of the exact top 20) it checks each top 20: the same units in the same order,
 and the same scores within 1e-6 relative (the reference may come from another CPU, which rounds float32
 differently). Times are wall seconds and this process's CPU seconds (with one intra-op thread the CPU time is the

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from critnet.distributed import Distributed
 from critnet.engine.data import EvaluationSet, as_evaluation_set
 from critnet.engine.tallying import TallyPair, sum_halves
+from critnet.errors import DataError, ModelInputError, OutputError
 from critnet.outputs import OutputSelector, logits_of
 from critnet.scoring import Tally, per_sample
 
@@ -70,6 +71,116 @@ def device_of(model: nn.Module) -> torch.device:
     if tensor is None:
         tensor = next(model.buffers(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+# What a forward pass raises on inputs of the wrong shape, dtype or device: torch's shape and dtype checks
+# (RuntimeError), torch._assert and timm's image-size asserts (AssertionError), Hugging Face's channel checks
+# (ValueError). Other exceptions (a NameError in the model's code) are the model's own bugs and pass through.
+_INPUT_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError)
+
+
+def check_fit(model: nn.Module, data: EvaluationSet, *, output: OutputSelector = None,
+              forward_context: ForwardContext | None = None) -> int:
+    """The number of classes of ``model``, after checking that it takes ``data``: every analysis calls this before it
+    touches the model (before any perturbation, mask, fault or hook).
+
+    The model runs, in eval mode and without gradients, on two inputs of the first batch of every distinct input
+    shape and dtype; its logits are read by ``output`` (:func:`critnet.outputs.logits_of`) and must be
+    ``(inputs, classes)`` floats; every target must lie in ``[0, classes)``. Each failure is one line; the model's
+    train flags are put back and nothing else of it changes.
+
+    Raises:
+        ModelInputError: the model rejects the inputs (names the model, the shape it expects where its first
+            layer or an image size says so, and the shape it got).
+        OutputError: the logits cannot be read from the model's output, or are not ``(inputs, classes)`` floats.
+        DataError: a target outside the model's classes (names the batch, the position and the value).
+
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
+    >>> check_fit(model, as_evaluation_set((torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 9]))))
+    10
+    >>> check_fit(model, as_evaluation_set((torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 12, 9]))))
+    Traceback (most recent call last):
+    ...
+    critnet.errors.DataError: data: batch 0, targets[2] = 12 is outside the model's 10 classes [0, 10)
+    """
+    kinds = set(data.input_kinds if data.input_kinds is not None else [0])
+    classes: int | None = None
+    with evaluation_mode(model, data.device), torch.no_grad():
+        for position, (x, _) in enumerate(data):
+            if position > max(kinds):
+                break  # a streamed set need not be read further
+            if position not in kinds:
+                continue
+            probe = x[:2]
+            try:
+                with forward_context() if forward_context is not None else nullcontext():
+                    returned = model(probe)
+            except _INPUT_ERRORS as err:
+                raise ModelInputError(_rejected(model, x, position, err)) from None
+            logits = logits_of(returned, output)
+            if logits.dim() != 2 or logits.shape[0] != len(probe) or not logits.is_floating_point():
+                raise OutputError(
+                    f"output: {type(model).__name__} returns logits of shape {tuple(logits.shape)} "
+                    f"({str(logits.dtype).removeprefix('torch.')}) for {len(probe)} inputs; critnet needs floats of "
+                    f"shape (inputs, classes), here ({len(probe)}, classes)")
+            if classes is not None and logits.shape[1] != classes:
+                raise DataError(f"data: batch {position}: {type(model).__name__} returns {logits.shape[1]} classes "
+                                f"for its inputs of shape {tuple(x.shape[1:])}, {classes} for those of batch 0")
+            classes = int(logits.shape[1])
+    for position, bounds in enumerate(data.target_range or []):
+        if bounds is None:
+            continue
+        low, at_low, high, at_high = bounds
+        if low < 0 or high >= classes:
+            index, value = (at_low, low) if low < 0 else (at_high, high)
+            raise DataError(f"data: batch {position}, targets[{index}] = {value} is outside the model's {classes} "
+                            f"classes [0, {classes})")
+    return classes
+
+
+def _rejected(model: nn.Module, x: Tensor, position: int, err: BaseException) -> str:
+    """One line: ``model`` rejects the inputs ``x`` of batch ``position`` (with ``err``), and what it expects."""
+    said = (str(err).strip().splitlines() or [""])[0]
+    expected = expected_input(model)
+    expects = f"; it expects {expected}" if expected else ""
+    return (f"data: {type(model).__name__} rejects the inputs of batch {position}, of shape {tuple(x.shape)} "
+            f"({str(x.dtype).removeprefix('torch.')}, {x.device}){expects}; on the first {min(len(x), 2)} of them "
+            f"the model says {type(err).__name__}: {said}")
+
+
+def expected_input(model: nn.Module) -> str | None:
+    """The input shape ``model`` expects, as far as its first conv or linear layer (in module order) and an image
+    size attribute (torchvision's ViT ``image_size``, timm's ``patch_embed.img_size``, a Hugging Face
+    ``config.image_size``) tell; None if neither does.
+
+    >>> expected_input(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    "(N, 3, H, W) (its first Conv2d '0' takes 3 channels)"
+    """
+    first = next(((name, m) for name, m in model.named_modules()
+                  if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))), None)
+    size = _image_size(model)
+    sides = {nn.Conv1d: ["L"], nn.Conv2d: ["H", "W"], nn.Conv3d: ["D", "H", "W"]}
+    if first is None:
+        return f"images of {size[0]}×{size[1]}" if size else None
+    name, layer = first
+    if isinstance(layer, nn.Linear):
+        return f"(N, …, {layer.in_features}) (its first Linear {name!r} takes {layer.in_features} features)"
+    dims = sides[type(layer)] if type(layer) in sides else ["…"]
+    if size is not None and len(dims) == 2:
+        dims = [str(side) for side in size]
+    return (f"(N, {layer.in_channels}, {', '.join(dims)}) (its first {type(layer).__name__} {name!r} takes "
+            f"{layer.in_channels} channels)")
+
+
+def _image_size(model: nn.Module) -> tuple[int, int] | None:
+    for owner, attribute in ((model, "image_size"), (getattr(model, "patch_embed", None), "img_size"),
+                             (getattr(model, "config", None), "image_size")):
+        value = getattr(owner, attribute, None) if owner is not None else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, value
+        if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+            return int(value[0]), int(value[1])
+    return None
 
 
 def batch_results(model: nn.Module, data: EvaluationSet, *, forward_context: ForwardContext | None = None,
@@ -173,6 +284,12 @@ def evaluate(model: nn.Module, data: Any, *, device: torch.device | str | None =
             ``ModelOutput`` or a dict; a key (``"scores"``), an index (``0`` for a tuple) or a callable that takes
             the model's output and returns the logits tensor selects them explicitly.
 
+    Raises:
+        CritnetError: one line naming the batch, value or output at fault, before any batch is evaluated: data that
+            is not ``(inputs, targets)`` batches of integer class indices, or empty (:class:`~critnet.errors.DataError`),
+            inputs the model rejects (:class:`~critnet.errors.ModelInputError`), targets outside the model's classes,
+            or logits that cannot be read (:class:`~critnet.errors.OutputError`); see :func:`check_fit`.
+
     >>> import torch
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
@@ -182,6 +299,7 @@ def evaluate(model: nn.Module, data: Any, *, device: torch.device | str | None =
     """
     device = torch.device(device) if device is not None else device_of(model)
     evaluation_set = as_evaluation_set(data, device=device, memory_budget_mb=memory_budget_mb)
+    check_fit(model, evaluation_set, output=output, forward_context=forward_context)
     with evaluation_mode(model, device):
         tally = batch_tallies(model, evaluation_set, distributed=distributed, forward_context=forward_context,
                               output=output)

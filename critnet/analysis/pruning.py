@@ -30,7 +30,7 @@ from critnet.distributed import Distributed
 from critnet.engine.data import as_evaluation_set
 from critnet.engine.resume import ResultStore
 from critnet.errors import CritnetError
-from critnet.evaluation import ForwardContext, batch_tallies, evaluation_mode
+from critnet.evaluation import ForwardContext, batch_tallies, check_fit, evaluation_mode
 from critnet.outputs import OutputSelector, check_selector, describe_selector
 from critnet.perturb import Unit
 from critnet.prune import (
@@ -74,8 +74,23 @@ class _MaskEvaluation:
         self.forward_context = forward_context
         # a rank with no batches of a sharded set holds an empty list (more ranks than batches)
         empty = sharded and isinstance(data, (list, tuple)) and len(data) == 0
-        self.data: Any = [] if empty else as_evaluation_set(data, device=model_device(model, device),
-                                                            memory_budget_mb=memory_budget_mb)
+        self.data: Any = []
+        problem: tuple[type, str] | None = None
+        try:
+            if not empty:
+                self.data = as_evaluation_set(data, device=model_device(model, device),
+                                              memory_budget_mb=memory_budget_mb)
+                check_fit(model, self.data, output=output, forward_context=forward_context)
+        except CritnetError as err:
+            if not (sharded and distributed.world_size > 1):
+                raise
+            problem = (type(err), str(err))
+        if sharded and distributed.world_size > 1:
+            # each rank checked only its own share: all must raise together, or the others would wait for the
+            # failed one in the evaluation's collectives forever
+            problems = [p for p in distributed.gather(problem) if p is not None]
+            if problems:
+                raise problems[0][0](problems[0][1])
         self.checksum = state_digest(model)
         self.cache: dict[int, Tally] = {}
         self.store: ResultStore | None = None
@@ -225,6 +240,12 @@ def prune_sweep(
     Returns:
         A :class:`~critnet.results.Sweep`: one row per setting and draw, the unpruned baseline first.
 
+    Raises:
+        CritnetError: one line naming what is at fault, before the model is pruned: a setting
+            (:class:`~critnet.choices.SettingError`), data that is not ``(inputs, targets)`` batches of class
+            indices within the model's classes, inputs the model rejects, or logits that cannot be read (see
+            :func:`critnet.evaluation.check_fit`).
+
     >>> import critnet, torch
     >>> model = critnet.load_model("resnet20")
     >>> sweep = critnet.prune_sweep(model, (torch.randn(16, 3, 32, 32), torch.arange(16) % 10), p_prune=[0.5])
@@ -345,6 +366,9 @@ def compare_orders(
         A :class:`~critnet.results.Sweep` with one row per order, ratio and draw; ``.criticality`` holds the
         ranking computed here.
 
+    Raises:
+        CritnetError: one line naming what is at fault, before the model is touched, as for :func:`prune_sweep`.
+
     >>> import critnet, torch
     >>> model = critnet.load_model("resnet20")
     >>> batch = (torch.randn(16, 3, 32, 32), torch.arange(16) % 10)
@@ -359,39 +383,44 @@ def compare_orders(
     distributed = distributed or Distributed.single()
     info: dict[str, Any] = {"network": network, "orders": orders, "channel_ratios": ratios, "repeats": repeats,
                             "seed": seed, "include_linear": include_linear}
+    # the data of the pruned evaluations is read and checked first, so that a bad batch is named before a ranking
+    # runs
+    distributed, evaluate = _evaluation(model, data, distributed, sharded, forward_context, resume_dir, precision,
+                                        device, memory_budget_mb, output)
     computed: Ranking | None = None
     scores = None
     criticality_info: dict[str, Any] = {}
-    if "criticality" in orders:
-        if criticality is None:
-            if sharded and criticality_data is None:
-                raise SettingError("criticality_data: needed to rank channels when data is this rank's share only")
-            ranking_started = time.perf_counter()
-            channels = list(channel_l1(model, include_linear))
-            computed = rank(
-                model, data if criticality_data is None else criticality_data, unit="channel", perturbation="zero",
-                units=channels, score=criticality_score, method=criticality_method, device=device,
-                memory_budget_mb=memory_budget_mb, distributed=distributed, name=name, output=output,
-                # the engine's own resume file, keyed by weights, units, data and method
-                resume_dir=None if resume_dir is None else Path(resume_dir) / "criticality",
-            )
-            scores = _criticality_scores(computed)
-            criticality_info = {
-                "criticality_source": "computed", "criticality_score": criticality_score,
-                "criticality_perturbation": "zero", "criticality_method": criticality_method,
-                "criticality_samples": computed.samples, "criticality_seconds": time.perf_counter() - ranking_started,
-            }
-        else:
-            scores = _criticality_scores(criticality)
-            source = str(criticality) if isinstance(criticality, (str, Path)) else type(criticality).__name__
-            criticality_info = {"criticality_source": source}
-    plan = [(order, ratio, repeat, seed + repeat)
-            for ratio in ratios for order in orders for repeat in range(repeats if order == "random" else 1)]
-    guided_started = time.perf_counter()
-    distributed, evaluate = _evaluation(model, data, distributed, sharded, forward_context, resume_dir, precision,
-                                        device, memory_budget_mb, output)
     rows = []
     try:
+        if "criticality" in orders:
+            if criticality is None:
+                if sharded and criticality_data is None:
+                    raise SettingError("criticality_data: needed to rank channels when data is this rank's share only")
+                ranking_started = time.perf_counter()
+                channels = list(channel_l1(model, include_linear))
+                computed = rank(
+                    # the evaluation set read above, not data again (which may be a one-shot iterator)
+                    model, evaluate.data if criticality_data is None else criticality_data, unit="channel",
+                    perturbation="zero", units=channels, score=criticality_score, method=criticality_method,
+                    device=device, memory_budget_mb=memory_budget_mb, distributed=distributed, name=name,
+                    output=output,
+                    # the engine's own resume file, keyed by weights, units, data and method
+                    resume_dir=None if resume_dir is None else Path(resume_dir) / "criticality",
+                )
+                scores = _criticality_scores(computed)
+                criticality_info = {
+                    "criticality_source": "computed", "criticality_score": criticality_score,
+                    "criticality_perturbation": "zero", "criticality_method": criticality_method,
+                    "criticality_samples": computed.samples,
+                    "criticality_seconds": time.perf_counter() - ranking_started,
+                }
+            else:
+                scores = _criticality_scores(criticality)
+                source = str(criticality) if isinstance(criticality, (str, Path)) else type(criticality).__name__
+                criticality_info = {"criticality_source": source}
+        plan = [(order, ratio, repeat, seed + repeat)
+                for ratio in ratios for order in orders for repeat in range(repeats if order == "random" else 1)]
+        guided_started = time.perf_counter()
         ordered: dict[tuple[str, int], list[Unit]] = {}
         total = len(channel_l1(model, include_linear))
         with progress_bar(progress, "channel orders", distributed, total=len(plan), step_name="settings") as bar:

@@ -31,6 +31,7 @@ from critnet.engine.certify import LOSS_CLIP, TOP_K_CONFIDENCE
 from critnet.distributed import Distributed
 from critnet.engine import evaluate_baseline, evaluate_units, reference_pass
 from critnet.engine.data import as_evaluation_set
+from critnet.evaluation import check_fit
 from critnet.models.loading import weights_info
 from critnet.outputs import OutputSelector, check_selector, describe_selector
 from critnet.perturb import Perturbation, Unit, select_units
@@ -212,6 +213,12 @@ def rank(
     Returns:
         A :class:`~critnet.results.Ranking`.
 
+    Raises:
+        CritnetError: one line naming what is at fault, before the model is touched: a setting
+            (:class:`~critnet.choices.SettingError`), data that is not ``(inputs, targets)`` batches of class
+            indices within the model's classes, inputs the model rejects, or logits that cannot be read (see
+            :func:`critnet.evaluation.check_fit`).
+
     >>> import critnet, torch
     >>> model = critnet.load_model("resnet20")
     >>> batch = (torch.randn(8, 3, 32, 32), torch.arange(8))
@@ -224,6 +231,7 @@ def rank(
     distributed = distributed or Distributed.single()
     started = time.perf_counter()
     evaluation_set = as_evaluation_set(data, device=model_device(model, device), memory_budget_mb=memory_budget_mb)
+    check_fit(model, evaluation_set, output=output)
     if units is None:
         example = next(iter(evaluation_set))[0][:1] if unit == "activation" else None
         units = settings.select(model, example)

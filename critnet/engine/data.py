@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from critnet.checksums import tensor_bytes
+from critnet.errors import DataError
 
 
 class EvaluationSet:
@@ -24,6 +26,11 @@ class EvaluationSet:
         device: where the batches are delivered.
         checksum: sha256 over the bytes of all inputs and targets (identifies the data in resume fingerprints).
         in_memory: whether the batches are held (True) or streamed from the source (False).
+        target_range: per batch, the smallest and the largest target with their positions in the batch,
+            ``(min, argmin, max, argmax)`` (None for an empty batch); what the targets are checked against the
+            model's classes with. None for a :meth:`subset`.
+        input_kinds: the position of the first batch of every distinct per-sample input shape and dtype (the
+            batches the model is first tried on). None for a :meth:`subset`.
     """
 
     def __init__(
@@ -33,6 +40,9 @@ class EvaluationSet:
         batch_sizes: list[int],
         device: torch.device,
         checksum: str | None = None,
+        *,
+        target_range: list[tuple[int, int, int, int] | None] | None = None,
+        input_kinds: list[int] | None = None,
     ) -> None:
         self._batches = batches
         self._source = source
@@ -41,6 +51,8 @@ class EvaluationSet:
         self.device = device
         self._checksum = checksum
         self.in_memory = batches is not None
+        self.target_range = target_range
+        self.input_kinds = input_kinds
 
     @property
     def checksum(self) -> str:
@@ -70,17 +82,28 @@ class EvaluationSet:
             memory_budget_mb: the most memory the held batches may take; None = no limit.
 
         Raises:
-            ValueError: no samples, a batch that is not an (inputs, targets) pair of matching length, or a
-                one-shot iterator whose batches exceed the memory budget.
+            DataError: (a :class:`~critnet.CritnetError`, one line naming the batch) no samples, a batch that is
+                not an ``(inputs, targets)`` pair of tensors, targets that are not integer class indices of the
+                batch's length, or a one-shot iterator whose batches exceed the memory budget.
         """
         target_device = torch.device(device) if device is not None else None
         budget = None if memory_budget_mb is None else float(memory_budget_mb) * 2**20
         held: list[tuple[Tensor, Tensor]] | None = []
         sizes: list[int] = []
+        ranges: list[tuple[int, int, int, int] | None] = []
+        kinds: dict[tuple, int] = {}
         used = 0
-        for position, batch in enumerate(batches):
+        try:
+            iterator = iter(batches)
+        except TypeError:
+            raise DataError(f"data: {_what(batches)} is not a DataLoader, an iterable of (inputs, targets) batches "
+                            "or one (inputs, targets) pair") from None
+        for position, batch in enumerate(iterator):
             x, y = _as_pair(batch, position)
             sizes.append(int(x.shape[0]))
+            ranges.append(_target_range(y))
+            if len(x):
+                kinds.setdefault((tuple(x.shape[1:]), x.dtype), position)
             used += x.element_size() * x.numel() + y.element_size() * y.numel()
             if held is not None and budget is not None and used > budget:
                 held = None  # over budget: from here on only the shapes are kept, the data streams
@@ -88,15 +111,16 @@ class EvaluationSet:
                 dev = target_device if target_device is not None else x.device
                 held.append((x.to(dev), y.to(dev)))
         if not sizes or sum(sizes) == 0:
-            raise ValueError("evaluation set: the batches hold no samples")
+            raise DataError("data: holds no samples (an empty dataset, DataLoader or list of batches)")
         if held is None and iter(batches) is batches:
-            raise ValueError(
-                f"evaluation set: the batches need {used / 2**20:.1f} MB, more than memory_budget_mb="
+            raise DataError(
+                f"memory_budget_mb: the batches of data need {used / 2**20:.1f} MB, more than memory_budget_mb="
                 f"{memory_budget_mb}, and cannot be streamed because they come from a one-shot iterator; "
                 "pass a DataLoader or list, or raise the budget"
             )
         dev = target_device if target_device is not None else (held[0][0].device if held else torch.device("cpu"))
-        return cls(held, None if held is not None else batches, sizes, dev)
+        return cls(held, None if held is not None else batches, sizes, dev, target_range=ranges,
+                   input_kinds=sorted(kinds.values()))
 
     def __len__(self) -> int:
         return len(self.batch_sizes)
@@ -166,13 +190,57 @@ class _Selection:
             yield torch.cat(xs), torch.cat(ys)
 
 
-def _as_pair(batch, position: int) -> tuple[Tensor, Tensor]:
+def _what(value: Any) -> str:
+    """What ``value`` is, in a few words, for error messages."""
+    if isinstance(value, Tensor):
+        return _a(f"{str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}")
+    if isinstance(value, Mapping):
+        return _a(f"{type(value).__name__} with keys {', '.join(map(repr, list(value)[:6]))}")
+    return _a(type(value).__name__)
+
+
+def _a(words: str) -> str:
+    return f"{'an' if words[:1].lower() in 'aeiou' else 'a'} {words}"
+
+
+def _as_pair(batch: Any, position: int) -> tuple[Tensor, Tensor]:
+    """The ``(inputs, targets)`` of one batch, targets as int64 class indices; a one-line :class:`DataError`
+    naming the batch when it is not that."""
+    where = f"data: batch {position}"
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise ValueError(f"evaluation set: batch {position} is not an (inputs, targets) pair")
+        raise DataError(f"{where} is {_what(batch)}, not an (inputs, targets) pair")
     x, y = batch[0], batch[1]
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.shape[0] != y.shape[0]:
-        raise ValueError(f"evaluation set: batch {position} is not a pair of tensors with the same batch size")
-    return x, y
+    if isinstance(x, Tensor) and ((isinstance(y, (int, float)) and not isinstance(y, bool))
+                                  or (isinstance(y, Tensor) and y.dim() == 0)):
+        # what iterating a Dataset (ImageFolder, TensorDataset) instead of a DataLoader gives
+        raise DataError(f"{where} is (tensor, {'scalar tensor' if isinstance(y, Tensor) else type(y).__name__}): "
+                        "one sample of a dataset, not a batch; wrap the dataset in a torch.utils.data.DataLoader")
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        raise DataError(f"{where}: the inputs are {_what(x)}, not a batch tensor (samples along the first dimension)")
+    if not isinstance(y, Tensor):
+        raise DataError(f"{where}: the targets are {_what(y)}, not a tensor of class indices")
+    n = int(x.shape[0])
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
+        kind = ", one-hot or class probabilities" if y.dim() == 2 else ""
+        if y.dim() == 2:
+            fix = "convert them with targets.argmax(1)"
+        elif y.dim() == 1:
+            fix = "convert them with targets.long()"
+        else:
+            fix = "pass one class index per input"
+        raise DataError(f"{where}: the targets are {_what(y)}{kind}; critnet needs integer class indices of "
+                        f"shape ({n},): {fix}")
+    if y.shape[0] != n:
+        raise DataError(f"{where}: {n} inputs but {y.shape[0]} targets; every input needs one class index")
+    return x, y if y.dtype == torch.long else y.long()
+
+
+def _target_range(y: Tensor) -> tuple[int, int, int, int] | None:
+    """``(min, argmin, max, argmax)`` of the targets of one batch (one transfer from the device), None if empty."""
+    if not len(y):
+        return None
+    low, at_low, high, at_high = torch.stack([y.min(), y.argmin(), y.max(), y.argmax()]).tolist()
+    return low, at_low, high, at_high
 
 
 def as_evaluation_set(data, *, device: torch.device | str | None = None,
@@ -181,7 +249,8 @@ def as_evaluation_set(data, *, device: torch.device | str | None = None,
 
     ``data`` may be an :class:`EvaluationSet` (returned as it is), a DataLoader or any re-iterable of
     ``(inputs, targets)`` batches, a one-shot iterator of such batches, or one ``(inputs, targets)`` pair of
-    tensors (a single batch).
+    tensors (a single batch). Targets are integer class indices, one per input. Anything else is a one-line
+    :class:`~critnet.errors.DataError` naming the batch at fault.
 
     >>> data = as_evaluation_set((torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)))
     >>> data.samples
@@ -189,8 +258,11 @@ def as_evaluation_set(data, *, device: torch.device | str | None = None,
     """
     if isinstance(data, EvaluationSet):
         return data
-    if (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor)
-            and isinstance(data[1], Tensor) and data[1].dim() == 1 and data[0].dim() >= 2
-            and data[0].shape[0] == data[1].shape[0]):
+    if isinstance(data, Tensor):
+        raise DataError(f"data: {_what(data)} alone; critnet needs (inputs, targets) batches, e.g. one pair "
+                        "(inputs, targets) with integer class targets")
+    # two tensors are one batch (a batch is a pair, never a tensor), whatever their shapes: _as_pair says what is
+    # wrong with them
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         data = [(data[0], data[1])]
     return EvaluationSet.from_batches(data, device=device, memory_budget_mb=memory_budget_mb)

@@ -20,7 +20,7 @@ from critnet.engine.data import as_evaluation_set
 from critnet.checksums import state_digest
 from critnet.engine.resume import ResultStore, ResumeError
 from critnet.engine.sharding import assign
-from critnet.evaluation import evaluation_mode
+from critnet.evaluation import check_fit, evaluation_mode
 from critnet.faults.draw import (
     DEFAULT_MODULE_TYPES,
     Stratum,
@@ -150,6 +150,9 @@ def fault_campaign(
 
     Raises:
         SettingError: a setting outside what is allowed (one line naming it).
+        CritnetError: (one line, before any fault is injected) data that is not ``(inputs, targets)`` batches of
+            class indices within the model's classes, inputs the model rejects, or logits that cannot be read (see
+            :func:`critnet.evaluation.check_fit`).
 
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
     >>> data = (torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,)))
@@ -168,6 +171,7 @@ def fault_campaign(
         raise SettingError("resume_dir: resume needs a resume_dir (or an output_dir to keep it in)")
     started = time.perf_counter()
     evaluation = as_evaluation_set(data, device=device, memory_budget_mb=memory_budget_mb)
+    check_fit(model, evaluation, output=output)
     checksum = state_digest(model)
     with evaluation_mode(model, evaluation.device):  # selecting activation sites may run the model once
         members = selected_layers(model, target, layers, module_types, next(iter(evaluation))[0])

@@ -7,8 +7,8 @@ STAMP := $(VENV)/.critnet-installed
 .PHONY: install test wheel-check docs bench clean
 
 comma := ,
-# The docs extra (MkDocs) once the project has a site to build.
-EXTRAS := test$(if $(wildcard mkdocs.yml),$(comma)docs)
+# The tests cover the Hugging Face family (transformers), and the docs extra (MkDocs) once the project has a site.
+EXTRAS := test$(comma)transformers$(if $(wildcard mkdocs.yml),$(comma)docs)
 
 install: $(STAMP)
 
@@ -37,7 +37,7 @@ wheel-check: install
 docs: install
 ifneq ($(wildcard mkdocs.yml),)
 	test -x $(BIN)/mkdocs || $(BIN)/python -m pip install --quiet --no-compile -e ".[$(EXTRAS)]"
-	$(BIN)/mkdocs build --strict --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
 else
 	@echo "docs: no mkdocs.yml, no site to build"
 endif

@@ -127,14 +127,13 @@ def check_fit(model: nn.Module, data: EvaluationSet, *, output: OutputSelector =
                 raise DataError(f"data: batch {position}: {type(model).__name__} returns {logits.shape[1]} classes "
                                 f"for its inputs of shape {tuple(x.shape[1:])}, {classes} for those of batch 0")
             classes = int(logits.shape[1])
-    for position, bounds in enumerate(data.target_range or []):
-        if bounds is None:
-            continue
-        low, at_low, high, at_high = bounds
-        if low < 0 or high >= classes:
-            index, value = (at_low, low) if low < 0 else (at_high, high)
-            raise DataError(f"data: batch {position}, targets[{index}] = {value} is outside the model's {classes} "
-                            f"classes [0, {classes})")
+    bad = next((p for p, r in enumerate(data.target_range or []) if r is not None and (r[0] < 0 or r[1] >= classes)),
+               None)
+    if bad is not None:
+        y = next(y for p, (_, y) in enumerate(data) if p == bad)  # the error path may read the set once more
+        index = int(((y < 0) | (y >= classes)).nonzero()[0])
+        raise DataError(f"data: batch {bad}, targets[{index}] = {int(y[index])} is outside the model's {classes} "
+                        f"classes [0, {classes})")
     return classes
 
 
@@ -285,10 +284,11 @@ def evaluate(model: nn.Module, data: Any, *, device: torch.device | str | None =
             the model's output and returns the logits tensor selects them explicitly.
 
     Raises:
-        CritnetError: one line naming the batch, value or output at fault, before any batch is evaluated: data that
-            is not ``(inputs, targets)`` batches of integer class indices, or empty (:class:`~critnet.errors.DataError`),
-            inputs the model rejects (:class:`~critnet.errors.ModelInputError`), targets outside the model's classes,
-            or logits that cannot be read (:class:`~critnet.errors.OutputError`); see :func:`check_fit`.
+        CritnetError: one line naming the batch, value or output at fault, before any batch is evaluated: data
+            that is not ``(inputs, targets)`` batches of integer class indices, or empty
+            (:class:`~critnet.errors.DataError`), inputs the model rejects (:class:`~critnet.errors.ModelInputError`),
+            targets outside the model's classes, or logits that cannot be read (:class:`~critnet.errors.OutputError`);
+            see :func:`check_fit`.
 
     >>> import torch
     >>> from torch import nn

@@ -26,9 +26,8 @@ class EvaluationSet:
         device: where the batches are delivered.
         checksum: sha256 over the bytes of all inputs and targets (identifies the data in resume fingerprints).
         in_memory: whether the batches are held (True) or streamed from the source (False).
-        target_range: per batch, the smallest and the largest target with their positions in the batch,
-            ``(min, argmin, max, argmax)`` (None for an empty batch); what the targets are checked against the
-            model's classes with. None for a :meth:`subset`.
+        target_range: per batch, the smallest and the largest target ``(min, max)`` (None for an empty batch):
+            what the targets are checked against the model's classes with. None for a :meth:`subset`.
         input_kinds: the position of the first batch of every distinct per-sample input shape and dtype (the
             batches the model is first tried on). None for a :meth:`subset`.
     """
@@ -41,7 +40,7 @@ class EvaluationSet:
         device: torch.device,
         checksum: str | None = None,
         *,
-        target_range: list[tuple[int, int, int, int] | None] | None = None,
+        target_range: list[tuple[int, int] | None] | None = None,
         input_kinds: list[int] | None = None,
     ) -> None:
         self._batches = batches
@@ -90,7 +89,7 @@ class EvaluationSet:
         budget = None if memory_budget_mb is None else float(memory_budget_mb) * 2**20
         held: list[tuple[Tensor, Tensor]] | None = []
         sizes: list[int] = []
-        ranges: list[tuple[int, int, int, int] | None] = []
+        ranges: list[tuple[int, int] | None] = []
         kinds: dict[tuple, int] = {}
         used = 0
         try:
@@ -235,12 +234,12 @@ def _as_pair(batch: Any, position: int) -> tuple[Tensor, Tensor]:
     return x, y if y.dtype == torch.long else y.long()
 
 
-def _target_range(y: Tensor) -> tuple[int, int, int, int] | None:
-    """``(min, argmin, max, argmax)`` of the targets of one batch (one transfer from the device), None if empty."""
+def _target_range(y: Tensor) -> tuple[int, int] | None:
+    """``(min, max)`` of the targets of one batch (one transfer from the device), None if empty."""
     if not len(y):
         return None
-    low, at_low, high, at_high = torch.stack([y.min(), y.argmin(), y.max(), y.argmax()]).tolist()
-    return low, at_low, high, at_high
+    low, high = torch.stack([y.min(), y.max()]).tolist()
+    return low, high
 
 
 def as_evaluation_set(data, *, device: torch.device | str | None = None,

@@ -178,7 +178,8 @@ def test_a_sharded_prune_sweep_raises_on_every_rank_when_one_share_is_bad():
     instead of waiting for it forever."""
     model = tiny_model()
     good, bad = batches()[:1], with_target(0, 2, 9)[:1]
-    expected = "data: batch 0, targets[2] = 9 is outside the model's 5 classes [0, 5)"
+    found = "data: batch 0, targets[2] = 9 is outside the model's 5 classes [0, 5)"
+    expected = f"{found} (in rank 0's share of the batches)"
     gathered = []
 
     def rank_zero_gather(obj):  # rank 1 holds the good share
@@ -187,7 +188,7 @@ def test_a_sharded_prune_sweep_raises_on_every_rank_when_one_share_is_bad():
 
     with pytest.raises(DataError, match=re.escape(expected)):
         critnet.prune_sweep(model, bad, sharded=True, distributed=Distributed(0, 2, rank_zero_gather))
-    assert gathered == [(DataError, expected)]  # rank 0 shared its problem before raising
+    assert gathered == [(DataError, found)]  # rank 0 shared its problem before raising
 
     def rank_one_gather(obj):
         return [gathered[0], obj]

@@ -88,9 +88,10 @@ class _MaskEvaluation:
         if sharded and distributed.world_size > 1:
             # each rank checked only its own share: all must raise together, or the others would wait for the
             # failed one in the evaluation's collectives forever
-            problems = [p for p in distributed.gather(problem) if p is not None]
+            problems = [(r, p) for r, p in enumerate(distributed.gather(problem)) if p is not None]
             if problems:
-                raise problems[0][0](problems[0][1])
+                owner, (kind, message) = problems[0]
+                raise kind(f"{message} (in rank {owner}'s share of the batches)")
         self.checksum = state_digest(model)
         self.cache: dict[int, Tally] = {}
         self.store: ResultStore | None = None

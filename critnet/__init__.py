@@ -26,6 +26,9 @@ __version__ = "0.1.0"
 # parses as 100 %) when rich was imported first.
 _EXPORTS = {
     "CritnetError": "critnet.errors",
+    "DataError": "critnet.errors",
+    "ModelInputError": "critnet.errors",
+    "OutputError": "critnet.errors",
     "Distributed": "critnet.distributed",
     "EvaluationSet": "critnet.engine.data",
     "Perturbation": "critnet.perturb",
@@ -40,6 +43,7 @@ _EXPORTS = {
     "fault_campaign": "critnet.faults",
     "list_models": "critnet.models",
     "load_model": "critnet.models",
+    "logits_of": "critnet.outputs",
     "prune_sweep": "critnet.analysis.pruning",
     "rank": "critnet.analysis.ranking",
     "select_units": "critnet.perturb",

@@ -83,7 +83,11 @@ def build_strata(layers: dict[str, int], bits: Sequence[int], stratify: Sequence
 
 def plan_sample(strata: list[Stratum], faults: int | str | None, error_margin: float, confidence: float) -> None:
     """Set every stratum's ``planned`` size: Leveugle's n (``faults=None``), a share of a total proportional to
-    the stratum's population (``faults=n``, largest remainders) or the whole population (``"exhaustive"``)."""
+    the stratum's population (``faults=n``, largest remainders) or the whole population (``"exhaustive"``).
+
+    When the total allows it (at least one fault per stratum), no share falls below one fault: a stratum with none
+    drawn would leave every rate that covers it unknown (reported as such, with an interval over what it could hold).
+    """
     if faults is None:
         for s in strata:
             s.planned = leveugle_sample_size(s.population, error_margin, confidence)
@@ -99,11 +103,19 @@ def plan_sample(strata: list[Stratum], faults: int | str | None, error_margin: f
         total = sum(s.population for s in strata)
         if faults > total:
             raise SettingError(f"faults: {faults} is more than the {int(total)} possible faults; use 'exhaustive'")
+        floors = [min(1, int(s.population)) if faults >= len(strata) else 0 for s in strata]
         shares = [faults * s.population / total for s in strata]
-        for s, share in zip(strata, shares):
-            s.planned = int(math.floor(share))
+        for s, share, least in zip(strata, shares, floors):
+            s.planned = max(least, int(math.floor(share)))
+        # the floors took faults from the proportional shares: the largest shares give them back, one at a time
+        while sum(s.planned for s in strata) > faults:
+            over = max((p for p in range(len(strata)) if strata[p].planned > floors[p]),
+                       key=lambda p: (strata[p].planned - shares[p], -p))
+            strata[over].planned -= 1
         left = faults - sum(s.planned for s in strata)
-        for position in sorted(range(len(strata)), key=lambda p: (-(shares[p] - math.floor(shares[p])), p))[:left]:
+        order = sorted((p for p in range(len(strata)) if strata[p].planned < strata[p].population),
+                       key=lambda p: (-(shares[p] - math.floor(shares[p])), p))
+        for position in order[:left]:
             strata[position].planned += 1
 
 

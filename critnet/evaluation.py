@@ -131,9 +131,15 @@ def check_fit(model: nn.Module, data: EvaluationSet, *, output: OutputSelector =
                None)
     if bad is not None:
         y = next(y for p, (_, y) in enumerate(data) if p == bad)  # the error path may read the set once more
-        index = int(((y < 0) | (y >= classes)).nonzero()[0])
-        raise DataError(f"data: batch {bad}, targets[{index}] = {int(y[index])} is outside the model's {classes} "
-                        f"classes [0, {classes})")
+        outside = ((y < 0) | (y >= classes)).nonzero()
+        low, high = data.target_range[bad]
+        if len(outside):
+            index = int(outside[0])
+            raise DataError(f"data: batch {bad}, targets[{index}] = {int(y[index])} is outside the model's {classes} "
+                            f"classes [0, {classes})")
+        # a streamed source that gave other batches on this second reading: the range recorded on the first
+        raise DataError(f"data: batch {bad} holds targets from {low} to {high}, outside the model's {classes} classes "
+                        f"[0, {classes})")
     return classes
 
 

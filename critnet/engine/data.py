@@ -220,8 +220,11 @@ def _as_pair(batch: Any, position: int) -> tuple[Tensor, Tensor]:
         raise DataError(f"{where}: the targets are {_what(y)}, not a tensor of class indices")
     n = int(x.shape[0])
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
-        kind = ", one-hot or class probabilities" if y.dim() == 2 else ""
-        if y.dim() == 2:
+        column = y.dim() == 2 and y.shape[1] == 1 and not y.is_floating_point()
+        kind = ", one-hot or class probabilities" if y.dim() == 2 and not column else ""
+        if column:  # class indices as a column: argmax(1) of it would be all zeros
+            fix = "convert them with targets.squeeze(1)"
+        elif y.dim() == 2:
             fix = "convert them with targets.argmax(1)"
         elif y.dim() == 1:
             fix = "convert them with targets.long()"

@@ -454,3 +454,14 @@ def test_the_coverage_benchmark_in_small():
     assert all(r["wrong"] == 0 for r in rows if r["bound"] == "betting")
     assert any(r["wrong"] > 0 for r in rows if r["bound"] == "normal" and r["scenario"] == "rare05")
     assert coverage.last_line(rows).startswith("worst_wrong_rate=0.0000 ")
+
+
+def test_betting_bounds_keep_the_mean_when_almost_every_image_is_seen():
+    """Near the whole set the mean of the images left is a ratio of large sums over very few images, and only
+    rounding separates the true mean from the candidates the values seen rule out: the bounds must still hold it."""
+    g = torch.Generator().manual_seed(5)
+    values = torch.rand(20, 50_000, generator=g, dtype=torch.float64)
+    mean = values.mean(dim=1)
+    for seen in (49_999, 50_000):
+        _, lower, upper = certify.betting_bounds(values[:, :seen], 50_000, 0.01, 0.0, 1.0)
+        assert (lower <= mean).all() and (mean <= upper).all(), seen

@@ -64,6 +64,8 @@ BET_TRUNCATION = 0.95
 #: The bets are sized for a bound after this share of the images (the plug-in bet of Waudby-Smith & Ramdas for a
 #: fixed sample size), where most eliminations fall.
 BET_HORIZON = 0.125
+#: The per-image values one group of the betting test's upper gamblers holds at once (each a few float64 tensors).
+GAMBLER_ELEMENTS = 2_000_000
 #: Each betting stage holds this many times the images of the one before, rounded to whole 128s and at least 128
 #: more: fine stages cost the bound nothing (it is time-uniform) and let a unit go soon after its bound allows.
 BETTING_GROWTH = 1.15
@@ -233,8 +235,10 @@ class Gamblers:
         after = self.population * scaled - self.seen_total if rows is None else \
             self.population * scaled - self.seen_total[rows]
         unseen = self.population - self.x.shape[1]
-        possible = ((rest >= -1e-12).all(dim=1) & (after >= -1e-9) if side > 0
-                    else (rest <= 1 + 1e-12).all(dim=1) & (after <= unseen + 1e-9))
+        # rounding of sums over up to `population` values, divided by the images left: a relative allowance
+        slack = 1e-9 * self.population / self.left
+        possible = ((rest >= -slack).all(dim=1) & (after >= -1e-9 * self.population) if side > 0
+                    else (rest <= 1 + slack).all(dim=1) & (after <= unseen + 1e-9 * self.population))
         rest = rest.clamp(0.0, 1.0)
         room = rest if side > 0 else 1.0 - rest  # how far the next value can move against the bet
         stake = torch.minimum(bet, self.truncation / room.clamp_min(1e-300))
@@ -290,8 +294,10 @@ def per_image_range(score: str, reference: tuple[Tensor, Tensor, Tensor], loss_c
 
     A per-image Δloss lies in ``[−loss_i, loss_clip − loss_i]``: a loss is never negative, and ``loss_clip`` is the
     declared largest loss of a perturbed network on one image. A top-1/top-5 change lies in ``[hit_i − 1, hit_i]``.
-    The value minus its floor is the perturbed network's own per-image loss (or miss), whose range ``[0, width]``
-    is the same for every image, and whose mean differs from the score's by a constant known from the reference.
+    The value minus its floor is the perturbed network's own per-image loss (or miss), in ``[0, width]``: a value
+    outside that voids the guarantee. The bounds themselves bet on the paired difference over the range that holds
+    every image's, ``[min floor, max floor + width]`` (an image the perturbation leaves alone is 0 there, whatever
+    its loss).
 
     >>> reference = (torch.tensor([0.25, 3.0]), torch.tensor([True, False]), torch.tensor([True, True]))
     >>> floor, width = per_image_range("delta_loss", reference, 40.0)
@@ -446,7 +452,7 @@ def sequential_test(
             break
         values = torch.cat([values, new], dim=1)
         if bound == "betting":
-            keep = _betting_survivors(Gamblers(values, samples, alpha, low, high), remaining, top_k, lower_so_far)
+            keep = _betting_survivors(values, samples, alpha, low, high, remaining, top_k, lower_so_far)
         else:
             if covariate is not None:
                 covariates = torch.cat([covariates, _in_draw_order(covariate(j, remaining, positions.tolist()),
@@ -471,28 +477,38 @@ def sequential_test(
     return remaining, seen_by, record
 
 
-def _betting_survivors(gamblers: Gamblers, remaining: list[int], top_k: int, lower_so_far: Tensor) -> Tensor:
+def _betting_survivors(values: Tensor, population: int, alpha: float, low: float, high: float,
+                       remaining: list[int], top_k: int, lower_so_far: Tensor) -> Tensor:
     """The betting test's decision: the ``top_k`` largest lower bounds set the bar, and a unit is eliminated when
     its upper gambler excludes the bar (its full-set mean is below it).
 
     Only the units that can hold the largest lower bounds get one (the ``2 top_k + 8`` with the largest means so
     far); any ``top_k`` units' valid lower bounds make a valid bar, so this costs power at most, never the guarantee.
     Every earlier stage's lower bound still holds (the bounds are time-uniform), so each unit keeps its largest.
+    The upper gamblers are asked in groups of rows, so that their working tensors stay a few times one group's
+    values, however many units remain.
     """
-    count = len(remaining)
+    count, seen = values.shape
     if count <= top_k:
         return torch.ones(count, dtype=torch.bool)
-    means = torch.where(gamblers.finite, gamblers.estimate, torch.full_like(gamblers.estimate, math.inf))
+    finite = torch.isfinite(values).all(dim=1)
+    means = torch.where(finite, values.nan_to_num(0.0).mean(dim=1), torch.full((count,), math.inf,
+                                                                                   dtype=torch.float64))
     contenders = means.topk(min(count, 2 * top_k + 8)).indices
     index = torch.tensor(remaining)
     lower = lower_so_far[index]
-    lower[contenders] = torch.maximum(lower[contenders], gamblers.edge(+1, contenders))
+    leading = Gamblers(values[contenders], population, alpha, low, high)
+    lower[contenders] = torch.maximum(lower[contenders], leading.edge(+1))
     lower_so_far[index] = lower
     leaders = lower.topk(top_k)
     bar = leaders.values[-1]
+    keep = torch.ones(count, dtype=torch.bool)
     if bar == -math.inf:
-        return torch.ones(count, dtype=torch.bool)
-    keep = ~gamblers.excluded(bar.expand(count), -1) | ~gamblers.finite
+        return keep
+    rows = max(1, GAMBLER_ELEMENTS // max(seen, 1))
+    for start in range(0, count, rows):
+        group = Gamblers(values[start : start + rows], population, alpha, low, high)
+        keep[start : start + rows] = ~group.excluded(bar.expand(len(group.x)), -1) | ~group.finite
     keep[leaders.indices] = True
     return keep
 

@@ -375,7 +375,7 @@ def _halving(run: _Run, score: str, top_k: int, memory_budget_mb: float | None, 
     floor, width = certify.per_image_range(score, reference, loss_clip) if bound == "betting" else (None, None)
     agree = (lambda keep: run.all_gather(keep)[0]) if run.world_size > 1 else None
     # every rank decides alike on the CPU; on GPUs a backward pass may round differently, so rank 0 decides
-    remaining, seen, record = certify.sequential_test(
+    remaining, _, record = certify.sequential_test(
         len(run.units), n, top_k, evaluate, bound=bound, confidence=confidence, floor=floor, width=width,
         loss_clip=loss_clip if bound == "betting" and score in ("loss", "delta_loss") else None,
         seed=seed, first_stage=certify.FIRST_STAGE, covariate=covariate, covariate_mean=covariate_mean, agree=agree)

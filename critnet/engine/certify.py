@@ -222,18 +222,15 @@ class Gamblers:
         self.seen_total = running[:, -1] if m else torch.zeros(units, dtype=x.dtype)
         self.left = population - position + 1  # images not yet drawn when each image is drawn
 
-    def log_capital(self, candidate: Tensor, side: int, rows: Tensor | None = None) -> Tensor:
+    def log_capital(self, candidate: Tensor, side: int) -> Tensor:
         """Each gambler's log capital at a candidate mean (values' units, one per row); +inf where the values
         seen rule the candidate out on her side (the images left would need a mean outside the range). The other
         side's impossible candidates are left to the other gambler, so that each side's excluded candidates stay
         one interval at its end."""
-        x, bet, seen = (self.x, self.bet, self.seen_before) if rows is None else (
-            self.x[rows], self.bet[rows], self.seen_before[rows])
         scaled = (candidate.double() - self.low) / self.span
-        rest = (self.population * scaled[:, None] - seen) / self.left
+        rest = (self.population * scaled[:, None] - self.seen_before) / self.left
         # the images left after the last one seen must hold a possible mean too (at the whole set: only the mean)
-        after = self.population * scaled - self.seen_total if rows is None else \
-            self.population * scaled - self.seen_total[rows]
+        after = self.population * scaled - self.seen_total
         unseen = self.population - self.x.shape[1]
         # rounding of sums over up to `population` values, divided by the images left: a relative allowance
         slack = 1e-9 * self.population / self.left
@@ -241,33 +238,32 @@ class Gamblers:
                     else (rest <= 1 + slack).all(dim=1) & (after <= unseen + 1e-9 * self.population))
         rest = rest.clamp(0.0, 1.0)
         room = rest if side > 0 else 1.0 - rest  # how far the next value can move against the bet
-        stake = torch.minimum(bet, self.truncation / room.clamp_min(1e-300))
-        log_capital = torch.log1p(stake * side * (x - rest)).sum(dim=1)
+        stake = torch.minimum(self.bet, self.truncation / room.clamp_min(1e-300))
+        log_capital = torch.log1p(stake * side * (self.x - rest)).sum(dim=1)
         return torch.where(possible, log_capital, torch.full_like(log_capital, math.inf))
 
-    def excluded(self, candidate: Tensor, side: int, rows: Tensor | None = None) -> Tensor:
+    def excluded(self, candidate: Tensor, side: int) -> Tensor:
         """Whether each row's gambler excludes its candidate: side −1, the full-set mean is below it; side +1,
         above it (each with probability of error at most ``alpha``)."""
-        return self.log_capital(candidate, side, rows) >= self.threshold
+        return self.log_capital(candidate, side) >= self.threshold
 
-    def edge(self, side: int, rows: Tensor | None = None, iterations: int = 40) -> Tensor:
+    def edge(self, side: int, iterations: int = 40) -> Tensor:
         """The lower (side +1) or upper (side −1) bound of each row: the edge of the candidates its gambler has
         not excluded, by bisection (her capital is monotone in the candidate, because a smaller stake where the
         room is small keeps each factor monotone). Conservative by at most ``2^-iterations`` of the range;
         +inf for a row with a non-finite value."""
-        count = len(self.x) if rows is None else len(rows)
+        count = len(self.x)
         start, end = (self.low, self.low + self.span) if side > 0 else (self.low + self.span, self.low)
         excluded = torch.full((count,), start, dtype=torch.float64)
         kept = torch.full((count,), end, dtype=torch.float64)
-        none = ~self.excluded(excluded, side, rows)
+        none = ~self.excluded(excluded, side)
         for _ in range(iterations):
             middle = (excluded + kept) / 2
-            out = self.excluded(middle, side, rows)
+            out = self.excluded(middle, side)
             excluded = torch.where(out, middle, excluded)
             kept = torch.where(out, kept, middle)
-        finite = self.finite if rows is None else self.finite[rows]
         bound = torch.where(none, torch.full_like(excluded, start), excluded)
-        return torch.where(finite, bound, torch.full_like(bound, math.inf))
+        return torch.where(self.finite, bound, torch.full_like(bound, math.inf))
 
 
 def survivors(lower: Tensor, upper: Tensor, top_k: int) -> Tensor:

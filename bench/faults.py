@@ -27,11 +27,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from critnet.checkpoints import load_weights  # noqa: E402
-from critnet.engine.data import as_evaluation_set  # noqa: E402
-from critnet.faults import FaultEvaluator, fault_campaign  # noqa: E402
+from critnet.analyses.campaign import fault_campaign  # noqa: E402
+from critnet.evaluation_set import as_evaluation_set  # noqa: E402
+from critnet.faults.evaluator import FaultEvaluator  # noqa: E402
 from critnet.faults.injection import apply_fault_bit  # noqa: E402
 from critnet.models import build_model  # noqa: E402
+from critnet.models.checkpoints import load_weights  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 OUTCOMES = ("images", "masked", "noncritical", "sdc1", "sdc5", "nonfinite")

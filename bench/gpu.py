@@ -393,7 +393,7 @@ def part_validate(args, sizes, device) -> dict:
                                             device)[0] for _ in range(args.repeats)]
                     # how much of evaluate's time is building the evaluation set (which hashes every input
                     # tensor on the CPU for its checksum, also when nothing uses it)
-                    from critnet.engine.data import EvaluationSet
+                    from critnet.evaluation_set import EvaluationSet
 
                     set_s = min(timed(lambda: EvaluationSet.from_batches(batches, device=device), device)[0]
                                 for _ in range(args.repeats))
@@ -426,7 +426,7 @@ def part_validate(args, sizes, device) -> dict:
 
 def part_engine(args, sizes, device) -> dict:
     model = critnet.load_model(sizes["arch"]).to(device).eval()
-    from critnet.engine.data import EvaluationSet
+    from critnet.evaluation_set import EvaluationSet
 
     batches = random_batches(sizes["engine_images"], sizes["batch"], sizes["size"], classes(model), seed=3)
     data = EvaluationSet.from_batches(batches, device=device)

@@ -40,7 +40,7 @@ HF_MODELS = ("hf/google/vit-base-patch16-224", "hf/facebook/deit-small-patch16-2
 
 
 def state_checksum(model) -> str:
-    from critnet.checksums import state_digest
+    from critnet.digests import state_digest
 
     return state_digest(model)
 
@@ -55,12 +55,13 @@ def measure(name: str, units_per_kind: int, images: int, classes: int) -> dict:
     """The support-matrix record of one model (run in a child process)."""
     import torch
 
-    from critnet.engine import EvaluationSet, evaluate_units
+    import critnet
+    from critnet.evaluation_set import EvaluationSet
+    from critnet.engine import evaluate_units
+    from critnet.engine.pruning_masks import dwp_masks, pruned
     from critnet.engine.suffix import trace_failure
     from critnet.models import get_model_spec
     from critnet.perturb import Perturbation, select_units
-    import critnet
-    from critnet.prune import dwp_masks, pruned
 
     torch.manual_seed(0)
     spec = get_model_spec(name)

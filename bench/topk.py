@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 import critnet  # noqa: E402
 from critnet.engine import certify  # noqa: E402
-from critnet.engine.data import EvaluationSet  # noqa: E402
+from critnet.evaluation_set import EvaluationSet  # noqa: E402
 
 OPTIONS = dict(unit="channel", perturbation="zero", include=["weight"], module_types=["Conv2d", "Linear"],
                score="delta_loss")

@@ -107,10 +107,12 @@ def resnet20(cache: Path, images: int = 2000) -> dict:
 
 def build_resnet20_matrix(cache: Path, images: int) -> None:
     sys.path.insert(0, str(REPO / "bench"))
+    from topk import OPTIONS, load_split, spread
+
     import critnet
     from critnet.engine.suffix import SuffixEvaluator
-    from critnet.evaluation import evaluation_mode, sample_pass
-    from topk import OPTIONS, load_split, spread
+    from critnet.evaluation import sample_pass
+    from critnet.modes import evaluation_mode
 
     shared = REPO.parent / "shared"
     model = critnet.load_model("resnet20", str(shared / "checkpoints/cifar10/resnet20-12fca82f.th")).eval()

@@ -12,15 +12,14 @@ from typing import Any, NoReturn, Sequence
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from jsonargparse import DefaultHelpFormatter
+from jsonargparse import DefaultHelpFormatter  # isort: skip (after Lightning, as before)
 
 from critnet import presets
-from critnet.callbacks.summary import RunSummary
+from critnet.callbacks.run_summary import RunSummary
 from critnet.data import ClassificationDataModule
 from critnet.distributed import peer_stopped
 from critnet.errors import CritnetError, Interrupted, one_line
 from critnet.module import ClassifierModule
-
 
 _STRUCTURE = ("Does not validate", "Subtypes:", "Errors:", "Given value type:", "Given value:")
 

@@ -26,7 +26,8 @@ from torchvision import datasets, transforms
 
 from critnet.distributed import UnpaddedDistributedSampler, all_gather_objects
 from critnet.errors import CritnetError
-from critnet.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, preprocessing
+from critnet.models.preprocessing import preprocessing
+from critnet.models.spec import IMAGENET_MEAN, IMAGENET_STD
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 

@@ -7,7 +7,8 @@ from typing import Literal
 from torch.utils.data import Dataset
 
 from critnet.data import ClassificationDataModule, DataError, image_folder
-from critnet.models.preprocessing import INTERPOLATIONS, Preprocessing, preprocessing
+from critnet.models.preprocessing import preprocessing
+from critnet.models.spec import INTERPOLATIONS, Preprocessing
 
 EVAL_SPLITS = ("val", "test")
 

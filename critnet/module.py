@@ -11,9 +11,9 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from critnet.checkpoints import WeightsInfo, load_weights
 from critnet.errors import CritnetError
 from critnet.models import get_model_spec, load_model, weights_info
+from critnet.models.checkpoints import WeightsInfo, load_weights
 from critnet.outputs import logits_of
 
 EVAL_STAGES = ("val", "test")

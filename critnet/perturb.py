@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from critnet.choices import LEVELLESS, PERTURBATION_KINDS, UNIT_KINDS, SettingError
+from critnet.modes import evaluation_mode
 
 _DEFAULT_INCLUDE = {"tensor": ("weight",), "channel": ("weight",), "activation": None, "head": None}
 _DEFAULT_MODULE_TYPES = {"tensor": None, "channel": ("Conv2d", "Linear"), "activation": ("Conv2d", "Linear"),
@@ -216,8 +217,6 @@ def _activation_channels(name: str, module: nn.Module, example_input: torch.Tens
 def _probe_activation_channels(model: nn.Module, names: list[str], example_input: torch.Tensor) -> dict[str, int]:
     """The output channels of each of the modules ``names`` that the model calls on ``example_input`` (one forward
     pass in eval mode, so no BatchNorm statistic moves); modules it never calls are absent."""
-    from critnet.evaluation import evaluation_mode
-
     modules = dict(model.named_modules())
     channels: dict[str, int] = {}
     handles = []

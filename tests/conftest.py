@@ -64,8 +64,8 @@ def resnet20_cifar():
     """The public ResNet20 in eval mode, loaded through critnet's own loader."""
     if not RESNET20_WEIGHTS.is_file():
         pytest.skip("../shared is not beside the repo")
-    from critnet.checkpoints import load_weights
     from critnet.models import build_model
+    from critnet.models.checkpoints import load_weights
 
     model = build_model("resnet20")
     load_weights(model, str(RESNET20_WEIGHTS), "resnet20")

@@ -59,9 +59,9 @@ def all_gather(obj, world_size: int = 2):
 def engine_setup(out: Path, weights: str):
     """The public ResNet20, its units and the images: before the gloo group, so that rank 1 does this while rank 0
     runs its fresh-process part."""
-    from critnet.checkpoints import load_weights
-    from critnet.engine import EvaluationSet
+    from critnet.evaluation_set import EvaluationSet
     from critnet.models import build_model
+    from critnet.models.checkpoints import load_weights
     from critnet.perturb import select_units
 
     model = build_model("resnet20")
@@ -91,9 +91,10 @@ def engine_part(rank: int, out: Path, model, units, data) -> None:
 
 
 def faults_part(rank: int, out: Path) -> None:
-    from critnet.distributed import Distributed
-    from critnet.faults import fault_campaign
     from tiny_nets import tiny_data, tiny_model
+
+    from critnet.analyses.campaign import fault_campaign
+    from critnet.distributed import Distributed
 
     totals = []
     folder = out / "faults"

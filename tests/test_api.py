@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import KERNEL_REL, RESNET20_WEIGHTS, first_test_images, requires_shared
 from torch import nn
 
 import critnet
-from critnet.checksums import state_digest
+from conftest import KERNEL_REL, RESNET20_WEIGHTS, first_test_images, requires_shared
+from critnet.digests import state_digest
 
 
 def tiny_model() -> nn.Module:

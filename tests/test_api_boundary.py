@@ -11,7 +11,7 @@ from tiny_nets import tiny_data, tiny_model
 from torch import nn
 
 import critnet
-from critnet.checksums import state_digest
+from critnet.digests import state_digest
 from critnet.distributed import Distributed
 from critnet.errors import DataError, ModelInputError, OutputError
 

@@ -22,12 +22,21 @@ from torchvision.models.regnet import BlockParams, RegNet
 from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import VisionTransformer
 
-from critnet.engine import EvaluationSet, evaluate_units
-from critnet.perturb import Perturbation, Unit, activation_channel_dim, attention_heads, perturbed, select_units
-from critnet.engine.data import as_evaluation_set
-from critnet.evaluation import batch_tallies, evaluation_mode
-from critnet.prune import dwp_masks, pruned
 from conftest import KERNEL_REL
+from critnet.evaluation_set import EvaluationSet
+from critnet.engine import evaluate_units
+from critnet.engine.pruning_masks import dwp_masks, pruned
+from critnet.evaluation import batch_tallies
+from critnet.evaluation_set import as_evaluation_set
+from critnet.modes import evaluation_mode
+from critnet.perturb import (
+    Perturbation,
+    Unit,
+    activation_channel_dim,
+    attention_heads,
+    perturbed,
+    select_units,
+)
 
 
 def evaluate(model, batches):
@@ -297,7 +306,10 @@ def timm_vit() -> nn.Module:
 
 def swin_v2() -> nn.Module:
     """A tiny Swin V2: its attention adds a position bias from an MLP run on a table shared by all images."""
-    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
+    from torchvision.models.swin_transformer import (
+        PatchMergingV2,
+        SwinTransformerBlockV2,
+    )
 
     return SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=[2, 2],
                            num_classes=CLASSES, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)

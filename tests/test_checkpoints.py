@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from conftest import CIFAR_CHECKPOINTS, RESNET20_WEIGHTS, requires_shared
-from critnet.checkpoints import KNOWN_CHECKPOINTS, CheckpointError, load_weights, sha256_of
 from critnet.models import build_model
+from critnet.models.checkpoints import (
+    KNOWN_CHECKPOINTS,
+    CheckpointError,
+    load_weights,
+    sha256_of,
+)
 
 pytestmark = requires_shared
 

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torchvision import datasets, transforms
 
-from conftest import CIFAR_ROOT, KERNEL_REL, PRESETS, RESNET20_WEIGHTS, f32_close, requires_shared
+from conftest import (
+    CIFAR_ROOT,
+    KERNEL_REL,
+    PRESETS,
+    RESNET20_WEIGHTS,
+    f32_close,
+    requires_shared,
+)
 from critnet.cli import main, train_main
 
 pytestmark = requires_shared
@@ -30,7 +37,9 @@ def read_metrics(root: Path) -> dict:
 def plain_loop(indices):
     """Evaluate the public ResNet20 with nothing but torch/torchvision over the same files, in batches of 128 like
     the resnet20_cifar10 preset: the same batches give the same kernels, so the same float32 per-sample losses."""
-    from critnet.models.cifar_resnet import CifarResNet  # the architecture only; weights loaded by hand
+    from critnet.models.cifar_resnet import (
+        CifarResNet,  # the architecture only; weights loaded by hand
+    )
 
     model = CifarResNet(3)
     state = torch.load(RESNET20_WEIGHTS, map_location="cpu")["state_dict"]

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CIFAR_ROOT, PRESETS, REPO, RESNET20_WEIGHTS, requires_shared
 
+from conftest import CIFAR_ROOT, PRESETS, REPO, RESNET20_WEIGHTS, requires_shared
 from critnet.cli import main
 
 pytestmark = requires_shared

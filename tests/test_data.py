@@ -1,7 +1,12 @@
 import pytest
 from PIL import Image
 
-from critnet.data import CIFAR10DataModule, DataError, ImageNetDataModule, ImageReadError
+from critnet.data import (
+    CIFAR10DataModule,
+    DataError,
+    ImageNetDataModule,
+    ImageReadError,
+)
 from critnet.distributed import UnpaddedDistributedSampler
 
 

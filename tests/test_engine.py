@@ -7,14 +7,11 @@ import hashlib
 import pytest
 import torch
 import torch.nn.functional as F
+
 from conftest import KERNEL_REL, f32_close
-
-from critnet.engine import EvaluationSet, evaluate_baseline, evaluate_units
+from critnet.evaluation_set import EvaluationSet
+from critnet.engine import evaluate_baseline, evaluate_units
 from critnet.perturb import Perturbation, perturbed, select_units
-
-
-
-
 
 
 def state_checksum(model) -> str:

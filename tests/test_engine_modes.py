@@ -7,12 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_engine import state_checksum
 
-from critnet.engine import EvaluationSet, evaluate_baseline, evaluate_units
+from conftest import KERNEL_REL, f32_close
+from critnet.evaluation_set import EvaluationSet
+from critnet.engine import evaluate_baseline, evaluate_units
 from critnet.perturb import Perturbation, select_units
 from critnet.scoring import criticality_key, score_of
-from conftest import KERNEL_REL, f32_close
-from test_engine import state_checksum
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from critnet.engine import EvaluationSet, evaluate_units
-from critnet.perturb import Perturbation, select_units
 from test_engine import Boom, raise_after, state_checksum
+
+from critnet.evaluation_set import EvaluationSet
+from critnet.engine import evaluate_units
+from critnet.perturb import Perturbation, select_units
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 REPO = Path(__file__).resolve().parents[1]
@@ -39,9 +40,8 @@ def uninterrupted(cifar_test_256):
     """summary() of the uninterrupted evaluation of units_of(the public ResNet20) on the first 256 test images, what
     both resumed evaluations below must give."""
     from conftest import RESNET20_WEIGHTS
-
-    from critnet.checkpoints import load_weights
     from critnet.models import build_model
+    from critnet.models.checkpoints import load_weights
 
     if not RESNET20_WEIGHTS.is_file():
         pytest.skip("../shared is not beside the repo")
@@ -85,8 +85,9 @@ def test_killed_process_resumes(resnet20_cifar, cifar_test_256, tmp_path, uninte
         torch.set_num_threads(1)
         RESNET20_WEIGHTS = {str(RESNET20_WEIGHTS)!r}
         batches = torch.load({str(images)!r})  # first_test_images(256)
-        from critnet.checkpoints import load_weights
-        from critnet.engine import EvaluationSet, evaluate_units
+        from critnet.models.checkpoints import load_weights
+        from critnet.evaluation_set import EvaluationSet
+        from critnet.engine import evaluate_units
         from critnet.models import build_model
         from critnet.perturb import Perturbation, select_units
         model = build_model("resnet20"); load_weights(model, str(RESNET20_WEIGHTS), "resnet20"); model.eval()

@@ -16,7 +16,12 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from critnet.faults.stats import clopper_pearson, domain_estimate, stratified_rate, wilson_interval
+from critnet.faults.stats import (
+    clopper_pearson,
+    domain_estimate,
+    stratified_rate,
+    wilson_interval,
+)
 
 IMAGES = 100  # images per fault: a fault's per-image rate is (images it flips) / IMAGES
 METRICS = ("critical", "per_image")

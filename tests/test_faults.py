@@ -11,22 +11,20 @@ import struct
 
 import pytest
 import torch
+from tiny_nets import tiny_data, tiny_model
 from torch import nn
 
 from conftest import PRESETS, first_test_images, requires_shared
+from critnet.analyses.campaign import fault_campaign
 from critnet.choices import SettingError
-from critnet.faults import (
+from critnet.faults.injection import (
     Fault,
     FaultListError,
     Site,
-    achieved_margin,
-    fault_campaign,
+    apply_fault_bit,
     injected,
-    leveugle_sample_size,
-    wilson_interval,
 )
-from critnet.faults.injection import apply_fault_bit
-from tiny_nets import tiny_data, tiny_model
+from critnet.faults.stats import achieved_margin, leveugle_sample_size, wilson_interval
 
 
 def state_bytes(model: nn.Module) -> str:
@@ -160,7 +158,7 @@ def test_stuck_at_semantics():
 
 
 def test_weights_come_back_bit_for_bit_when_the_campaign_raises(monkeypatch):
-    import critnet.faults.evaluate as evaluate
+    import critnet.faults.evaluator as evaluate
 
     model, batches = tiny_model(), tiny_data()
     with torch.no_grad():  # a NaN with a payload and a negative zero must survive the restore

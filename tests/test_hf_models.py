@@ -17,14 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import critnet
-from critnet.checkpoints import sha256_of
-from critnet.checksums import state_digest
-from critnet.engine import EvaluationSet, evaluate_units
+from conftest import F32_REL, f32_close
+from critnet.digests import state_digest
+from critnet.evaluation_set import EvaluationSet
+from critnet.engine import evaluate_units
 from critnet.errors import CritnetError
 from critnet.models import get_model_spec, list_models, load_model
-from critnet.models.preprocessing import Preprocessing, preprocessing
+from critnet.models.checkpoints import sha256_of
+from critnet.models.preprocessing import preprocessing
+from critnet.models.spec import Preprocessing
 from critnet.perturb import Perturbation, Unit, attention_heads, perturbed, select_units
-from conftest import F32_REL, f32_close
 
 CLASSES = 5
 SIZE = 32
@@ -325,8 +327,8 @@ def test_transformers_4_attention_containers_hold_the_heads():
 def test_taylor_terms_of_a_vits_heads_and_projections_are_each_images_loss_derivative(saved):
     """Per image, the first-order term of scaling a unit by 1 + ε is the central difference of that image's loss
     (float64): heads, the q/k/v and o_proj channels, and o_proj's weight and bias."""
-    from critnet.engine.data import as_evaluation_set
     from critnet.engine.taylor import per_sample_estimates
+    from critnet.evaluation_set import as_evaluation_set
 
     model = load_model(saved["vit"][0]).double()
     with torch.no_grad():
@@ -357,8 +359,8 @@ def test_taylor_terms_of_transformers_4_heads_and_the_refusal_on_windows(saved):
     """A 4.x container's heads (projection ``output.dense``) get each image's loss derivative; Swin's attention
     runs on windows of images, so its units have no per-image terms: one line says so, for its heads and for the
     Linear layers inside it alike (summing rows of windows as if they were images would be silently wrong)."""
-    from critnet.engine.data import as_evaluation_set
     from critnet.engine.taylor import per_sample_estimates
+    from critnet.evaluation_set import as_evaluation_set
 
     torch.manual_seed(0)
     model = Vit4().eval().double()
@@ -389,12 +391,13 @@ def test_taylor_terms_of_transformers_4_heads_and_the_refusal_on_windows(saved):
 
 def test_validate_ranks_the_heads_of_an_hf_model_through_the_command_line(saved, tmp_path):
     """``--model.arch hf/<directory>`` with its weights, preprocessed by its processor, its heads ranked."""
-    from critnet.cli import main
     from test_data import make_image_folder
+
+    from critnet.cli import main
 
     make_image_folder(tmp_path / "tree", "val", CLASSES, 2, size=(40, 48))
     (tmp_path / "heads.yaml").write_text(
-        "trainer:\n  callbacks:\n    - class_path: critnet.callbacks.ranking.CriticalRanking\n"
+        "trainer:\n  callbacks:\n    - class_path: critnet.callbacks.critical_ranking.CriticalRanking\n"
         "      init_args: {unit: head, perturbation: zero, score: delta_loss}\n")
     arch = saved["vit"][0]
     with warnings.catch_warnings():

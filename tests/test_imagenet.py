@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from test_data import make_image_folder
 
 from conftest import PRESETS
 from critnet.cli import main
-from test_data import make_image_folder
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ from dataclasses import dataclass, fields
 
 import pytest
 import torch
-from conftest import KERNEL_REL, f32_close
 from tiny_nets import TinyNet, tiny_data, tiny_model
 
 import critnet
-from critnet.checksums import state_digest
+from conftest import KERNEL_REL, f32_close
+from critnet.digests import state_digest
 from critnet.engine.suffix import trace_failure
 from critnet.errors import OutputError
 from critnet.outputs import describe_selector

@@ -58,8 +58,8 @@ import sys  # noqa: E402
 import torchvision  # noqa: E402
 
 from conftest import PRESETS  # noqa: E402
-from critnet.checkpoints import CheckpointError, torchvision_weights  # noqa: E402
 from critnet.models import load_model  # noqa: E402
+from critnet.models.checkpoints import CheckpointError, torchvision_weights  # noqa: E402
 from critnet.models.preprocessing import preprocessing  # noqa: E402
 from critnet.perturb import select_units  # noqa: E402
 
@@ -115,9 +115,9 @@ def test_offline_download_names_the_url_and_where_to_put_the_file(tmp_path, monk
     assert "\n" not in message and url in message
     assert str((tmp_path / "ckpts" / url.rsplit("/", 1)[-1]).resolve()) in message
     assert not list((tmp_path / "ckpts").glob("*.partial"))
-    from critnet.cli import main
-
     from test_data import make_image_folder
+
+    from critnet.cli import main
 
     make_image_folder(tmp_path / "tree", "val", 2, 1)
     with pytest.raises(SystemExit):

@@ -18,10 +18,6 @@ from critnet.perturb import (
 )
 
 
-
-
-
-
 def state_checksum(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():

@@ -7,8 +7,8 @@ import io
 from rich.console import Console
 from rich.progress import Progress
 
-from critnet.reporting import progress as progress_module
-from critnet.reporting.progress import AnalysisProgress
+from critnet.progress import AnalysisProgress
+import critnet.progress as progress_module
 
 
 def test_own_display_counts_and_stops(monkeypatch):

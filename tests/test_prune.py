@@ -1,4 +1,4 @@
-"""critnet.prune against an independent implementation of DWP §3.2 written here, on the public ResNet20 and real
+"""critnet.engine.pruning_masks against an independent implementation of DWP §3.2 written here, on the public ResNet20 and real
 images."""
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from critnet.distributed import Distributed
-from critnet.engine.data import as_evaluation_set
-from critnet.evaluation import batch_tallies
-from critnet.prune import (
+from critnet.engine.pruning_masks import (
     channel_count,
     channel_l1,
     channel_masks,
@@ -25,6 +23,8 @@ from critnet.prune import (
     pruned,
     read_channel_ranking,
 )
+from critnet.evaluation import batch_tallies
+from critnet.evaluation_set import as_evaluation_set
 
 
 def evaluate(model, batches, rank=0, world_size=1, all_gather=None):

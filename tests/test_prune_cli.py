@@ -11,9 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CIFAR_ROOT, KERNEL_REL, PRESETS, RESNET20_WEIGHTS, f32_close, requires_shared
 from test_prune import masked_copy, reference_evaluate, reference_masks
 
+from conftest import (
+    CIFAR_ROOT,
+    KERNEL_REL,
+    PRESETS,
+    RESNET20_WEIGHTS,
+    f32_close,
+    requires_shared,
+)
 from critnet.cli import main
 
 pytestmark = requires_shared
@@ -82,7 +89,7 @@ def connections_sweep(tmp_path_factory):
 @pytest.fixture(scope="module")
 def resumable_sweep(tmp_path_factory):
     """(root, evaluations) of the same sweep run resumably: its partial file lies under root/prune_partial."""
-    import critnet.analysis.pruning as pruning_module
+    import critnet.analyses.pruning as pruning_module
 
     root = tmp_path_factory.mktemp("resumable")
     calls = []
@@ -163,7 +170,7 @@ def test_connections_sweep_matches_the_reference_and_restores(connections_sweep,
 
 
 def test_guided_orders_from_a_ranking_csv(tmp_path, resnet20_cifar):
-    from critnet.prune import channel_l1
+    from critnet.engine.pruning_masks import channel_l1
 
     channels = list(channel_l1(resnet20_cifar))
     ranking = tmp_path / "ranking.csv"
@@ -291,7 +298,7 @@ def test_held_out_criticality_needs_a_sample_count(tmp_path, capsys):
 
 
 def test_an_interrupted_sweep_resumes_with_the_same_numbers(connections_sweep, resumable_sweep, monkeypatch):
-    import critnet.analysis.pruning as pruning_module
+    import critnet.analyses.pruning as pruning_module
 
     whole = read_csv(Path(connections_sweep.trainer.log_dir) / "prune_sweep.csv")
     root, evaluations = resumable_sweep

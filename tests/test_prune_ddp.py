@@ -7,8 +7,8 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import CIFAR_ROOT, PRESETS, RESNET20_WEIGHTS, requires_shared
 
+from conftest import CIFAR_ROOT, PRESETS, RESNET20_WEIGHTS, requires_shared
 from critnet.cli import main
 
 pytestmark = requires_shared

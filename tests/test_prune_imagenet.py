@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PRESETS
 from PIL import Image
 
+from conftest import PRESETS
 from critnet.cli import main
 from critnet.models import build_model
 

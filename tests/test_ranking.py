@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from critnet.perturb import Perturbation, Unit, select_units
-from critnet.ranking import (
+from critnet.results.ranking_rows import (
     RANKING_COLUMNS,
     estimate_agreement,
     order_outcomes,
@@ -18,8 +18,6 @@ from critnet.ranking import (
     split_half_agreement,
 )
 from critnet.scoring import Tally, UnitOutcome
-
-
 
 
 def tally(loss: float, top1: int = 0, top5: int = 0, samples: int = 10) -> Tally:
@@ -158,7 +156,7 @@ def test_estimate_agreement():
 
 
 def test_estimate_agreement_reports_how_deep_the_exact_top_sits_in_the_estimate_order():
-    from critnet.ranking import estimate_agreement
+    from critnet.results.ranking_rows import estimate_agreement
     from critnet.scoring import Tally, UnitOutcome
 
     baseline = UnitOutcome(None, Tally(10.0, 5, 9, 10), (Tally(), Tally()))

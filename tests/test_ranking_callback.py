@@ -12,15 +12,19 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CIFAR_ROOT, KERNEL_REL, RESNET20_WEIGHTS, f32_close, first_test_images, requires_shared
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from critnet.callbacks.ranking import CriticalRanking
+from conftest import (
+    CIFAR_ROOT,
+    KERNEL_REL,
+    RESNET20_WEIGHTS,
+    f32_close,
+    first_test_images,
+    requires_shared,
+)
+from critnet.callbacks.critical_ranking import CriticalRanking
 from critnet.data import CIFAR10DataModule
 from critnet.module import ClassifierModule
-
-
-
 
 pytestmark = requires_shared
 
@@ -228,7 +232,7 @@ def test_resume_reuses_the_partial_results(tmp_path):
 
 
 def test_hybrid_note_warns_when_top_units_come_from_deep_in_the_estimate_order():
-    from critnet.reporting.ranking import hybrid_note
+    from critnet.reporting.ranking_report import hybrid_note
 
     good = hybrid_note({"units": 40, "deepest_top_k": 12, "spearman": 0.91, "kendall": 0.8})
     assert "40 units checked exactly" in good and "12th by estimate" in good and "warning" not in good

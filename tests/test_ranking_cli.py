@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
 from conftest import (
     CIFAR_ROOT,
     KERNEL_REL,
@@ -21,11 +22,7 @@ from conftest import (
     first_test_images,
     requires_shared,
 )
-
 from critnet.cli import main
-
-
-
 
 pytestmark = requires_shared
 

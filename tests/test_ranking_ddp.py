@@ -6,8 +6,15 @@ import csv
 import json
 from pathlib import Path
 
-from conftest import CIFAR_ROOT, KERNEL_REL, PRESETS, RESNET20_WEIGHTS, assert_ranked_like, f32_close, requires_shared
-
+from conftest import (
+    CIFAR_ROOT,
+    KERNEL_REL,
+    PRESETS,
+    RESNET20_WEIGHTS,
+    assert_ranked_like,
+    f32_close,
+    requires_shared,
+)
 from critnet.cli import main
 
 pytestmark = requires_shared

@@ -13,7 +13,7 @@ from torch import nn
 import critnet
 from critnet.choices import SettingError
 from critnet.engine import certify
-from critnet.engine.data import EvaluationSet, as_evaluation_set
+from critnet.evaluation_set import EvaluationSet, as_evaluation_set
 from critnet.scoring import Z95
 from tests.conftest import KERNEL_REL, f32_close
 
@@ -400,7 +400,7 @@ def test_a_rare_effect_unit_defeats_the_normal_bound_but_not_the_betting_bound()
 
 
 def test_a_loss_beyond_the_clip_voids_the_guarantee_and_says_so(capsys):
-    from critnet.reporting.ranking import test_note
+    from critnet.reporting.ranking_report import test_note
 
     coverage = _bench("topk_coverage")
     model, data, _ = coverage.rare_effect_network(images=600)

@@ -40,7 +40,7 @@ images can be eliminated with none of them seen (``bench/topk_coverage.py`` meas
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 from typing import Any

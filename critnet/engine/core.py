@@ -19,7 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from critnet.engine.data import EvaluationSet
+from critnet.choices import (
+    BOUNDS,
+    METHODS,
+    SCORES,
+    TAYLOR_ORDERS,
+    SettingError,
+    check_choice,
+    check_positive_int,
+    check_positive_number,
+    check_probability,
+)
+from critnet.engine import certify
 from critnet.engine.naive import run_naive
 from critnet.engine.resume import (
     ResultStore,
@@ -29,26 +40,28 @@ from critnet.engine.resume import (
     samples_from_record,
     samples_to_record,
 )
-from critnet.engine import certify
-from critnet.engine.suffix import DEFAULT_MEMORY_BUDGET_MB, SuffixEvaluator
-from critnet.engine.taylor import estimate_outcome, per_sample_estimates, taylor_estimates
-from critnet.engine.tallying import in_first_half, sum_halves
 from critnet.engine.sharding import assign, gather_outcomes
-from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
-from critnet.choices import (
-    BOUNDS,
-    METHODS,
-    SCORES,
-    TAYLOR_ORDERS,
-    SettingError,
-    check_choice,
-    check_probability,
-    check_positive_int,
-    check_positive_number,
+from critnet.engine.suffix import DEFAULT_MEMORY_BUDGET_MB, SuffixEvaluator
+from critnet.engine.taylor import (
+    estimate_outcome,
+    per_sample_estimates,
+    taylor_estimates,
 )
-from critnet.evaluation import evaluation_mode, sample_pass, tally_pass, tally_samples
+from critnet.evaluation import sample_pass, tally_pass, tally_samples
+from critnet.evaluation_set import EvaluationSet
+from critnet.modes import evaluation_mode
 from critnet.outputs import OutputSelector, check_selector, describe_selector
-from critnet.scoring import Tally, UnitOutcome, criticality_key, per_sample_criticality, score_of
+from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
+from critnet.scoring import (
+    Tally,
+    UnitOutcome,
+    criticality_key,
+    in_first_half,
+    per_sample_criticality,
+    score_of,
+    sum_halves,
+)
+
 
 def evaluate_baseline(model: nn.Module, data: EvaluationSet,
                       reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,

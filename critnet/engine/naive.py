@@ -6,8 +6,8 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from critnet.engine.data import EvaluationSet
 from critnet.evaluation import tally_pass
+from critnet.evaluation_set import EvaluationSet
 from critnet.outputs import OutputSelector
 from critnet.perturb import Perturbation, Unit, perturbed
 from critnet.scoring import UnitOutcome

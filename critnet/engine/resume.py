@@ -14,11 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from critnet.checksums import state_digest
+from critnet.digests import state_digest
 from critnet.errors import CritnetError
 from critnet.perturb import Perturbation, Unit
 from critnet.scoring import Tally, UnitOutcome
-
 
 #: Bumped when the records change shape, so files written by another version are never read back.
 RECORD_VERSION = 2

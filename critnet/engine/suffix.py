@@ -34,12 +34,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from critnet.engine.data import EvaluationSet
 from critnet.engine.naive import run_naive
-from critnet.engine.tallying import TallyPair, sum_halves
+from critnet.evaluation_set import EvaluationSet
 from critnet.outputs import OutputSelector, logits_of
 from critnet.perturb import Perturbation, Unit, head_parameter_name, perturbed
-from critnet.scoring import UnitOutcome
+from critnet.scoring import TallyPair, UnitOutcome, sum_halves
 from critnet.scoring import per_sample as sample_stats
 
 DEFAULT_MEMORY_BUDGET_MB = 1024.0

@@ -31,13 +31,19 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from critnet.choices import TAYLOR_ORDERS, SettingError, check_choice
-from critnet.engine.data import EvaluationSet
+from critnet.evaluation_set import EvaluationSet
 from critnet.outputs import OutputSelector, logits_of
-from critnet.perturb import (Perturbation, Unit, activation_channel_dim, attention_heads, head_parameter_name,
-                             resolve_module, resolve_parameter, unit_values)
+from critnet.perturb import (
+    Perturbation,
+    Unit,
+    activation_channel_dim,
+    attention_heads,
+    head_parameter_name,
+    resolve_module,
+    resolve_parameter,
+    unit_values,
+)
 from critnet.scoring import Tally, UnitOutcome
-
-
 
 
 def taylor_estimates(

@@ -1,40 +1,6 @@
-"""Bit-flip fault-injection campaigns (Lightning-free): which parameters are critical under hardware faults.
+"""The machinery of fault campaigns (Lightning-free): fault sites and bit views, stratified draws sized by
+Leveugle's formula, the exact evaluation of each fault against the golden run, and the statistics of the rates.
 
-``fault_campaign(model, data, ...)`` draws a fault list sized by Leveugle's formula (or replays one), evaluates every
-fault exactly against the golden run and returns a :class:`Campaign` with per-fault outcomes and rates.
+The analysis itself is :func:`critnet.fault_campaign` (:mod:`critnet.analyses.campaign`); its result is
+:class:`critnet.Campaign`.
 """
-
-from critnet.faults.campaign import STRATIFY_KEYS, check_campaign_settings, fault_campaign
-from critnet.faults.evaluate import FaultCounts, FaultEvaluator
-from critnet.faults.injection import (
-    FAULT_MODELS,
-    FAULT_TARGETS,
-    Fault,
-    FaultListError,
-    Site,
-    injected,
-    read_fault_list,
-    write_fault_list,
-)
-from critnet.faults.results import Campaign
-from critnet.faults.stats import achieved_margin, leveugle_sample_size, wilson_interval
-
-__all__ = [
-    "FAULT_MODELS",
-    "FAULT_TARGETS",
-    "STRATIFY_KEYS",
-    "Campaign",
-    "Fault",
-    "FaultCounts",
-    "FaultEvaluator",
-    "FaultListError",
-    "Site",
-    "achieved_margin",
-    "check_campaign_settings",
-    "fault_campaign",
-    "injected",
-    "leveugle_sample_size",
-    "read_fault_list",
-    "wilson_interval",
-    "write_fault_list",
-]

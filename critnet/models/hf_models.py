@@ -27,8 +27,16 @@ from typing import Any
 
 from torch import nn
 
-from critnet.checkpoints import CheckpointError, WeightsInfo, sha256_of
-from critnet.models.registry import HF_PREFIX, PRETRAINED_NAMES, MissingExtraError, ModelSpec, UnknownModelError
+from critnet.models.checkpoints import CheckpointError, WeightsInfo, sha256_of
+from critnet.models.spec import (
+    HF_PREFIX,
+    INTERPOLATIONS,
+    PRETRAINED_NAMES,
+    MissingExtraError,
+    ModelSpec,
+    Preprocessing,
+    UnknownModelError,
+)
 
 #: Published architectures of common hub checkpoints (ImageNet-1k classifiers): ``id -> (model type, config
 #: arguments)``; the rest of each configuration is the type's default. A cached configuration takes precedence.
@@ -103,7 +111,9 @@ class HFSource:
 
 
 def _image_classifier_types() -> dict[str, Any]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    )
 
     return dict(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
 
@@ -197,7 +207,7 @@ def build(source: HFSource, num_classes: int | None = None) -> nn.Module:
 
 def wants_pretrained(arch: str, weights: str) -> bool:
     """True if ``weights`` names the checkpoint's own weights (``pretrained``, ``DEFAULT``), False for a file;
-    a one-line :class:`~critnet.checkpoints.CheckpointError` for anything else."""
+    a one-line :class:`~critnet.models.checkpoints.CheckpointError` for anything else."""
     if weights in PRETRAINED_NAMES:
         return True
     if Path(weights).expanduser().is_file():
@@ -275,7 +285,9 @@ def _processor_settings(source: HFSource) -> tuple[dict[str, Any], bool]:
         path = Path(found) if isinstance(found, str) else None
     if path is not None and path.is_file():
         return json.loads(path.read_text()), True
-    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+    from transformers.models.auto.image_processing_auto import (
+        IMAGE_PROCESSOR_MAPPING_NAMES,
+    )
 
     names = IMAGE_PROCESSOR_MAPPING_NAMES.get(source.config.model_type)
     # transformers 5 maps a type to {backend: class}, 4.x to (slow, fast)
@@ -307,8 +319,6 @@ def hf_preprocessing(arch: str):
     A processor that resizes to a fixed height × width without a crop (ViT's) squashes non-square images;
     critnet resizes the shorter side and centre-crops, which is the same for square images.
     """
-    from critnet.models.preprocessing import INTERPOLATIONS, Preprocessing
-
     source = resolve(arch)
     settings, own = _processor_settings(source)
     size = _input_size(source.config)

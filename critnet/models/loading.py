@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from critnet.checkpoints import WeightsInfo, load_weights, torchvision_weights
+from critnet.models.checkpoints import WeightsInfo, load_weights, torchvision_weights
 from critnet.models.registry import get_model_spec
 from critnet.models.torchvision_models import adapt_torchvision_state
 
@@ -29,7 +29,7 @@ def load_model(arch: str, weights: str | None = None, num_classes: int | None = 
             downloaded). ``None`` keeps the random initialisation.
         num_classes: output classes; default: the architecture's own.
 
-    The returned module carries :class:`~critnet.checkpoints.WeightsInfo` (path and sha256 of the weights) as
+    The returned module carries :class:`~critnet.models.checkpoints.WeightsInfo` (path and sha256 of the weights) as
     ``model.critnet_weights`` (None for random weights), which the reports record.
 
     >>> model = load_model("resnet20")

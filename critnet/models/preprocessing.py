@@ -7,54 +7,11 @@ evaluated with another preprocessing than its weights were trained with loses ac
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
-from torchvision import transforms
-
-from critnet.checkpoints import torchvision_weights
+from critnet.models.checkpoints import torchvision_weights
+from critnet.models.hf_models import hf_preprocessing
 from critnet.models.registry import get_model_spec
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = {"bilinear": transforms.InterpolationMode.BILINEAR, "bicubic": transforms.InterpolationMode.BICUBIC,
-                  "nearest": transforms.InterpolationMode.NEAREST}
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Resize the shorter side to ``resize_size``, centre-crop ``crop_size``, scale to [0, 1], normalise."""
-
-    resize_size: int
-    crop_size: int
-    interpolation: str = "bilinear"
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-
-    def with_sizes(self, resize_size: int | None = None, crop_size: int | None = None) -> Preprocessing:
-        """These settings with the sizes a user asked for; a crop alone keeps the weights' resize-to-crop ratio.
-
-        >>> Preprocessing(256, 224).with_sizes(crop_size=112)
-        Preprocessing(resize_size=128, crop_size=112, interpolation='bilinear', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-        """
-        if crop_size is not None and resize_size is None:
-            resize_size = round(crop_size * self.resize_size / self.crop_size)
-        return replace(self, resize_size=resize_size or self.resize_size, crop_size=crop_size or self.crop_size)
-
-    def eval_transform(self) -> transforms.Compose:
-        return transforms.Compose([
-            transforms.Resize(self.resize_size, interpolation=INTERPOLATIONS[self.interpolation]),
-            transforms.CenterCrop(self.crop_size),
-            transforms.ToTensor(),
-            transforms.Normalize(self.mean, self.std),
-        ])
-
-    def train_transform(self) -> transforms.Compose:
-        return transforms.Compose([
-            transforms.RandomResizedCrop(self.crop_size, interpolation=INTERPOLATIONS[self.interpolation]),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(self.mean, self.std),
-        ])
+from critnet.models.spec import INTERPOLATIONS, Preprocessing
+from critnet.models.timm_models import pretrained_tag, split_name
 
 
 def preprocessing(arch: str | None = None, weights: str | None = None) -> Preprocessing:
@@ -78,16 +35,12 @@ def preprocessing(arch: str | None = None, weights: str | None = None) -> Prepro
     if spec.family == "timm":
         return _timm_preprocessing(arch, weights)
     if spec.family == "hf":
-        from critnet.models.hf_models import hf_preprocessing
-
         return hf_preprocessing(arch)
     return Preprocessing(spec.input_size, spec.input_size)
 
 
 def _timm_preprocessing(arch: str, weights: str | None) -> Preprocessing:
     import timm
-
-    from critnet.models.timm_models import pretrained_tag, split_name
 
     name = split_name(arch)
     tag = pretrained_tag(arch, weights) if weights else None

@@ -9,54 +9,19 @@ instead of an ``AttributeError`` from deep inside an import. Names of the form
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
 
-from critnet.errors import CritnetError
-
-ModelFactory = Callable[..., nn.Module]
-
-#: Prefix of timm model names: ``timm/vit_tiny_patch16_224``.
-TIMM_PREFIX = "timm/"
-#: Prefix of Hugging Face transformers classifiers: ``hf/google/vit-base-patch16-224``, ``hf/path/to/directory``.
-HF_PREFIX = "hf/"
-#: ``--model.weights`` values that mean "the named model's own pretrained weights" (timm's default tag, a
-#: transformers checkpoint's weights).
-PRETRAINED_NAMES = ("pretrained", "DEFAULT")
-
-
-class MissingExtraError(CritnetError):
-    """An optional dependency that is not installed."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What critnet knows about a registered architecture.
-
-    Attributes:
-        name: the registered name (``--model.arch``).
-        factory: builds the model with random weights: ``factory(num_classes=...)``.
-        family: ``cifar`` (CIFAR layout), ``imagenet`` (torchvision, ImageNet layout), ``timm`` or ``hf``
-            (Hugging Face transformers).
-        default_num_classes: output classes when none are asked for.
-        input_size: the side of the square input the model is meant for (the eval crop of its default weights).
-        min_input_size: the smallest input side it accepts; equal to ``input_size`` where only that size works
-            (ViT, Swin: position embeddings and attention windows fix it).
-    """
-
-    name: str
-    factory: ModelFactory
-    family: str
-    default_num_classes: int
-    input_size: int
-    min_input_size: int | None = None
-
-    @property
-    def smallest_input(self) -> int:
-        return self.input_size if self.min_input_size is None else self.min_input_size
-
+from critnet.models.hf_models import hf_model_names, hf_spec
+from critnet.models.spec import (
+    HF_PREFIX,
+    TIMM_PREFIX,
+    ModelFactory,
+    ModelSpec,
+    UnknownModelError,
+)
+from critnet.models.timm_models import timm_model_names, timm_spec
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
@@ -95,18 +60,10 @@ def list_models(include_timm: bool = True, include_hf: bool = True) -> list[str]
     """
     names = sorted(_REGISTRY)
     if include_timm:
-        from critnet.models.timm_models import timm_model_names
-
         names += [TIMM_PREFIX + n for n in timm_model_names()]
     if include_hf:
-        from critnet.models.hf_models import hf_model_names
-
         names += hf_model_names()
     return names
-
-
-class UnknownModelError(CritnetError):
-    """A model name that is not registered."""
 
 
 def get_model_spec(name: str) -> ModelSpec:
@@ -118,12 +75,8 @@ def get_model_spec(name: str) -> ModelSpec:
     if name in _REGISTRY:
         return _REGISTRY[name]
     if isinstance(name, str) and name.startswith(TIMM_PREFIX):
-        from critnet.models.timm_models import timm_spec
-
         return timm_spec(name)
     if isinstance(name, str) and name.startswith(HF_PREFIX):
-        from critnet.models.hf_models import hf_spec
-
         return hf_spec(name)
     raise UnknownModelError(
         f"unknown model {name!r} (--model.arch); registered models: {', '.join(sorted(_REGISTRY))}, "

@@ -12,7 +12,13 @@ from pathlib import Path
 from torch import nn
 
 from critnet.errors import CritnetError
-from critnet.models.registry import PRETRAINED_NAMES, TIMM_PREFIX, MissingExtraError, ModelSpec, UnknownModelError
+from critnet.models.spec import (
+    PRETRAINED_NAMES,
+    TIMM_PREFIX,
+    MissingExtraError,
+    ModelSpec,
+    UnknownModelError,
+)
 
 
 def _timm():

@@ -10,8 +10,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from critnet.analysis.pruning import check_order_settings, check_sweep_settings, compare_orders, prune_sweep
-from critnet.callbacks.common import AnalysisCallback, network_of
+from critnet.analyses.pruning import (
+    check_order_settings,
+    check_sweep_settings,
+    compare_orders,
+    prune_sweep,
+)
+from critnet.callbacks.base import AnalysisCallback, network_of, tensorboard_experiment
 from critnet.choices import (
     CRITICALITY_SPLITS,
     ChannelOrder,
@@ -26,7 +31,6 @@ from critnet.choices import (
     check_positive_int,
 )
 from critnet.distributed import Distributed
-from critnet.reporting.common import tensorboard_experiment
 
 
 class PruneSweep(AnalysisCallback):

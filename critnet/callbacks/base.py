@@ -103,3 +103,12 @@ class AnalysisCallback(L.Callback):
         finally:
             if main_thread:
                 signal.signal(signal.SIGTERM, previous)
+
+
+def tensorboard_experiment(trainer: Any):
+    """The ``SummaryWriter`` of the trainer's TensorBoardLogger, or ``None`` if it has none."""
+    for logger in getattr(trainer, "loggers", []) or []:
+        experiment = getattr(logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_scalar") and hasattr(experiment, "add_figure"):
+            return experiment
+    return None

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from critnet.reporting.common import console
+from critnet.progress import console
 
 
 def _heatmap(axes, campaign) -> Any:

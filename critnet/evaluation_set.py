@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from critnet.checksums import tensor_bytes
+from critnet.digests import tensor_bytes
 from critnet.errors import DataError
 
 

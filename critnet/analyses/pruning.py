@@ -12,9 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from critnet.analysis.common import model_device, model_name, progress_bar
-from critnet.analysis.ranking import rank
-from critnet.checksums import state_digest
+from critnet.analyses.ranking import model_name, rank
 from critnet.choices import (
     CHANNEL_ORDERS,
     CRITICALITY_METHODS,
@@ -26,14 +24,9 @@ from critnet.choices import (
     check_fractions,
     check_positive_int,
 )
+from critnet.digests import state_digest
 from critnet.distributed import Distributed
-from critnet.engine.data import as_evaluation_set
-from critnet.engine.resume import ResultStore
-from critnet.errors import CritnetError
-from critnet.evaluation import ForwardContext, batch_tallies, check_fit, evaluation_mode
-from critnet.outputs import OutputSelector, check_selector, describe_selector
-from critnet.perturb import Unit
-from critnet.prune import (
+from critnet.engine.pruning_masks import (
     PruneError,
     PruneMasks,
     channel_count,
@@ -46,6 +39,14 @@ from critnet.prune import (
     pruned,
     read_channel_ranking,
 )
+from critnet.engine.resume import ResultStore
+from critnet.errors import CritnetError
+from critnet.evaluation import ForwardContext, batch_tallies, check_fit
+from critnet.evaluation_set import as_evaluation_set
+from critnet.modes import evaluation_mode, model_device
+from critnet.outputs import OutputSelector, check_selector, describe_selector
+from critnet.perturb import Unit
+from critnet.progress import progress_bar
 from critnet.results import Ranking, Sweep
 from critnet.scoring import Tally
 

@@ -9,7 +9,8 @@ import lightning as L
 import torch
 
 from critnet.distributed import all_gather_objects
-from critnet.reporting.common import print_table, write_csv, write_json
+from critnet.reporting.tables import print_table
+from critnet.writers import write_csv, write_json
 
 
 class RunSummary(L.Callback):

@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from critnet.reporting.common import format_cell, print_table, write_csv, write_json
+from critnet.reporting.tables import format_cell, print_table
+from critnet.writers import write_csv, write_json
 
 SWEEP_COLUMNS = (
     "network", "method", "scope", "p_prune", "p_bern", "repeat", "seed", "nominal_ratio", "ratio", "param_fraction",

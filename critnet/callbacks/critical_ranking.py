@@ -9,8 +9,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from critnet.analysis.ranking import RankSettings, rank
-from critnet.callbacks.common import AnalysisCallback, network_of
+from critnet.analyses.ranking import RankSettings, rank
+from critnet.callbacks.base import AnalysisCallback, network_of, tensorboard_experiment
 from critnet.choices import (
     STAGES,
     Bound,
@@ -25,7 +25,7 @@ from critnet.choices import (
 )
 from critnet.distributed import Distributed
 from critnet.engine.certify import LOSS_CLIP, TOP_K_CONFIDENCE
-from critnet.reporting.common import console, tensorboard_experiment
+from critnet.progress import console
 
 
 class CriticalRanking(AnalysisCallback):

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from critnet.reporting.common import console
+from rich.console import Console
+
+from critnet.distributed import Distributed
+
+#: The console every table and progress bar of critnet draws on.
+console = Console()
 
 
 class AnalysisProgress:
@@ -96,3 +101,12 @@ class AnalysisProgress:
         else:
             self._progress.remove_task(self._task)
         self._progress = None
+
+
+def progress_bar(progress: Any, label: str, distributed: Distributed, *, total: int | None = None,
+                 step_name: str = "") -> AnalysisProgress:
+    """The analysis's progress bar: drawn on the lead rank when ``progress`` is true; when ``progress`` is a live
+    ``rich.progress.Progress`` (e.g. Lightning's) the bar joins that display."""
+    running = progress if hasattr(progress, "add_task") else None
+    return AnalysisProgress(label, bool(progress) and distributed.is_lead, total=total, step_name=step_name,
+                            running=running)

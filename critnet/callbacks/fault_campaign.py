@@ -1,5 +1,5 @@
 """The fault-injection campaign as a Lightning callback: data from the datamodule, the campaign on every rank,
-reports from rank 0. The campaign itself is :func:`critnet.faults.fault_campaign`."""
+reports from rank 0. The campaign itself is :func:`critnet.fault_campaign`."""
 
 from __future__ import annotations
 
@@ -9,15 +9,19 @@ from typing import Literal
 import lightning as L
 import torch
 
+from critnet.analyses.campaign import (
+    StratifyBy,
+    check_campaign_settings,
+    fault_campaign,
+)
+from critnet.callbacks.base import tensorboard_experiment
 from critnet.distributed import Distributed
 from critnet.errors import CritnetError
-from critnet.faults import Campaign, check_campaign_settings, fault_campaign
-from critnet.faults.campaign import StratifyBy
 from critnet.faults.draw import selected_layers
 from critnet.faults.injection import FaultModel, FaultTarget
-from critnet.reporting.common import console, tensorboard_experiment
-from critnet.reporting.faults import log_tensorboard, print_campaign_table
-from critnet.reporting.progress import AnalysisProgress
+from critnet.progress import AnalysisProgress, console
+from critnet.reporting.campaign_report import log_tensorboard, print_campaign_table
+from critnet.results import Campaign
 
 
 class FaultCampaign(L.Callback):

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from critnet.faults.draw import Stratum
-from critnet.faults.evaluate import FaultCounts
+from critnet.faults.evaluator import FaultCounts
 from critnet.faults.injection import FAULT_LIST_COLUMNS, Fault, bits_to_float
 from critnet.faults.stats import domain_estimate
-from critnet.reporting.common import write_csv, write_json
+from critnet.writers import write_csv, write_json
 
 #: One row per fault: the fault list, then counts over the evaluated images (see :class:`FaultCounts`).
 FAULT_COLUMNS = (*FAULT_LIST_COLUMNS, "images", "masked", "noncritical", "sdc1", "sdc5", "nonfinite", "delta_loss",
@@ -45,7 +45,7 @@ RANKING_COLUMNS = ("rank", "kind", "name", "faults", "critical", "critical_low",
 
 
 class Campaign:
-    """The outcome of :func:`critnet.faults.fault_campaign`.
+    """The outcome of :func:`critnet.fault_campaign`.
 
     Attributes:
         faults: one dict per fault (``FAULT_COLUMNS``): where it struck, its original and faulty values, and counts
@@ -213,7 +213,7 @@ class Campaign:
 
     def save(self, directory: str | Path) -> list[Path]:
         """Every file: the CSVs, ``campaign.json`` and the two PNG figures."""
-        from critnet.reporting.faults import save_figures
+        from critnet.reporting.campaign_report import save_figures
 
         directory = Path(directory)
         return [*self.to_csv(directory), self.to_json(directory / "campaign.json"), *save_figures(self, directory)]
@@ -221,7 +221,7 @@ class Campaign:
     def plot(self):
         """A matplotlib figure: the layer × bit heatmap of critical-fault (SDC-1) rates and the per-layer rates
         with their 95 % intervals."""
-        from critnet.reporting.faults import campaign_figure
+        from critnet.reporting.campaign_report import campaign_figure
 
         return campaign_figure(self)
 

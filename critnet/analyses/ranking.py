@@ -10,7 +10,6 @@ from typing import Any
 
 from torch import nn
 
-from critnet.analysis.common import model_device, model_name, progress_bar
 from critnet.choices import (
     BOUNDS,
     LEVELLESS,
@@ -27,16 +26,29 @@ from critnet.choices import (
     check_positive_number,
     check_probability,
 )
-from critnet.engine.certify import LOSS_CLIP, TOP_K_CONFIDENCE
 from critnet.distributed import Distributed
 from critnet.engine import evaluate_baseline, evaluate_units, reference_pass
-from critnet.engine.data import as_evaluation_set
+from critnet.engine.certify import LOSS_CLIP, TOP_K_CONFIDENCE
 from critnet.evaluation import check_fit
+from critnet.evaluation_set import as_evaluation_set
 from critnet.models.loading import weights_info
+from critnet.modes import model_device
 from critnet.outputs import OutputSelector, check_selector, describe_selector
 from critnet.perturb import Perturbation, Unit, select_units
-from critnet.ranking import estimate_agreement, order_outcomes, ranking_rows, split_half_agreement, tally_summary
+from critnet.progress import progress_bar
 from critnet.results import LevelRanking, Ranking
+from critnet.results.ranking_rows import (
+    estimate_agreement,
+    order_outcomes,
+    ranking_rows,
+    split_half_agreement,
+    tally_summary,
+)
+
+
+def model_name(model: nn.Module, name: str | None) -> str:
+    """How reports call the model: ``name`` if given, else its class name."""
+    return name if name is not None else type(model).__name__
 
 
 @dataclass(frozen=True)

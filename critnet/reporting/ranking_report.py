@@ -1,6 +1,6 @@
 """Reports of a ranking: ranking.csv / ranking.json, the rich top-K table and progress bar, TensorBoard items.
 
-Lightning-free: functions take rows (:func:`critnet.ranking.ranking_rows`) and a ``SummaryWriter``; the callback
+Lightning-free: functions take rows (:func:`critnet.results.ranking_rows.ranking_rows`) and a ``SummaryWriter``; the callback
 decides which rank calls them (rank 0 only).
 """
 
@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from critnet.ranking import INTERVAL_OF_SCORE, RANKING_COLUMNS
-from critnet.scoring import Z95
 from rich.table import Table
 
-from critnet.reporting.common import console, format_cell, write_csv, write_json
+from critnet.progress import console
+from critnet.reporting.tables import format_cell
+from critnet.results.ranking_rows import INTERVAL_OF_SCORE, RANKING_COLUMNS
+from critnet.scoring import Z95
+from critnet.writers import write_csv, write_json
 
 TOP_K_COLUMNS = ("rank", "unit", "perturbation", "level", "score", "loss", "delta_loss", "delta_loss_se", "top1",
                  "top5", "top1_drop_se")

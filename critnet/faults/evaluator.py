@@ -22,9 +22,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from critnet.engine.data import EvaluationSet
+from critnet.engine.suffix import (
+    DEFAULT_MEMORY_BUDGET_MB,
+    TracedModel,
+    segment_batches,
+    trace,
+)
 from critnet.evaluation import batch_results
-from critnet.engine.suffix import DEFAULT_MEMORY_BUDGET_MB, TracedModel, segment_batches, trace
+from critnet.evaluation_set import EvaluationSet
 from critnet.faults.injection import Fault, injected
 from critnet.outputs import OutputSelector, logits_of
 from critnet.perturb import Unit
@@ -172,7 +177,7 @@ class FaultEvaluator:
         output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`); the traced
             suffixes return whatever the model returns.
 
-    >>> from critnet.engine.data import as_evaluation_set
+    >>> from critnet.evaluation_set import as_evaluation_set
     >>> from critnet.faults.injection import Site
     >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).eval()
     >>> data = as_evaluation_set((torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])))

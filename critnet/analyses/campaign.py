@@ -13,14 +13,13 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from critnet.analysis.common import progress_bar
 from critnet.choices import SettingError, check_choice, check_fraction
+from critnet.digests import state_digest
 from critnet.distributed import Distributed
-from critnet.engine.data import as_evaluation_set
-from critnet.checksums import state_digest
 from critnet.engine.resume import ResultStore, ResumeError
 from critnet.engine.sharding import assign
-from critnet.evaluation import check_fit, evaluation_mode
+from critnet.evaluation import check_fit
+from critnet.evaluation_set import as_evaluation_set
 from critnet.faults.draw import (
     DEFAULT_MODULE_TYPES,
     Stratum,
@@ -30,10 +29,18 @@ from critnet.faults.draw import (
     selected_layers,
     sizing_rows,
 )
-from critnet.faults.evaluate import FaultCounts, FaultEvaluator
-from critnet.faults.injection import FAULT_MODELS, FAULT_TARGETS, Fault, read_fault_list, write_fault_list
-from critnet.faults.results import Campaign
+from critnet.faults.evaluator import FaultCounts, FaultEvaluator
+from critnet.faults.injection import (
+    FAULT_MODELS,
+    FAULT_TARGETS,
+    Fault,
+    read_fault_list,
+    write_fault_list,
+)
+from critnet.modes import evaluation_mode
 from critnet.outputs import OutputSelector, check_selector, describe_selector
+from critnet.progress import progress_bar
+from critnet.results.campaign_result import Campaign
 
 StratifyBy = Literal["layer", "bit"]
 STRATIFY_KEYS: tuple[str, ...] = get_args(StratifyBy)

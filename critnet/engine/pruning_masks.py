@@ -30,8 +30,14 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from critnet.checksums import tensors_digest
-from critnet.choices import CHANNEL_ORDERS, PRUNE_METHODS, PRUNE_SCOPES, check_choice, check_fraction
+from critnet.choices import (
+    CHANNEL_ORDERS,
+    PRUNE_METHODS,
+    PRUNE_SCOPES,
+    check_choice,
+    check_fraction,
+)
+from critnet.digests import tensors_digest
 from critnet.errors import CritnetError
 from critnet.perturb import Unit
 from critnet.scoring import criticality_key

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from critnet.perturb import Perturbation
 from critnet.choices import LEVELLESS, SCORES, check_choice
+from critnet.perturb import Perturbation
 from critnet.scoring import (
     Z95,
     Tally,

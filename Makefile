@@ -20,11 +20,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-compile -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+# The architecture's import contracts first (pyproject.toml, [tool.importlinter]), then the tests.
 # Two workers on the 2-core CI machine, one per core (every test runs one intra-op thread); whole files go to one
 # worker so that module-scoped fixtures are built once (tests/conftest.py shares the session-scoped launches).
 WORKERS ?= auto
 
 test: install
+	$(BIN)/lint-imports --no-logo --no-cache
 	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
 
 # The built wheel, installed into a fresh environment outside the checkout: `critnet validate -c resnet20_cifar10`

@@ -25,6 +25,11 @@ ChannelOrder = Literal["criticality", "l1", "random"]
 CriticalityMethod = Literal["exact", "naive"]
 CriticalitySplit = Literal["val", "train"]
 Stage = Literal["fit", "validate"]
+#: What a fault campaign injects into: parameters, or module outputs through a forward hook.
+FaultTarget = Literal["weights", "activations"]
+FaultModel = Literal["bitflip", "stuck_at_0", "stuck_at_1", "ber"]
+#: What a fault campaign samples (and sizes) separately: each layer, or each layer and bit position.
+StratifyKey = Literal["layer", "bit"]
 
 UNIT_KINDS: tuple[str, ...] = get_args(UnitKind)
 PERTURBATION_KINDS: tuple[str, ...] = get_args(PerturbationKind)
@@ -38,6 +43,9 @@ CHANNEL_ORDERS: tuple[str, ...] = get_args(ChannelOrder)
 CRITICALITY_METHODS: tuple[str, ...] = get_args(CriticalityMethod)
 CRITICALITY_SPLITS: tuple[str, ...] = get_args(CriticalitySplit)
 STAGES: tuple[str, ...] = get_args(Stage)
+FAULT_TARGETS: tuple[str, ...] = get_args(FaultTarget)
+FAULT_MODELS: tuple[str, ...] = get_args(FaultModel)
+STRATIFY_KEYS: tuple[str, ...] = get_args(StratifyKey)
 #: Perturbations that ignore their level (one ranking, not one per level).
 LEVELLESS: tuple[str, ...] = ("zero", "sign_flip")
 

@@ -240,6 +240,65 @@ def _probe_activation_channels(model: nn.Module, names: list[str], example_input
     return channels
 
 
+def _as_names(key: str, value: Sequence[str] | str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = (value,) if isinstance(value, str) else tuple(value)
+    for position, name in enumerate(names):
+        if not isinstance(name, str):
+            raise SettingError(f"{key}[{position}]: {name!r} is not a string")
+    return names
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which parts of a network an analysis works on: the same three keys for rankings, fault campaigns and pruning.
+
+    Args:
+        include: regular expressions searched in the names (parameter names for tensor and channel units and
+            weight faults, module names otherwise); a name is kept if any matches. ``None``: the analysis's default.
+        exclude: regular expressions; a name matching any of them is dropped.
+        module_types: class names of the owning modules (``["Conv2d", "Linear"]``). ``None``: the analysis's
+            default.
+
+    A bad pattern or a non-string raises a one-line :class:`~critnet.choices.SettingError` naming the key.
+
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    >>> [unit.label for unit in Selection(include=["weight"], module_types=["Conv2d"]).units(model, "tensor")]
+    ['0.weight']
+    >>> [name for name, _ in Selection(exclude=["^3$"]).modules(model, ("Conv2d", "LazyLinear"))]
+    ['0']
+    """
+
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] = ()
+    module_types: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "include", _as_names("include", self.include))
+        object.__setattr__(self, "exclude", _as_names("exclude", self.exclude) or ())
+        object.__setattr__(self, "module_types", _as_names("module_types", self.module_types))
+        _compile(self.include, "include")
+        _compile(self.exclude, "exclude")
+
+    def units(self, model: nn.Module, kind: str, example_input: torch.Tensor | None = None) -> list[Unit]:
+        """The units of ``kind`` this selection picks from ``model``: :func:`select_units`."""
+        return select_units(model, kind, self.include, self.exclude, self.module_types, example_input)
+
+    def modules(self, model: nn.Module, default_types: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of the modules whose names it keeps and whose class is one of ``module_types`` (or
+        ``default_types`` when that is ``None``; ``None`` for both: any class), in model order."""
+        include, exclude = _compile(self.include, "include"), _compile(self.exclude, "exclude") or []
+        types = _check_module_types(model, self.module_types if self.module_types is not None else default_types)
+        return [(name, module) for name, module in model.named_modules()
+                if name and _matches(name, include, exclude) and (types is None or type(module).__name__ in types)]
+
+    def as_dict(self) -> dict[str, list[str] | None]:
+        """The selection as the JSON records of every analysis keep it."""
+        return {"include": None if self.include is None else list(self.include), "exclude": list(self.exclude),
+                "module_types": None if self.module_types is None else list(self.module_types)}
+
+
 def select_units(
     model: nn.Module,
     kind: str = "tensor",

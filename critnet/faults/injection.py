@@ -16,18 +16,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-from critnet.choices import SettingError
+from critnet.choices import FAULT_MODELS, FAULT_TARGETS, FaultModel, FaultTarget, SettingError
 from critnet.errors import CritnetError
 
-FaultModel = Literal["bitflip", "stuck_at_0", "stuck_at_1", "ber"]
-FaultTarget = Literal["weights", "activations"]
-FAULT_MODELS: tuple[str, ...] = get_args(FaultModel)
-FAULT_TARGETS: tuple[str, ...] = get_args(FaultTarget)
 
 #: The columns of the fault list in ``faults.csv`` (written before any evaluation; enough to replay it).
 FAULT_LIST_COLUMNS = ("fault", "fault_model", "target", "parameter", "index", "bit", "original", "faulty")

@@ -33,12 +33,20 @@ def write_json(path: str | Path, obj: Mapping[str, Any]) -> Path:
 
 
 def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> Path:
-    """Write long-form rows; missing values become empty cells, extra keys are an error."""
+    """Write long-form rows, one line each with ``columns`` in order: floats at full precision (``repr``) so that
+    readers recover the exact numbers, missing values and None as empty cells, other keys left out.
+
+    >>> import tempfile
+    >>> path = write_csv(Path(tempfile.mkdtemp()) / "rows.csv", [{"a": 0.1, "b": None, "c": 3}], ["a", "b"])
+    >>> path.read_text().splitlines()
+    ['a,b', '0.1,']
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="raise")
-        writer.writeheader()
+        writer = csv.writer(f)
+        writer.writerow(columns)
         for row in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+            writer.writerow(["" if (v := row.get(c)) is None else repr(v) if isinstance(v, float) else v
+                             for c in columns])
     return path

@@ -64,23 +64,30 @@ UNITS = (f"{RANKING}include=[layer3.2]", f"{RANKING}method=naive")
 IMAGES = 16  # each of the three runs makes up to 128 full passes over them
 
 
-def test_sigterm_mid_ranking_stops_at_once_and_the_rerun_resumes(tmp_path):
-    args = cli_args(tmp_path / "stopped", "rank_neurons.yaml", *UNITS, f"{RANKING}resume=true", subset=IMAGES)
+def interrupted_run(args: list[str], partial_dir: Path, records: int = 5) -> tuple[int, str]:
+    """Run the command line in a process and SIGTERM it once the partial-results file holds ``records`` lines;
+    its exit status and stderr."""
     process = subprocess.Popen([sys.executable, "analyze.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    partial_dir = tmp_path / "stopped" / "ranking_partial"
     deadline = time.monotonic() + 240
-    records = 0
-    while records < 5 and process.poll() is None and time.monotonic() < deadline:
+    done = 0
+    while done < records and process.poll() is None and time.monotonic() < deadline:
         files = list(partial_dir.glob("*.jsonl"))
-        records = len(files[0].read_text().splitlines()) if files else 0
+        done = len(files[0].read_text().splitlines()) if files else 0
         time.sleep(0.01)
-    assert process.poll() is None, "the ranking ended before it could be interrupted"
+    assert process.poll() is None, "the analysis ended before it could be interrupted"
     process.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     _, err = process.communicate(timeout=60)
     assert time.monotonic() - sent < 10
-    assert process.returncode == 130
+    return process.returncode, err
+
+
+def test_sigterm_mid_ranking_stops_at_once_and_the_rerun_resumes(tmp_path):
+    args = cli_args(tmp_path / "stopped", "rank_neurons.yaml", *UNITS, f"{RANKING}resume=true", subset=IMAGES)
+    partial_dir = tmp_path / "stopped" / "ranking_partial"
+    returncode, err = interrupted_run(args, partial_dir)
+    assert returncode == 130
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted: CriticalRanking was interrupted; its finished work is kept in")
     assert last.endswith("run the same command again to continue where it stopped") and "Traceback" not in err
@@ -93,6 +100,27 @@ def test_sigterm_mid_ranking_stops_at_once_and_the_rerun_resumes(tmp_path):
     whole = Path(main(cli_args(tmp_path / "whole", "rank_neurons.yaml", *UNITS, subset=IMAGES)).trainer.log_dir)
     whole = whole / "ranking.csv"
     assert resumed.read_bytes() == whole.read_bytes()
+
+
+def test_sigterm_mid_campaign_stops_at_once_and_the_rerun_resumes(tmp_path):
+    """The fault preset (340 faults) on 16 images, stopped after a few faults, then the same command again."""
+    args = cli_args(tmp_path / "stopped", "faults_resnet20.yaml", f"{RANKING}resume=true", subset=IMAGES)
+    partial_dir = tmp_path / "stopped" / "faults_partial"
+    returncode, err = interrupted_run(args, partial_dir)
+    assert returncode == 130 and "Traceback" not in err
+    (last,) = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert last == err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: FaultCampaign was interrupted; its finished work is kept in")
+    (partial,) = partial_dir.glob("*.jsonl")
+    kept = [json.loads(line) for line in partial.read_text().splitlines()]  # only whole records
+    assert 5 <= len(kept) < 340
+    assert not list((tmp_path / "stopped").rglob("faults.csv"))
+
+    resumed = Path(main(args).trainer.log_dir)
+    assert json.loads((resumed / "campaign.json").read_text())["resumed_faults"] == len(kept)
+    whole = Path(main(cli_args(tmp_path / "whole", "faults_resnet20.yaml", subset=IMAGES)).trainer.log_dir)
+    for name in ("faults.csv", "fault_rates.csv", "fault_vulnerability.csv"):
+        assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
 
 
 def test_trainer_flags_keep_their_types_after_critnet_is_imported(ddp_runs):

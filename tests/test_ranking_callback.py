@@ -232,7 +232,7 @@ def test_resume_reuses_the_partial_results(tmp_path):
 
 
 def test_hybrid_note_warns_when_top_units_come_from_deep_in_the_estimate_order():
-    from critnet.reporting.ranking_report import hybrid_note
+    from critnet.results.ranking_result import hybrid_note
 
     good = hybrid_note({"units": 40, "deepest_top_k": 12, "spearman": 0.91, "kendall": 0.8})
     assert "40 units checked exactly" in good and "12th by estimate" in good and "warning" not in good
@@ -268,3 +268,36 @@ def test_halving_through_the_callback_has_the_exact_top_rows(tmp_path, monkeypat
     scores = [row["score"] for row in rows["halving"][:3]]
     assert scores == sorted(scores, reverse=True)
     assert not all(row["exact"] for row in rows["halving"])  # it did skip work
+
+
+def test_a_sigterm_mid_campaign_restores_the_model_and_says_how_to_continue(tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from critnet.callbacks.fault_campaign import FaultCampaign
+    from critnet.errors import Interrupted
+
+    module = ClassifierModule("resnet20", weights=str(RESNET20_WEIGHTS))
+    before = checksum(module)
+    callback = FaultCampaign(faults=200, resume=True, progress=False, print_table=False)
+    running = threading.Event()
+
+    def terminate_after_five_faults() -> None:  # from outside the main thread, as a scheduler's SIGTERM comes
+        while running.is_set():
+            if any(len(f.read_text().splitlines()) >= 5 for f in (tmp_path / "faults_partial").glob("*.jsonl")):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    running.set()
+    watcher = threading.Thread(target=terminate_after_five_faults, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(Interrupted, match="FaultCampaign was interrupted; its finished work is kept in"):
+            make_trainer(tmp_path, callback).validate(module, datamodule=datamodule(16), verbose=False)
+    finally:
+        running.clear()
+        watcher.join()
+    assert checksum(module) == before and hook_count(module) == 0

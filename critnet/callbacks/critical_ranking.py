@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from critnet.analyses.ranking import RankSettings, rank
-from critnet.callbacks.base import AnalysisCallback, network_of, tensorboard_experiment
+from critnet.callbacks.base import AnalysisCallback, network_of
 from critnet.choices import (
     STAGES,
     Bound,
@@ -23,9 +21,9 @@ from critnet.choices import (
     check_choice,
     check_positive_int,
 )
-from critnet.distributed import Distributed
 from critnet.engine.certify import LOSS_CLIP, TOP_K_CONFIDENCE
 from critnet.progress import console
+from critnet.results.ranking_result import Ranking
 
 
 class CriticalRanking(AnalysisCallback):
@@ -111,7 +109,7 @@ class CriticalRanking(AnalysisCallback):
         print_table: bool = True,
     ) -> None:
         super().__init__(resume, resume_dir)
-        self.options = dict(unit=unit, include=include, exclude=list(exclude or []), module_types=module_types,
+        self.rank_settings = dict(unit=unit, include=include, exclude=list(exclude or []), module_types=module_types,
                             perturbation=perturbation, levels=list(levels), relative=relative, seed=seed, score=score,
                             method=method, top_k=top_k, taylor_order=taylor_order,
                             top_k_confidence=top_k_confidence, bound=bound, loss_clip=loss_clip)
@@ -122,36 +120,27 @@ class CriticalRanking(AnalysisCallback):
         self.progress = progress
         self.print_table = print_table
         #: The last :class:`~critnet.results.Ranking` (every rank holds it).
-        self.ranking = None
+        self.ranking: Ranking | None = None
 
     def check_settings(self) -> RankSettings:
         """The checked settings (a one-line :class:`~critnet.choices.SettingError` naming the key otherwise)."""
-        with self.named("CriticalRanking"):
-            check_positive_int("num_batches", self.num_batches, allow_none=True)
-            for i, stage in enumerate(self.run_on):
-                check_choice(f"run_on[{i}]", stage, STAGES)
-            return RankSettings(**self.options)
+        check_positive_int("num_batches", self.num_batches, allow_none=True)
+        for i, stage in enumerate(self.run_on):
+            check_choice(f"run_on[{i}]", stage, STAGES)
+        return RankSettings(**self.rank_settings)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Checked at setup, before the validation loop runs: errors raised while the CLI instantiates callbacks
-        # would reach the user wrapped in a type-union message.
-        settings = self.check_settings()
-        if settings.unit != "activation":  # activation units may need a batch to count their channels
-            with self.named("CriticalRanking"):
+        with self.named():
+            settings = self.check_settings()
+            if settings.unit != "activation":  # activation units may need a batch to count their channels
                 settings.select(network_of(pl_module))
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "validate" in self.run_on and trainer.state.fn == "validate" and not trainer.sanity_checking:
-            self.run(trainer, pl_module, "validate")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "fit" in self.run_on:
             self.run(trainer, pl_module, "fit")
 
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str):
-        """Rank on every rank (units are shared among them); rank 0 writes and prints. Returns the Ranking."""
-        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
-        self.check_settings()
+    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> list[Ranking]:
+        """Rank on every rank (units are shared among them)."""
         loader = self.datamodule(trainer).analysis_dataloader()
         batches: Any = loader
         if self.num_batches is not None:
@@ -159,22 +148,13 @@ class CriticalRanking(AnalysisCallback):
             if len(batches) < self.num_batches and trainer.is_global_zero:
                 console.print(f"[yellow]CriticalRanking: num_batches={self.num_batches} but the validation set has "
                               f"only {len(batches)} batches; using all of them[/yellow]")
-        # Lightning evaluates under inference_mode; the engine needs ordinary tensors (and gradients for taylor).
-        with torch.inference_mode(False), self.interruptible(trainer, "CriticalRanking"), self.named("CriticalRanking"):
-            ranking = rank(
-                network_of(pl_module), batches, **self.options, device=pl_module.device,
-                memory_budget_mb=self.memory_budget_mb, resume_dir=self.resume_path(trainer),
-                progress=self.progress_for(trainer, self.progress), distributed=Distributed.current(),
-                name=getattr(pl_module, "arch", None), num_batches=self.num_batches,
-            )
-        ranking.stage = stage
+        ranking = rank(network_of(pl_module), batches, **self.rank_settings, memory_budget_mb=self.memory_budget_mb,
+                       name=getattr(pl_module, "arch", None), num_batches=self.num_batches,
+                       **self.api_options(trainer, pl_module, self.progress))
+        ranking.stage, ranking.filename = stage, self.filename
         ranking.skipped_paths = self.skipped_images(trainer)
-        if trainer.is_global_zero:
-            ranking.report(Path(log_dir or trainer.default_root_dir), filename=self.filename,
-                           writer=tensorboard_experiment(trainer), step=trainer.global_step,
-                           print_table=self.print_table)
         self.ranking = ranking
-        return ranking
+        return [ranking]
 
 
 __all__ = ["CriticalRanking"]

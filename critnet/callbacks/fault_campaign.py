@@ -3,28 +3,22 @@ reports from rank 0. The campaign itself is :func:`critnet.fault_campaign`."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import torch
 
 from critnet.analyses.campaign import (
     StratifyBy,
     check_campaign_settings,
     fault_campaign,
 )
-from critnet.callbacks.base import tensorboard_experiment
-from critnet.distributed import Distributed
-from critnet.errors import CritnetError
+from critnet.callbacks.base import AnalysisCallback, network_of
+from critnet.choices import FaultModel, FaultTarget
 from critnet.faults.draw import selected_layers
-from critnet.faults.injection import FaultModel, FaultTarget
-from critnet.progress import AnalysisProgress, console
-from critnet.reporting.campaign_report import log_tensorboard, print_campaign_table
-from critnet.results import Campaign
+from critnet.results.campaign_result import Campaign
 
 
-class FaultCampaign(L.Callback):
+class FaultCampaign(AnalysisCallback):
     """At the end of ``validate``, inject bit faults one at a time into the model and write ``faults.csv``,
     ``campaign.json``, ``fault_rates.csv``, ``fault_vulnerability.csv`` and the heatmap / per-layer PNGs in the
     run's log_dir, plus TensorBoard figures and a console table.
@@ -48,12 +42,15 @@ class FaultCampaign(L.Callback):
         seed: Seed of the draw (combined with each stratum's name).
         critical_threshold: A fault is critical when its SDC-1 rate over the images exceeds this fraction.
         fault_list: Replay this ``faults.csv`` instead of drawing.
-        resume: Append finished faults to a partial-results file and skip them when the same campaign runs again.
+        resume: Append finished faults to a partial-results file and skip them when the same campaign runs again
+            (after Ctrl-C or SIGTERM, say).
         resume_dir: Where the partial results live; default ``<trainer.default_root_dir>/faults_partial``.
         memory_budget_mb: Memory (MB) for the held evaluation batches and the cached activations; null = no limit.
         progress: Show a progress bar (rank 0).
         print_table: Print the overall and per-layer rates (rank 0).
     """
+
+    resume_subdir = "faults_partial"
 
     def __init__(
         self,
@@ -76,60 +73,32 @@ class FaultCampaign(L.Callback):
         progress: bool = True,
         print_table: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(resume, resume_dir)
         self.settings = dict(target=target, layers=layers, module_types=module_types, bits=bits,
                              fault_model=fault_model, ber=ber, faults=faults, error_margin=error_margin,
                              confidence=confidence, stratify=stratify, seed=seed,
                              critical_threshold=critical_threshold, fault_list=fault_list,
                              memory_budget_mb=memory_budget_mb)
-        self.resume, self.resume_dir = resume, resume_dir
         self.progress, self.print_table = progress, print_table
         #: The last campaign (every rank holds it).
         self.campaign: Campaign | None = None
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # here rather than in __init__: the CLI wraps errors raised while instantiating into a multi-line message
+    def check_settings(self) -> None:
         s = self.settings
         check_campaign_settings(target=s["target"], fault_model=s["fault_model"], bits=s["bits"], faults=s["faults"],
                                 error_margin=s["error_margin"], confidence=s["confidence"], stratify=s["stratify"],
                                 ber=s["ber"], critical_threshold=s["critical_threshold"], seed=s["seed"])
-        if s["target"] == "weights":
-            selected_layers(self._network(pl_module), "weights", s["layers"], s["module_types"], None)
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "validate" and not trainer.sanity_checking:
-            self.run(trainer, pl_module)
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        with self.named():
+            self.check_settings()
+            if self.settings["target"] == "weights":
+                selected_layers(network_of(pl_module), "weights", self.settings["layers"],
+                                self.settings["module_types"], None)
 
-    @staticmethod
-    def _network(pl_module: L.LightningModule) -> torch.nn.Module:
-        network = getattr(pl_module, "model", None)
-        return network if isinstance(network, torch.nn.Module) else pl_module
-
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Campaign:
-        """The campaign on every rank (each reaches every collective); rank 0 writes and prints."""
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "analysis_dataloader"):
-            raise CritnetError("FaultCampaign needs a data module with analysis_dataloader() (critnet.data.*DataModule)")
-        distributed = Distributed.current()
-        resume_dir = self.resume_dir or str(Path(trainer.default_root_dir) / "faults_partial")
-        running = getattr(trainer.progress_bar_callback, "progress", None)
-        # Lightning evaluates under inference_mode; the campaign writes bits into ordinary tensors
-        with torch.inference_mode(False), AnalysisProgress(
-            f"faults · {self.settings['fault_model']} · {self.settings['target']}",
-            self.progress and distributed.is_lead, step_name="faults", running=running,
-        ) as bar:
-            self.campaign = fault_campaign(
-                self._network(pl_module), datamodule.analysis_dataloader(), **self.settings,
-                output_dir=log_dir, resume=self.resume, resume_dir=resume_dir if self.resume else None,
-                distributed=distributed, device=pl_module.device, progress=bar.update)
-        if distributed.is_lead:
-            if self.print_table:
-                print_campaign_table(self.campaign)
-            writer = tensorboard_experiment(trainer)
-            if writer is not None:
-                log_tensorboard(writer, self.campaign, step=trainer.global_step)
-            console.print(f"faults: {len(self.campaign.faults)} faults on {self.campaign.golden['images']} images in "
-                          f"{self.campaign.info['elapsed_s']:.1f} s on {distributed.world_size} device(s) → "
-                          f"{log_dir / 'faults.csv'}, {log_dir / 'campaign.json'}")
-        return self.campaign
+    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> list[Campaign]:
+        """The campaign on every rank (faults shared among them, every image each); the partial results in
+        ``resume_dir`` when ``resume``."""
+        self.campaign = fault_campaign(network_of(pl_module), self.datamodule(trainer).analysis_dataloader(),
+                                       **self.settings, **self.api_options(trainer, pl_module, self.progress))
+        return [self.campaign]

@@ -16,7 +16,7 @@ from critnet.analyses.pruning import (
     compare_orders,
     prune_sweep,
 )
-from critnet.callbacks.base import AnalysisCallback, network_of, tensorboard_experiment
+from critnet.callbacks.base import AnalysisCallback, network_of
 from critnet.choices import (
     CRITICALITY_SPLITS,
     ChannelOrder,
@@ -30,7 +30,7 @@ from critnet.choices import (
     check_fractions,
     check_positive_int,
 )
-from critnet.distributed import Distributed
+from critnet.results.sweep_result import Sweep
 
 
 class PruneSweep(AnalysisCallback):
@@ -115,74 +115,60 @@ class PruneSweep(AnalysisCallback):
         self.criticality_samples = criticality_samples
         self.criticality_split = criticality_split
         self.memory_budget_mb = memory_budget_mb
-        self.print_tables = print_tables
+        self.print_table = print_tables
         #: The last sweep and guided comparison (:class:`~critnet.results.Sweep`; every rank holds them).
         self.sweep = None
         self.guided = None
 
     def check_settings(self) -> None:
         """One-line :class:`~critnet.choices.SettingError` naming the key of any bad setting."""
-        with self.named("PruneSweep"):
-            self.p_prune, self.p_bern = check_sweep_settings(self.method, self.scope, self.p_prune, self.p_bern,
-                                                             self.repeats, self.seed)
-            self.guided_ratios = check_fractions("guided_ratios", self.guided_ratios)  # even when unused
-            if self.guided_orders:
-                _, self.guided_ratios = check_order_settings(
-                    self.guided_orders, self.guided_ratios, self.criticality_score, self.criticality_method,
-                    self.repeats, self.seed, prefix="guided_")
-            check_choice("criticality_split", self.criticality_split, CRITICALITY_SPLITS)
-            check_positive_int("criticality_samples", self.criticality_samples, allow_none=True)
-            if self.criticality_csv is not None and not Path(self.criticality_csv).is_file():
-                raise SettingError(f"criticality_csv: {self.criticality_csv!r} does not exist")
-            computes_ranking = "criticality" in self.guided_orders and self.criticality_csv is None
-            if computes_ranking and self.criticality_split == "train" and self.criticality_samples is None:
-                raise SettingError("criticality_split: train needs criticality_samples (how many training images "
-                                   "to rank on)")
+        self.p_prune, self.p_bern = check_sweep_settings(self.method, self.scope, self.p_prune, self.p_bern,
+                                                         self.repeats, self.seed)
+        self.guided_ratios = check_fractions("guided_ratios", self.guided_ratios)  # even when unused
+        if self.guided_orders:
+            _, self.guided_ratios = check_order_settings(
+                self.guided_orders, self.guided_ratios, self.criticality_score, self.criticality_method,
+                self.repeats, self.seed, prefix="guided_")
+        check_choice("criticality_split", self.criticality_split, CRITICALITY_SPLITS)
+        check_positive_int("criticality_samples", self.criticality_samples, allow_none=True)
+        if self.criticality_csv is not None and not Path(self.criticality_csv).is_file():
+            raise SettingError(f"criticality_csv: {self.criticality_csv!r} does not exist")
+        computes_ranking = "criticality" in self.guided_orders and self.criticality_csv is None
+        if computes_ranking and self.criticality_split == "train" and self.criticality_samples is None:
+            raise SettingError("criticality_split: train needs criticality_samples (how many training images "
+                               "to rank on)")
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Checked at setup, before the validation loop: the CLI wraps errors raised while it builds callbacks into
-        # a type-union message.
-        self.check_settings()
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "validate":
-            return
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # broadcasts under DDP: every rank asks
-        distributed = Distributed.current()
+    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> list[Sweep]:
+        """The sweep (and the guided comparison) on every rank, images shared among the ranks: each reads and
+        decodes only its own batches, and the sums are gathered."""
+        options = self.api_options(trainer, pl_module, self.print_table)
         datamodule = self.datamodule(trainer)
-        # Images are shared among ranks: each reads and decodes only its own batches, and the sums are gathered.
-        loader = datamodule.analysis_dataloader(distributed.rank, distributed.world_size)
+        loader = datamodule.analysis_dataloader(options["distributed"].rank, options["distributed"].world_size)
         shared = dict(
-            include_linear=self.include_linear, seed=self.seed, repeats=self.repeats, device=pl_module.device,
-            memory_budget_mb=self.memory_budget_mb, resume_dir=self.resume_path(trainer),
-            progress=self.progress_for(trainer, self.print_tables), distributed=distributed, sharded=True,
+            include_linear=self.include_linear, seed=self.seed, repeats=self.repeats,
+            memory_budget_mb=self.memory_budget_mb, sharded=True, **options,
             # the precision of validate (e.g. bf16-mixed autocast), so the unpruned baseline is the validated model
             forward_context=getattr(trainer.precision_plugin, "val_step_context", None),
             precision=str(getattr(trainer.precision_plugin, "precision", "")),
             name=str(getattr(pl_module, "arch", type(network_of(pl_module)).__name__)),
         )
         data = [] if len(loader) == 0 else loader  # more ranks than batches: this rank has none
-        with self.interruptible(trainer, "PruneSweep"), self.named("PruneSweep"):
-            self.sweep = prune_sweep(
-                network_of(pl_module), data, method=self.method, scope=self.scope, p_prune=self.p_prune,
-                p_bern=self.p_bern, reference_metrics=getattr(pl_module, "last_metrics", {}).get("val"), **shared)
-            self.guided = None
-            if self.guided_orders:
-                self.guided = compare_orders(
-                    network_of(pl_module), data, orders=self.guided_orders, ratios=self.guided_ratios,
-                    criticality=self.criticality_csv, criticality_data=self._criticality_data(datamodule),
-                    criticality_score=self.criticality_score, criticality_method=self.criticality_method, **shared)
-                if self.guided.criticality is not None:
-                    self.guided.info["criticality_split"] = self.criticality_split
+        self.sweep = prune_sweep(network_of(pl_module), data, method=self.method, scope=self.scope,
+                                 p_prune=self.p_prune, p_bern=self.p_bern,
+                                 reference_metrics=getattr(pl_module, "last_metrics", {}).get("val"), **shared)
+        self.guided = None
+        if self.guided_orders:
+            self.guided = compare_orders(
+                network_of(pl_module), data, orders=self.guided_orders, ratios=self.guided_ratios,
+                criticality=self.criticality_csv, criticality_data=self._criticality_data(datamodule),
+                criticality_score=self.criticality_score, criticality_method=self.criticality_method, **shared)
+            if self.guided.criticality is not None:
+                self.guided.info["criticality_split"] = self.criticality_split
+        sweeps = [sweep for sweep in (self.sweep, self.guided) if sweep is not None]
         skipped = self.skipped_images(trainer)
-        for sweep in (self.sweep, self.guided):
-            if sweep is not None:
-                sweep.info.update(skipped_images=len(skipped), skipped_paths=skipped)
-        if trainer.is_global_zero:
-            writer = tensorboard_experiment(trainer)
-            for sweep in (self.sweep, self.guided):
-                if sweep is not None:
-                    sweep.report(log_dir, writer=writer, print_table=self.print_tables)
+        for sweep in sweeps:
+            sweep.info.update(skipped_images=len(skipped), skipped_paths=skipped)
+        return sweeps
 
     def _criticality_data(self, datamodule: Any) -> Any:
         """The images of a ranking computed here: every rank needs all of them (a ranking shares units among

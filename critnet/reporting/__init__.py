@@ -1,1 +1,1 @@
-"""Writing results: CSV/JSON artifacts, rich console tables and TensorBoard items."""
+"""The console side of the command line that is not a result's own view (a run's metrics table)."""

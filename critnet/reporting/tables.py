@@ -1,20 +1,17 @@
-"""Rich tables on the console, shared by every report."""
+"""Rich tables on the console for what the command line reports besides the results' own tables (a run's metrics).
+
+The results print their own tables (:meth:`critnet.results.protocol.AnalysisResult.print_table`): results never
+import reporting; reporting reads results."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.table import Table
 
 from critnet.progress import console
-
-
-def format_cell(value: Any, digits: int = 4) -> str:
-    if isinstance(value, float):
-        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
-    return "" if value is None else str(value)
+from critnet.results.protocol import format_cell
 
 
 def print_table(

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 from critnet.faults.draw import Stratum
 from critnet.faults.evaluator import FaultCounts
 from critnet.faults.injection import FAULT_LIST_COLUMNS, Fault, bits_to_float
 from critnet.faults.stats import domain_estimate
-from critnet.writers import write_csv, write_json
+from critnet.progress import console
+from critnet.results.figures import (
+    campaign_figure,
+    heatmap_figure,
+    layer_figure,
+    save_figure,
+)
+from critnet.results.protocol import AnalysisResult
+from critnet.writers import write_csv
 
 #: One row per fault: the fault list, then counts over the evaluated images (see :class:`FaultCounts`).
 FAULT_COLUMNS = (*FAULT_LIST_COLUMNS, "images", "masked", "noncritical", "sdc1", "sdc5", "nonfinite", "delta_loss",
@@ -44,7 +53,7 @@ RANKING_COLUMNS = ("rank", "kind", "name", "faults", "critical", "critical_low",
                    "sdc1_per_image_low", "sdc1_per_image_high")
 
 
-class Campaign:
+class Campaign(AnalysisResult):
     """The outcome of :func:`critnet.fault_campaign`.
 
     Attributes:
@@ -68,8 +77,10 @@ class Campaign:
 
     >>> campaign = fault_campaign(model, loader, faults=1000)  # doctest: +SKIP
     >>> rate = campaign.rates["overall"]["critical"]  # doctest: +SKIP
-    >>> campaign.to_csv("out"); figure = campaign.plot()  # doctest: +SKIP
+    >>> paths = campaign.report("out"); figure = campaign.plot()  # doctest: +SKIP
     """
+
+    columns = FAULT_COLUMNS
 
     def __init__(self, *, fault_list: Sequence[Fault], counts: Sequence[FaultCounts], strata: Sequence[Stratum],
                  sizing: list[dict], settings: dict, golden: dict, info: dict) -> None:
@@ -186,6 +197,12 @@ class Campaign:
 
     # ----------------------------------------------------------------- files and views
 
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per fault (``faults.csv``): the same as :attr:`faults`."""
+        return self.faults
+
+    @property
     def summary(self) -> dict[str, Any]:
         """What ``campaign.json`` holds: settings, sizing, margins reached, golden accuracy, rates, checksums."""
         return {"settings": self.settings, "golden": self.golden, "faults": len(self.faults),
@@ -194,36 +211,36 @@ class Campaign:
                     "strata": self.sizing},
                 "rates": self.rates, "vulnerability": self.vulnerability_ranking(), **self.info}
 
-    def to_csv(self, directory: str | Path) -> list[Path]:
-        """Write ``faults.csv`` (one row per fault), ``fault_rates.csv`` (every group) and
-        ``fault_vulnerability.csv`` (layers and bits ranked) into ``directory``."""
-        directory = Path(directory)
-        rates = [self.rates["overall"], *self.rates["layer"], *self.rates["bit"], *self.rates["layer_bit"]]
-        return [
-            write_csv(directory / "faults.csv", [{k: _cell(v) for k, v in r.items()} for r in self.faults],
-                      FAULT_COLUMNS),
-            write_csv(directory / "fault_rates.csv", [{k: _cell(v) for k, v in r.items()} for r in rates],
-                      RATE_COLUMNS),
-            write_csv(directory / "fault_vulnerability.csv", [{k: _cell(v) for k, v in r.items()}
-                                                              for r in self.vulnerability_ranking()], RANKING_COLUMNS),
-        ]
+    def csv_rows(self) -> list[dict[str, Any]]:
+        return [{k: int(v) if isinstance(v, bool) else v for k, v in row.items()} for row in self.faults]
 
-    def to_json(self, path: str | Path) -> Path:
-        return write_json(path, self.summary())
+    def write_files(self, directory: Path) -> list[Path]:
+        """``faults.csv`` (one row per fault), ``fault_rates.csv`` (every group), ``fault_vulnerability.csv``
+        (layers and bits ranked), ``campaign.json`` and the two PNG figures (none for bit-error-rate campaigns)."""
+        rates = [self.rates["overall"], *self.rates["layer"], *self.rates["bit"], *self.rates["layer_bit"]]
+        paths = [self.to_csv(directory / "faults.csv"), write_csv(directory / "fault_rates.csv", rates, RATE_COLUMNS),
+                 write_csv(directory / "fault_vulnerability.csv", self.vulnerability_ranking(), RANKING_COLUMNS),
+                 self.to_json(directory / "campaign.json")]
+        for name, figure in (("fault_heatmap.png", heatmap_figure(self)), ("fault_layers.png", layer_figure(self))):
+            if figure is not None:
+                paths.append(save_figure(figure, directory / name))
+        return paths
 
     def save(self, directory: str | Path) -> list[Path]:
-        """Every file: the CSVs, ``campaign.json`` and the two PNG figures."""
-        from critnet.reporting.campaign_report import save_figures
-
-        directory = Path(directory)
-        return [*self.to_csv(directory), self.to_json(directory / "campaign.json"), *save_figures(self, directory)]
+        """Every file without the console (what :func:`critnet.fault_campaign` wrote with ``output_dir``; goes once
+        the campaign no longer writes files: use :meth:`report`)."""
+        return self.write_files(Path(directory))
 
     def plot(self):
         """A matplotlib figure: the layer × bit heatmap of critical-fault (SDC-1) rates and the per-layer rates
         with their 95 % intervals."""
-        from critnet.reporting.campaign_report import campaign_figure
-
         return campaign_figure(self)
+
+    def caption(self) -> str:
+        """One line saying what ran: faults, where, images, what counts as critical."""
+        s = self.settings
+        return (f"{len(self.faults)} {s['fault_model']} faults in {s['target']} · {self.golden['images']} images · "
+                f"critical = SDC-1 rate > {self.threshold:g}")
 
     def table_rows(self) -> list[list[str]]:
         rows = [self.rates["overall"], *self.rates["layer"]]
@@ -232,6 +249,11 @@ class Campaign:
 
     TABLE_HEADER = ("layer", "faults", "critical % (all images)", "critical % (correct images)", "SDC-5 %",
                     "non-finite %", "SDC-1 % per image")
+
+    def preview_tables(self) -> list[tuple[str, Sequence[str], list[list[Any]]]]:
+        return [(repr(self).splitlines()[0], self.TABLE_HEADER, self.table_rows())]
+
+    preview_rows = None  # the overall row and one per layer
 
     def __repr__(self) -> str:
         rows = [list(self.TABLE_HEADER), *self.table_rows()]
@@ -242,11 +264,40 @@ class Campaign:
                   for r in rows]
         return "\n".join(lines)
 
-    def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.TABLE_HEADER)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self.table_rows())
-        caption = html.escape(repr(self).splitlines()[0])
-        return f"<table><caption>{caption}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    def print_table(self) -> None:
+        """The overall and per-layer rates as a rich table, then the most vulnerable bits."""
+        table = Table(title=f"fault campaign · {self.caption()}", title_justify="left")
+        for position, header in enumerate(self.TABLE_HEADER):
+            table.add_column(header, justify="left" if position == 0 else "right", overflow="fold")
+        for row in self.table_rows():
+            table.add_row(*row)
+        console.print(table)
+        bits = [r for r in self.vulnerability_ranking() if r["kind"] == "bit"][:8]
+        if bits:
+            console.print("most vulnerable bits: " + ", ".join(
+                f"bit {r['name']} {100 * r['critical']:.1f} % [{100 * r['critical_low']:.1f}, "
+                f"{100 * r['critical_high']:.1f}]" for r in bits))
+
+    def log_tensorboard(self, writer: Any, step: int = 0, prefix: str = "faults") -> list[str]:
+        """``{prefix}/heatmap`` and ``{prefix}/layers`` (figures), ``{prefix}/critical`` and per-image SDC-1
+        (scalars)."""
+        tags = []
+        for name, figure in (("heatmap", heatmap_figure(self)), ("layers", layer_figure(self))):
+            if figure is not None:
+                writer.add_figure(f"{prefix}/{name}", figure, global_step=step, close=True)
+                tags.append(f"{prefix}/{name}")
+        overall = self.rates["overall"]
+        for name in ("critical", "critical_correct", "sdc1_per_image"):
+            value = overall[name]
+            if isinstance(value, float) and math.isfinite(value):
+                writer.add_scalar(f"{prefix}/{name}", value, global_step=step)
+                tags.append(f"{prefix}/{name}")
+        writer.flush()
+        return tags
+
+    def closing_lines(self, paths: Sequence[Path]) -> list[str]:
+        return [f"faults: {len(self.faults)} faults on {self.golden['images']} images in "
+                f"{self.info['elapsed_s']:.1f} s on {self.info['devices']} device(s) → {paths[0]}, {paths[3]}"]
 
 
 def _or_zero(value: float) -> float:
@@ -260,12 +311,6 @@ def _percent(row: dict[str, Any], metric: str) -> str:
     # a row with unsampled strata has no point estimate, only the span its interval allows
     shown = "–" if math.isnan(rate) else f"{100 * rate:.2f}"
     return f"{shown} [{100 * low:.2f}, {100 * high:.2f}]"
-
-
-def _cell(value: Any) -> Any:
-    if isinstance(value, bool):
-        return int(value)
-    return repr(value) if isinstance(value, float) else value
 
 
 __all__ = ["Campaign", "FAULT_COLUMNS", "FAULT_METRICS", "IMAGE_METRICS", "RANKING_COLUMNS", "RATE_COLUMNS"]

@@ -377,7 +377,7 @@ def test_the_cli_preset_runs_the_campaign_and_rejects_bad_flags_in_one_line(tmp_
         main([*args, "--trainer.callbacks.init_args.bits=[40]"])
     assert exit_code.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert errors == ["error: bits[0]: 40 is not a bit position 0..31 of a float32 value"]
+    assert errors == ["error: FaultCampaign: bits[0]: 40 is not a bit position 0..31 of a float32 value"]
 
 
 def test_two_gloo_processes_share_the_faults_and_equal_one(gloo_runs):

@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import critnet  # noqa: E402
-import critnet.engine.core as engine_core  # noqa: E402
+import critnet.engine.unit_evaluation as engine_core  # noqa: E402
 import critnet.engine.suffix as engine_suffix  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

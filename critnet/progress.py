@@ -1,7 +1,9 @@
-"""One rich progress bar for the long analyses (ranking, pruning sweeps). Lightning-free; rank 0 draws it."""
+"""One progress mechanism for the long analyses (rankings, pruning sweeps, fault campaigns): a rich bar that rank 0
+draws, or a function told the counts. Lightning-free."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -25,11 +27,13 @@ class AnalysisProgress:
         total: the number of steps, or None while unknown (set it with :meth:`update`).
         step_name: what a step is, shown after the count (``"units"``, ``"settings"``).
         running: Lightning's live ``rich.progress.Progress``, if any.
+        callback: also called as ``callback(done, total)`` at every update, on every rank that has one.
     """
 
     def __init__(self, label: str, enabled: bool = True, total: int | None = None, step_name: str = "",
-                 running: Any = None) -> None:
+                 running: Any = None, callback: Callable[[int, int | None], None] | None = None) -> None:
         self.label = label
+        self.callback = callback
         self.enabled = enabled
         self.total = total
         self.step_name = step_name
@@ -76,17 +80,16 @@ class AnalysisProgress:
         self._task = self._progress.add_task(self.label, total=total)
         return self
 
-    def update(self, done: int, total: int | None = None) -> None:
-        """Set the count of finished steps (and the total, once known)."""
-        if self._progress is not None:
-            self._progress.update(self._task, completed=done, total=total if total is not None else self.total)
-            self._refresh()
-
-    def advance(self, step: str | None = None) -> None:
-        """One more step finished; ``step`` describes the next thing shown beside the label."""
+    def update(self, done: int, total: int | None = None, step: str | None = None) -> None:
+        """Set the count of finished steps (and the total, once known); ``step`` describes what runs next, shown
+        beside the label."""
+        if total is not None:
+            self.total = total
+        if self.callback is not None:
+            self.callback(done, self.total)
         if self._progress is not None:
             description = self.label if step is None else f"{self.label}: {step}"
-            self._progress.update(self._task, advance=1, description=description)
+            self._progress.update(self._task, completed=done, total=self.total, description=description)
             self._refresh()
 
     def _refresh(self) -> None:
@@ -105,8 +108,15 @@ class AnalysisProgress:
 
 def progress_bar(progress: Any, label: str, distributed: Distributed, *, total: int | None = None,
                  step_name: str = "") -> AnalysisProgress:
-    """The analysis's progress bar: drawn on the lead rank when ``progress`` is true; when ``progress`` is a live
-    ``rich.progress.Progress`` (e.g. Lightning's) the bar joins that display."""
+    """The analysis's progress, from the ``progress`` argument of the public functions: true draws a bar on the
+    lead rank, a live ``rich.progress.Progress`` (e.g. Lightning's) is joined by that bar, and a function is called
+    as ``progress(done, total)`` with this rank's counts, on every rank; false shows nothing.
+
+    >>> with progress_bar(lambda done, total: print(done, total), "demo", Distributed.single(), total=2) as bar:
+    ...     bar.update(1)
+    1 2
+    """
     running = progress if hasattr(progress, "add_task") else None
-    return AnalysisProgress(label, bool(progress) and distributed.is_lead, total=total, step_name=step_name,
-                            running=running)
+    callback = progress if callable(progress) and running is None else None
+    return AnalysisProgress(label, bool(progress) and callback is None and distributed.is_lead, total=total,
+                            step_name=step_name, running=running, callback=callback)

@@ -99,8 +99,11 @@ def faults_part(rank: int, out: Path) -> None:
     totals = []
     folder = out / "faults"
     folder.mkdir(exist_ok=True)
-    campaign = fault_campaign(tiny_model(), tiny_data(), **FAULTS, distributed=Distributed.current(),
-                              output_dir=folder, progress=lambda d, t: totals.append(t))
+    distributed = Distributed.current()
+    campaign = fault_campaign(tiny_model(), tiny_data(), **FAULTS, distributed=distributed,
+                              progress=lambda d, t: totals.append(t))
+    if distributed.is_lead:  # the files are written once
+        campaign.report(folder, print_table=False)
     with open(folder / f"rank{rank}.json", "w") as handle:
         json.dump({"rows": repr(campaign.faults), "mine": totals[-1]}, handle)
 

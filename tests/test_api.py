@@ -141,22 +141,22 @@ def test_an_interrupt_restores_the_model_and_a_rerun_resumes(tmp_path, monkeypat
         "prune_sweep": lambda: critnet.prune_sweep(model, batches, p_prune=[0.0, 0.3, 0.6], p_bern=[1.0, 0.5],
                                                    repeats=2, resume_dir=tmp_path / "p"),
     }[analysis]
-    import critnet.engine.resume as resume
+    from critnet.engine.jobs import RecordStore
 
     appended = []
-    real_append = resume.ResultStore.append
+    real_append = RecordStore.append
 
-    def append_then_interrupt(store, record):
-        real_append(store, record)
+    def append_then_interrupt(store, *record):
+        real_append(store, *record)
         appended.append(record)
         if len(appended) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(resume.ResultStore, "append", append_then_interrupt)
+    monkeypatch.setattr(RecordStore, "append", append_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         run()
     assert state_digest(model) == before
-    monkeypatch.setattr(resume.ResultStore, "append", real_append)
+    monkeypatch.setattr(RecordStore, "append", real_append)
     resumed = run()
     assert state_digest(model) == before
     (partial,) = (tmp_path / ("r" if analysis == "rank" else "p")).glob("*.jsonl")

@@ -320,7 +320,7 @@ def test_taylor_terms_of_attention_units_are_each_images_loss_derivative(family)
     """Per image, the first-order term of scaling a unit by 1 + ε is the central difference of that image's loss
     (float64, so the difference is exact to ~ε²); the Taylor estimates are its mean and, at order 2, add the mean
     of half its square. nn.MultiheadAttention and Swin never call their output projection as a module; timm does."""
-    from critnet.engine.taylor import per_sample_estimates, taylor_estimates
+    from critnet.engine.taylor_terms import per_sample_estimates, taylor_estimates
 
     torch.manual_seed(0)
     build = {"sequence_first": SequenceFirstAttention, "timm_vit": timm_vit, "swin_v2": swin_v2}.get(family) or \
@@ -380,7 +380,7 @@ class ScaledAttention(nn.Module):
 @pytest.mark.parametrize("zero", [False, True])
 def test_taylor_terms_refuse_heads_whose_attention_output_is_not_the_projection(zero):
     """With a zero projection both sides of the check are zero; a random projection then shows the scaling."""
-    from critnet.engine.taylor import per_sample_estimates
+    from critnet.engine.taylor_terms import per_sample_estimates
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(2), Transpose(), ScaledAttention(), nn.Flatten(1), nn.Linear(8 * 16, CLASSES))

@@ -283,3 +283,11 @@ def test_tied_weights_are_cut_at_their_first_use():
     outcomes = evaluate_units(model, units, Perturbation("scale", 2.0), EvaluationSet.from_batches(batches))
     for outcome, ref in zip(outcomes, reference(model, units, Perturbation("scale", 2.0), batches)):
         assert outcome.total.loss_sum == pytest.approx(ref["loss"], rel=1e-6), outcome.unit.label
+
+
+def test_the_method_registry_is_the_declared_set_of_methods():
+    from critnet.choices import METHODS
+    from critnet.engine.methods import REGISTRY
+
+    assert sorted(REGISTRY) == sorted(METHODS)
+    assert all(name == method.name for name, method in REGISTRY.items())

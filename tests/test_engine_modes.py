@@ -54,7 +54,7 @@ def test_taylor_is_the_first_order_term(resnet20_cifar, cifar_test_256, data):
 
 def test_second_order_adds_half_the_squared_per_sample_derivatives(resnet20_cifar, cifar_test_256):
     """Against per-sample gradients from one backward pass per image on a copy of the model."""
-    from critnet.engine.taylor import taylor_estimates
+    from critnet.engine.taylor_terms import taylor_estimates
 
     batches = [(cifar_test_256[0][0][:12], cifar_test_256[0][1][:12]), (cifar_test_256[1][0][:7], cifar_test_256[1][1][:7])]
     data = EvaluationSet.from_batches(batches)
@@ -108,7 +108,7 @@ class _SharedLayer(torch.nn.Module):
 
 
 def test_second_order_of_a_module_called_twice_sums_its_calls_first():
-    from critnet.engine.taylor import taylor_estimates
+    from critnet.engine.taylor_terms import taylor_estimates
 
     model = _SharedLayer().eval()
     x, y = torch.randn(9, 6, generator=torch.Generator().manual_seed(1)), torch.arange(9) % 4
@@ -132,7 +132,7 @@ def test_second_order_of_a_module_called_twice_sums_its_calls_first():
 def test_activation_terms_of_a_module_called_twice_cover_both_calls():
     """The perturbation's hook changes every call of the module, so each image's term sums both calls (the order-1
     estimate used to read only the last one). Reference: the float64 central difference of each image's loss."""
-    from critnet.engine.taylor import per_sample_estimates, taylor_estimates
+    from critnet.engine.taylor_terms import per_sample_estimates, taylor_estimates
     from critnet.perturb import Unit, perturbed
 
     model = _SharedLayer().double().eval()

@@ -296,7 +296,8 @@ def test_a_total_of_at_least_one_fault_per_stratum_reaches_every_stratum():
 
 def test_seeded_draws_repeat_and_replay_from_faults_csv(tmp_path):
     model, batches = tiny_model(), tiny_data()
-    first = fault_campaign(model, batches, faults=30, seed=7, output_dir=tmp_path / "a")
+    first = fault_campaign(model, batches, faults=30, seed=7)
+    first.report(tmp_path / "a", print_table=False)
     again = fault_campaign(model, batches, faults=30, seed=7, progress=True)  # a rich bar, as critnet.rank draws
     other = fault_campaign(model, batches, faults=30, seed=8)
     assert same(first.faults, again.faults) and not same(first.faults, other.faults)
@@ -318,12 +319,12 @@ def test_seeded_draws_repeat_and_replay_from_faults_csv(tmp_path):
 
 def test_a_cut_partial_file_resumes_with_the_same_outcomes(tmp_path):
     model, batches = tiny_model(), tiny_data()
-    first = fault_campaign(model, batches, faults=40, seed=2, resume=True, resume_dir=tmp_path)
+    first = fault_campaign(model, batches, faults=40, seed=2, resume_dir=tmp_path)
     (partial,) = tmp_path.glob("*.jsonl")
     lines = partial.read_text().splitlines(keepends=True)
     assert len(lines) == 40
     partial.write_text("".join(lines[:15]))  # as if stopped after 15 faults
-    second = fault_campaign(model, batches, faults=40, seed=2, resume=True, resume_dir=tmp_path)
+    second = fault_campaign(model, batches, faults=40, seed=2, resume_dir=tmp_path)
     assert same(second.faults, first.faults) and second.info["resumed_faults"] == 15
     assert len(partial.read_text().splitlines()) == 40  # only the 25 missing faults were evaluated again
 
@@ -382,7 +383,7 @@ def test_the_cli_preset_runs_the_campaign_and_rejects_bad_flags_in_one_line(tmp_
 
 def test_two_gloo_processes_share_the_faults_and_equal_one(gloo_runs):
     """The campaign of tests/gloo_runs.py (fixture gloo_runs) over two gloo processes: layers=[".*"],
-    module_types=None, faults=30, seed=6, output_dir=gloo_runs / "faults"."""
+    module_types=None, faults=30, seed=6; rank 0 writes its report into gloo_runs / "faults"."""
     import json
 
     from gloo_runs import FAULTS

@@ -327,7 +327,7 @@ def test_transformers_4_attention_containers_hold_the_heads():
 def test_taylor_terms_of_a_vits_heads_and_projections_are_each_images_loss_derivative(saved):
     """Per image, the first-order term of scaling a unit by 1 + ε is the central difference of that image's loss
     (float64): heads, the q/k/v and o_proj channels, and o_proj's weight and bias."""
-    from critnet.engine.taylor import per_sample_estimates
+    from critnet.engine.taylor_terms import per_sample_estimates
     from critnet.evaluation_set import as_evaluation_set
 
     model = load_model(saved["vit"][0]).double()
@@ -359,7 +359,7 @@ def test_taylor_terms_of_transformers_4_heads_and_the_refusal_on_windows(saved):
     """A 4.x container's heads (projection ``output.dense``) get each image's loss derivative; Swin's attention
     runs on windows of images, so its units have no per-image terms: one line says so, for its heads and for the
     Linear layers inside it alike (summing rows of windows as if they were images would be silently wrong)."""
-    from critnet.engine.taylor import per_sample_estimates
+    from critnet.engine.taylor_terms import per_sample_estimates
     from critnet.evaluation_set import as_evaluation_set
 
     torch.manual_seed(0)

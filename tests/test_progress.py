@@ -44,7 +44,7 @@ def test_joins_a_running_display_and_leaves_it_running():
         running.add_task("validate", total=10)
         with AnalysisProgress("prune", total=2, step_name="settings", running=running) as bar:
             assert bar._progress is running and not bar._owned
-            bar.advance("p_prune=0.1")
+            bar.update(1, step="p_prune=0.1")
             joined = running.tasks[-1]
             assert joined.completed == 1 and joined.description == "prune: p_prune=0.1"
         assert [t.description for t in running.tasks] == ["validate"]  # our task removed, theirs kept
@@ -61,7 +61,7 @@ def test_goes_without_a_bar_when_another_live_display_cannot_be_joined(monkeypat
     try:
         with AnalysisProgress("ranking") as bar:
             bar.update(1, 2)
-            bar.advance()
+            bar.update(2, step="next")
     finally:
         other.stop()
 
@@ -69,5 +69,18 @@ def test_goes_without_a_bar_when_another_live_display_cannot_be_joined(monkeypat
 def test_disabled_is_inert():
     with AnalysisProgress("ranking", enabled=False, total=3) as bar:
         bar.update(1, 3)
-        bar.advance("x")
+        bar.update(2, step="x")
         assert bar._progress is None
+
+
+def test_a_function_is_told_the_counts_on_every_rank_and_draws_nothing():
+    from critnet.distributed import Distributed
+    from critnet.progress import progress_bar
+
+    seen = []
+    with progress_bar(lambda done, total: seen.append((done, total)), "faults", Distributed(1, 2, lambda x: [x, x]),
+                      step_name="faults") as bar:
+        bar.update(0, 3)
+        bar.update(1)
+        assert bar._progress is None
+    assert seen == [(0, 3), (1, 3)]

@@ -322,7 +322,7 @@ def test_an_interrupted_sweep_resumes_with_the_same_numbers(connections_sweep, r
 
 
 def test_the_criticality_ranking_of_a_resumed_sweep_is_not_recomputed(held_out_criticality, monkeypatch):
-    import critnet.engine.core as engine_core
+    from critnet.engine.suffix import SuffixEvaluator
 
     root, cli = held_out_criticality
     first = read_csv(Path(cli.trainer.log_dir) / "prune_guided.csv")
@@ -330,7 +330,7 @@ def test_the_criticality_ranking_of_a_resumed_sweep_is_not_recomputed(held_out_c
     def no_evaluation(_evaluator, work, _record, per_sample=False):
         assert not list(work), "a resumed ranking evaluated a unit again"
 
-    monkeypatch.setattr(engine_core.SuffixEvaluator, "run", no_evaluation)
+    monkeypatch.setattr(SuffixEvaluator, "run", no_evaluation)
     assert read_csv(Path(run_cli(root, *HELD_OUT_CRITICALITY).trainer.log_dir) / "prune_guided.csv") == first
 
 

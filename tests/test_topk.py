@@ -182,7 +182,7 @@ def test_bounds_with_a_control_variate_are_the_regression_estimator():
 
 
 def test_per_image_estimates_add_up_to_the_taylor_estimates(small_model):
-    from critnet.engine.taylor import per_sample_estimates, taylor_estimates
+    from critnet.engine.taylor_terms import per_sample_estimates, taylor_estimates
 
     data = as_evaluation_set(small_data())
     units = critnet.select_units(small_model, "channel") + critnet.select_units(small_model, "activation",
@@ -400,7 +400,7 @@ def test_a_rare_effect_unit_defeats_the_normal_bound_but_not_the_betting_bound()
 
 
 def test_a_loss_beyond_the_clip_voids_the_guarantee_and_says_so(capsys):
-    from critnet.reporting.ranking_report import test_note
+    from critnet.results.ranking_result import test_note
 
     coverage = _bench("topk_coverage")
     model, data, _ = coverage.rare_effect_network(images=600)

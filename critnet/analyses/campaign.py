@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -16,8 +14,7 @@ from torch import nn
 from critnet.choices import SettingError, check_choice, check_fraction
 from critnet.digests import state_digest
 from critnet.distributed import Distributed
-from critnet.engine.resume import ResultStore, ResumeError
-from critnet.engine.sharding import assign
+from critnet.engine.jobs import Jobs, fingerprint
 from critnet.evaluation import check_fit
 from critnet.evaluation_set import as_evaluation_set
 from critnet.faults.draw import (
@@ -29,14 +26,8 @@ from critnet.faults.draw import (
     selected_layers,
     sizing_rows,
 )
-from critnet.faults.evaluator import FaultCounts, FaultEvaluator
-from critnet.faults.injection import (
-    FAULT_MODELS,
-    FAULT_TARGETS,
-    Fault,
-    read_fault_list,
-    write_fault_list,
-)
+from critnet.faults.evaluator import COUNTS, FaultEvaluator
+from critnet.faults.injection import FAULT_MODELS, FAULT_TARGETS, Fault, read_fault_list
 from critnet.modes import evaluation_mode
 from critnet.outputs import OutputSelector, check_selector, describe_selector
 from critnet.progress import progress_bar
@@ -44,7 +35,6 @@ from critnet.results.campaign_result import Campaign
 
 StratifyBy = Literal["layer", "bit"]
 STRATIFY_KEYS: tuple[str, ...] = get_args(StratifyBy)
-RESUME_PHASE = "fault"
 
 
 def check_campaign_settings(*, target: str = "weights", fault_model: str = "bitflip", bits: Sequence[int] | None = None,
@@ -103,8 +93,6 @@ def fault_campaign(
     seed: int = 0,
     critical_threshold: float = 0.0,
     fault_list: str | Path | None = None,
-    output_dir: str | Path | None = None,
-    resume: bool = False,
     resume_dir: str | Path | None = None,
     distributed: Distributed | None = None,
     device: torch.device | str | None = None,
@@ -136,24 +124,22 @@ def fault_campaign(
         critical_threshold: a fault is critical when its SDC-1 rate over the images exceeds this fraction.
         fault_list: replay this ``faults.csv`` instead of drawing (its original values must match ``model``); give
             the ``layers``/``bits``/``stratify`` it was drawn with, since the rate tables cover faults in those strata.
-        output_dir: where rank 0 writes ``faults.csv`` (before evaluating), the reports and ``campaign.json``.
-        resume: append finished faults to a partial-results file and skip them when the same campaign runs again.
-        resume_dir: where partial results live (default ``<output_dir>/faults_partial``).
+        resume_dir: append finished faults here and skip them when the same campaign runs again.
         distributed: the job's processes (:meth:`Distributed.current` under DDP); faults are shared among ranks,
             every rank holds the data, one gather collects the counts, and the results equal one process.
         device: where the evaluation batches are held (default: where they come from).
         memory_budget_mb: memory for held batches and cached activations.
         progress: draw a rich progress bar (or join a live ``rich.progress.Progress``), as :func:`critnet.rank`
-            does; a callable is instead called with (faults done, faults to do on this rank).
+            does; a function is instead called with (faults done, faults to do on this rank).
         output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`): ``None`` (the
             default) takes a tensor as it is and reads ``.logits`` (attribute or key) from anything else, e.g. a
             Hugging Face ``ModelOutput`` or a dict; a key (``"scores"``), an index (``0`` for a tuple) or a
             callable that takes the model's output and returns the logits tensor selects them explicitly. With
-            ``resume`` a key or index keys the partial-results file as it is, a callable by its module and
+            ``resume_dir`` a key or index keys the partial-results file as it is, a callable by its module and
             qualified name.
 
     Returns:
-        The :class:`Campaign` (the same on every rank).
+        The :class:`Campaign` (the same on every rank); nothing is written (``Campaign.save`` writes the reports).
 
     Raises:
         SettingError: a setting outside what is allowed (one line naming it).
@@ -174,8 +160,6 @@ def fault_campaign(
     stratify = (stratify,) if isinstance(stratify, str) else tuple(stratify)
     bits = tuple(bits) if bits is not None else tuple(range(32))
     distributed = distributed or Distributed.single()
-    if resume and resume_dir is None and output_dir is None:
-        raise SettingError("resume_dir: resume needs a resume_dir (or an output_dir to keep it in)")
     started = time.perf_counter()
     evaluation = as_evaluation_set(data, device=device, memory_budget_mb=memory_budget_mb)
     check_fit(model, evaluation, output=output)
@@ -188,92 +172,34 @@ def fault_campaign(
     else:
         plan_sample(strata, faults, error_margin, confidence)
         fault_list_ = draw_faults(model, strata, target=target, fault_model=fault_model, seed=seed, ber=ber)
-    if output_dir is not None and distributed.is_lead:
-        write_fault_list(Path(output_dir) / "faults.csv", fault_list_)  # before evaluating: an interrupted run keeps it
-
     # eval mode (BatchNorm running statistics) and exact GPU arithmetic for the golden run and every fault
     with evaluation_mode(model, evaluation.device):
         evaluator = FaultEvaluator(model, evaluation, memory_budget_mb, output=output)
-        settings = {"target": target, "fault_model": fault_model, "ber": ber, "layers": list(members), "bits": list(bits),
-                    "faults": faults, "error_margin": error_margin, "confidence": confidence, "stratify": list(stratify),
-                    "seed": seed, "critical_threshold": critical_threshold,
-                    "fault_list": None if fault_list is None else str(fault_list),
-                    "output": describe_selector(output)}
-        store = None
-        done: dict[int, FaultCounts] = {}
-        if resume:
-            key = campaign_fingerprint(checksum, evaluation.checksum, fault_list_)
-            if output is not None:  # absent by default, so that partial files written before it keep resuming
-                key = hashlib.sha256(f"{key}|output={describe_selector(output)}".encode()).hexdigest()[:len(key)]
-            directory = Path(resume_dir) if resume_dir is not None else Path(output_dir) / "faults_partial"
-            try:
-                store = ResultStore(directory, key, distributed.rank)
-                loaded = store.load()
-            except ResumeError as err:  # the file is the user's to fix: one line naming it
-                raise SettingError(str(err)) from None
-            if distributed.world_size > 1:
-                # every rank read before any rank writes (the gather is a barrier); keep what all of them saw
-                views = distributed.gather(sorted(loaded))
-                common = set(map(tuple, views[0])).intersection(*(set(map(tuple, v)) for v in views[1:]))
-                loaded = {k: v for k, v in loaded.items() if k in common}
-            ids = {f.id for f in fault_list_}
-            done = {index: FaultCounts.from_record(r["counts"]) for (phase, index), r in loaded.items()
-                    if phase == RESUME_PHASE and index in ids}
-        todo = [f for f in fault_list_ if f.id not in done]
-        mine = [todo[p] for p in assign(evaluator.costs(todo), distributed.world_size)[distributed.rank]]
-        local: dict[int, FaultCounts] = {}
-
-        def record(fault: Fault, counts: FaultCounts) -> None:
-            local[fault.id] = counts
-            if store is not None:
-                store.append({"phase": RESUME_PHASE, "index": fault.id, "counts": counts.to_record()})
-            report(len(local), len(mine))
-
-        own_bar = not callable(progress) or hasattr(progress, "add_task")  # True/False, or a live rich display
-        try:
-            with progress_bar(progress if own_bar else False, f"faults · {fault_model} · {target}", distributed,
-                              step_name="faults") as bar:
-                report = bar.update if own_bar else progress
-                evaluator.run(mine, record)
-        finally:
-            if store is not None:
-                store.close()
+        key = None if resume_dir is None else fingerprint(
+            "faults", model=checksum, data=evaluation.checksum, faults=[f.list_row() for f in fault_list_],
+            output=describe_selector(output))
+        with progress_bar(progress, f"faults · {fault_model} · {target}", distributed, step_name="faults") as bar, \
+                Jobs(distributed, resume_dir, key, progress=bar.update) as jobs:
+            counts = jobs.run("fault", [(f.id, f) for f in fault_list_], evaluator.run, COUNTS, evaluator.costs)
     if checksum != state_digest(model):  # the injection restores bit views; this guards the guarantee itself
         raise RuntimeError("fault campaign: the model's parameters changed during the campaign")
-    gathered = distributed.gather({i: c.to_record() for i, c in local.items()})
-    merged = dict(done)
-    for part in gathered:
-        merged.update({int(i): FaultCounts.from_record(r) for i, r in part.items()})
-    missing = [f.id for f in fault_list_ if f.id not in merged]
-    if missing:
-        raise RuntimeError(f"fault campaign: {len(missing)} faults were not evaluated (first: {missing[0]})")
-    campaign = Campaign(
+    settings = {"target": target, "fault_model": fault_model, "ber": ber, "layers": list(members), "bits": list(bits),
+                "faults": faults, "error_margin": error_margin, "confidence": confidence, "stratify": list(stratify),
+                "seed": seed, "critical_threshold": critical_threshold,
+                "fault_list": None if fault_list is None else str(fault_list), "output": describe_selector(output)}
+    return Campaign(
         fault_list=fault_list_,
-        counts=[merged[f.id] for f in fault_list_],
+        counts=[counts[f.id] for f in fault_list_],
         strata=strata,
         sizing=sizing_rows(strata, _drawn_per_stratum(strata, fault_list_), error_margin, confidence),
         settings=settings,
         golden={"images": evaluation.samples, "correct": int(evaluator.golden.correct.sum()),
                 "top1": 100.0 * float(evaluator.golden.correct.double().mean())},
         info={"model_checksum": checksum, "data_checksum": evaluation.checksum, "devices": distributed.world_size,
-              "resumed_faults": len(done), "shortcut_fallbacks": dict(evaluator.fallbacks),
+              "resumed_faults": jobs.resumed, "shortcut_fallbacks": dict(evaluator.fallbacks),
               "engine": dict(evaluator.stats),
               "elapsed_s": round(time.perf_counter() - started, 3)},
     )
-    if output_dir is not None and distributed.is_lead:
-        campaign.save(output_dir)
-    return campaign
-
-
-#: Bumped when :class:`FaultCounts` records change shape (2: ``loss_excluded``), so older partial files are not read.
-RECORD_VERSION = 2
-
-
-def campaign_fingerprint(model_sum: str, data_sum: str, faults: Sequence[Fault]) -> str:
-    """A stable identifier of (weights, data, fault list) for the partial-results file (never ``hash()``)."""
-    payload = {"records": RECORD_VERSION, "model": model_sum, "data": data_sum,
-               "faults": [f.list_row() for f in faults]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def _drawn_per_stratum(strata: list[Stratum], faults: Sequence[Fault]) -> dict[str, int]:
@@ -289,4 +215,4 @@ def _drawn_per_stratum(strata: list[Stratum], faults: Sequence[Fault]) -> dict[s
     return by_label
 
 
-__all__ = ["STRATIFY_KEYS", "StratifyBy", "campaign_fingerprint", "check_campaign_settings", "fault_campaign"]
+__all__ = ["STRATIFY_KEYS", "StratifyBy", "check_campaign_settings", "fault_campaign"]

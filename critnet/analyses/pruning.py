@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,8 +24,8 @@ from critnet.choices import (
 )
 from critnet.digests import state_digest
 from critnet.distributed import Distributed
+from critnet.engine.jobs import Codec, Jobs, Record, fingerprint
 from critnet.engine.pruning_masks import (
-    PruneError,
     PruneMasks,
     channel_count,
     channel_l1,
@@ -39,7 +37,6 @@ from critnet.engine.pruning_masks import (
     pruned,
     read_channel_ranking,
 )
-from critnet.engine.resume import ResultStore
 from critnet.errors import CritnetError
 from critnet.evaluation import ForwardContext, batch_tallies, check_fit
 from critnet.evaluation_set import as_evaluation_set
@@ -52,6 +49,10 @@ from critnet.scoring import Tally
 
 _DEFAULT_P_PRUNE = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 _DEFAULT_RATIOS = (0.0, 0.05, 0.1, 0.2, 0.3)
+
+
+#: A setting's tallies as a record (pruned networks have no paired sums).
+_TALLIES = Codec(lambda t: [t.loss_sum, t.top1_correct, t.top5_correct, t.samples], lambda value, masks: Tally(*value))
 
 
 def _metrics(tally: Tally) -> dict[str, Any]:
@@ -94,55 +95,30 @@ class _MaskEvaluation:
                 owner, (kind, message) = problems[0]
                 raise kind(f"{message} (in rank {owner}'s share of the batches)")
         self.checksum = state_digest(model)
-        self.cache: dict[int, Tally] = {}
-        self.store: ResultStore | None = None
+        key = None
         if resume_dir is not None:
-            self._open_store(resume_dir, precision)
-
-    def _open_store(self, directory: str | Path, precision: str | None) -> None:
-        """The partial-results file of this evaluation (rank 0 writes it) and the tallies already in it (every
-        rank). The file is keyed by the weights, every rank's share of the data and the precision, so a changed
-        model, data subset, device count, precision or output selector starts afresh."""
-        shares = self.distributed.gather(getattr(self.data, "checksum", ""))
-        identity = ["prune-sweep/2", self.checksum, shares, precision or ""]
-        if self.output is not None:  # absent by default, so that partial files written before it keep resuming
-            identity.append(describe_selector(self.output))
-        key = hashlib.sha256(json.dumps(identity).encode())
-        problem, loaded = None, {}
-        if self.distributed.is_lead:
-            try:
-                self.store = ResultStore(directory, key.hexdigest()[:24], 0)
-                loaded = {index: Tally(r["loss_sum"], r["top1_correct"], r["top5_correct"], r["samples"])
-                          for (_, index), r in self.store.load().items()}
-            except CritnetError as err:  # an uncreatable directory or a damaged line, named in the message
-                problem = str(err)
-            except (KeyError, TypeError) as err:
-                problem = f"resume_dir {str(directory)!r}: a record without {err} (not written by critnet's pruning?)"
-        # rank 0's view decides for everyone: every rank must skip the same settings (the evaluation is a
-        # collective), and every rank must raise together, or the others would wait for rank 0 forever
-        problem, loaded = self.distributed.gather((problem, loaded))[0]
-        if problem is not None:
-            raise PruneError(problem)
-        self.cache.update(loaded)
+            # keyed by the weights, every rank's share of the data and the precision, so a changed model, data
+            # subset, device count, precision or output selector starts afresh
+            shares = distributed.gather(getattr(self.data, "checksum", ""))
+            key = fingerprint("pruning", model=self.checksum, data=shares, precision=precision or "",
+                              output=describe_selector(output))
+        # every rank evaluates every setting (the images are shared among them); rank 0 keeps the records
+        self.jobs = Jobs(distributed, resume_dir, key, replicated=True)
 
     def __call__(self, masks: PruneMasks) -> Tally:
-        fingerprint = masks.fingerprint()
-        if len(set(self.distributed.gather(fingerprint))) != 1:
+        key = masks.fingerprint()
+        if len(set(self.distributed.gather(key))) != 1:
             raise RuntimeError("pruning: the masks differ between ranks (do the weights differ?)")
-        if fingerprint not in self.cache:
+        return self.jobs.run("prune", [(key, masks)], self._evaluate, _TALLIES)[key]
+
+    def _evaluate(self, work: list[tuple[int, PruneMasks]], record: Record) -> None:
+        for key, masks in work:
             with pruned(self.model, masks), evaluation_mode(self.model):
-                tally = batch_tallies(self.model, self.data, distributed=self.distributed, sharded=self.sharded,
-                                      forward_context=self.forward_context, output=self.output)
-            self.cache[fingerprint] = tally
-            if self.store is not None:
-                self.store.append({"phase": "prune", "index": fingerprint, "loss_sum": tally.loss_sum,
-                                   "top1_correct": tally.top1_correct, "top5_correct": tally.top5_correct,
-                                   "samples": tally.samples})
-        return self.cache[fingerprint]
+                record(key, batch_tallies(self.model, self.data, distributed=self.distributed, sharded=self.sharded,
+                                          forward_context=self.forward_context, output=self.output))
 
     def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
+        self.jobs.close()
         # the restore is tested; this guards every real run too
         if state_digest(self.model) != self.checksum:
             raise RuntimeError("pruning: the model's weights changed during the sweep")
@@ -282,7 +258,7 @@ def prune_sweep(
                     "selected_weights": masks.selected, "units_pruned": masks.units_pruned, "units": masks.units,
                     "threshold": masks.threshold, **_metrics(tally),
                 })
-                bar.advance(f"{method} p_prune={prune:g} p_bern={bern:g} #{repeat}")
+                bar.update(len(rows), step=f"{method} p_prune={prune:g} p_bern={bern:g} #{repeat}")
     finally:
         evaluate.close()
     return Sweep(
@@ -316,6 +292,31 @@ def _criticality_scores(criticality: Any) -> dict[Unit, float]:
                 for key, value in criticality.items()}
     raise SettingError(f"criticality: expected a Ranking, a ranking.csv path or a mapping of channels to scores, "
                        f"got {type(criticality).__name__}")
+
+
+def _criticality_order(model: nn.Module, criticality: Any, data: Any, only_a_share: bool, score: str, method: str,
+                       include_linear: bool, device: Any, memory_budget_mb: float | None, distributed: Distributed,
+                       name: str | None, output: OutputSelector, resume_dir: str | Path | None
+                       ) -> tuple[Ranking | None, dict[Unit, float], dict[str, Any]]:
+    """The channel scores of the ``criticality`` order: from the given ranking, or (when None) ranked here by
+    zeroing every channel on ``data``; with the ranking computed here (or None) and what the sweep records of it."""
+    if criticality is not None:
+        source = str(criticality) if isinstance(criticality, (str, Path)) else type(criticality).__name__
+        return None, _criticality_scores(criticality), {"criticality_source": source}
+    if only_a_share:
+        raise SettingError("criticality_data: needed to rank channels when data is this rank's share only")
+    started = time.perf_counter()
+    computed = rank(
+        model, data, unit="channel", perturbation="zero", units=list(channel_l1(model, include_linear)), score=score,
+        method=method, device=device, memory_budget_mb=memory_budget_mb, distributed=distributed, name=name,
+        output=output,
+        # the engine's own resume file, keyed by weights, units, data and method
+        resume_dir=None if resume_dir is None else Path(resume_dir) / "criticality",
+    )
+    info = {"criticality_source": "computed", "criticality_score": score, "criticality_perturbation": "zero",
+            "criticality_method": method, "criticality_samples": computed.samples,
+            "criticality_seconds": time.perf_counter() - started}
+    return computed, _criticality_scores(computed), info
 
 
 def compare_orders(
@@ -395,31 +396,10 @@ def compare_orders(
     rows = []
     try:
         if "criticality" in orders:
-            if criticality is None:
-                if sharded and criticality_data is None:
-                    raise SettingError("criticality_data: needed to rank channels when data is this rank's share only")
-                ranking_started = time.perf_counter()
-                channels = list(channel_l1(model, include_linear))
-                computed = rank(
-                    # the evaluation set read above, not data again (which may be a one-shot iterator)
-                    model, evaluate.data if criticality_data is None else criticality_data, unit="channel",
-                    perturbation="zero", units=channels, score=criticality_score, method=criticality_method,
-                    device=device, memory_budget_mb=memory_budget_mb, distributed=distributed, name=name,
-                    output=output,
-                    # the engine's own resume file, keyed by weights, units, data and method
-                    resume_dir=None if resume_dir is None else Path(resume_dir) / "criticality",
-                )
-                scores = _criticality_scores(computed)
-                criticality_info = {
-                    "criticality_source": "computed", "criticality_score": criticality_score,
-                    "criticality_perturbation": "zero", "criticality_method": criticality_method,
-                    "criticality_samples": computed.samples,
-                    "criticality_seconds": time.perf_counter() - ranking_started,
-                }
-            else:
-                scores = _criticality_scores(criticality)
-                source = str(criticality) if isinstance(criticality, (str, Path)) else type(criticality).__name__
-                criticality_info = {"criticality_source": source}
+            computed, scores, criticality_info = _criticality_order(
+                model, criticality, evaluate.data if criticality_data is None else criticality_data,
+                sharded and criticality_data is None, criticality_score, criticality_method, include_linear,
+                device, memory_budget_mb, distributed, name, output, resume_dir)
         plan = [(order, ratio, repeat, seed + repeat)
                 for ratio in ratios for order in orders for repeat in range(repeats if order == "random" else 1)]
         guided_started = time.perf_counter()
@@ -438,7 +418,7 @@ def compare_orders(
                     "seed": draw_seed if order == "random" else None, "channels_pruned": count, "channels": total,
                     "ratio": masks.ratio, "param_fraction": masks.param_fraction, **_metrics(tally),
                 })
-                bar.advance(f"{order} channels={ratio:g} #{repeat}")
+                bar.update(len(rows), step=f"{order} channels={ratio:g} #{repeat}")
     finally:
         evaluate.close()
     samples = rows[0]["samples"] if rows else 0

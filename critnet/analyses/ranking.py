@@ -29,8 +29,9 @@ from critnet.choices import (
 from critnet.distributed import Distributed
 from critnet.engine import evaluate_baseline, evaluate_units, reference_pass
 from critnet.engine.certify import LOSS_CLIP, TOP_K_CONFIDENCE
+from critnet.engine.unit_run import Samples
 from critnet.evaluation import check_fit
-from critnet.evaluation_set import as_evaluation_set
+from critnet.evaluation_set import EvaluationSet, as_evaluation_set
 from critnet.models.loading import weights_info
 from critnet.modes import model_device
 from critnet.outputs import OutputSelector, check_selector, describe_selector
@@ -44,6 +45,33 @@ from critnet.results.ranking_rows import (
     split_half_agreement,
     tally_summary,
 )
+from critnet.scoring import UnitOutcome
+
+
+def _rank_level(model: nn.Module, units: list[Unit], perturbation: Perturbation, evaluation_set: EvaluationSet,
+                settings: RankSettings, baseline: UnitOutcome, reference: Samples | None, distributed: Distributed,
+                resume_dir: str | Path | None, progress: Any, memory_budget_mb: float | None) -> LevelRanking:
+    """The ranking of one perturbation level: every unit evaluated, ordered by the score."""
+    started = time.perf_counter()
+    method, score, top_k = settings.method, settings.score, settings.top_k
+    steps = "unit·stages" if method == "halving" else "units"  # halving counts each unit once per stage
+    with progress_bar(progress, f"ranking · {perturbation.label} · {method}", distributed, step_name=steps) as bar:
+        outcomes = evaluate_units(
+            model, units, perturbation, evaluation_set, method=method, score=score, top_k=top_k,
+            rank=distributed.rank, world_size=distributed.world_size, all_gather=distributed.all_gather,
+            resume_dir=resume_dir, progress=bar.update, memory_budget_mb=memory_budget_mb,
+            taylor_order=settings.taylor_order, top_k_confidence=settings.top_k_confidence, bound=settings.bound,
+            loss_clip=settings.loss_clip, seed=settings.seed, reference=reference, output=settings.output,
+        )
+    return LevelRanking(
+        perturbation=perturbation,
+        rows=ranking_rows(order_outcomes(outcomes, baseline, score), baseline, perturbation),
+        split_half=split_half_agreement(outcomes, baseline, score, top_k),
+        engine_agreement=(estimate_agreement(outcomes, baseline, score, top_k)
+                          if method in ("taylor", "hybrid") else None),
+        elapsed_s=time.perf_counter() - started,
+        test=None if outcomes.test is None else outcomes.test.as_dict(),
+    )
 
 
 def model_name(model: nn.Module, name: str | None) -> str:
@@ -252,29 +280,8 @@ def rank(
     # one unperturbed pass: the baseline sums it, every level's outcomes are paired with it
     reference = reference_pass(model, evaluation_set, output) if method != "taylor" else None
     baseline = evaluate_baseline(model, evaluation_set, reference, output)
-    levels_ranked = []
-    for p in settings.perturbations():
-        level_started = time.perf_counter()
-        steps = "unit·stages" if method == "halving" else "units"  # halving counts each unit once per stage
-        test: dict[str, Any] = {}
-        with progress_bar(progress, f"ranking · {p.label} · {method}", distributed, step_name=steps) as bar:
-            outcomes = evaluate_units(
-                model, units, p, evaluation_set, method=method, score=score, top_k=top_k,
-                rank=distributed.rank, world_size=distributed.world_size, all_gather=distributed.all_gather,
-                resume_dir=resume_dir, progress=bar.update, memory_budget_mb=memory_budget_mb,
-                taylor_order=taylor_order, top_k_confidence=top_k_confidence, bound=bound,
-                loss_clip=loss_clip, seed=seed, report=test,
-                reference=reference, output=output,
-            )
-        levels_ranked.append(LevelRanking(
-            perturbation=p,
-            rows=ranking_rows(order_outcomes(outcomes, baseline, score), baseline, p),
-            split_half=split_half_agreement(outcomes, baseline, score, top_k),
-            engine_agreement=(estimate_agreement(outcomes, baseline, score, top_k)
-                              if method in ("taylor", "hybrid") else None),
-            elapsed_s=time.perf_counter() - level_started,
-            test=test or None,
-        ))
+    levels_ranked = [_rank_level(model, units, p, evaluation_set, settings, baseline, reference, distributed,
+                                 resume_dir, progress, memory_budget_mb) for p in settings.perturbations()]
     weights = weights_info(model)
     return Ranking(
         model_name=model_name(model, name),

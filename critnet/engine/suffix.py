@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from critnet.engine.naive import run_naive
+from critnet.evaluation import tally_pass
 from critnet.evaluation_set import EvaluationSet
 from critnet.outputs import OutputSelector, logits_of
 from critnet.perturb import Perturbation, Unit, head_parameter_name, perturbed
@@ -240,6 +240,24 @@ def one_channel(conv: nn.Conv2d, x: Tensor, channel: int, weight: Tensor, bias: 
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, 1)
 
 
+def full_passes(
+    model: nn.Module,
+    work: Sequence[tuple[int, Unit]],
+    perturbation: Perturbation,
+    data: EvaluationSet,
+    record: Callable[[int, UnitOutcome], None],
+    reference: tuple[Tensor, Tensor, Tensor] | None = None,
+    output: OutputSelector = None,
+) -> None:
+    """Evaluate each ``(index, unit)`` of ``work`` with a full forward pass per batch (the naive method, and the
+    exact method's fallback); ``record`` gets each outcome (with the paired sums when ``reference`` holds the
+    unperturbed per-sample results). ``output`` says where the logits are in what the model returns."""
+    for index, unit in work:
+        with perturbed(model, unit, perturbation):
+            pair = tally_pass(model, data, reference=reference, output=output)
+        record(index, UnitOutcome(unit=unit, total=pair.total, halves=pair.halves))
+
+
 def trace_failure(model: nn.Module) -> tuple[TracedModel | None, str | None]:
     """The traced model and None, or None and why ``torch.fx`` cannot trace it (one line)."""
     try:
@@ -327,107 +345,109 @@ class SuffixEvaluator:
         The result is a :class:`UnitOutcome`, or with ``per_sample`` the ``(losses, top1, top5)`` vectors over the
         evaluation set in its order (float64 losses, bool hits).
         """
+        planned = self._planned(work, record, per_sample)
+        if not planned:
+            return
+        traced = self.traced
+        stops: dict[int, _Stop] = {}
+        by_stop: dict[int, list[tuple[int, Unit, _Plan]]] = {}
+        for item in planned:
+            plan = item[2]
+            stop = stops.setdefault(plan.stop, _Stop(plan.stop, set(traced.crossing(plan.stop))))
+            if plan.node is not None:
+                stop.keep.add(plan.node.args[0])
+            by_stop.setdefault(plan.stop, []).append(item)
+        results = _Results(self.reference, per_sample)
+        segments = self.segments()
+        for segment_number, segment in enumerate(segments):
+            # results are complete (and recorded) in the last segment only
+            finish = record if segment_number == len(segments) - 1 else None
+            batches = self._read(segment)
+            states = [traced.start(x) for x, _, _ in batches]
+            position = traced.first
+            for stop_position in sorted(stops):
+                for env in states:
+                    traced.advance(env, position, stop_position, stops[stop_position].keep)
+                position = stop_position
+                self._run_stop(stop_position, by_stop[stop_position], states, batches, results, finish)
+            del states
+
+    def _planned(self, work: Sequence[tuple[int, Unit]], record: Callable[[int, object], None],
+                 per_sample: bool) -> list[tuple[int, Unit, _Plan]]:
+        """The units of ``work`` with their plans; those without one are evaluated here by full passes."""
         planned = [(i, u, self.plan(u)) for i, u in work]
         unplanned = [(i, u) for i, u, p in planned if p is None]
         if unplanned:
             why = self.trace_failure or (
                 f"no traced node of {type(self.model).__name__} uses them (e.g. {unplanned[0][1].label})")
             warnings.warn(f"exact engine: {len(unplanned)} of {len(planned)} units evaluated with full forward "
-                          f"passes: {why}", stacklevel=2)
+                          f"passes: {why}", stacklevel=3)
             if per_sample:
                 raise ValueError("per-sample results need a traced model")
-            run_naive(self.model, unplanned, self.perturbation, self.data, record, self.reference, self.output)
-        planned = [(i, u, p) for i, u, p in planned if p is not None]
-        if not planned:
-            return
+            full_passes(self.model, unplanned, self.perturbation, self.data, record, self.reference, self.output)
+        return [(i, u, p) for i, u, p in planned if p is not None]
+
+    def _read(self, segment: list[int]) -> list[tuple[Tensor, Tensor, int]]:
+        """The batches of ``segment`` with their offsets in the set."""
+        wanted, offsets = set(segment), self.data.offsets()
+        batches = []
+        for p, (x, y) in enumerate(self.data):
+            if p in wanted:
+                batches.append((x, y, offsets[p]))
+            if p >= segment[-1]:
+                break  # a streamed set need not be read past this segment
+        return batches
+
+    def _run_stop(self, stop_position: int, items: list[tuple[int, Unit, _Plan]], states: list[dict],
+                  batches: list[tuple[Tensor, Tensor, int]], results: _Results,
+                  finish: Callable[[int, object], None] | None) -> None:
+        """Every unit cut at ``stop_position``, on the held values of every batch of the segment."""
         traced = self.traced
-        stops: dict[int, _Stop] = {}
-        for _, _, plan in planned:
-            stop = stops.setdefault(plan.stop, _Stop(plan.stop, set(traced.crossing(plan.stop))))
-            if plan.node is not None:
-                stop.keep.add(plan.node.args[0])
-        order = sorted(stops)
-        by_stop: dict[int, list[tuple[int, Unit, _Plan]]] = {s: [] for s in order}
-        for item in planned:
-            by_stop[item[2].stop].append(item)
+        inputs = traced.crossing(stop_position)
+        suffix = traced.suffix(stop_position, inputs)
+        for index, unit, _ in [item for item in items if item[2].node is None]:
+            with perturbed(self.model, unit, self.perturbation):
+                for env, (_, y, offset) in zip(states, batches):
+                    logits = logits_of(suffix(*[env[n] for n in inputs]), self.output)
+                    losses, top1, top5 = sample_stats(logits.unsqueeze(0), y)
+                    results.add(index, (losses[0], top1[0], top5[0]), offset)
+            if finish is not None:
+                results.finish(index, unit, finish)
+        slice_units = [item for item in items if item[2].node is not None]
+        if slice_units:
+            node = slice_units[0][2].node
+            variants = self._variants(suffix, inputs, node, states[0])
+            for start in range(0, len(slice_units), variants):
+                chunk = slice_units[start : start + variants]
+                self._run_channels(node, suffix, inputs, chunk, states, batches, results)
+                if finish is not None:
+                    for index, unit, _ in chunk:
+                        results.finish(index, unit, finish)
 
-        segments = self.segments()
-        offsets = self.data.offsets()
-        sums: dict[int, TallyPair] = {i: TallyPair() for i, _, _ in planned}
-        samples: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {i: [] for i, _, _ in planned}
-
-        def consume(index: int, result: tuple[Tensor, Tensor, Tensor], offset: int) -> None:
-            if per_sample:
-                samples[index].append(result)
-            else:
-                rows = (None if self.reference is None
-                        else tuple(r[offset : offset + len(result[0])] for r in self.reference))
-                sums[index].add(sum_halves(*(r.unsqueeze(0) for r in result), offset, rows)[0])
-
-        for segment_number, segment in enumerate(segments):
-            last_segment = segment_number == len(segments) - 1
-            wanted = set(segment)
-            batches = []
-            for p, (x, y) in enumerate(self.data):
-                if p in wanted:
-                    batches.append((x, y, offsets[p]))
-                if p >= segment[-1]:
-                    break  # a streamed set need not be read past this segment
-            states = [traced.start(x) for x, _, _ in batches]
-            position = traced.first
-            for stop_position in order:
-                keep = stops[stop_position].keep
-                for env in states:
-                    traced.advance(env, position, stop_position, keep)
-                position = stop_position
-                inputs = traced.crossing(stop_position)
-                suffix = traced.suffix(stop_position, inputs)
-                module_units = [item for item in by_stop[stop_position] if item[2].node is None]
-                slice_units = [item for item in by_stop[stop_position] if item[2].node is not None]
-                for index, unit, _ in module_units:
-                    with perturbed(self.model, unit, self.perturbation):
-                        for env, (_, y, offset) in zip(states, batches):
-                            logits = logits_of(suffix(*[env[n] for n in inputs]), self.output)
-                            losses, top1, top5 = sample_stats(logits.unsqueeze(0), y)
-                            consume(index, (losses[0], top1[0], top5[0]), offset)
-                    if last_segment:
-                        self._finish(index, unit, sums, samples, per_sample, record)
-                if slice_units:
-                    node = slice_units[0][2].node
-                    variants = self._variants(suffix, inputs, node, states[0])
-                    for start in range(0, len(slice_units), variants):
-                        chunk = slice_units[start : start + variants]
-                        conv = traced.modules[node.target]
-                        filters = []
-                        for _, unit, _ in chunk:
-                            weight = self.perturbation.apply(conv.weight.detach()[unit.index].clone(), unit)
-                            bias = None if conv.bias is None else conv.bias.detach()[unit.index : unit.index + 1]
-                            filters.append((unit.index, weight.unsqueeze(0), bias))
-                        for env, (_, y, offset) in zip(states, batches):
-                            outs = []
-                            for channel, weight, bias in filters:
-                                out = env[node].clone()
-                                out[:, channel] = one_channel(conv, env[node.args[0]], channel, weight, bias)[:, 0]
-                                outs.append(out)
-                            v = len(outs)
-                            args = [torch.cat(outs) if n is node else _repeat(env[n], v, n in traced.batched) for n in inputs]
-                            logits = logits_of(suffix(*args), self.output)
-                            losses, top1, top5 = sample_stats(logits.reshape(v, len(y), -1), y)
-                            for k, (index, _, _) in enumerate(chunk):
-                                consume(index, (losses[k], top1[k], top5[k]), offset)
-                        if last_segment:
-                            for index, unit, _ in chunk:
-                                self._finish(index, unit, sums, samples, per_sample, record)
-            del states
-
-    @staticmethod
-    def _finish(index, unit, sums, samples, per_sample, record) -> None:
-        if per_sample:
-            parts = samples.pop(index)
-            record(index, tuple(torch.cat([p[j] for p in parts]) for j in range(3)))
-        else:
-            pair = sums.pop(index)
-            record(index, UnitOutcome(unit=unit, total=pair.total, halves=pair.halves))
+    def _run_channels(self, node: fx.Node, suffix: fx.GraphModule, inputs: list[fx.Node],
+                      chunk: list[tuple[int, Unit, _Plan]], states: list[dict],
+                      batches: list[tuple[Tensor, Tensor, int]], results: _Results) -> None:
+        """Channel units of one conv: the cached output with each unit's channel recomputed from its perturbed
+        filter, the variants stacked along the batch through one suffix pass."""
+        traced = self.traced
+        conv = traced.modules[node.target]
+        filters = []
+        for _, unit, _ in chunk:
+            weight = self.perturbation.apply(conv.weight.detach()[unit.index].clone(), unit)
+            bias = None if conv.bias is None else conv.bias.detach()[unit.index : unit.index + 1]
+            filters.append((unit.index, weight.unsqueeze(0), bias))
+        for env, (_, y, offset) in zip(states, batches):
+            outs = []
+            for channel, weight, bias in filters:
+                out = env[node].clone()
+                out[:, channel] = one_channel(conv, env[node.args[0]], channel, weight, bias)[:, 0]
+                outs.append(out)
+            v = len(outs)
+            args = [torch.cat(outs) if n is node else _repeat(env[n], v, n in traced.batched) for n in inputs]
+            logits = logits_of(suffix(*args), self.output)
+            losses, top1, top5 = sample_stats(logits.reshape(v, len(y), -1), y)
+            for k, (index, _, _) in enumerate(chunk):
+                results.add(index, (losses[k], top1[k], top5[k]), offset)
 
     def _variants(self, suffix: fx.GraphModule, inputs: list[fx.Node], node: fx.Node, env: dict) -> int:
         """How many perturbed variants to stack along the batch: enough to fill about ``STACK_SAMPLES`` samples
@@ -450,6 +470,34 @@ class SuffixEvaluator:
         if not (isinstance(double, Tensor) and double.shape[0] == 2 * batch):
             return 1
         return wanted if torch.equal(double[:batch], single) and torch.equal(double[batch:], single) else 1
+
+
+class _Results:
+    """Each unit's results over the batches of the set: tallies summed per batch and half (paired with the
+    unperturbed per-sample ``reference`` when given), or with ``per_sample`` the per-sample vectors."""
+
+    def __init__(self, reference: tuple[Tensor, Tensor, Tensor] | None, per_sample: bool) -> None:
+        self.reference = reference
+        self.per_sample = per_sample
+        self.sums: dict[int, TallyPair] = {}
+        self.samples: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
+
+    def add(self, index: int, result: tuple[Tensor, Tensor, Tensor], offset: int) -> None:
+        """One batch's per-sample results of unit ``index``; the batch starts at ``offset`` in the set."""
+        if self.per_sample:
+            self.samples.setdefault(index, []).append(result)
+        else:
+            rows = (None if self.reference is None
+                    else tuple(r[offset : offset + len(result[0])] for r in self.reference))
+            self.sums.setdefault(index, TallyPair()).add(sum_halves(*(r.unsqueeze(0) for r in result), offset, rows)[0])
+
+    def finish(self, index: int, unit: Unit, record: Callable[[int, object], None]) -> None:
+        if self.per_sample:
+            parts = self.samples.pop(index)
+            record(index, tuple(torch.cat([p[j] for p in parts]) for j in range(3)))
+        else:
+            pair = self.sums.pop(index)
+            record(index, UnitOutcome(unit=unit, total=pair.total, halves=pair.halves))
 
 
 def _repeat(value, times: int, batched: bool):

@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from critnet.engine.jobs import Codec
 from critnet.engine.suffix import (
     DEFAULT_MEMORY_BUDGET_MB,
     TracedModel,
@@ -71,6 +72,10 @@ class FaultCounts:
     @classmethod
     def from_record(cls, values: Sequence) -> FaultCounts:
         return cls(*[float(v) if f.name == "delta_loss_sum" else int(v) for f, v in zip(fields(cls), values)])
+
+
+#: A fault's counts as a record of the job runner.
+COUNTS = Codec(FaultCounts.to_record, lambda value, fault: FaultCounts.from_record(value))
 
 
 @dataclass
@@ -183,8 +188,8 @@ class FaultEvaluator:
     >>> data = as_evaluation_set((torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])))
     >>> bits = int(model[0].weight.detach().view(-1).view(torch.int32)[5])
     >>> found = {}
-    >>> FaultEvaluator(model, data).run([Fault(0, "bitflip", "weights", (Site("0.weight", 5, 31),), (bits,))],
-    ...                                 lambda fault, counts: found.update({fault.id: counts.images}))
+    >>> fault = Fault(0, "bitflip", "weights", (Site("0.weight", 5, 31),), (bits,))
+    >>> FaultEvaluator(model, data).run([(fault.id, fault)], lambda key, counts: found.update({key: counts.images}))
     >>> found
     {0: 4}
     """
@@ -253,10 +258,11 @@ class FaultEvaluator:
 
     # ----------------------------------------------------------------- evaluation
 
-    def run(self, faults: Sequence[Fault], record: Callable[[Fault, FaultCounts], None]) -> None:
-        """Evaluate every fault; ``record`` gets each fault's counts as soon as they are complete."""
+    def run(self, work: Sequence[tuple[int, Fault]], record: Callable[[int, FaultCounts], None]) -> None:
+        """Evaluate every ``(fault id, fault)`` of ``work`` (a :class:`~critnet.engine.jobs.Jobs` evaluation);
+        ``record`` gets each fault's id and counts as soon as they are complete."""
         with torch.no_grad():
-            self._run(faults, record)
+            self._run([fault for _, fault in work], lambda fault, counts: record(fault.id, counts))
 
     def _run(self, faults: Sequence[Fault], record: Callable[[Fault, FaultCounts], None]) -> None:
         everything = torch.arange(self.data.samples, device=self.golden.logits.device)

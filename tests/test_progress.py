@@ -7,8 +7,8 @@ import io
 from rich.console import Console
 from rich.progress import Progress
 
-from critnet.progress import AnalysisProgress
-import critnet.progress as progress_module
+from critnet.console import AnalysisProgress
+import critnet.console as progress_module
 
 
 def test_own_display_counts_and_stops(monkeypatch):
@@ -75,7 +75,7 @@ def test_disabled_is_inert():
 
 def test_a_function_is_told_the_counts_on_every_rank_and_draws_nothing():
     from critnet.distributed import Distributed
-    from critnet.progress import progress_bar
+    from critnet.console import progress_bar
 
     seen = []
     with progress_bar(lambda done, total: seen.append((done, total)), "faults", Distributed(1, 2, lambda x: [x, x]),

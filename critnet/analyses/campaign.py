@@ -30,7 +30,7 @@ from critnet.faults.evaluator import COUNTS, FaultEvaluator
 from critnet.faults.injection import FAULT_MODELS, FAULT_TARGETS, Fault, read_fault_list
 from critnet.modes import evaluation_mode
 from critnet.outputs import OutputSelector, check_selector, describe_selector
-from critnet.progress import progress_bar
+from critnet.console import progress_bar
 from critnet.results.campaign_result import Campaign
 
 StratifyBy = Literal["layer", "bit"]

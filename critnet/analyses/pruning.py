@@ -43,7 +43,7 @@ from critnet.evaluation_set import as_evaluation_set
 from critnet.modes import evaluation_mode, model_device
 from critnet.outputs import OutputSelector, check_selector, describe_selector
 from critnet.perturb import Unit
-from critnet.progress import progress_bar
+from critnet.console import progress_bar
 from critnet.results import Ranking, Sweep
 from critnet.scoring import Tally
 

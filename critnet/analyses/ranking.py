@@ -36,7 +36,7 @@ from critnet.models.loading import weights_info
 from critnet.modes import model_device
 from critnet.outputs import OutputSelector, check_selector, describe_selector
 from critnet.perturb import Perturbation, Unit, select_units
-from critnet.progress import progress_bar
+from critnet.console import progress_bar
 from critnet.results import LevelRanking, Ranking
 from critnet.results.ranking_rows import (
     estimate_agreement,

@@ -22,7 +22,7 @@ from critnet.choices import (
     check_positive_int,
 )
 from critnet.engine.certify import LOSS_CLIP, TOP_K_CONFIDENCE
-from critnet.progress import console
+from critnet.console import console
 from critnet.results.ranking_result import Ranking
 
 

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from critnet.distributed import all_gather_objects
-from critnet.reporting.tables import print_table
+from critnet.console import print_table
 from critnet.writers import write_csv, write_json
 
 

@@ -13,7 +13,7 @@ from critnet.faults.draw import Stratum
 from critnet.faults.evaluator import FaultCounts
 from critnet.faults.injection import FAULT_LIST_COLUMNS, Fault, bits_to_float
 from critnet.faults.stats import domain_estimate
-from critnet.progress import console
+from critnet.console import console
 from critnet.results.figures import (
     campaign_figure,
     heatmap_figure,

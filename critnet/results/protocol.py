@@ -4,27 +4,15 @@ and ``report``, which writes every file the command line writes and shows the co
 from __future__ import annotations
 
 import html
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from critnet.progress import console
+from critnet.console import console, format_cell
 from critnet.writers import write_csv, write_json
 
 #: Rows a ``repr`` or a notebook shows of each table.
 PREVIEW_ROWS = 10
-
-
-def format_cell(value: Any, digits: int = 4) -> str:
-    """A table cell: floats to ``digits`` decimals (nan and inf as words), None as nothing.
-
-    >>> format_cell(0.123456), format_cell(float("nan")), format_cell(None), format_cell(3)
-    ('0.1235', 'nan', '', '3')
-    """
-    if isinstance(value, float):
-        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
-    return "" if value is None else str(value)
 
 
 def _digits(column: str, default: int) -> int:

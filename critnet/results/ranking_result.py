@@ -13,9 +13,9 @@ import numpy as np
 from rich.table import Table
 
 from critnet.perturb import Perturbation, Unit
-from critnet.progress import console
+from critnet.console import console, format_cell
 from critnet.results.figures import channel_heatmap_figure, finite_values, top_k_figure
-from critnet.results.protocol import AnalysisResult, format_cell
+from critnet.results.protocol import AnalysisResult
 from critnet.results.ranking_rows import RANKING_COLUMNS, boundary_overlap
 
 

@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
 
-from critnet.progress import console
+from critnet.console import format_cell, print_table
 from critnet.results.figures import curves_figure, save_figure
-from critnet.results.protocol import AnalysisResult, format_cell
+from critnet.results.protocol import AnalysisResult
 from critnet.results.ranking_result import Ranking
 from critnet.writers import write_csv
 
@@ -162,13 +161,8 @@ class Sweep(AnalysisResult):
         return curves_figure(self.settings, series, x, label, self.title)
 
     def print_table(self) -> None:
-        table = Table(title=self.title, title_justify="left")
         columns, rows = self.table()
-        for column in columns:
-            table.add_column(column, justify="left")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+        print_table(self.title, columns, rows, justify_numbers=False)
 
     def write_files(self, directory: Path) -> list[Path]:
         """``<kind>.{csv,md,json,png}`` (and ``prune_criticality.csv`` when the channel order was ranked here)."""

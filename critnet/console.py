@@ -1,12 +1,14 @@
-"""One progress mechanism for the long analyses (rankings, pruning sweeps, fault campaigns): a rich bar that rank 0
-draws, or a function told the counts. Lightning-free."""
+"""What critnet shows on the console (Lightning-free): the one progress mechanism of the long analyses (rankings,
+pruning sweeps, fault campaigns: a rich bar that rank 0 draws, or a function told the counts) and rich tables."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 from critnet.distributed import Distributed
 
@@ -120,3 +122,41 @@ def progress_bar(progress: Any, label: str, distributed: Distributed, *, total: 
     callback = progress if callable(progress) and running is None else None
     return AnalysisProgress(label, bool(progress) and callback is None and distributed.is_lead, total=total,
                             step_name=step_name, running=running, callback=callback)
+
+
+def format_cell(value: Any, digits: int = 4) -> str:
+    """A table cell: floats to ``digits`` decimals (nan and inf as words), None as nothing.
+
+    >>> format_cell(0.123456), format_cell(float("nan")), format_cell(None), format_cell(3)
+    ('0.1235', 'nan', '', '3')
+    """
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+    return "" if value is None else str(value)
+
+
+def print_table(
+    title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, digits: int = 4, justify_numbers: bool = True
+) -> Table:
+    """Print a rich table to the console and return it."""
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="left")
+    for row in rows:
+        cells = [format_cell(v, digits) for v in row]
+        table.add_row(*cells)
+    if justify_numbers:
+        for column in table.columns:
+            cells = [c for c in column._cells if c]
+            if cells and all(_is_number(c) for c in cells):
+                column.justify = "right"
+    console.print(table)
+    return table
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

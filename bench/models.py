@@ -61,7 +61,8 @@ def measure(name: str, units_per_kind: int, images: int, classes: int) -> dict:
     from critnet.engine.pruning_masks import dwp_masks, pruned
     from critnet.engine.suffix import trace_failure
     from critnet.models import get_model_spec
-    from critnet.perturb import Perturbation, select_units
+    from critnet.perturb import Perturbation
+    from critnet.selection import select_units
 
     torch.manual_seed(0)
     spec = get_model_spec(name)

@@ -33,6 +33,7 @@ _EXPORTS = {
     "EvaluationSet": "critnet.evaluation_set",
     "Perturbation": "critnet.perturb",
     "RankSettings": "critnet.analyses.ranking",
+    "Selection": "critnet.selection",
     "Ranking": "critnet.results",
     "SettingError": "critnet.choices",
     "Sweep": "critnet.results",
@@ -46,7 +47,7 @@ _EXPORTS = {
     "logits_of": "critnet.outputs",
     "prune_sweep": "critnet.analyses.pruning",
     "rank": "critnet.analyses.ranking",
-    "select_units": "critnet.perturb",
+    "select_units": "critnet.selection",
 }
 
 __all__ = sorted(_EXPORTS)

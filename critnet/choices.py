@@ -6,6 +6,7 @@ from it with ``typing.get_args`` (what the library validates against), so the tw
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
@@ -133,3 +134,16 @@ def check_positive_int(key: str, value: Any, minimum: int = 1, allow_none: bool 
         allowed = f"an integer >= {minimum}" + (" or null" if allow_none else "")
         raise SettingError(f"{key}: {value!r} is not {allowed}")
     return value
+
+
+def field_values(settings: Any, cls: type) -> dict[str, Any]:
+    """The init fields of the settings dataclass ``cls``, read from ``settings``: an instance of ``cls`` or of a
+    class built on it, such as the Lightning callback that carries an analysis's settings as its own arguments.
+
+    >>> @dataclasses.dataclass
+    ... class Settings:
+    ...     top_k: int = 20
+    >>> field_values(Settings(5), Settings)
+    {'top_k': 5}
+    """
+    return {field.name: getattr(settings, field.name) for field in dataclasses.fields(cls) if field.init}

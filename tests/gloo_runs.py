@@ -62,7 +62,7 @@ def engine_setup(out: Path, weights: str):
     from critnet.evaluation_set import EvaluationSet
     from critnet.models import build_model
     from critnet.models.checkpoints import load_weights
-    from critnet.perturb import select_units
+    from critnet.selection import select_units
 
     model = build_model("resnet20")
     load_weights(model, weights, "resnet20")

@@ -29,14 +29,8 @@ from critnet.engine.pruning_masks import dwp_masks, pruned
 from critnet.evaluation import batch_tallies
 from critnet.evaluation_set import as_evaluation_set
 from critnet.modes import evaluation_mode
-from critnet.perturb import (
-    Perturbation,
-    Unit,
-    activation_channel_dim,
-    attention_heads,
-    perturbed,
-    select_units,
-)
+from critnet.perturb import Perturbation, Unit, activation_channel_dim, attention_heads, perturbed
+from critnet.selection import select_units
 
 
 def evaluate(model, batches):

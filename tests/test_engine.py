@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from conftest import KERNEL_REL, f32_close
 from critnet.evaluation_set import EvaluationSet
 from critnet.engine import evaluate_baseline, evaluate_units
-from critnet.perturb import Perturbation, perturbed, select_units
+from critnet.perturb import Perturbation, perturbed
+from critnet.selection import select_units
 
 
 def state_checksum(model) -> str:

@@ -12,7 +12,8 @@ from test_engine import state_checksum
 from conftest import KERNEL_REL, f32_close
 from critnet.evaluation_set import EvaluationSet
 from critnet.engine import evaluate_baseline, evaluate_units
-from critnet.perturb import Perturbation, select_units
+from critnet.perturb import Perturbation
+from critnet.selection import select_units
 from critnet.scoring import criticality_key, score_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -16,7 +16,8 @@ from test_engine import Boom, raise_after, state_checksum
 
 from critnet.evaluation_set import EvaluationSet
 from critnet.engine import evaluate_units
-from critnet.perturb import Perturbation, select_units
+from critnet.perturb import Perturbation
+from critnet.selection import select_units
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +90,8 @@ def test_killed_process_resumes(resnet20_cifar, cifar_test_256, tmp_path, uninte
         from critnet.evaluation_set import EvaluationSet
         from critnet.engine import evaluate_units
         from critnet.models import build_model
-        from critnet.perturb import Perturbation, select_units
+        from critnet.perturb import Perturbation
+        from critnet.selection import select_units
         model = build_model("resnet20"); load_weights(model, str(RESNET20_WEIGHTS), "resnet20"); model.eval()
         units = select_units(model, "channel", include={SELECTION!r})[::8]
         def progress(done, total):

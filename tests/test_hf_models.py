@@ -26,7 +26,8 @@ from critnet.models import get_model_spec, list_models, load_model
 from critnet.models.checkpoints import sha256_of
 from critnet.models.preprocessing import preprocessing
 from critnet.models.spec import Preprocessing
-from critnet.perturb import Perturbation, Unit, attention_heads, perturbed, select_units
+from critnet.perturb import Perturbation, Unit, attention_heads, perturbed
+from critnet.selection import select_units
 
 CLASSES = 5
 SIZE = 32

@@ -8,14 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from critnet.perturb import (
-    PERTURBATION_KINDS,
-    Perturbation,
-    Unit,
-    perturbed,
-    select_units,
-    unit_seed,
-)
+from critnet.perturb import PERTURBATION_KINDS, Perturbation, Unit, perturbed, unit_seed
+from critnet.selection import select_units
 
 
 def state_checksum(model: nn.Module) -> str:

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from critnet.perturb import Perturbation, Unit, select_units
+from critnet.perturb import Perturbation, Unit
+from critnet.selection import select_units
 from critnet.results.ranking_rows import (
     RANKING_COLUMNS,
     estimate_agreement,

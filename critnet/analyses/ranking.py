@@ -1,10 +1,12 @@
-"""``critnet.rank``: perturb each unit of a model in turn, evaluate, and rank the units by criticality."""
+"""``critnet.rank``: perturb each unit of a model in turn, evaluate, and rank the units by criticality.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: :class:`RankSettings` is also the CriticalRanking callback's
+arguments, and jsonargparse validates a dataclass field only when its annotation is a real type.
+"""
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +21,18 @@ from critnet.choices import (
     TAYLOR_ORDERS,
     UNIT_KINDS,
     Bound,
+    Method,
+    PerturbationKind,
+    Score,
     SettingError,
+    TaylorOrder,
+    UnitKind,
     check_choice,
     check_finite,
     check_positive_int,
     check_positive_number,
     check_probability,
+    field_values,
 )
 from critnet.distributed import Distributed
 from critnet.engine import evaluate_baseline, evaluate_units, reference_pass
@@ -35,7 +43,8 @@ from critnet.evaluation_set import EvaluationSet, as_evaluation_set
 from critnet.models.loading import weights_info
 from critnet.modes import model_device
 from critnet.outputs import OutputSelector, check_selector, describe_selector
-from critnet.perturb import Perturbation, Unit, select_units
+from critnet.perturb import Perturbation, Unit
+from critnet.selection import Selection
 from critnet.console import progress_bar
 from critnet.results import LevelRanking, Ranking
 from critnet.results.ranking_rows import (
@@ -46,6 +55,119 @@ from critnet.results.ranking_rows import (
     tally_summary,
 )
 from critnet.scoring import UnitOutcome
+
+
+@dataclass(eq=False)
+class RankSettings(Selection):
+    """The settings of a ranking, declared once: :func:`rank` takes them as keyword arguments, the
+    :class:`~critnet.callbacks.CriticalRanking` callback as its own (the command line's ``init_args``), and
+    ``ranking.json`` records them (:meth:`as_dict`). Checked when built: a bad value raises a one-line
+    :class:`~critnet.choices.SettingError` naming the key, the value and what is allowed. ``include``,
+    ``exclude`` and ``module_types`` select the units (:class:`~critnet.perturb.Selection`); their defaults depend
+    on ``unit``: ``include=["weight"]`` for tensor and channel units (the original experiment: every parameter
+    whose name contains ``weight``), every module for activation and head units; ``module_types`` any module for
+    tensor units, ``[Conv2d, Linear]`` for channel and activation units, every attention module for head units.
+
+    Args:
+        unit: What a unit is: ``tensor`` (a whole parameter), ``channel`` (one output channel ``weight[c]`` of a
+            parameter: a filter or a neuron), ``activation`` (one output channel of a module, via a forward hook) or
+            ``head`` (one head of an attention module: its block of input columns of the output projection).
+        perturbation: ``add`` a constant, ``scale`` (multiply), Gaussian ``noise``, ``zero`` (ablation),
+            ``sign_flip``, ``bitflip`` (flip bit ``level`` of every float32 value), ``prune`` (zero the unit's
+            smallest-magnitude fraction ``level``).
+        levels: The perturbation's amounts, finite numbers; one ranking per level (e.g. ``prune`` at
+            ``[0.1, 0.3, 0.5, 0.7, 0.9]`` is Distiller's sensitivity sweep). Ignored by ``zero`` and ``sign_flip``.
+        relative: ``noise`` only: the standard deviation is ``level`` times the unit's own standard deviation.
+        seed: ``noise``: draws depend only on (seed, unit), so they are the same on any number of devices;
+            ``halving``: the random order in which its stages draw images.
+        score: What ranks the units (larger = more critical): the perturbed ``loss`` (the original), ``delta_loss``
+            against the unperturbed baseline, ``top1_drop`` or ``top5_drop`` (percentage points).
+        method: The engine: ``exact`` (suffix-only exact evaluation, the naive scores bit for bit), ``naive`` (a
+            full forward pass per unit; the reference), ``taylor`` (Taylor estimates only), ``hybrid`` (estimates,
+            then the top units exactly) or ``halving`` (the exact full-set top ``top_k`` with exact full-set
+            scores, found by a sequential test on growing random parts of the data; see
+            :mod:`critnet.engine.certify`).
+        top_k: Rows shown in tables and TensorBoard, and the exact top of ``hybrid`` and ``halving`` (at least 1).
+        taylor_order: The estimates of ``taylor`` and ``hybrid``: ``1`` (first order) or ``2`` (plus the
+            empirical-Fisher second-order term, which helps where first-order terms cancel, e.g. ``add`` on whole
+            tensors, and adds noise for zeroed channels).
+        top_k_confidence: ``halving``: the probability that its top ``top_k`` is the exact full-set top ``top_k``
+            (family-wise over every unit and stage); strictly between 0 and 1. A finite-sample guarantee with
+            ``bound: betting``, a nominal level with ``bound: normal``.
+        bound: ``halving``'s confidence bounds: ``betting`` (finite-sample: betting confidence sequences for
+            sampling without replacement, for values in a declared range) or ``normal`` (normal intervals with a
+            Taylor control variate; faster, nominal).
+        loss_clip: ``halving`` with ``bound: betting`` and a loss score: the declared largest per-image loss
+            (nats) of a perturbed network; the ranking records the largest it saw and calls its guarantee void if
+            one exceeded it.
+        output: Where the logits are in what the model returns (:func:`critnet.outputs.logits_of`): null takes a
+            tensor as it is and reads ``.logits`` (attribute or key) from anything else (a Hugging Face
+            ``ModelOutput``, a dict); a key (``scores``) or an index (``0`` for a tuple) selects them, and from
+            Python also a callable that takes the model's output and returns the logits. With a resume directory
+            a key or index enters the resume fingerprint as it is, a callable by its module and qualified name.
+
+    >>> RankSettings(unit="channel", perturbation="zero").perturbations()
+    [Perturbation(kind='zero', level=0.1, relative=False, seed=0)]
+    """
+
+    unit: UnitKind = "tensor"
+    perturbation: PerturbationKind = "add"
+    levels: Sequence[float] = (0.1,)
+    relative: bool = False
+    seed: int = 0
+    score: Score = "loss"
+    method: Method = "exact"
+    top_k: int = 20
+    taylor_order: TaylorOrder = 1
+    top_k_confidence: float = TOP_K_CONFIDENCE
+    bound: Bound = "betting"
+    loss_clip: float = LOSS_CLIP
+    output: OutputSelector = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("unit", self.unit, UNIT_KINDS)
+        check_choice("perturbation", self.perturbation, PERTURBATION_KINDS)
+        check_choice("score", self.score, SCORES)
+        check_choice("method", self.method, METHODS)
+        check_choice("taylor_order", self.taylor_order, TAYLOR_ORDERS)
+        check_positive_int("top_k", self.top_k)
+        check_positive_int("seed", self.seed, minimum=0)
+        check_probability("top_k_confidence", self.top_k_confidence)
+        check_choice("bound", self.bound, BOUNDS)
+        check_positive_number("loss_clip", self.loss_clip)
+        check_selector(self.output)
+        levels = [self.levels] if isinstance(self.levels, (int, float)) else list(self.levels)
+        self.levels = tuple(check_finite(f"levels[{i}]", level) for i, level in enumerate(levels))
+        if not self.levels and self.perturbation not in LEVELLESS:
+            raise SettingError(f"levels: empty; {self.perturbation} needs at least one level")
+        self.perturbations()  # the perturbation's own range checks (bit index, fraction, …) and unit kind
+
+    def perturbations(self) -> list[Perturbation]:
+        """One perturbation per distinct level (``zero`` and ``sign_flip`` ignore the level: one in all)."""
+        unique: dict[str, Perturbation] = {}
+        for level in self.levels or (0.0,):
+            try:
+                p = Perturbation(self.perturbation, level, self.relative, self.seed)
+                p.check_unit_kind(self.unit)
+            except ValueError as err:
+                raise SettingError(str(err)) from None
+            unique.setdefault(p.label, p)
+        return list(unique.values())
+
+    def as_dict(self, resume: bool, num_batches: int | None = None) -> dict[str, Any]:
+        """The settings as ``ranking.json`` records them: every field, the distinct levels ranked, and the run's
+        ``num_batches`` and ``resume``."""
+        return {**field_values(self, RankSettings), **Selection.as_dict(self),
+                "levels": [p.level for p in self.perturbations()], "output": describe_selector(self.output),
+                "num_batches": num_batches, "resume": resume}
+
+    def select(self, model: nn.Module, example_input=None) -> list[Unit]:
+        """The units of ``model`` these settings select (one-line :class:`SettingError` when none or bad)."""
+        try:
+            return self.units(model, self.unit, example_input)
+        except ValueError as err:
+            raise SettingError(str(err)) from None
 
 
 def _rank_level(model: nn.Module, units: list[Unit], perturbation: Perturbation, evaluation_set: EvaluationSet,
@@ -79,116 +201,25 @@ def model_name(model: nn.Module, name: str | None) -> str:
     return name if name is not None else type(model).__name__
 
 
-@dataclass(frozen=True)
-class RankSettings:
-    """The settings of a ranking, checked when built: every bad value raises a one-line
-    :class:`~critnet.choices.SettingError` naming the key, the value and what is allowed.
-
-    See :func:`rank` for the meaning of each field.
-
-    >>> RankSettings(unit="channel", perturbation="zero").perturbations()
-    [Perturbation(kind='zero', level=0.1, relative=False, seed=0)]
-    """
-
-    unit: str = "tensor"
-    perturbation: str = "add"
-    levels: Sequence[float] = (0.1,)
-    include: Sequence[str] | None = None
-    exclude: Sequence[str] = ()
-    module_types: Sequence[str] | None = None
-    relative: bool = False
-    seed: int = 0
-    score: str = "loss"
-    method: str = "exact"
-    top_k: int = 20
-    taylor_order: int = 1
-    top_k_confidence: float = TOP_K_CONFIDENCE
-    bound: str = "betting"
-    loss_clip: float = LOSS_CLIP
-    output: OutputSelector = None
-    levels_checked: tuple[float, ...] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        check_choice("unit", self.unit, UNIT_KINDS)
-        check_choice("perturbation", self.perturbation, PERTURBATION_KINDS)
-        check_choice("score", self.score, SCORES)
-        check_choice("method", self.method, METHODS)
-        check_choice("taylor_order", self.taylor_order, TAYLOR_ORDERS)
-        check_positive_int("top_k", self.top_k)
-        check_positive_int("seed", self.seed, minimum=0)
-        check_probability("top_k_confidence", self.top_k_confidence)
-        check_choice("bound", self.bound, BOUNDS)
-        check_positive_number("loss_clip", self.loss_clip)
-        check_selector(self.output)
-        levels = [self.levels] if isinstance(self.levels, (int, float)) else list(self.levels)
-        checked = tuple(check_finite(f"levels[{i}]", level) for i, level in enumerate(levels))
-        if not checked and self.perturbation not in LEVELLESS:
-            raise SettingError(f"levels: empty; {self.perturbation} needs at least one level")
-        object.__setattr__(self, "levels_checked", checked)
-        self.perturbations()  # the perturbation's own range checks (bit index, fraction, …) and unit kind
-
-    def perturbations(self) -> list[Perturbation]:
-        """One perturbation per distinct level (``zero`` and ``sign_flip`` ignore the level: one in all)."""
-        unique: dict[str, Perturbation] = {}
-        for level in self.levels_checked or (0.0,):
-            try:
-                p = Perturbation(self.perturbation, level, self.relative, self.seed)
-                p.check_unit_kind(self.unit)
-            except ValueError as err:
-                raise SettingError(str(err)) from None
-            unique.setdefault(p.label, p)
-        return list(unique.values())
-
-    def as_dict(self, resume: bool, num_batches: int | None = None) -> dict[str, Any]:
-        """The settings as ``ranking.json`` records them."""
-        return {
-            "unit": self.unit,
-            "include": None if self.include is None else list(self.include),
-            "exclude": list(self.exclude),
-            "module_types": None if self.module_types is None else list(self.module_types),
-            "perturbation": self.perturbation,
-            "levels": [p.level for p in self.perturbations()],
-            "relative": self.relative,
-            "seed": self.seed,
-            "num_batches": num_batches,
-            "score": self.score,
-            "method": self.method,
-            "top_k": self.top_k,
-            "taylor_order": self.taylor_order,
-            "top_k_confidence": self.top_k_confidence,
-            "bound": self.bound,
-            "loss_clip": self.loss_clip,
-            "output": describe_selector(self.output),
-            "resume": resume,
-        }
-
-    def select(self, model: nn.Module, example_input=None) -> list[Unit]:
-        """The units of ``model`` these settings select (one-line :class:`SettingError` when none or bad)."""
-        try:
-            return select_units(model, self.unit, self.include, self.exclude, self.module_types, example_input)
-        except ValueError as err:
-            raise SettingError(str(err)) from None
-
-
 def rank(
     model: nn.Module,
     data: Any,
     *,
-    unit: str = "tensor",
-    perturbation: str = "add",
-    levels: Sequence[float] = (0.1,),
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
-    module_types: Sequence[str] | None = None,
-    relative: bool = False,
-    seed: int = 0,
-    score: str = "loss",
-    method: str = "exact",
-    top_k: int = 20,
-    taylor_order: int = 1,
-    top_k_confidence: float = TOP_K_CONFIDENCE,
-    bound: Bound = "betting",
-    loss_clip: float = LOSS_CLIP,
+    unit: UnitKind = RankSettings.unit,
+    perturbation: PerturbationKind = RankSettings.perturbation,
+    levels: Sequence[float] = RankSettings.levels,
+    include: Sequence[str] | None = RankSettings.include,
+    exclude: Sequence[str] = RankSettings.exclude,
+    module_types: Sequence[str] | None = RankSettings.module_types,
+    relative: bool = RankSettings.relative,
+    seed: int = RankSettings.seed,
+    score: Score = RankSettings.score,
+    method: Method = RankSettings.method,
+    top_k: int = RankSettings.top_k,
+    taylor_order: TaylorOrder = RankSettings.taylor_order,
+    top_k_confidence: float = RankSettings.top_k_confidence,
+    bound: Bound = RankSettings.bound,
+    loss_clip: float = RankSettings.loss_clip,
     units: Sequence[Unit] | None = None,
     device: Any = None,
     memory_budget_mb: float | None = None,
@@ -197,42 +228,18 @@ def rank(
     distributed: Distributed | None = None,
     name: str | None = None,
     num_batches: int | None = None,
-    output: OutputSelector = None,
+    output: OutputSelector = RankSettings.output,
 ) -> Ranking:
     """Rank the units of ``model`` by how much perturbing each one alone hurts it on ``data``.
+
+    The keyword arguments ``unit`` … ``loss_clip`` and ``output`` are the ranking's settings, documented once in
+    :class:`RankSettings`, which checks them before the model is touched.
 
     Args:
         model: the classifier; it is evaluated in eval mode and is bit-identical afterwards (also on errors and
             interrupts).
         data: a DataLoader, any iterable of ``(inputs, targets)`` batches, or one ``(inputs, targets)`` pair. The
             batches are read once and held (up to ``memory_budget_mb``).
-        unit: ``tensor`` (a whole parameter), ``channel`` (output channel ``weight[c]``: a filter or neuron),
-            ``activation`` (output channel ``c`` of a module, through a forward hook) or ``head`` (one head of
-            each attention module).
-        perturbation: ``add``, ``scale``, ``noise``, ``zero``, ``sign_flip``, ``bitflip`` or ``prune``.
-        levels: the perturbation's amounts, one ranking each (ignored by ``zero`` and ``sign_flip``).
-        include: regular expressions searched in parameter (or module) names; default ``["weight"]`` for tensor
-            and channel units, every module for activation units.
-        exclude: regular expressions of names to drop.
-        module_types: class names of the owning modules; default any (tensor), ``Conv2d``/``Linear`` otherwise.
-        relative: ``noise`` only: σ = level × the unit's standard deviation.
-        seed: ``noise``: draws depend on (seed, unit) alone; ``halving``: the random order of its images.
-        score: what ranks the units, larger = more critical: ``loss``, ``delta_loss``, ``top1_drop``,
-            ``top5_drop``.
-        method: ``exact`` (suffix-only, the naive scores bit for bit), ``naive``, ``taylor`` (estimates),
-            ``hybrid`` (estimates, then exact for the top) or ``halving`` (the exact full-set top ``top_k``, found by a
-            sequential test on growing random parts of the data; see :mod:`critnet.engine.certify`).
-        top_k: rows shown in tables, and the exact top of ``hybrid``/``halving``.
-        taylor_order: ``1`` or ``2`` (adds the empirical-Fisher term), for ``taylor`` and ``hybrid``.
-        top_k_confidence: ``halving``: the probability that its top ``top_k`` is the exact full-set top ``top_k``
-            (family-wise over every unit and stage): a finite-sample guarantee with ``bound="betting"``, a nominal
-            level with ``bound="normal"``.
-        bound: ``halving``'s confidence bounds: ``betting`` (the default: betting confidence sequences for
-            sampling without replacement, valid in finite samples for values in a declared range) or ``normal``
-            (normal intervals with a Taylor control variate: faster, nominal).
-        loss_clip: ``halving`` with ``bound="betting"`` and a loss score: the declared largest per-image loss
-            (nats) of a perturbed network. The ranking's ``test`` records the largest it saw and calls the
-            guarantee void if any exceeded it.
         units: score exactly these :class:`~critnet.perturb.Unit` objects instead of selecting them.
         device: where to evaluate (default: where the model is).
         memory_budget_mb: the most memory held batches and cached activations may take (None: no limit for the
@@ -243,12 +250,6 @@ def rank(
             rank returns the whole ranking.
         name: how reports call the model (default: its class name).
         num_batches: recorded in the settings: how many batches of a longer source ``data`` holds.
-        output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`): ``None`` (the
-            default) takes a tensor as it is and reads ``.logits`` (attribute or key) from anything else, e.g. a
-            Hugging Face ``ModelOutput`` or a dict; a key (``"scores"``), an index (``0`` for a tuple) or a
-            callable that takes the model's output and returns the logits tensor selects them explicitly. Every
-            method reads the logits this way; with ``resume_dir`` a key or index enters the resume fingerprint as
-            it is, a callable by its module and qualified name.
 
     Returns:
         A :class:`~critnet.results.Ranking`.
@@ -266,8 +267,10 @@ def rank(
     >>> len(ranking.rows), ranking.rows[0]["kind"]
     (10, 'channel')
     """
-    settings = RankSettings(unit, perturbation, levels, include, exclude, module_types, relative, seed, score,
-                            method, top_k, taylor_order, top_k_confidence, bound, loss_clip, output)
+    settings = RankSettings(include, exclude, module_types, unit=unit, perturbation=perturbation, levels=levels,
+                            relative=relative, seed=seed, score=score, method=method, top_k=top_k,
+                            taylor_order=taylor_order, top_k_confidence=top_k_confidence, bound=bound,
+                            loss_clip=loss_clip, output=output)
     distributed = distributed or Distributed.single()
     started = time.perf_counter()
     evaluation_set = as_evaluation_set(data, device=model_device(model, device), memory_budget_mb=memory_budget_mb)

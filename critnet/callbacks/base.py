@@ -8,8 +8,9 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -25,27 +26,31 @@ def network_of(pl_module: L.LightningModule) -> torch.nn.Module:
     return network if isinstance(network, torch.nn.Module) else pl_module
 
 
+@dataclass(eq=False)
 class AnalysisCallback(L.Callback):
     """Base of the callbacks that run one analysis of the public API at the end of ``validate``.
 
-    A subclass gives :meth:`check_settings` (called at setup, before the validation loop: errors raised while the
-    CLI builds callbacks reach the user wrapped in a type-union message) and :meth:`analyse`, which calls the API
-    on every rank and returns the results; :meth:`run` does the rest.
+    A callback is a dataclass built on the analysis's settings dataclass, so its arguments (the command line's
+    ``init_args``) are those settings plus its own. It gives :meth:`check_settings` (called at setup, before the
+    validation loop: errors raised while the CLI builds callbacks reach the user wrapped in a type-union message,
+    so the settings are not checked when the callback is built) and :meth:`analyse`, which calls the API on every
+    rank and returns the results; :meth:`run` does the rest.
 
     Args:
-        resume: keep finished work in ``resume_dir`` so that the same command continues after an interruption.
-        resume_dir: where; default ``<trainer.default_root_dir>/<resume_subdir>``.
+        resume: Keep finished work in ``resume_dir`` so that the same command continues after an interruption.
+        resume_dir: Where the partial results live; default ``<trainer.default_root_dir>/<resume_subdir>``.
     """
 
     #: The default directory of the partial results under ``trainer.default_root_dir``.
-    resume_subdir = "partial"
+    resume_subdir: ClassVar[str] = "partial"
     #: The stages at whose end the analysis runs.
-    run_on: Sequence[str] = ("validate",)
+    run_on: ClassVar[Sequence[str]] = ("validate",)
 
-    def __init__(self, resume: bool = False, resume_dir: str | None = None) -> None:
-        super().__init__()
-        self.resume = resume
-        self.resume_dir = resume_dir
+    resume: bool = False
+    resume_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        """Nothing is checked here (see the class docstring); :meth:`check_settings` checks at setup."""
 
     @property
     def name(self) -> str:
@@ -83,7 +88,7 @@ class AnalysisCallback(L.Callback):
         return results
 
     #: Print the results' tables on the console (rank 0).
-    print_table = True
+    print_table: ClassVar[bool] = True
 
     def api_options(self, trainer: L.Trainer, pl_module: L.LightningModule, progress: bool) -> dict[str, Any]:
         """The API's keyword arguments every analysis takes from the trainer: the device, the distributed handle,

@@ -33,16 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from critnet.choices import TAYLOR_ORDERS, SettingError, check_choice
 from critnet.evaluation_set import EvaluationSet
 from critnet.outputs import OutputSelector, logits_of
-from critnet.perturb import (
-    Perturbation,
-    Unit,
-    activation_channel_dim,
-    attention_heads,
-    head_parameter_name,
-    resolve_module,
-    resolve_parameter,
-    unit_values,
-)
+from critnet.perturb import Perturbation, Unit, activation_channel_dim, attention_heads, head_parameter_name, resolve_module, resolve_parameter, unit_values
 from critnet.scoring import Tally, UnitOutcome
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from critnet.choices import SettingError
 from critnet.faults.injection import Fault, Site, int_view
 from critnet.faults.stats import achieved_margin, leveugle_sample_size
-from critnet.perturb import select_units
+from critnet.selection import select_units
 
 DEFAULT_MODULE_TYPES = ("Conv2d", "Linear")
 

@@ -13,12 +13,8 @@ from typing import Any
 from torch import nn
 
 from critnet.choices import (
-    BOUNDS,
     LEVELLESS,
-    METHODS,
     PERTURBATION_KINDS,
-    SCORES,
-    TAYLOR_ORDERS,
     UNIT_KINDS,
     Bound,
     Method,
@@ -29,20 +25,16 @@ from critnet.choices import (
     UnitKind,
     check_choice,
     check_finite,
-    check_positive_int,
-    check_positive_number,
-    check_probability,
     field_values,
 )
 from critnet.distributed import Distributed
 from critnet.engine import evaluate_baseline, evaluate_units, reference_pass
-from critnet.engine.certify import LOSS_CLIP, TOP_K_CONFIDENCE
-from critnet.engine.unit_run import Samples
+from critnet.engine.unit_run import MethodSettings, Samples
 from critnet.evaluation import check_fit
 from critnet.evaluation_set import EvaluationSet, as_evaluation_set
 from critnet.models.loading import weights_info
 from critnet.modes import model_device
-from critnet.outputs import OutputSelector, check_selector, describe_selector
+from critnet.outputs import OutputSelector, describe_selector
 from critnet.perturb import Perturbation, Unit
 from critnet.selection import Selection
 from critnet.console import progress_bar
@@ -58,15 +50,19 @@ from critnet.scoring import UnitOutcome
 
 
 @dataclass(eq=False)
-class RankSettings(Selection):
+class RankSettings(MethodSettings, Selection):
     """The settings of a ranking, declared once: :func:`rank` takes them as keyword arguments, the
     :class:`~critnet.callbacks.CriticalRanking` callback as its own (the command line's ``init_args``), and
     ``ranking.json`` records them (:meth:`as_dict`). Checked when built: a bad value raises a one-line
-    :class:`~critnet.choices.SettingError` naming the key, the value and what is allowed. ``include``,
-    ``exclude`` and ``module_types`` select the units (:class:`~critnet.perturb.Selection`); their defaults depend
-    on ``unit``: ``include=["weight"]`` for tensor and channel units (the original experiment: every parameter
-    whose name contains ``weight``), every module for activation and head units; ``module_types`` any module for
-    tensor units, ``[Conv2d, Linear]`` for channel and activation units, every attention module for head units.
+    :class:`~critnet.choices.SettingError` naming the key, the value and what is allowed.
+
+    They are the engine's settings (:class:`~critnet.engine.unit_run.MethodSettings`: ``method``, ``score``,
+    ``top_k``, ``taylor_order``, ``top_k_confidence``, ``bound``, ``loss_clip``, ``seed``, ``output``), the units'
+    selection (:class:`~critnet.selection.Selection`: ``include``, ``exclude``, ``module_types``, whose defaults
+    depend on ``unit``: ``include=["weight"]`` for tensor and channel units, the original experiment's every
+    parameter whose name contains ``weight``, and every module for activation and head units; ``module_types`` any
+    module for tensor units, ``[Conv2d, Linear]`` for channel and activation units, every attention module for head
+    units), and these:
 
     Args:
         unit: What a unit is: ``tensor`` (a whole parameter), ``channel`` (one output channel ``weight[c]`` of a
@@ -78,33 +74,6 @@ class RankSettings(Selection):
         levels: The perturbation's amounts, finite numbers; one ranking per level (e.g. ``prune`` at
             ``[0.1, 0.3, 0.5, 0.7, 0.9]`` is Distiller's sensitivity sweep). Ignored by ``zero`` and ``sign_flip``.
         relative: ``noise`` only: the standard deviation is ``level`` times the unit's own standard deviation.
-        seed: ``noise``: draws depend only on (seed, unit), so they are the same on any number of devices;
-            ``halving``: the random order in which its stages draw images.
-        score: What ranks the units (larger = more critical): the perturbed ``loss`` (the original), ``delta_loss``
-            against the unperturbed baseline, ``top1_drop`` or ``top5_drop`` (percentage points).
-        method: The engine: ``exact`` (suffix-only exact evaluation, the naive scores bit for bit), ``naive`` (a
-            full forward pass per unit; the reference), ``taylor`` (Taylor estimates only), ``hybrid`` (estimates,
-            then the top units exactly) or ``halving`` (the exact full-set top ``top_k`` with exact full-set
-            scores, found by a sequential test on growing random parts of the data; see
-            :mod:`critnet.engine.certify`).
-        top_k: Rows shown in tables and TensorBoard, and the exact top of ``hybrid`` and ``halving`` (at least 1).
-        taylor_order: The estimates of ``taylor`` and ``hybrid``: ``1`` (first order) or ``2`` (plus the
-            empirical-Fisher second-order term, which helps where first-order terms cancel, e.g. ``add`` on whole
-            tensors, and adds noise for zeroed channels).
-        top_k_confidence: ``halving``: the probability that its top ``top_k`` is the exact full-set top ``top_k``
-            (family-wise over every unit and stage); strictly between 0 and 1. A finite-sample guarantee with
-            ``bound: betting``, a nominal level with ``bound: normal``.
-        bound: ``halving``'s confidence bounds: ``betting`` (finite-sample: betting confidence sequences for
-            sampling without replacement, for values in a declared range) or ``normal`` (normal intervals with a
-            Taylor control variate; faster, nominal).
-        loss_clip: ``halving`` with ``bound: betting`` and a loss score: the declared largest per-image loss
-            (nats) of a perturbed network; the ranking records the largest it saw and calls its guarantee void if
-            one exceeded it.
-        output: Where the logits are in what the model returns (:func:`critnet.outputs.logits_of`): null takes a
-            tensor as it is and reads ``.logits`` (attribute or key) from anything else (a Hugging Face
-            ``ModelOutput``, a dict); a key (``scores``) or an index (``0`` for a tuple) selects them, and from
-            Python also a callable that takes the model's output and returns the logits. With a resume directory
-            a key or index enters the resume fingerprint as it is, a callable by its module and qualified name.
 
     >>> RankSettings(unit="channel", perturbation="zero").perturbations()
     [Perturbation(kind='zero', level=0.1, relative=False, seed=0)]
@@ -114,29 +83,12 @@ class RankSettings(Selection):
     perturbation: PerturbationKind = "add"
     levels: Sequence[float] = (0.1,)
     relative: bool = False
-    seed: int = 0
-    score: Score = "loss"
-    method: Method = "exact"
-    top_k: int = 20
-    taylor_order: TaylorOrder = 1
-    top_k_confidence: float = TOP_K_CONFIDENCE
-    bound: Bound = "betting"
-    loss_clip: float = LOSS_CLIP
-    output: OutputSelector = None
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        Selection.__post_init__(self)
+        MethodSettings.__post_init__(self)
         check_choice("unit", self.unit, UNIT_KINDS)
         check_choice("perturbation", self.perturbation, PERTURBATION_KINDS)
-        check_choice("score", self.score, SCORES)
-        check_choice("method", self.method, METHODS)
-        check_choice("taylor_order", self.taylor_order, TAYLOR_ORDERS)
-        check_positive_int("top_k", self.top_k)
-        check_positive_int("seed", self.seed, minimum=0)
-        check_probability("top_k_confidence", self.top_k_confidence)
-        check_choice("bound", self.bound, BOUNDS)
-        check_positive_number("loss_clip", self.loss_clip)
-        check_selector(self.output)
         levels = [self.levels] if isinstance(self.levels, (int, float)) else list(self.levels)
         self.levels = tuple(check_finite(f"levels[{i}]", level) for i, level in enumerate(levels))
         if not self.levels and self.perturbation not in LEVELLESS:
@@ -179,12 +131,9 @@ def _rank_level(model: nn.Module, units: list[Unit], perturbation: Perturbation,
     steps = "unit·stages" if method == "halving" else "units"  # halving counts each unit once per stage
     with progress_bar(progress, f"ranking · {perturbation.label} · {method}", distributed, step_name=steps) as bar:
         outcomes = evaluate_units(
-            model, units, perturbation, evaluation_set, method=method, score=score, top_k=top_k,
+            model, units, perturbation, evaluation_set, **field_values(settings, MethodSettings),
             rank=distributed.rank, world_size=distributed.world_size, all_gather=distributed.all_gather,
-            resume_dir=resume_dir, progress=bar.update, memory_budget_mb=memory_budget_mb,
-            taylor_order=settings.taylor_order, top_k_confidence=settings.top_k_confidence, bound=settings.bound,
-            loss_clip=settings.loss_clip, seed=settings.seed, reference=reference, output=settings.output,
-        )
+            resume_dir=resume_dir, progress=bar.update, memory_budget_mb=memory_budget_mb, reference=reference)
     return LevelRanking(
         perturbation=perturbation,
         rows=ranking_rows(order_outcomes(outcomes, baseline, score), baseline, perturbation),
@@ -267,7 +216,8 @@ def rank(
     >>> len(ranking.rows), ranking.rows[0]["kind"]
     (10, 'channel')
     """
-    settings = RankSettings(include, exclude, module_types, unit=unit, perturbation=perturbation, levels=levels,
+    settings = RankSettings(include=include, exclude=exclude, module_types=module_types, unit=unit,
+                            perturbation=perturbation, levels=levels,
                             relative=relative, seed=seed, score=score, method=method, top_k=top_k,
                             taylor_order=taylor_order, top_k_confidence=top_k_confidence, bound=bound,
                             loss_clip=loss_clip, output=output)

@@ -11,28 +11,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from critnet.choices import (
-    BOUNDS,
-    METHODS,
-    SCORES,
-    TAYLOR_ORDERS,
-    SettingError,
-    check_choice,
-    check_positive_int,
-    check_positive_number,
-    check_probability,
-)
+from critnet.choices import Bound, Method, Score, SettingError, TaylorOrder
 from critnet.digests import state_digest
 from critnet.distributed import Distributed
-from critnet.engine import certify
 from critnet.engine.certify import SequentialTestRecord
 from critnet.engine.jobs import Jobs, fingerprint
 from critnet.engine.methods import REGISTRY
-from critnet.engine.unit_run import Samples, UnitRun
+from critnet.engine.unit_run import MethodSettings, Samples, UnitRun
 from critnet.evaluation import sample_pass, tally_pass, tally_samples
 from critnet.evaluation_set import EvaluationSet
 from critnet.modes import evaluation_mode
-from critnet.outputs import OutputSelector, check_selector, describe_selector
+from critnet.outputs import OutputSelector, describe_selector
 from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
 from critnet.scoring import UnitOutcome
 
@@ -98,34 +87,33 @@ def evaluate_units(
     perturbation: Perturbation,
     data: EvaluationSet,
     *,
-    method: str = "exact",
-    score: str = "loss",
-    top_k: int = 20,
+    method: Method = MethodSettings.method,
+    score: Score = MethodSettings.score,
+    top_k: int = MethodSettings.top_k,
     rank: int = 0,
     world_size: int = 1,
     all_gather: Callable[[Any], list[Any]] | None = None,
     resume_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     memory_budget_mb: float | None = None,
-    taylor_order: int = 1,
-    top_k_confidence: float = certify.TOP_K_CONFIDENCE,
-    bound: str = "betting",
-    loss_clip: float = certify.LOSS_CLIP,
-    seed: int = 0,
+    taylor_order: TaylorOrder = MethodSettings.taylor_order,
+    top_k_confidence: float = MethodSettings.top_k_confidence,
+    bound: Bound = MethodSettings.bound,
+    loss_clip: float = MethodSettings.loss_clip,
+    seed: int = MethodSettings.seed,
     reference: Samples | None = None,
-    output: OutputSelector = None,
+    output: OutputSelector = MethodSettings.output,
 ) -> Outcomes:
     """One outcome per unit, in the order of ``units``, on every rank (halving's test record in ``.test``).
+
+    ``method``, ``score``, ``top_k``, ``taylor_order``, ``top_k_confidence``, ``bound``, ``loss_clip``, ``seed`` and
+    ``output`` are the engine's settings, documented once in :class:`~critnet.engine.unit_run.MethodSettings`.
 
     Args:
         model: the network (its train/eval flags are put back afterwards; it is evaluated in eval mode).
         units: the units to perturb, one at a time.
         perturbation: what is done to each unit.
         data: the evaluation set.
-        method: ``naive``, ``exact``, ``taylor``, ``hybrid`` or ``halving`` (:mod:`critnet.engine.methods`).
-        score: the score hybrid and halving select the top units by (``loss``, ``delta_loss``, ``top1_drop``,
-            ``top5_drop``); the other methods return all tallies and do not depend on it.
-        top_k: how many units hybrid and halving must get exactly right.
         rank: this process's rank.
         world_size: number of processes; units (not data) are shared among them.
         all_gather: gathers one picklable object from every rank into a list (rank order); needed if
@@ -134,47 +122,28 @@ def evaluate_units(
         progress: called as ``progress(done, total)`` with this rank's counts as its units finish.
         memory_budget_mb: the most memory the exact engine's cached activations may take (default 1024); beyond
             it the evaluation set is processed in segments of whole batches (same scores).
-        taylor_order: the estimates of ``taylor`` and ``hybrid``: 1 (first order) or 2 (plus the empirical-Fisher
-            second-order term, which helps where first-order terms cancel, e.g. ``add`` on whole tensors).
-        top_k_confidence: ``halving``: the probability that its top ``top_k`` is the exact full-set top ``top_k``
-            (a finite-sample guarantee with ``bound="betting"``, nominal with ``bound="normal"``).
-        bound: ``halving``'s confidence bounds: ``betting`` (finite-sample) or ``normal`` (nominal; with a Taylor
-            control variate for loss scores). See :mod:`critnet.engine.certify`.
-        loss_clip: ``betting`` with a loss score: the declared largest per-image loss of a perturbed network
-            (so each image's Δloss lies in ``[−loss_i, loss_clip − loss_i]``); a run that sees a larger one records
-            its guarantee as void.
-        seed: ``halving``: the random order in which its stages draw images.
         reference: :func:`reference_pass` of this model on ``data``, when the caller already made it (otherwise
             the methods that pair outcomes with the unperturbed model make it themselves).
-        output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`); every method
-            reads them this way. A key or index enters the resume fingerprint as it is, a callable by its name.
 
     Raises:
         ValueError: an unknown method or score, bad ranks, a unit the model does not have, or a perturbation that
             is not defined for a unit's kind. The model is bit-identical afterwards, also on any exception.
     """
-    check_choice("method", method, METHODS)
-    check_choice("score", score, SCORES)
-    check_choice("taylor_order", taylor_order, TAYLOR_ORDERS)
-    check_positive_int("top_k", top_k)
-    check_probability("top_k_confidence", top_k_confidence)
-    check_choice("bound", bound, BOUNDS)
-    check_positive_number("loss_clip", loss_clip)
-    check_selector(output)
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"rank/world_size: need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     if world_size > 1 and all_gather is None:
         raise ValueError("all_gather: needed to share units among world_size > 1 processes")
-    units = _check_units(model, units, perturbation)
+    run = UnitRun(method=method, score=score, top_k=top_k, taylor_order=taylor_order,
+                  top_k_confidence=top_k_confidence, bound=bound, loss_clip=loss_clip, seed=seed, output=output,
+                  model=model, units=_check_units(model, units, perturbation), perturbation=perturbation, data=data,
+                  memory_budget_mb=memory_budget_mb, samples=reference)
     chosen = REGISTRY[method]
-    run = UnitRun(model, units, perturbation, data, output, score, int(top_k), memory_budget_mb, taylor_order,
-                  float(top_k_confidence), bound, float(loss_clip), int(seed), samples=reference)
     key = None
     if resume_dir is not None:
-        key = fingerprint("ranking", model=state_digest(model), units=[[u.kind, u.name, u.index] for u in units],
+        key = fingerprint("ranking", model=state_digest(model), units=[[u.kind, u.name, u.index] for u in run.units],
                           perturbation=repr(perturbation), data=data.checksum,
                           settings={"method": method, **chosen.settings(run), "output": describe_selector(output)})
     with Jobs(Distributed(rank, world_size, all_gather), resume_dir, key, progress=progress) as run.jobs, \
             evaluation_mode(model, data.device, deterministic=chosen.deterministic):
         outcomes = chosen.evaluate(run)
-    return Outcomes([outcomes[i] for i in range(len(units))], run.test)
+    return Outcomes([outcomes[i] for i in range(len(run.units))], run.test)

@@ -1,20 +1,37 @@
-"""What every evaluation method works with: the state of one ``evaluate_units`` call (:class:`UnitRun`), the
-method interface (:class:`EvaluationMethod`), and the record codecs of unit outcomes and per-sample results."""
+"""What every evaluation method works with: its settings (:class:`MethodSettings`), the state of one
+``evaluate_units`` call (:class:`UnitRun`), the method interface (:class:`EvaluationMethod`), and the record codecs
+of unit outcomes and per-sample results.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: :class:`MethodSettings` is part of the CriticalRanking callback's
+arguments, and jsonargparse validates a dataclass field only when its annotation is a real type.
+"""
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
+from critnet.choices import (
+    BOUNDS,
+    METHODS,
+    SCORES,
+    TAYLOR_ORDERS,
+    Bound,
+    Method,
+    Score,
+    TaylorOrder,
+    check_choice,
+    check_positive_int,
+    check_positive_number,
+    check_probability,
+)
 from critnet.engine.certify import LOSS_CLIP, TOP_K_CONFIDENCE, SequentialTestRecord
 from critnet.engine.jobs import Codec, Jobs
 from critnet.evaluation import sample_pass
 from critnet.evaluation_set import EvaluationSet
-from critnet.outputs import OutputSelector
+from critnet.outputs import OutputSelector, check_selector
 from critnet.perturb import Perturbation, Unit
 from critnet.scoring import Tally, UnitOutcome
 
@@ -50,30 +67,83 @@ SAMPLES = Codec(
 )
 
 
-@dataclass
-class UnitRun:
-    """The state of one ``evaluate_units`` call: the model, its units, the data, the settings the methods read
-    (see :func:`critnet.engine.evaluate_units` for each), and the job runner that shares units among ranks and keeps
-    their records."""
+@dataclass(eq=False)
+class MethodSettings:
+    """How the engine evaluates the units: the method and the settings its results depend on, checked when built
+    (a one-line :class:`~critnet.choices.SettingError` naming the key). A ranking's settings
+    (:class:`~critnet.analyses.ranking.RankSettings`) build on these.
+
+    Args:
+        method: The engine: ``exact`` (suffix-only exact evaluation, the naive scores bit for bit), ``naive`` (a
+            full forward pass per unit; the reference), ``taylor`` (Taylor estimates only), ``hybrid`` (estimates,
+            then the top units exactly) or ``halving`` (the exact full-set top ``top_k`` with exact full-set
+            scores, found by a sequential test on growing random parts of the data; see
+            :mod:`critnet.engine.certify`).
+        score: What ranks the units (larger = more critical): the perturbed ``loss`` (the original), ``delta_loss``
+            against the unperturbed baseline, ``top1_drop`` or ``top5_drop`` (percentage points). ``hybrid`` and
+            ``halving`` select their exact top by it; the other methods return every tally and do not depend on it.
+        top_k: Rows shown in tables and TensorBoard, and the exact top of ``hybrid`` and ``halving`` (at least 1).
+        taylor_order: The estimates of ``taylor`` and ``hybrid``: ``1`` (first order) or ``2`` (plus the
+            empirical-Fisher second-order term, which helps where first-order terms cancel, e.g. ``add`` on whole
+            tensors, and adds noise for zeroed channels).
+        top_k_confidence: ``halving``: the probability that its top ``top_k`` is the exact full-set top ``top_k``
+            (family-wise over every unit and stage); strictly between 0 and 1. A finite-sample guarantee with
+            ``bound: betting``, a nominal level with ``bound: normal``.
+        bound: ``halving``'s confidence bounds: ``betting`` (finite-sample: betting confidence sequences for
+            sampling without replacement, for values in a declared range) or ``normal`` (normal intervals with a
+            Taylor control variate; faster, nominal).
+        loss_clip: ``halving`` with ``bound: betting`` and a loss score: the declared largest per-image loss
+            (nats) of a perturbed network, so that each image's Δloss lies in ``[−loss_i, loss_clip − loss_i]``;
+            the run records the largest it saw and calls its guarantee void if one exceeded it.
+        seed: ``halving``: the random order in which its stages draw images; ``noise`` perturbations: draws depend
+            only on (seed, unit), so they are the same on any number of devices.
+        output: Where the logits are in what the model returns (:func:`critnet.outputs.logits_of`): null takes a
+            tensor as it is and reads ``.logits`` (attribute or key) from anything else (a Hugging Face
+            ``ModelOutput``, a dict); a key (``scores``) or an index (``0`` for a tuple) selects them, and from
+            Python also a callable that takes the model's output and returns the logits. With a resume directory
+            a key or index enters the resume fingerprint as it is, a callable by its module and qualified name.
+
+    >>> MethodSettings(method="halving", top_k=5).bound
+    'betting'
+    """
+
+    method: Method = "exact"
+    score: Score = "loss"
+    top_k: int = 20
+    taylor_order: TaylorOrder = 1
+    top_k_confidence: float = TOP_K_CONFIDENCE
+    bound: Bound = "betting"
+    loss_clip: float = LOSS_CLIP
+    seed: int = 0
+    output: OutputSelector = None
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, METHODS)
+        check_choice("score", self.score, SCORES)
+        check_positive_int("top_k", self.top_k)
+        check_choice("taylor_order", self.taylor_order, TAYLOR_ORDERS)
+        check_probability("top_k_confidence", self.top_k_confidence)
+        check_choice("bound", self.bound, BOUNDS)
+        check_positive_number("loss_clip", self.loss_clip)
+        check_positive_int("seed", self.seed, minimum=0)
+        check_selector(self.output)
+
+
+@dataclass(eq=False, kw_only=True)
+class UnitRun(MethodSettings):
+    """The state of one ``evaluate_units`` call: the model, its units, the data, the settings the methods read,
+    and the job runner that shares units among ranks and keeps their records."""
 
     model: nn.Module
     units: list[Unit]
     perturbation: Perturbation
     data: EvaluationSet
-    output: OutputSelector = None
-    score: str = "loss"
-    top_k: int = 20
-    memory_budget_mb: float | None = None
-    taylor_order: int = 1
-    top_k_confidence: float = TOP_K_CONFIDENCE
-    bound: str = "betting"
-    loss_clip: float = LOSS_CLIP
-    seed: int = 0
+    memory_budget_mb: Optional[float] = None
     jobs: Jobs = field(default_factory=Jobs)
     #: The unperturbed per-sample results, when the caller has them (else made on first use).
-    samples: Samples | None = None
+    samples: Optional[Samples] = None
     #: What halving's sequential test recorded (None for the other methods).
-    test: SequentialTestRecord | None = None
+    test: Optional[SequentialTestRecord] = None
 
     def evaluate(self, indices: Sequence[int], phase: str,
                  runner: Callable[[list[tuple[int, Unit]], Callable[[int, Any], None]], None],

@@ -12,14 +12,17 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from critnet.analyses.pruning import OrderSettings, SweepSettings
 from critnet.distributed import Distributed
 from critnet.engine.pruning_masks import (
+    LayerSelection,
     channel_count,
     channel_l1,
     channel_masks,
     channel_order,
     dwp_masks,
     layer_norms,
+    prunable_layers,
     pruned,
     read_channel_ranking,
 )
@@ -254,6 +257,53 @@ def test_bernoulli_draws_are_seeded_nested_and_near_p_bern(resnet20_cifar):
 def test_bad_arguments_name_the_key(resnet20_cifar, key, kwargs):
     with pytest.raises(ValueError, match=key):
         dwp_masks(resnet20_cifar, **kwargs)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (lambda: SweepSettings(method="filters"), "method: 'filters' is not one of"),
+    (lambda: SweepSettings(p_bern=[0.5, 2]), "p_bern[1]: 2 is outside [0, 1]"),
+    (lambda: SweepSettings(repeats=0), "repeats: 0 is not an integer >= 1"),
+    (lambda: SweepSettings(exclude=["("]), "exclude: '(' is not a valid regular expression"),
+    (lambda: OrderSettings(orders=[]), "orders: must list at least one of criticality, l1, random"),
+    (lambda: OrderSettings(orders=["l1", "size"]), "orders[1]: 'size' is not one of"),
+    (lambda: OrderSettings(criticality_method="taylor"), "criticality_method: 'taylor' is not one of exact, naive"),
+    (lambda: OrderSettings(ratios=[]), "ratios: must list at least one value"),
+])
+def test_bad_settings_are_one_line_naming_the_key(settings, message):
+    with pytest.raises(ValueError) as error:
+        settings()
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_layer_selection_picks_the_pruned_layers(resnet20_cifar):
+    def names(**selection):
+        return [name for name, _ in prunable_layers(resnet20_cifar, LayerSelection(**selection))]
+
+    convs = [name for name, module in resnet20_cifar.named_modules() if isinstance(module, nn.Conv2d)]
+    assert names() == convs and names(include_linear=True) == [*convs, "linear"]
+    assert names(module_types=["Linear"]) == ["linear"]  # module_types replaces the default classes
+    assert names(include=["^layer3"], exclude=["conv2"]) == [c for c in convs if c.startswith("layer3") and
+                                                             "conv2" not in c]
+    masks = dwp_masks(resnet20_cifar, "connections", "global", 0.5, selection=LayerSelection(include=["^layer1"]))
+    assert list(masks.masks) == [c for c in convs if c.startswith("layer1")]
+    assert len(channel_l1(resnet20_cifar, LayerSelection(module_types=["Linear"]))) == 10
+    for selection, message in [({"module_types": ["Linear"], "exclude": ["linear"]}, "no Linear layer whose name"),
+                               ({"module_types": ["Gizmo"]}, "module_types: 'Gizmo' is neither"),
+                               ({"module_types": ["BatchNorm2d"]}, "has no weight of shape (out, in, ...)")]:
+        with pytest.raises(ValueError) as error:
+            names(**selection)
+        assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_sweep_prunes_and_records_its_selection(resnet20_cifar, cifar_test_256):
+    import critnet
+
+    batch = (cifar_test_256[0][0][:16], cifar_test_256[0][1][:16])
+    sweep = critnet.prune_sweep(resnet20_cifar, batch, method="neurons", p_prune=[1.0], module_types=["Linear"])
+    assert sweep.rows[-1]["selected_weights"] == 640 and sweep.rows[-1]["ratio"] == 1.0  # the 64 → 10 linear
+    assert sweep.info["module_types"] == ["Linear"] and sweep.info["include"] is None
+    guided = critnet.compare_orders(resnet20_cifar, batch, orders=["l1"], ratios=[0.5], include=["^layer3"])
+    assert guided.rows[0]["channels"] == 6 * 64 and guided.info["channel_ratios"] == [0.5]
 
 
 def test_refuses_a_model_that_is_already_pruned(resnet20_cifar):

@@ -1,10 +1,13 @@
 """``critnet.prune_sweep`` (DWP §3.2: prune → evaluate → exact restore over a p_prune × p_bern grid) and
-``critnet.compare_orders`` (whole output channels pruned by criticality, by L1 norm and at random)."""
+``critnet.compare_orders`` (whole output channels pruned by criticality, by L1 norm and at random).
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: :class:`SweepSettings` is also the PruneSweep callback's arguments,
+and jsonargparse validates a dataclass field only when its annotation is a real type.
+"""
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +20,22 @@ from critnet.choices import (
     PRUNE_METHODS,
     PRUNE_SCOPES,
     SCORES,
+    ChannelOrder,
+    CriticalityMethod,
+    PruneMethod,
+    PruneScope,
+    Score,
     SettingError,
     check_choice,
     check_fractions,
     check_positive_int,
+    field_values,
 )
 from critnet.digests import state_digest
 from critnet.distributed import Distributed
 from critnet.engine.jobs import Codec, Jobs, Record, fingerprint
 from critnet.engine.pruning_masks import (
+    LayerSelection,
     PruneMasks,
     channel_count,
     channel_l1,
@@ -46,9 +56,98 @@ from critnet.perturb import Unit
 from critnet.console import progress_bar
 from critnet.results import Ranking, Sweep
 from critnet.scoring import Tally
+from critnet.selection import Selection
 
-_DEFAULT_P_PRUNE = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
-_DEFAULT_RATIOS = (0.0, 0.05, 0.1, 0.2, 0.3)
+
+@dataclass(eq=False)
+class SweepSettings(LayerSelection):
+    """The settings of a DWP sweep, declared once: :func:`prune_sweep` takes them as keyword arguments, the
+    :class:`~critnet.callbacks.PruneSweep` callback as its own (the command line's ``init_args``), and
+    ``prune_sweep.json`` records them. Checked when built: a bad value raises a one-line
+    :class:`~critnet.choices.SettingError` naming the key. ``include``, ``exclude``, ``module_types`` and
+    ``include_linear`` pick the pruned layers (:class:`~critnet.engine.pruning_masks.LayerSelection`; default:
+    every Conv2d).
+
+    Args:
+        method: ``connections`` (L1 norm of every (out, in) kernel), ``neurons`` (L1 norm of every output filter)
+            or ``weights`` (every weight's magnitude).
+        scope: ``global`` (one threshold over all selected layers, as the original) or ``layerwise``.
+        p_prune: Fractions of the ascending unit norms below which units are pruning candidates, each in [0, 1].
+        p_bern: Probabilities that a candidate is pruned (independent Bernoulli draws), each in [0, 1].
+        repeats: Bernoulli draws per setting with 0 < p_bern < 1 (seeds ``seed``, ``seed + 1``, …); settings
+            without randomness are evaluated once.
+        seed: Base seed of the mask draws; the same masks on every rank.
+
+    >>> SweepSettings(p_prune=0.5, module_types=["Conv2d", "Linear"]).as_dict()["p_prune"]
+    [0.5]
+    """
+
+    method: PruneMethod = "connections"
+    scope: PruneScope = "global"
+    p_prune: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    p_bern: Sequence[float] = (1.0,)
+    repeats: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("method", self.method, PRUNE_METHODS)
+        check_choice("scope", self.scope, PRUNE_SCOPES)
+        check_positive_int("repeats", self.repeats)
+        check_positive_int("seed", self.seed, minimum=0)
+        self.p_prune = check_fractions("p_prune", self.p_prune)
+        self.p_bern = check_fractions("p_bern", self.p_bern)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as ``prune_sweep.json`` records them."""
+        return {**field_values(self, SweepSettings), **Selection.as_dict(self)}
+
+
+@dataclass(eq=False)
+class OrderSettings(LayerSelection):
+    """The settings of a comparison of channel pruning orders (:func:`compare_orders`), checked when built like
+    :class:`SweepSettings`, on the same layer selection; ``prune_guided.json`` records them (``ratios`` as
+    ``channel_ratios``). The PruneSweep callback calls ``orders`` and ``ratios`` ``guided_orders`` and
+    ``guided_ratios``.
+
+    Args:
+        orders: Channel pruning orders: ``criticality`` (least critical first), ``l1`` (smallest filter L1 norm
+            first), ``random``; repeated ones count once.
+        ratios: Fractions of the output channels of the selected layers to prune, each in [0, 1].
+        criticality_score: Score of a channel ranking computed for the ``criticality`` order: ``delta_loss``,
+            ``loss``, ``top1_drop`` or ``top5_drop``.
+        criticality_method: Engine method of that ranking: ``exact`` (suffix-only) or ``naive``.
+        repeats: Draws of the random order (seeds ``seed``, ``seed + 1``, …).
+        seed: Base seed of the random order.
+
+    >>> OrderSettings(orders=["l1", "random", "l1"]).orders
+    ['l1', 'random']
+    """
+
+    orders: Sequence[ChannelOrder] = CHANNEL_ORDERS
+    ratios: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3)
+    criticality_score: Score = "delta_loss"
+    criticality_method: CriticalityMethod = "exact"
+    repeats: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.orders = list(dict.fromkeys(check_choice(f"orders[{i}]", order, CHANNEL_ORDERS)
+                                         for i, order in enumerate(self.orders)))
+        if not self.orders:
+            raise SettingError(f"orders: must list at least one of {', '.join(CHANNEL_ORDERS)}")
+        check_choice("criticality_score", self.criticality_score, SCORES)
+        check_choice("criticality_method", self.criticality_method, CRITICALITY_METHODS)
+        check_positive_int("repeats", self.repeats)
+        check_positive_int("seed", self.seed, minimum=0)
+        self.ratios = check_fractions("ratios", self.ratios)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as ``prune_guided.json`` records them."""
+        record = {**field_values(self, OrderSettings), **Selection.as_dict(self)}
+        record["channel_ratios"] = record.pop("ratios")
+        return record
 
 
 #: A setting's tallies as a record (pruned networks have no paired sums).
@@ -124,33 +223,6 @@ class _MaskEvaluation:
             raise RuntimeError("pruning: the model's weights changed during the sweep")
 
 
-def check_sweep_settings(method: str, scope: str, p_prune: Any, p_bern: Any, repeats: int, seed: int
-                         ) -> tuple[list[float], list[float]]:
-    """The settings of :func:`prune_sweep`, checked (one-line :class:`~critnet.choices.SettingError` naming the
-    key otherwise); returns the checked p_prune and p_bern lists."""
-    check_choice("method", method, PRUNE_METHODS)
-    check_choice("scope", scope, PRUNE_SCOPES)
-    check_positive_int("repeats", repeats)
-    check_positive_int("seed", seed, minimum=0)
-    return check_fractions("p_prune", p_prune), check_fractions("p_bern", p_bern)
-
-
-def check_order_settings(orders: Sequence[str], ratios: Any, criticality_score: str, criticality_method: str,
-                         repeats: int, seed: int, prefix: str = "") -> tuple[list[str], list[float]]:
-    """The settings of :func:`compare_orders`, checked; returns the distinct orders and the checked ratios.
-    ``prefix`` is put before the names ``orders`` and ``ratios`` in messages (the callback's keys are
-    ``guided_orders`` and ``guided_ratios``)."""
-    orders = list(dict.fromkeys(check_choice(f"{prefix}orders[{i}]", o, CHANNEL_ORDERS)
-                                for i, o in enumerate(orders)))
-    if not orders:
-        raise SettingError(f"{prefix}orders: must list at least one of {', '.join(CHANNEL_ORDERS)}")
-    check_choice("criticality_score", criticality_score, SCORES)
-    check_choice("criticality_method", criticality_method, CRITICALITY_METHODS)
-    check_positive_int("repeats", repeats)
-    check_positive_int("seed", seed, minimum=0)
-    return orders, check_fractions(f"{prefix}ratios", ratios)
-
-
 def _evaluation(model, data, distributed, sharded, forward_context, resume_dir, precision, device, memory_budget_mb,
                 output):
     distributed = distributed or Distributed.single()
@@ -163,13 +235,16 @@ def prune_sweep(
     model: nn.Module,
     data: Any,
     *,
-    method: str = "connections",
-    scope: str = "global",
-    p_prune: Sequence[float] = _DEFAULT_P_PRUNE,
-    p_bern: Sequence[float] = (1.0,),
-    repeats: int = 1,
-    seed: int = 0,
-    include_linear: bool = False,
+    method: PruneMethod = SweepSettings.method,
+    scope: PruneScope = SweepSettings.scope,
+    p_prune: Sequence[float] = SweepSettings.p_prune,
+    p_bern: Sequence[float] = SweepSettings.p_bern,
+    repeats: int = SweepSettings.repeats,
+    seed: int = SweepSettings.seed,
+    include_linear: bool = SweepSettings.include_linear,
+    include: Sequence[str] | None = SweepSettings.include,
+    exclude: Sequence[str] = SweepSettings.exclude,
+    module_types: Sequence[str] | None = SweepSettings.module_types,
     device: Any = None,
     memory_budget_mb: float | None = 4096.0,
     resume_dir: str | Path | None = None,
@@ -185,17 +260,12 @@ def prune_sweep(
     """Prune ``model`` by DWP §3.2 masks at every p_prune × p_bern setting, evaluate it on ``data``, and restore the
     exact weights after each setting.
 
+    The keyword arguments ``method`` … ``module_types`` are the sweep's settings, documented once in
+    :class:`SweepSettings`, which checks them before the model is touched.
+
     Args:
         model: the classifier; bit-identical afterwards (checked by a digest of its state dict).
         data: a DataLoader, any iterable of ``(inputs, targets)`` batches, or one ``(inputs, targets)`` pair.
-        method: ``connections`` (L1 norm of every (out, in) kernel), ``neurons`` (of every output filter) or
-            ``weights`` (every weight's magnitude).
-        scope: ``global`` (one threshold over all selected layers) or ``layerwise``.
-        p_prune: fractions of the ascending unit norms below which units are candidates, each in [0, 1].
-        p_bern: probabilities that a candidate is pruned, each in [0, 1].
-        repeats: Bernoulli draws per setting with 0 < p_bern < 1 (seeds ``seed``, ``seed + 1``, …).
-        seed: base seed of the draws (the same masks on every rank).
-        include_linear: prune Linear layers as well as Conv2d.
         device: where to evaluate (default: where the model is).
         memory_budget_mb: keep the decoded batches in memory up to this size, else read them for every setting.
         resume_dir: append every evaluated setting here and skip it when the same sweep runs again.
@@ -208,12 +278,8 @@ def prune_sweep(
         precision: the numerics ``forward_context`` gives (keys the resume file), e.g. ``"bf16-mixed"``.
         name: how reports call the model (default: its class name).
         reference_metrics: metrics of the unpruned model measured elsewhere, recorded beside the sweep.
-        output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`): ``None`` (the
-            default) takes a tensor as it is and reads ``.logits`` (attribute or key) from anything else, e.g. a
-            Hugging Face ``ModelOutput`` or a dict; a key (``"scores"``), an index (``0`` for a tuple) or a
-            callable that takes the model's output and returns the logits tensor selects them explicitly. With
-            ``resume_dir`` a key or index keys the resume file as it is, a callable by its module and qualified
-            name.
+        output: where the logits are in what the model returns, as the ``output`` of
+            :class:`~critnet.analyses.ranking.RankSettings` (None: the tensor itself, or its ``.logits``).
 
     Returns:
         A :class:`~critnet.results.Sweep`: one row per setting and draw, the unpruned baseline first.
@@ -230,26 +296,28 @@ def prune_sweep(
     >>> [round(row["ratio"], 2) for row in sweep.rows]
     [0.0, 0.5]
     """
-    p_prune, p_bern = check_sweep_settings(method, scope, p_prune, p_bern, repeats, seed)
+    settings = SweepSettings(method=method, scope=scope, p_prune=p_prune, p_bern=p_bern, repeats=repeats, seed=seed,
+                             include_linear=include_linear, include=include, exclude=exclude,
+                             module_types=module_types)
     check_selector(output)
     started = time.perf_counter()
     distributed, evaluate = _evaluation(model, data, distributed, sharded, forward_context, resume_dir, precision,
                                         device, memory_budget_mb, output)
     network = model_name(model, name)
     plan = [(0.0, 0.0, 0, seed)]  # the unpruned baseline first, as in the original table
-    for prune in p_prune:
-        for bern in p_bern:
+    for prune in settings.p_prune:
+        for bern in settings.p_bern:
             if (prune, bern) == (0.0, 0.0):
                 continue
             random = 0.0 < bern < 1.0 and prune > 0.0
             plan += [(prune, bern, repeat, seed + repeat) for repeat in range(repeats if random else 1)]
-    norms = layer_norms(model, method, include_linear)
+    norms = layer_norms(model, method, settings)
     rows = []
     try:
         with progress_bar(progress, "prune", distributed, total=len(plan), step_name="settings") as bar:
-            baseline = evaluate(dwp_masks(model, method, scope, 0.0, 0.0, seed, include_linear, norms))
+            baseline = evaluate(dwp_masks(model, method, scope, 0.0, 0.0, seed, norms=norms, selection=settings))
             for prune, bern, repeat, draw_seed in plan:
-                masks = dwp_masks(model, method, scope, prune, bern, draw_seed, include_linear, norms)
+                masks = dwp_masks(model, method, scope, prune, bern, draw_seed, norms=norms, selection=settings)
                 tally = baseline if (prune, bern) == (0.0, 0.0) else evaluate(masks)
                 rows.append({
                     "network": network, "method": method, "scope": scope, "p_prune": prune, "p_bern": bern,
@@ -266,8 +334,7 @@ def prune_sweep(
         title=f"{network} · prune {method} ({scope}) · {baseline.samples} images",
         rows=rows,
         info={
-            "network": network, "method": method, "scope": scope, "p_prune": p_prune, "p_bern": p_bern,
-            "repeats": repeats, "seed": seed, "include_linear": include_linear, "samples": baseline.samples,
+            "network": network, **settings.as_dict(), "samples": baseline.samples,
             "devices": distributed.world_size, "baseline": _metrics(baseline),
             "validate_metrics": None if reference_metrics is None else dict(reference_metrics),
             "seconds": time.perf_counter() - started,
@@ -294,9 +361,9 @@ def _criticality_scores(criticality: Any) -> dict[Unit, float]:
                        f"got {type(criticality).__name__}")
 
 
-def _criticality_order(model: nn.Module, criticality: Any, data: Any, only_a_share: bool, score: str, method: str,
-                       include_linear: bool, device: Any, memory_budget_mb: float | None, distributed: Distributed,
-                       name: str | None, output: OutputSelector, resume_dir: str | Path | None
+def _criticality_order(model: nn.Module, criticality: Any, data: Any, only_a_share: bool, settings: OrderSettings,
+                       device: Any, memory_budget_mb: float | None, distributed: Distributed, name: str | None,
+                       output: OutputSelector, resume_dir: str | Path | None
                        ) -> tuple[Ranking | None, dict[Unit, float], dict[str, Any]]:
     """The channel scores of the ``criticality`` order: from the given ranking, or (when None) ranked here by
     zeroing every channel on ``data``; with the ranking computed here (or None) and what the sweep records of it."""
@@ -307,15 +374,14 @@ def _criticality_order(model: nn.Module, criticality: Any, data: Any, only_a_sha
         raise SettingError("criticality_data: needed to rank channels when data is this rank's share only")
     started = time.perf_counter()
     computed = rank(
-        model, data, unit="channel", perturbation="zero", units=list(channel_l1(model, include_linear)), score=score,
-        method=method, device=device, memory_budget_mb=memory_budget_mb, distributed=distributed, name=name,
-        output=output,
+        model, data, unit="channel", perturbation="zero", units=list(channel_l1(model, settings)),
+        score=settings.criticality_score, method=settings.criticality_method, device=device,
+        memory_budget_mb=memory_budget_mb, distributed=distributed, name=name, output=output,
         # the engine's own resume file, keyed by weights, units, data and method
         resume_dir=None if resume_dir is None else Path(resume_dir) / "criticality",
     )
-    info = {"criticality_source": "computed", "criticality_score": score, "criticality_perturbation": "zero",
-            "criticality_method": method, "criticality_samples": computed.samples,
-            "criticality_seconds": time.perf_counter() - started}
+    info = {"criticality_source": "computed", "criticality_perturbation": "zero",
+            "criticality_samples": computed.samples, "criticality_seconds": time.perf_counter() - started}
     return computed, _criticality_scores(computed), info
 
 
@@ -323,15 +389,18 @@ def compare_orders(
     model: nn.Module,
     data: Any,
     *,
-    orders: Sequence[str] = CHANNEL_ORDERS,
-    ratios: Sequence[float] = _DEFAULT_RATIOS,
+    orders: Sequence[ChannelOrder] = OrderSettings.orders,
+    ratios: Sequence[float] = OrderSettings.ratios,
     criticality: Ranking | Mapping[Any, float] | str | Path | None = None,
     criticality_data: Any = None,
-    criticality_score: str = "delta_loss",
-    criticality_method: str = "exact",
-    repeats: int = 1,
-    seed: int = 0,
-    include_linear: bool = False,
+    criticality_score: Score = OrderSettings.criticality_score,
+    criticality_method: CriticalityMethod = OrderSettings.criticality_method,
+    repeats: int = OrderSettings.repeats,
+    seed: int = OrderSettings.seed,
+    include_linear: bool = OrderSettings.include_linear,
+    include: Sequence[str] | None = OrderSettings.include,
+    exclude: Sequence[str] = OrderSettings.exclude,
+    module_types: Sequence[str] | None = OrderSettings.module_types,
     device: Any = None,
     memory_budget_mb: float | None = 4096.0,
     resume_dir: str | Path | None = None,
@@ -346,21 +415,17 @@ def compare_orders(
     """Zero whole output channels in several orders — least critical first, smallest L1 norm first, at random —
     at the same fractions of channels, and evaluate each (weights restored exactly after every setting).
 
+    The keyword arguments ``orders``, ``ratios``, ``criticality_score`` … ``module_types`` are the comparison's
+    settings, documented once in :class:`OrderSettings`, which checks them before the model is touched.
+
     Args:
         model: the classifier; bit-identical afterwards.
         data: the evaluation data (DataLoader, iterable of batches, or one ``(inputs, targets)`` pair).
-        orders: some of ``criticality``, ``l1``, ``random``.
-        ratios: fractions of the output channels of the selected layers to prune, each in [0, 1].
         criticality: the channel ranking of the ``criticality`` order: a :class:`~critnet.results.Ranking` of
             channel units, a ``ranking.csv`` path (columns ``layer``, ``index``, ``score``) or a mapping from
             channel units (or ``(layer, index)``) to scores; None = rank here by zeroing every channel.
         criticality_data: the images that ranking uses (default ``data``; pass held-out images so the order is not
             judged on the images it was chosen on).
-        criticality_score: the score of that ranking (``delta_loss``, ``loss``, ``top1_drop``, ``top5_drop``).
-        criticality_method: the engine method of that ranking: ``exact`` or ``naive``.
-        repeats: draws of the random order.
-        seed: base seed of the random order.
-        include_linear: prune Linear layers' output features as well as Conv2d filters.
         device, memory_budget_mb, resume_dir, progress, distributed, sharded, forward_context, precision, name,
             output: as for :func:`prune_sweep` (with ``sharded`` data the ranking needs ``criticality_data``);
             ``output`` also reads the logits of the criticality ranking.
@@ -379,15 +444,14 @@ def compare_orders(
     >>> [row["order"] for row in sweep.rows]
     ['l1', 'random']
     """
-    orders, ratios = check_order_settings(orders, ratios, criticality_score, criticality_method, repeats, seed)
+    settings = OrderSettings(orders=orders, ratios=ratios, criticality_score=criticality_score,
+                             criticality_method=criticality_method, repeats=repeats, seed=seed,
+                             include_linear=include_linear, include=include, exclude=exclude,
+                             module_types=module_types)
     check_selector(output)
     started = time.perf_counter()
     network = model_name(model, name)
-    distributed = distributed or Distributed.single()
-    info: dict[str, Any] = {"network": network, "orders": orders, "channel_ratios": ratios, "repeats": repeats,
-                            "seed": seed, "include_linear": include_linear}
-    # the data of the pruned evaluations is read and checked first, so that a bad batch is named before a ranking
-    # runs
+    # the pruned evaluations' data is read and checked first, so that a bad batch is named before a ranking runs
     distributed, evaluate = _evaluation(model, data, distributed, sharded, forward_context, resume_dir, precision,
                                         device, memory_budget_mb, output)
     computed: Ranking | None = None
@@ -395,23 +459,23 @@ def compare_orders(
     criticality_info: dict[str, Any] = {}
     rows = []
     try:
-        if "criticality" in orders:
+        if "criticality" in settings.orders:
             computed, scores, criticality_info = _criticality_order(
                 model, criticality, evaluate.data if criticality_data is None else criticality_data,
-                sharded and criticality_data is None, criticality_score, criticality_method, include_linear,
-                device, memory_budget_mb, distributed, name, output, resume_dir)
-        plan = [(order, ratio, repeat, seed + repeat)
-                for ratio in ratios for order in orders for repeat in range(repeats if order == "random" else 1)]
+                sharded and criticality_data is None, settings, device, memory_budget_mb, distributed, name, output,
+                resume_dir)
+        plan = [(order, ratio, repeat, seed + repeat) for ratio in settings.ratios for order in settings.orders
+                for repeat in range(repeats if order == "random" else 1)]
         guided_started = time.perf_counter()
         ordered: dict[tuple[str, int], list[Unit]] = {}
-        total = len(channel_l1(model, include_linear))
+        total = len(channel_l1(model, settings))
         with progress_bar(progress, "channel orders", distributed, total=len(plan), step_name="settings") as bar:
             for order, ratio, repeat, draw_seed in plan:
                 if (order, draw_seed) not in ordered:
-                    ordered[(order, draw_seed)] = channel_order(model, order, include_linear=include_linear,
+                    ordered[(order, draw_seed)] = channel_order(model, order, selection=settings,
                                                                 criticality=scores, seed=draw_seed)
                 count = channel_count(ratio, total)
-                masks = channel_masks(model, ordered[(order, draw_seed)][:count], include_linear)
+                masks = channel_masks(model, ordered[(order, draw_seed)][:count], settings)
                 tally = evaluate(masks)
                 rows.append({
                     "network": network, "order": order, "channel_ratio": ratio, "repeat": repeat,
@@ -422,13 +486,13 @@ def compare_orders(
     finally:
         evaluate.close()
     samples = rows[0]["samples"] if rows else 0
-    info.update(samples=samples, **criticality_info, guided_seconds=time.perf_counter() - guided_started,
-                seconds=time.perf_counter() - started)
+    info = {"network": network, **settings.as_dict(), "samples": samples, **criticality_info,
+            "guided_seconds": time.perf_counter() - guided_started, "seconds": time.perf_counter() - started}
     return Sweep(
         kind="prune_guided",
-        title=f"{network} · channels pruned by {' / '.join(orders)} order · {samples} images",
+        title=f"{network} · channels pruned by {' / '.join(settings.orders)} order · {samples} images",
         rows=rows,
         info=info,
         criticality=computed,
-        series_order=orders,
+        series_order=settings.orders,
     )

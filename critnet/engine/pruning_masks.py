@@ -14,9 +14,10 @@ Lightning-free. The masks follow the original network-prune algorithm:
 The masks are applied through ``torch.nn.utils.prune`` (a custom mask, i.e. ``weight_orig`` × ``weight_mask`` with a
 forward pre-hook) and removed in ``finally``: the reparametrisation is removed and the original tensors, which pruning
 never writes to, are put back, so every parameter and buffer is bit-identical afterwards, in its original order.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: :class:`LayerSelection` is part of the PruneSweep callback's
+arguments, and jsonargparse validates a dataclass field only when its annotation is a real type.
+"""
 
 import csv
 import math
@@ -41,22 +42,52 @@ from critnet.digests import tensors_digest
 from critnet.errors import CritnetError
 from critnet.perturb import Unit
 from critnet.scoring import criticality_key
+from critnet.selection import Selection
 
 
 class PruneError(CritnetError):
     """A pruning setting, ranking file or model that cannot be pruned, named in the message."""
 
 
-def prunable_layers(model: nn.Module, include_linear: bool = False) -> list[tuple[str, nn.Module]]:
-    """The Conv2d modules (and Linear ones when ``include_linear``) in model order, with their names."""
-    types: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear) if include_linear else (nn.Conv2d,)
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, types)]
+@dataclass(eq=False)
+class LayerSelection(Selection):
+    """The layers that pruning zeroes, in model order: those whose names ``include`` and ``exclude`` keep
+    (:class:`~critnet.selection.Selection`) and whose class is one of ``module_types`` (exact class names); with
+    ``module_types`` None, every Conv2d, and every Linear too when ``include_linear`` (subclasses included).
+
+    Args:
+        include_linear: With ``module_types`` None, prune Linear layers as well as Conv2d (the original prunes
+            Conv2d only).
+
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    >>> [name for name, _ in prunable_layers(model, LayerSelection(include_linear=True, exclude=["^0$"]))]
+    ['2']
+    """
+
+    include_linear: bool = False
+
+
+def prunable_layers(model: nn.Module, selection: LayerSelection | None = None) -> list[tuple[str, nn.Module]]:
+    """The layers ``selection`` picks (default: every Conv2d), with their names; each must hold a plain weight of
+    shape (out, in, ...)."""
+    selection = LayerSelection() if selection is None else selection
+    classes: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear) if selection.include_linear else (nn.Conv2d,)
+    # without module_types the default classes match with their subclasses, as they always did
+    layers = [(name, module) for name, module in selection.modules(model)
+              if selection.module_types is not None or isinstance(module, classes)]
     if not layers:
-        kinds = "Conv2d or Linear" if include_linear else "Conv2d"
-        raise PruneError(f"the model has no {kinds} layer to prune")
+        kinds = " or ".join(selection.module_types or [cls.__name__ for cls in classes])
+        named = selection.include is not None or selection.exclude
+        kept = f" whose name include={selection.include} and exclude={selection.exclude} keep" if named else ""
+        raise PruneError(f"the model has no {kinds} layer{kept} to prune")
     for name, module in layers:
-        if torch_prune.is_pruned(module) or "weight" not in module._parameters:
+        weight = module._parameters.get("weight")
+        reparametrised = weight is None and isinstance(getattr(module, "weight", None), torch.Tensor)
+        if torch_prune.is_pruned(module) or reparametrised:
             raise PruneError(f"layer {name!r} already carries a pruning reparametrisation; remove it first")
+        if weight is None or weight.dim() < 2:
+            raise PruneError(f"layer {name!r} ({type(module).__name__}) has no weight of shape (out, in, ...) to "
+                             "prune")
     return layers
 
 
@@ -150,15 +181,16 @@ def _candidates(norms: torch.Tensor, threshold: float | None) -> torch.Tensor:
     return torch.ones_like(norms, dtype=torch.bool) if threshold is None else norms < threshold
 
 
-def layer_norms(model: nn.Module, method: str = "connections", include_linear: bool = False) -> list[torch.Tensor]:
+def layer_norms(model: nn.Module, method: str = "connections", selection: LayerSelection | None = None
+                ) -> list[torch.Tensor]:
     """The unit norms of every selected layer (CPU, float64), in model order: computed once, reusable by
     :func:`dwp_masks` for every setting of a sweep over an unchanged model."""
-    return [unit_norms(module.weight, method).cpu() for _, module in prunable_layers(model, include_linear)]
+    return [unit_norms(module.weight, method).cpu() for _, module in prunable_layers(model, selection)]
 
 
 def dwp_masks(model: nn.Module, method: str = "connections", scope: str = "global", p_prune: float = 0.0,
               p_bern: float = 1.0, seed: int = 0, include_linear: bool = False,
-              norms: Sequence[torch.Tensor] | None = None) -> PruneMasks:
+              norms: Sequence[torch.Tensor] | None = None, selection: LayerSelection | None = None) -> PruneMasks:
     """The DWP §3.2 keep-masks for ``model``.
 
     Args:
@@ -169,17 +201,19 @@ def dwp_masks(model: nn.Module, method: str = "connections", scope: str = "globa
         p_bern: the probability that a candidate is pruned, in [0, 1].
         seed: seeds the CPU generator of the Bernoulli draws, so every rank draws the same masks. One uniform number is
             drawn per unit in model order whatever p_prune and p_bern are, so the masks of one seed are nested.
-        include_linear: select Linear layers as well as Conv2d.
-        norms: the result of :func:`layer_norms` for the same model, method and include_linear (saves recomputing
+        include_linear: select Linear layers as well as Conv2d (``selection`` None).
+        norms: the result of :func:`layer_norms` for the same model, method and selection (saves recomputing
             them for every setting); None = compute them here.
+        selection: the pruned layers (:class:`LayerSelection`); None = ``LayerSelection(include_linear=...)``.
     """
     check_choice("method", method, PRUNE_METHODS)
     check_choice("scope", scope, PRUNE_SCOPES)
     p_prune = check_fraction("p_prune", p_prune)
     p_bern = check_fraction("p_bern", p_bern)
-    layers = prunable_layers(model, include_linear)
+    selection = LayerSelection(include_linear=include_linear) if selection is None else selection
+    layers = prunable_layers(model, selection)
     if norms is None:
-        norms = layer_norms(model, method, include_linear)
+        norms = layer_norms(model, method, selection)
     if len(norms) != len(layers):
         raise PruneError(f"norms cover {len(norms)} layers, the selection has {len(layers)}")
     threshold = _threshold(norms, p_prune) if scope == "global" else None
@@ -200,11 +234,11 @@ def channel_unit(layer: str, index: int) -> Unit:
     return Unit("channel", f"{layer}.weight", int(index))
 
 
-def channel_l1(model: nn.Module, include_linear: bool = False) -> dict[Unit, float]:
+def channel_l1(model: nn.Module, selection: LayerSelection | None = None) -> dict[Unit, float]:
     """The float64 L1 norm of every output channel (a channel :class:`~critnet.perturb.Unit`) of the selected
     layers, in model order."""
     result: dict[Unit, float] = {}
-    for name, module in prunable_layers(model, include_linear):
+    for name, module in prunable_layers(model, selection):
         for index, norm in enumerate(unit_norms(module.weight, "neurons").tolist()):
             result[channel_unit(name, index)] = norm
     return result
@@ -234,7 +268,7 @@ def read_channel_ranking(path: str | Path) -> dict[Unit, float]:
     return scores
 
 
-def channel_order(model: nn.Module, order: str, *, include_linear: bool = False,
+def channel_order(model: nn.Module, order: str, *, selection: LayerSelection | None = None,
                   criticality: Mapping[Unit, float] | None = None, seed: int = 0) -> list[Unit]:
     """The output channels of the selected layers in the order in which to prune them.
 
@@ -242,7 +276,7 @@ def channel_order(model: nn.Module, order: str, *, include_linear: bool = False,
     first; ``random``: a permutation drawn from ``seed``. Ties keep model order.
     """
     check_choice("order", order, CHANNEL_ORDERS)
-    norms = channel_l1(model, include_linear)
+    norms = channel_l1(model, selection)
     channels = list(norms)
     if order == "l1":
         return sorted(channels, key=lambda c: norms[c])
@@ -263,9 +297,10 @@ def channel_count(ratio: float, total: int) -> int:
     return int(math.floor(check_fraction("ratio", ratio) * total + 0.5))
 
 
-def channel_masks(model: nn.Module, channels: Sequence[Unit], include_linear: bool = False) -> PruneMasks:
-    """Keep-masks that zero the whole filter of every listed output channel."""
-    layers = prunable_layers(model, include_linear)
+def channel_masks(model: nn.Module, channels: Sequence[Unit], selection: LayerSelection | None = None
+                  ) -> PruneMasks:
+    """Keep-masks that zero the whole filter of every listed output channel of the selected layers."""
+    layers = prunable_layers(model, selection)
     keep = {name: torch.ones(module.weight.shape[0], dtype=torch.bool) for name, module in layers}
     for channel in channels:
         name, index = channel.layer, channel.index

@@ -336,7 +336,9 @@ def test_a_cut_partial_file_resumes_with_the_same_outcomes(tmp_path):
     ({"error_margin": 1.5}, "error_margin: 1.5 is outside"),
     ({"stratify": ["bit"]}, "stratify: .* must contain 'layer'"),
     ({"fault_model": "ber"}, "ber: None must be a bit-error rate"),
-    ({"layers": ["nothing"]}, "layers: the selection is empty"),
+    ({"layers": ["nothing"]}, r"include: the selection is empty: kind='tensor', include=\('nothing',\)"),
+    ({"layers": ["fc"], "include": ["fc"]}, "layers: another name of include; give one of them, not both"),
+    ({"target": "activations", "exclude": ["("]}, "exclude: '\\(' is not a valid regular expression"),
 ])
 def test_bad_settings_are_one_line_naming_the_key(kwargs, message):
     with pytest.raises(SettingError, match=message) as caught:

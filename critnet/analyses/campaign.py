@@ -1,17 +1,32 @@
-"""``fault_campaign``: draw (or replay) a fault list, evaluate every fault exactly, and return a :class:`Campaign`."""
+"""``fault_campaign``: draw (or replay) a fault list, evaluate every fault exactly, and return a :class:`Campaign`.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: :class:`CampaignSettings` is also the FaultCampaign callback's
+arguments, and jsonargparse validates a dataclass field only when its annotation is a real type.
+"""
 
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from critnet.choices import SettingError, check_choice, check_fraction
+from critnet.choices import (
+    FAULT_MODELS,
+    FAULT_TARGETS,
+    STRATIFY_KEYS,
+    FaultModel,
+    FaultTarget,
+    SettingError,
+    StratifyKey,
+    check_choice,
+    check_fraction,
+    field_values,
+)
+from critnet.console import progress_bar
 from critnet.digests import state_digest
 from critnet.distributed import Distributed
 from critnet.engine.jobs import Jobs, fingerprint
@@ -27,103 +42,145 @@ from critnet.faults.draw import (
     sizing_rows,
 )
 from critnet.faults.evaluator import COUNTS, FaultEvaluator
-from critnet.faults.injection import FAULT_MODELS, FAULT_TARGETS, Fault, read_fault_list
+from critnet.faults.injection import Fault, read_fault_list
 from critnet.modes import evaluation_mode
 from critnet.outputs import OutputSelector, check_selector, describe_selector
-from critnet.console import progress_bar
 from critnet.results.campaign_result import Campaign
-
-StratifyBy = Literal["layer", "bit"]
-STRATIFY_KEYS: tuple[str, ...] = get_args(StratifyBy)
+from critnet.selection import Selection
 
 
-def check_campaign_settings(*, target: str = "weights", fault_model: str = "bitflip", bits: Sequence[int] | None = None,
-                            faults: int | str | None = None, error_margin: float = 0.01, confidence: float = 0.99,
-                            stratify: Sequence[str] = ("layer",), ber: float | None = None,
-                            critical_threshold: float = 0.0, seed: int = 0) -> None:
-    """Raise a one-line :class:`SettingError` naming the first setting outside what is allowed.
+@dataclass(eq=False)
+class CampaignSettings(Selection):
+    """The settings of a fault campaign, declared once: :func:`fault_campaign` takes them as keyword arguments, the
+    :class:`~critnet.callbacks.FaultCampaign` callback as its own (the command line's ``init_args``), and
+    ``campaign.json`` records them (:meth:`as_dict`). Checked when built: a bad value raises a one-line
+    :class:`~critnet.choices.SettingError` naming the key. ``include``, ``exclude`` and ``module_types`` select the
+    fault sites (:class:`~critnet.selection.Selection`).
 
-    >>> check_campaign_settings(bits=[30, 31], faults=100)
+    Args:
+        include: Regular expressions searched in parameter names (weights; null = ``[\\.weight$]``) or module names
+            (activations; null = every module of ``module_types``); a name is kept if any matches.
+        module_types: Class names of the owning modules; null = any for weights (with ``include: [".*"]`` this
+            reaches BatchNorm parameters and biases), ``[Conv2d, Linear]`` for activations.
+        layers: Another name of ``include`` (the one it had first); giving both is an error.
+        target: ``weights`` (parameters) or ``activations`` (module outputs, through a forward hook).
+        fault_model: ``bitflip``, ``stuck_at_0``, ``stuck_at_1`` (one bit per fault) or ``ber`` (every selected bit
+            flips independently with probability ``ber``: several flips per inference; weights only).
+        bits: Bit positions 0..31 of the float32 values (0 = lowest mantissa bit, 23-30 exponent, 31 sign);
+            null = all 32.
+        ber: The bit-error rate of ``fault_model: ber``, in (0, 1).
+        faults: null = Leveugle's sample size per stratum for ``error_margin`` at ``confidence``
+            (finite-population corrected); an integer = that many faults in all (shared among strata in proportion
+            to their size; the number of trials for ``ber``); ``exhaustive`` = every possible fault.
+        error_margin: Half-width the sizing aims at, for a rate of 0.5 (the worst case).
+        confidence: Confidence of that margin.
+        stratify: ``[layer]`` or ``[layer, bit]``: what is sampled and sized separately.
+        seed: Seed of the draw (per stratum combined with its name; never ``hash()``).
+        critical_threshold: A fault is critical when its SDC-1 rate over the images exceeds this fraction.
+        fault_list: Replay this ``faults.csv`` instead of drawing (its original values must match the model); give
+            the selection, ``bits`` and ``stratify`` it was drawn with, since the rate tables cover those strata.
+        output: Where the logits are in what the model returns, as the ranking's ``output``
+            (:class:`~critnet.analyses.ranking.RankSettings`); null: a tensor as it is, else its ``.logits``.
+
+    >>> CampaignSettings(layers=["fc"], bits=[30, 31]).include
+    ('fc',)
     """
-    check_choice("target", target, FAULT_TARGETS)
-    check_choice("fault_model", fault_model, FAULT_MODELS)
-    for position, bit in enumerate(bits if bits is not None else []):
-        if isinstance(bit, bool) or not isinstance(bit, int) or not 0 <= bit <= 31:
-            raise SettingError(f"bits[{position}]: {bit!r} is not a bit position 0..31 of a float32 value")
-    if bits is not None and (not bits or len(set(bits)) != len(bits)):
-        raise SettingError(f"bits: {list(bits)!r} must list distinct bit positions 0..31 (at least one)")
-    if not (faults is None or faults == "exhaustive" or (isinstance(faults, int) and not isinstance(faults, bool)
-                                                           and faults >= 1)):
-        raise SettingError(f"faults: {faults!r} is not null (Leveugle's sample size), a positive integer or 'exhaustive'")
-    if not 0 < check_fraction("error_margin", error_margin) < 1:
-        raise SettingError(f"error_margin: {error_margin!r} is not in (0, 1)")
-    if not 0 < check_fraction("confidence", confidence) < 1:
-        raise SettingError(f"confidence: {confidence!r} is not in (0, 1)")
-    stratify = [stratify] if isinstance(stratify, str) else list(stratify)
-    for position, key in enumerate(stratify):
-        check_choice(f"stratify[{position}]", key, STRATIFY_KEYS)
-    if "layer" not in stratify:
-        raise SettingError(f"stratify: {stratify!r} must contain 'layer' (layer or layer and bit)")
-    check_fraction("critical_threshold", critical_threshold)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise SettingError(f"seed: {seed!r} is not an integer")
-    if fault_model == "ber":
-        if ber is None or not 0 < check_fraction("ber", ber) < 1:
-            raise SettingError(f"ber: {ber!r} must be a bit-error rate in (0, 1) when fault_model is 'ber'")
-        if target != "weights":
+
+    module_types: Sequence[str] | None = DEFAULT_MODULE_TYPES
+    layers: Sequence[str] | None = None
+    target: FaultTarget = "weights"
+    fault_model: FaultModel = "bitflip"
+    bits: Sequence[int] | None = None
+    ber: float | None = None
+    faults: int | Literal["exhaustive"] | None = None
+    error_margin: float = 0.01
+    confidence: float = 0.99
+    stratify: Sequence[StratifyKey] = ("layer",)
+    seed: int = 0
+    critical_threshold: float = 0.0
+    fault_list: str | None = None
+    output: OutputSelector = None
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            if self.include is not None:
+                raise SettingError("layers: another name of include; give one of them, not both")
+            self.include, self.layers = self.layers, None
+        super().__post_init__()
+        check_choice("target", self.target, FAULT_TARGETS)
+        check_choice("fault_model", self.fault_model, FAULT_MODELS)
+        self.bits = tuple(range(32)) if self.bits is None else tuple(self.bits)
+        for position, bit in enumerate(self.bits):
+            if isinstance(bit, bool) or not isinstance(bit, int) or not 0 <= bit <= 31:
+                raise SettingError(f"bits[{position}]: {bit!r} is not a bit position 0..31 of a float32 value")
+        if not self.bits or len(set(self.bits)) != len(self.bits):
+            raise SettingError(f"bits: {list(self.bits)!r} must list distinct bit positions 0..31 (at least one)")
+        # type(), not isinstance(): True is an int but no number of faults
+        if not (self.faults in (None, "exhaustive") or (type(self.faults) is int and self.faults >= 1)):
+            raise SettingError(f"faults: {self.faults!r} is not null (Leveugle's sample size), a positive integer "
+                               "or 'exhaustive'")
+        for key in ("error_margin", "confidence"):
+            if not 0 < check_fraction(key, getattr(self, key)) < 1:
+                raise SettingError(f"{key}: {getattr(self, key)!r} is not in (0, 1)")
+        self.stratify = (self.stratify,) if isinstance(self.stratify, str) else tuple(self.stratify)
+        for position, key in enumerate(self.stratify):
+            check_choice(f"stratify[{position}]", key, STRATIFY_KEYS)
+        if "layer" not in self.stratify:
+            raise SettingError(f"stratify: {list(self.stratify)!r} must contain 'layer' (layer or layer and bit)")
+        check_fraction("critical_threshold", self.critical_threshold)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise SettingError(f"seed: {self.seed!r} is not an integer")
+        if self.fault_model != "ber":
+            if self.ber is not None:
+                raise SettingError(f"ber: {self.ber!r} is only used with fault_model 'ber', not {self.fault_model!r}")
+        elif self.ber is None or not 0 < check_fraction("ber", self.ber) < 1:
+            raise SettingError(f"ber: {self.ber!r} must be a bit-error rate in (0, 1) when fault_model is 'ber'")
+        elif self.target != "weights":
             raise SettingError("fault_model: 'ber' draws are defined for target 'weights'")
-    elif ber is not None:
-        raise SettingError(f"ber: {ber!r} is only used with fault_model 'ber', not {fault_model!r}")
+        check_selector(self.output)
+
+    def as_dict(self, layers: Sequence[str]) -> dict[str, Any]:
+        """The settings as ``campaign.json`` records them: every field, with ``layers`` the names selected."""
+        return {**field_values(self, CampaignSettings), **Selection.as_dict(self), "layers": list(layers),
+                "bits": list(self.bits), "stratify": list(self.stratify),
+                "fault_list": None if self.fault_list is None else str(self.fault_list),
+                "output": describe_selector(self.output)}
 
 
 def fault_campaign(
     model: nn.Module,
     data: Any,
     *,
-    target: str = "weights",
-    layers: Sequence[str] | None = None,
-    module_types: Sequence[str] | None = DEFAULT_MODULE_TYPES,
-    bits: Sequence[int] | None = None,
-    fault_model: str = "bitflip",
-    ber: float | None = None,
-    faults: int | str | None = None,
-    error_margin: float = 0.01,
-    confidence: float = 0.99,
-    stratify: Sequence[str] = ("layer",),
-    seed: int = 0,
-    critical_threshold: float = 0.0,
-    fault_list: str | Path | None = None,
+    target: FaultTarget = CampaignSettings.target,
+    layers: Sequence[str] | None = CampaignSettings.layers,
+    include: Sequence[str] | None = CampaignSettings.include,
+    exclude: Sequence[str] = CampaignSettings.exclude,
+    module_types: Sequence[str] | None = CampaignSettings.module_types,
+    bits: Sequence[int] | None = CampaignSettings.bits,
+    fault_model: FaultModel = CampaignSettings.fault_model,
+    ber: float | None = CampaignSettings.ber,
+    faults: int | Literal["exhaustive"] | None = CampaignSettings.faults,
+    error_margin: float = CampaignSettings.error_margin,
+    confidence: float = CampaignSettings.confidence,
+    stratify: Sequence[StratifyKey] = CampaignSettings.stratify,
+    seed: int = CampaignSettings.seed,
+    critical_threshold: float = CampaignSettings.critical_threshold,
+    fault_list: str | Path | None = CampaignSettings.fault_list,
+    output: OutputSelector = CampaignSettings.output,
     resume_dir: str | Path | None = None,
     distributed: Distributed | None = None,
     device: torch.device | str | None = None,
     memory_budget_mb: float | None = None,
     progress: Any = False,
-    output: OutputSelector = None,
 ) -> Campaign:
     """Inject faults into ``model`` one at a time and count, per fault, how many images change.
+
+    The keyword arguments ``target`` … ``output`` are the campaign's settings, documented once in
+    :class:`CampaignSettings`, which checks them before the model is touched.
 
     Args:
         model: a float32 classifier in eval mode; bit-identical afterwards (also when the campaign raises).
         data: ``(inputs, targets)`` batches: a DataLoader, a list, or one pair of tensors.
-        target: ``weights`` (parameters) or ``activations`` (module outputs, through a forward hook).
-        layers: regular expressions searched in parameter names (weights; default ``[r"\\.weight$"]``) or module
-            names (activations; default all modules of ``module_types``).
-        module_types: class names of the owning modules; ``None`` = any (to reach BatchNorm parameters and biases,
-            pass ``layers=[".*"], module_types=None``).
-        bits: bit positions (0 = lowest mantissa bit, 23–30 exponent, 31 sign); default all 32.
-        fault_model: ``bitflip``, ``stuck_at_0``, ``stuck_at_1`` (one site per fault) or ``ber`` (every selected
-            bit flips independently with probability ``ber``; several sites per fault).
-        ber: the bit-error rate of ``fault_model="ber"``.
-        faults: ``None`` = Leveugle's sample size per stratum for ``error_margin`` at ``confidence`` (finite-population
-            corrected), an integer = that many faults in all (shared among strata in proportion to their size;
-            the number of trials for ``ber``), ``"exhaustive"`` = every possible fault.
-        error_margin: the half-width the sizing aims at (worst case p = 0.5).
-        confidence: the confidence of that margin.
-        stratify: ``("layer",)`` or ``("layer", "bit")``: the strata sampled (and sized) separately.
-        seed: the draw's seed (per stratum combined with its name; never ``hash()``).
-        critical_threshold: a fault is critical when its SDC-1 rate over the images exceeds this fraction.
-        fault_list: replay this ``faults.csv`` instead of drawing (its original values must match ``model``); give
-            the ``layers``/``bits``/``stratify`` it was drawn with, since the rate tables cover faults in those strata.
         resume_dir: append finished faults here and skip them when the same campaign runs again.
         distributed: the job's processes (:meth:`Distributed.current` under DDP); faults are shared among ranks,
             every rank holds the data, one gather collects the counts, and the results equal one process.
@@ -131,21 +188,14 @@ def fault_campaign(
         memory_budget_mb: memory for held batches and cached activations.
         progress: draw a rich progress bar (or join a live ``rich.progress.Progress``), as :func:`critnet.rank`
             does; a function is instead called with (faults done, faults to do on this rank).
-        output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`): ``None`` (the
-            default) takes a tensor as it is and reads ``.logits`` (attribute or key) from anything else, e.g. a
-            Hugging Face ``ModelOutput`` or a dict; a key (``"scores"``), an index (``0`` for a tuple) or a
-            callable that takes the model's output and returns the logits tensor selects them explicitly. With
-            ``resume_dir`` a key or index keys the partial-results file as it is, a callable by its module and
-            qualified name.
 
     Returns:
-        The :class:`Campaign` (the same on every rank); nothing is written (``Campaign.save`` writes the reports).
+        The :class:`Campaign` (the same on every rank); nothing is written (``Campaign.report`` writes the files).
 
     Raises:
-        SettingError: a setting outside what is allowed (one line naming it).
-        CritnetError: (one line, before any fault is injected) data that is not ``(inputs, targets)`` batches of
-            class indices within the model's classes, inputs the model rejects, or logits that cannot be read (see
-            :func:`critnet.evaluation.check_fit`).
+        CritnetError: (one line, before any fault is injected) a setting (:class:`SettingError`), data that is not
+            ``(inputs, targets)`` batches of class indices within the model's classes, inputs the model rejects, or
+            logits that cannot be read (see :func:`critnet.evaluation.check_fit`).
 
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
     >>> data = (torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,)))
@@ -153,20 +203,18 @@ def fault_campaign(
     >>> len(campaign.faults), sum(f["images"] for f in campaign.faults)
     (20, 160)
     """
-    check_campaign_settings(target=target, fault_model=fault_model, bits=bits, faults=faults,
-                            error_margin=error_margin, confidence=confidence, stratify=stratify, ber=ber,
-                            critical_threshold=critical_threshold, seed=seed)
-    check_selector(output)
-    stratify = (stratify,) if isinstance(stratify, str) else tuple(stratify)
-    bits = tuple(bits) if bits is not None else tuple(range(32))
+    settings = CampaignSettings(include, exclude, module_types, layers=layers, target=target,
+                                fault_model=fault_model, bits=bits, ber=ber, faults=faults, error_margin=error_margin,
+                                confidence=confidence, stratify=stratify, seed=seed,
+                                critical_threshold=critical_threshold, fault_list=fault_list, output=output)
     distributed = distributed or Distributed.single()
     started = time.perf_counter()
     evaluation = as_evaluation_set(data, device=device, memory_budget_mb=memory_budget_mb)
     check_fit(model, evaluation, output=output)
     checksum = state_digest(model)
-    with evaluation_mode(model, evaluation.device):  # selecting activation sites may run the model once
-        members = selected_layers(model, target, layers, module_types, next(iter(evaluation))[0])
-    strata = build_strata(members, bits, stratify, fault_model)
+    with evaluation_mode(model, evaluation.device):  # selecting activation sites runs the model once
+        members = selected_layers(model, target, settings, next(iter(evaluation))[0])
+    strata = build_strata(members, settings.bits, settings.stratify, fault_model)
     if fault_list is not None:
         fault_list_ = read_fault_list(fault_list, model)
     else:
@@ -183,16 +231,12 @@ def fault_campaign(
             counts = jobs.run("fault", [(f.id, f) for f in fault_list_], evaluator.run, COUNTS, evaluator.costs)
     if checksum != state_digest(model):  # the injection restores bit views; this guards the guarantee itself
         raise RuntimeError("fault campaign: the model's parameters changed during the campaign")
-    settings = {"target": target, "fault_model": fault_model, "ber": ber, "layers": list(members), "bits": list(bits),
-                "faults": faults, "error_margin": error_margin, "confidence": confidence, "stratify": list(stratify),
-                "seed": seed, "critical_threshold": critical_threshold,
-                "fault_list": None if fault_list is None else str(fault_list), "output": describe_selector(output)}
     return Campaign(
         fault_list=fault_list_,
         counts=[counts[f.id] for f in fault_list_],
         strata=strata,
         sizing=sizing_rows(strata, _drawn_per_stratum(strata, fault_list_), error_margin, confidence),
-        settings=settings,
+        settings=settings.as_dict(layers=list(members)),
         golden={"images": evaluation.samples, "correct": int(evaluator.golden.correct.sum()),
                 "top1": 100.0 * float(evaluator.golden.correct.double().mean())},
         info={"model_checksum": checksum, "data_checksum": evaluation.checksum, "devices": distributed.world_size,
@@ -215,4 +259,4 @@ def _drawn_per_stratum(strata: list[Stratum], faults: Sequence[Fault]) -> dict[s
     return by_label
 
 
-__all__ = ["STRATIFY_KEYS", "StratifyBy", "check_campaign_settings", "fault_campaign"]
+__all__ = ["CampaignSettings", "fault_campaign"]

@@ -14,8 +14,10 @@ from torch import nn
 from critnet.choices import SettingError
 from critnet.faults.injection import Fault, Site, int_view
 from critnet.faults.stats import achieved_margin, leveugle_sample_size
-from critnet.selection import select_units
+from critnet.selection import Selection
 
+#: What a campaign selects when include / module_types are not given: every weight of every conv and linear layer.
+DEFAULT_WEIGHT_INCLUDE = (r"\.weight$",)
 DEFAULT_MODULE_TYPES = ("Conv2d", "Linear")
 
 
@@ -39,31 +41,36 @@ class Stratum:
         return self.layer if len(self.bits) != 1 else f"{self.layer}/bit{self.bits[0]}"
 
 
-def selected_layers(model: nn.Module, target: str, layers: Sequence[str] | None,
-                    module_types: Sequence[str] | None, example_input: torch.Tensor) -> dict[str, int]:
-    """``{name: values}`` of the selected parameters (weights) or module outputs per image (activations)."""
-    types = list(module_types) if module_types is not None else None
+def selected_layers(model: nn.Module, target: str, selection: Selection,
+                    example_input: torch.Tensor | None) -> dict[str, int]:
+    """``{name: values}`` of the parameters (weights) or module outputs per image (activations) that ``selection``
+    picks; its ``include`` defaults to ``DEFAULT_WEIGHT_INCLUDE`` for weights.
+
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+    >>> selected_layers(model, "activations", Selection(module_types=["Conv2d", "ReLU"]), torch.randn(2, 3, 4, 4))
+    {'0': 16, '1': 16}
+    """
     try:
         if target == "weights":
-            include = list(layers) if layers is not None else [r"\.weight$"]
-            units = select_units(model, "tensor", include, (), types)
+            include = selection.include if selection.include is not None else DEFAULT_WEIGHT_INCLUDE
+            units = Selection(include, selection.exclude, selection.module_types).units(model, "tensor")
             parameters = dict(model.named_parameters())
             return {u.name: parameters[u.name].numel() for u in units}
-        units = select_units(model, "activation", list(layers) if layers is not None else None, (),
-                             types if types is not None else list(DEFAULT_MODULE_TYPES), example_input[:1])
-    except ValueError as err:
-        raise SettingError(f"layers: {err}") from None
-    names = list(dict.fromkeys(u.name for u in units))
-    sizes: dict[str, int] = {}
-    modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_hook(_size_recorder(sizes, n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(example_input[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {n: sizes[n] for n in names if n in sizes}
+        # Selecting activation units runs the model once on the example (to count channels and to leave out
+        # modules it never calls); hooks on every module read each output's size per image in that same pass.
+        sizes: dict[str, int] = {}
+        handles = [module.register_forward_hook(_size_recorder(sizes, name))
+                   for name, module in model.named_modules()]
+        try:
+            units = selection.units(model, "activation", example_input[:1])
+        finally:
+            for handle in handles:
+                handle.remove()
+    except ValueError as err:  # the selection's errors name their key, but for an empty one: the patterns' doing
+        keyed = str(err).partition(":")[0] in ("include", "exclude", "module_types")
+        raise SettingError(str(err) if keyed else f"include: {err}") from None
+    # a module whose output is not float32 holds no bit faults
+    return {name: sizes[name] for name in dict.fromkeys(u.name for u in units) if name in sizes}
 
 
 def _size_recorder(sizes: dict[str, int], name: str):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from critnet.choices import FAULT_MODELS, FAULT_TARGETS, FaultModel, FaultTarget, SettingError
+from critnet.choices import FAULT_MODELS, FAULT_TARGETS, SettingError
 from critnet.errors import CritnetError
 
 
@@ -149,9 +149,9 @@ def apply_fault_bits_tensor(values: torch.Tensor, bit: int, fault_model: str) ->
 def int_view(parameter: torch.Tensor, name: str) -> torch.Tensor:
     """The flat int32 view of a float32 parameter (shares its storage)."""
     if parameter.dtype != torch.float32:
-        raise SettingError(f"layers: {name} holds {parameter.dtype}; bit faults are defined for float32 values")
+        raise SettingError(f"include: {name} holds {parameter.dtype}; bit faults are defined for float32 values")
     if not parameter.is_contiguous():
-        raise SettingError(f"layers: {name} is not contiguous in memory; its flat indices would be ambiguous")
+        raise SettingError(f"include: {name} is not contiguous in memory; its flat indices would be ambiguous")
     return parameter.detach().view(-1).view(torch.int32)
 
 
@@ -278,18 +278,5 @@ def _fault_from_row(row: dict[str, str], parameters: dict, modules: dict) -> Fau
     return Fault(int(row["fault"]), fault_model, target, sites, original)
 
 
-__all__ = [
-    "FAULT_LIST_COLUMNS",
-    "FAULT_MODELS",
-    "FAULT_TARGETS",
-    "Fault",
-    "FaultListError",
-    "FaultModel",
-    "FaultTarget",
-    "Site",
-    "apply_fault_bit",
-    "bits_to_float",
-    "injected",
-    "read_fault_list",
-    "write_fault_list",
-]
+__all__ = ["FAULT_LIST_COLUMNS", "Fault", "FaultListError", "Site", "apply_fault_bit", "bits_to_float", "injected",
+           "read_fault_list", "write_fault_list"]

@@ -39,6 +39,7 @@ _EXPORTS = {
     "Sweep": "critnet.results",
     "Unit": "critnet.perturb",
     "Campaign": "critnet.results",
+    "CampaignSettings": "critnet.analyses.campaign",
     "compare_orders": "critnet.analyses.pruning",
     "evaluate": "critnet.evaluation",
     "fault_campaign": "critnet.analyses.campaign",

@@ -34,6 +34,8 @@ _EXPORTS = {
     "Perturbation": "critnet.perturb",
     "RankSettings": "critnet.analyses.ranking",
     "Selection": "critnet.selection",
+    "SweepSettings": "critnet.analyses.pruning",
+    "OrderSettings": "critnet.analyses.pruning",
     "Ranking": "critnet.results",
     "SettingError": "critnet.choices",
     "Sweep": "critnet.results",

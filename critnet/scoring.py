@@ -86,6 +86,10 @@ class Tally:
         """Top-5 accuracy in percent (micro: fraction of samples)."""
         return math.nan if self.samples == 0 else 100.0 * self.top5_correct / self.samples
 
+    def metrics(self) -> dict[str, float | int]:
+        """``loss`` (mean), ``top1``, ``top5`` (percent) and ``samples``: a tally as the reports record it."""
+        return {"loss": self.loss, "top1": self.top1, "top5": self.top5, "samples": self.samples}
+
     def summary(self) -> dict[str, float | int]:
         """``top1``, ``top5`` (percent), ``loss`` (mean), ``samples`` and the correct counts behind the percentages."""
         return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "samples": self.samples,

@@ -154,10 +154,6 @@ class OrderSettings(LayerSelection):
 _TALLIES = Codec(lambda t: [t.loss_sum, t.top1_correct, t.top5_correct, t.samples], lambda value, masks: Tally(*value))
 
 
-def _metrics(tally: Tally) -> dict[str, Any]:
-    return {"loss": tally.loss, "top1": tally.top1, "top5": tally.top5, "samples": tally.samples}
-
-
 class _MaskEvaluation:
     """Evaluates the model under pruning masks, once per distinct mask set (cached, and kept in the resume file).
 
@@ -324,7 +320,7 @@ def prune_sweep(
                     "repeat": repeat, "seed": draw_seed, "nominal_ratio": prune * bern, "ratio": masks.ratio,
                     "param_fraction": masks.param_fraction, "pruned_weights": masks.pruned,
                     "selected_weights": masks.selected, "units_pruned": masks.units_pruned, "units": masks.units,
-                    "threshold": masks.threshold, **_metrics(tally),
+                    "threshold": masks.threshold, **tally.metrics(),
                 })
                 bar.update(len(rows), step=f"{method} p_prune={prune:g} p_bern={bern:g} #{repeat}")
     finally:
@@ -335,7 +331,7 @@ def prune_sweep(
         rows=rows,
         info={
             "network": network, **settings.as_dict(), "samples": baseline.samples,
-            "devices": distributed.world_size, "baseline": _metrics(baseline),
+            "devices": distributed.world_size, "baseline": baseline.metrics(),
             "validate_metrics": None if reference_metrics is None else dict(reference_metrics),
             "seconds": time.perf_counter() - started,
             # checked by a digest of the whole state dict before returning; a mismatch raises instead
@@ -480,7 +476,7 @@ def compare_orders(
                 rows.append({
                     "network": network, "order": order, "channel_ratio": ratio, "repeat": repeat,
                     "seed": draw_seed if order == "random" else None, "channels_pruned": count, "channels": total,
-                    "ratio": masks.ratio, "param_fraction": masks.param_fraction, **_metrics(tally),
+                    "ratio": masks.ratio, "param_fraction": masks.param_fraction, **tally.metrics(),
                 })
                 bar.update(len(rows), step=f"{order} channels={ratio:g} #{repeat}")
     finally:

@@ -44,7 +44,6 @@ from critnet.results.ranking_rows import (
     order_outcomes,
     ranking_rows,
     split_half_agreement,
-    tally_summary,
 )
 from critnet.scoring import UnitOutcome
 
@@ -244,7 +243,7 @@ def rank(
         top_k=top_k,
         settings=settings.as_dict(resume=resume_dir is not None, num_batches=num_batches),
         units=units,
-        baseline={**tally_summary(baseline.total), "halves": [tally_summary(half) for half in baseline.halves]},
+        baseline={**baseline.total.metrics(), "halves": [half.metrics() for half in baseline.halves]},
         levels=levels_ranked,
         samples=evaluation_set.samples,
         batches=len(evaluation_set),

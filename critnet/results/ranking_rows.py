@@ -18,7 +18,6 @@ from critnet.choices import LEVELLESS, SCORES, check_choice
 from critnet.perturb import Perturbation
 from critnet.scoring import (
     Z95,
-    Tally,
     UnitOutcome,
     criticality_key,
     estimated_score,
@@ -168,10 +167,6 @@ def boundary_overlap(rows: Sequence[dict[str, Any]], score: str, top_k: int) -> 
         "interval": [low, high],
         "overlapping": {"above": sum(map(overlaps, rows[: top_k - 1])), "below": sum(map(overlaps, rows[top_k:]))},
     }
-
-
-def tally_summary(tally: Tally) -> dict[str, float | int]:
-    return {"loss": tally.loss, "top1": tally.top1, "top5": tally.top5, "samples": tally.samples}
 
 
 def _criticality_positions(keys: Sequence[Any]) -> list[float]:

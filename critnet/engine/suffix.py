@@ -49,6 +49,13 @@ _INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "
 # pass runs on: enough to hide per-call overhead on small batches; larger stacks do not run faster per sample on a
 # CPU (they leave the caches).
 STACK_SAMPLES = {"cuda": 256, "cpu": 128}
+# The share of the memory budget the cached values of a segment's batches may take; the rest is left for stacking.
+HELD_SHARE = 0.5
+# A stacked pass takes more than the values its graph holds (allocator rounding, convolution workspaces): each
+# variant is counted this many times its values.
+STACK_MARGIN = 1.5
+# Bytes of one image's per-sample result of one unit: a float64 loss and two bool hits.
+_SAMPLE_BYTES = 10
 
 
 @dataclass
@@ -173,21 +180,30 @@ class TracedModel:
         return False
 
     def advance(self, env: dict, start: int, stop: int, keep: set) -> None:
-        """Run the unperturbed nodes ``[start, stop)`` on ``env`` and drop values not needed from ``stop`` on."""
+        """Run the unperturbed nodes ``[start, stop)`` on ``env`` and drop values not needed from ``stop`` on.
+
+        A value is dropped right after its last use (as a plain forward pass frees it), not at ``stop``: holding
+        every value of the walk until the stop would cost all of the prefix's activations at once."""
         interpreter = fx.Interpreter(self.gm)
         interpreter.env = env
-        for node in self.nodes[start:stop]:
+        for position, node in enumerate(self.nodes[start:stop], start=start):
             env[node] = interpreter.run_node(node)
+            for used in node.all_input_nodes:
+                if self.last_use[used] <= position and used not in keep and used in env:
+                    del env[used]
         for node in [n for n in env if n not in keep]:
             del env[node]
 
     def measure(self, x: Tensor) -> float:
-        """Per-sample cost of every node (multiply-adds for conv/linear, output size otherwise) from one batch;
-        returns the per-sample bytes of the largest set of values crossing any cut."""
+        """Per-sample cost of every node (multiply-adds for conv/linear, output size otherwise) and per-sample bytes
+        of every batched value (:attr:`value_bytes`) and of the values alive at each node (:attr:`live_bytes`),
+        from one batch; returns twice the per-sample bytes of the largest set of values crossing any cut."""
         env = self.start(x)
         interpreter = fx.Interpreter(self.gm)
         interpreter.env = env
         batch = x.shape[0]
+        self.value_bytes = {self.input_node: x.numel() * x.element_size() / batch}
+        self.live_bytes = [0.0] * len(self.nodes)
         peak = 0.0
         for position, node in enumerate(self.nodes[self.first :], start=self.first):
             value = interpreter.run_node(node)
@@ -203,6 +219,10 @@ class TracedModel:
                 else:
                     cost = per_sample
             self.node_cost[node] = cost
+            if node in self.batched:
+                self.value_bytes[node] = _tensor_bytes(value) / batch
+            # while the node runs, its inputs and its output are all alive
+            self.live_bytes[position] = sum(self.value_bytes.get(n, 0.0) for n in env if n in self.batched)
             live = sum(
                 v.numel() * v.element_size()
                 for n, v in env.items()
@@ -212,6 +232,15 @@ class TracedModel:
             for n in [n for n in env if self.last_use[n] <= position and n is not node]:
                 del env[n]
         return 2 * peak  # a conv unit's stop also holds the layer's input and output
+
+    def held_bytes(self, stop: int, extra: set | frozenset = frozenset()) -> float:
+        """Per-sample bytes held at ``stop``: the batched values crossing it and ``extra`` (a conv's input)."""
+        return sum(self.value_bytes.get(n, 0.0) for n in set(self.crossing(stop)) | set(extra) if n in self.batched)
+
+    def suffix_bytes(self, stop: int) -> float:
+        """Per-sample bytes one suffix pass from ``stop`` may hold at once: its inputs (the caller holds them for
+        the whole pass) and the most values alive at any node from ``stop`` on."""
+        return self.held_bytes(stop) + max(self.live_bytes[stop:], default=0.0)
 
     def suffix_cost(self, plan: _Plan) -> float:
         cost = sum(self.node_cost.get(n, 0.0) for n in self.nodes[plan.stop :])
@@ -358,18 +387,24 @@ class SuffixEvaluator:
                 stop.keep.add(plan.node.args[0])
             by_stop.setdefault(plan.stop, []).append(item)
         results = _Results(self.reference, per_sample)
-        segments = self.segments()
+        # per-sample results of every unit are held until the last segment: they take from the budget too
+        tallies = len(planned) * self.data.samples * _SAMPLE_BYTES if per_sample else 0.0
+        held = {p: traced.held_bytes(p, stops[p].keep) for p in stops}
+        segments = segment_batches(self.data.batch_sizes, max(held.values()),
+                                   max(0.0, self.budget - tallies) * HELD_SHARE)
         for segment_number, segment in enumerate(segments):
             # results are complete (and recorded) in the last segment only
             finish = record if segment_number == len(segments) - 1 else None
             batches = self._read(segment)
+            samples = sum(len(y) for _, y, _ in batches)
             states = [traced.start(x) for x, _, _ in batches]
             position = traced.first
             for stop_position in sorted(stops):
                 for env in states:
                     traced.advance(env, position, stop_position, stops[stop_position].keep)
                 position = stop_position
-                self._run_stop(stop_position, by_stop[stop_position], states, batches, results, finish)
+                spare = self.budget - tallies - samples * held[stop_position]
+                self._run_stop(stop_position, by_stop[stop_position], states, batches, results, finish, spare)
             del states
 
     def _planned(self, work: Sequence[tuple[int, Unit]], record: Callable[[int, object], None],
@@ -400,8 +435,9 @@ class SuffixEvaluator:
 
     def _run_stop(self, stop_position: int, items: list[tuple[int, Unit, _Plan]], states: list[dict],
                   batches: list[tuple[Tensor, Tensor, int]], results: _Results,
-                  finish: Callable[[int, object], None] | None) -> None:
-        """Every unit cut at ``stop_position``, on the held values of every batch of the segment."""
+                  finish: Callable[[int, object], None] | None, spare: float) -> None:
+        """Every unit cut at ``stop_position``, on the held values of every batch of the segment; ``spare`` bytes
+        of the budget are left for stacking variants."""
         traced = self.traced
         inputs = traced.crossing(stop_position)
         suffix = traced.suffix(stop_position, inputs)
@@ -416,7 +452,7 @@ class SuffixEvaluator:
         slice_units = [item for item in items if item[2].node is not None]
         if slice_units:
             node = slice_units[0][2].node
-            variants = self._variants(suffix, inputs, node, states[0])
+            variants = self._variants(suffix, inputs, node, states[0], spare, stop_position)
             for start in range(0, len(slice_units), variants):
                 chunk = slice_units[start : start + variants]
                 self._run_channels(node, suffix, inputs, chunk, states, batches, results)
@@ -437,25 +473,32 @@ class SuffixEvaluator:
             bias = None if conv.bias is None else conv.bias.detach()[unit.index : unit.index + 1]
             filters.append((unit.index, weight.unsqueeze(0), bias))
         for env, (_, y, offset) in zip(states, batches):
-            outs = []
-            for channel, weight, bias in filters:
-                out = env[node].clone()
-                out[:, channel] = one_channel(conv, env[node.args[0]], channel, weight, bias)[:, 0]
-                outs.append(out)
-            v = len(outs)
-            args = [torch.cat(outs) if n is node else _repeat(env[n], v, n in traced.batched) for n in inputs]
+            # the variants are written into one stacked copy of the cached output (the values torch.cat of one
+            # copy per variant would give, without holding those copies as well)
+            v, size = len(filters), len(y)
+            stacked = env[node].repeat(v, *[1] * (env[node].dim() - 1))
+            for k, (channel, weight, bias) in enumerate(filters):
+                stacked[k * size : (k + 1) * size, channel] = one_channel(conv, env[node.args[0]], channel, weight,
+                                                                          bias)[:, 0]
+            args = [stacked if n is node else _repeat(env[n], v, n in traced.batched) for n in inputs]
+            del stacked
             logits = logits_of(suffix(*args), self.output)
+            del args
             losses, top1, top5 = sample_stats(logits.reshape(v, len(y), -1), y)
             for k, (index, _, _) in enumerate(chunk):
                 results.add(index, (losses[k], top1[k], top5[k]), offset)
 
-    def _variants(self, suffix: fx.GraphModule, inputs: list[fx.Node], node: fx.Node, env: dict) -> int:
-        """How many perturbed variants to stack along the batch: enough to fill about ``STACK_SAMPLES`` samples
-        within the memory budget, and only if stacking gives bit-identical logits on this suffix and device."""
+    def _variants(self, suffix: fx.GraphModule, inputs: list[fx.Node], node: fx.Node, env: dict, spare: float,
+                  stop: int) -> int:
+        """How many perturbed variants to stack along the batch: enough to fill about ``STACK_SAMPLES`` samples,
+        as many as ``spare`` bytes of the budget hold, and only if stacking gives bit-identical logits on this
+        suffix and device. One variant is a pass over one batch, no larger than a plain forward (which the
+        budget does not include); each further one needs its own suffix pass's worth of ``spare``."""
         batch = env[node].shape[0]
         wanted = max(1, STACK_SAMPLES.get(env[node].device.type, STACK_SAMPLES["cpu"]) // batch)
-        if self.bytes_per_sample > 0:
-            wanted = min(wanted, max(1, int(self.budget // (4 * batch * self.bytes_per_sample))))
+        per_variant = batch * self.traced.suffix_bytes(stop) * STACK_MARGIN
+        if per_variant > 0:
+            wanted = min(wanted, 1 + max(0, int(spare // per_variant)))
         if wanted == 1:
             return 1
         if any(n in self.traced.batched and not isinstance(env[n], Tensor) for n in inputs):
@@ -498,6 +541,15 @@ class _Results:
         else:
             pair = self.sums.pop(index)
             record(index, UnitOutcome(unit=unit, total=pair.total, halves=pair.halves))
+
+
+def _tensor_bytes(value) -> float:
+    """Bytes of the tensors in ``value`` (a tensor, or a tuple or list of them, as a traced node returns)."""
+    if isinstance(value, Tensor):
+        return float(value.numel() * value.element_size())
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0.0
 
 
 def _repeat(value, times: int, batched: bool):

@@ -61,7 +61,7 @@ from conftest import PRESETS  # noqa: E402
 from critnet.models import load_model  # noqa: E402
 from critnet.models.checkpoints import CheckpointError, torchvision_weights  # noqa: E402
 from critnet.models.preprocessing import preprocessing  # noqa: E402
-from critnet.perturb import select_units  # noqa: E402
+from critnet.selection import select_units  # noqa: E402
 
 
 def test_every_torchvision_classifier_is_registered_with_its_input_size():

@@ -2,6 +2,14 @@
 
 Each choice set is a ``Literal`` type (what LightningCLI and type checkers read) and the runtime tuple derived
 from it with ``typing.get_args`` (what the library validates against), so the two can never drift apart.
+
+The settings of each analysis are a dataclass whose fields use these types (``RankSettings``, ``SweepSettings``,
+``CampaignSettings``, built on :class:`critnet.selection.Selection`); each Lightning callback is a dataclass built
+on its analysis's settings, so its command-line arguments are the settings themselves, and the analysis's JSON
+record derives from the same fields. A settings object checks itself when built: a bad value raises a one-line
+:class:`SettingError` naming the key, the value and what is allowed. The modules that declare them keep real
+annotations (no ``from __future__ import annotations``): jsonargparse validates a dataclass field only when its
+annotation is a real type.
 """
 
 from __future__ import annotations
@@ -66,16 +74,20 @@ def check_choice(key: str, value: Any, allowed: Sequence[Any]) -> Any:
     return value
 
 
+def _number(key: str, value: Any, expected: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise SettingError(f"{key}: {value!r} is not {expected}") from None
+
+
 def check_fraction(key: str, value: Any) -> float:
     """``value`` as a float in [0, 1] (NaN is refused); otherwise a :class:`SettingError` naming ``key``.
 
     >>> check_fraction("p_bern", 0.5)
     0.5
     """
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise SettingError(f"{key}: {value!r} is not a number in [0, 1]") from None
+    number = _number(key, value, "a number in [0, 1]")
     if not 0.0 <= number <= 1.0:  # also refuses NaN
         raise SettingError(f"{key}: {value!r} is outside [0, 1]")
     return number
@@ -105,10 +117,7 @@ def check_fractions(key: str, values: Any) -> list[float]:
 
 def check_finite(key: str, value: Any) -> float:
     """``value`` as a finite float; otherwise a :class:`SettingError` naming ``key``."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise SettingError(f"{key}: {value!r} is not a number") from None
+    number = _number(key, value, "a number")
     if not math.isfinite(number):
         raise SettingError(f"{key}: {value!r} is not a finite number")
     return number

@@ -1,8 +1,6 @@
-"""Which parts of a network an analysis works on: one :class:`Selection` for rankings, fault campaigns and pruning.
+"""Which parts of a network an analysis works on: one :class:`Selection` for rankings, fault campaigns and pruning."""
 
-No ``from __future__ import annotations`` here: the settings dataclasses built on :class:`Selection` are the
-callbacks' arguments, and jsonargparse validates a dataclass field only when its annotation is a real type.
-"""
+# Real annotations, not postponed: a settings dataclass is a callback's arguments (see critnet.choices).
 
 import re
 import warnings

@@ -1,8 +1,6 @@
-"""``fault_campaign``: draw (or replay) a fault list, evaluate every fault exactly, and return a :class:`Campaign`.
+"""``fault_campaign``: draw (or replay) a fault list, evaluate every fault exactly, and return a :class:`Campaign`."""
 
-No ``from __future__ import annotations`` here: :class:`CampaignSettings` is also the FaultCampaign callback's
-arguments, and jsonargparse validates a dataclass field only when its annotation is a real type.
-"""
+# Real annotations, not postponed: a settings dataclass is a callback's arguments (see critnet.choices).
 
 import math
 import time
@@ -51,11 +49,9 @@ from critnet.selection import Selection
 
 @dataclass(eq=False)
 class CampaignSettings(Selection):
-    """The settings of a fault campaign, declared once: :func:`fault_campaign` takes them as keyword arguments, the
-    :class:`~critnet.callbacks.FaultCampaign` callback as its own (the command line's ``init_args``), and
-    ``campaign.json`` records them (:meth:`as_dict`). Checked when built: a bad value raises a one-line
-    :class:`~critnet.choices.SettingError` naming the key. ``include``, ``exclude`` and ``module_types`` select the
-    fault sites (:class:`~critnet.selection.Selection`).
+    """The settings of :func:`fault_campaign` and of the :class:`~critnet.callbacks.FaultCampaign` callback, as
+    ``campaign.json`` records them (declared once, checked when built: see :mod:`critnet.choices`). ``include``,
+    ``exclude`` and ``module_types`` select the fault sites (:class:`~critnet.selection.Selection`).
 
     Args:
         include: Regular expressions searched in parameter names (weights; null = ``[\\.weight$]``) or module names

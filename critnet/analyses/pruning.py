@@ -1,9 +1,7 @@
 """``critnet.prune_sweep`` (DWP §3.2: prune → evaluate → exact restore over a p_prune × p_bern grid) and
-``critnet.compare_orders`` (whole output channels pruned by criticality, by L1 norm and at random).
+``critnet.compare_orders`` (whole output channels pruned by criticality, by L1 norm and at random)."""
 
-No ``from __future__ import annotations`` here: :class:`SweepSettings` is also the PruneSweep callback's arguments,
-and jsonargparse validates a dataclass field only when its annotation is a real type.
-"""
+# Real annotations, not postponed: a settings dataclass is a callback's arguments (see critnet.choices).
 
 import time
 from collections.abc import Mapping, Sequence
@@ -61,10 +59,8 @@ from critnet.selection import Selection
 
 @dataclass(eq=False)
 class SweepSettings(LayerSelection):
-    """The settings of a DWP sweep, declared once: :func:`prune_sweep` takes them as keyword arguments, the
-    :class:`~critnet.callbacks.PruneSweep` callback as its own (the command line's ``init_args``), and
-    ``prune_sweep.json`` records them. Checked when built: a bad value raises a one-line
-    :class:`~critnet.choices.SettingError` naming the key. ``include``, ``exclude``, ``module_types`` and
+    """The settings of :func:`prune_sweep` and of the :class:`~critnet.callbacks.PruneSweep` callback, as
+    ``prune_sweep.json`` records them (declared once, checked when built: see :mod:`critnet.choices`). ``include``, ``exclude``, ``module_types`` and
     ``include_linear`` pick the pruned layers (:class:`~critnet.engine.pruning_masks.LayerSelection`; default:
     every Conv2d).
 
@@ -281,10 +277,7 @@ def prune_sweep(
         A :class:`~critnet.results.Sweep`: one row per setting and draw, the unpruned baseline first.
 
     Raises:
-        CritnetError: one line naming what is at fault, before the model is pruned: a setting
-            (:class:`~critnet.choices.SettingError`), data that is not ``(inputs, targets)`` batches of class
-            indices within the model's classes, inputs the model rejects, or logits that cannot be read (see
-            :func:`critnet.evaluation.check_fit`).
+        CritnetError: one line naming what is at fault, before the model is pruned, as for :func:`critnet.rank`.
 
     >>> import critnet, torch
     >>> model = critnet.load_model("resnet20")
@@ -431,7 +424,7 @@ def compare_orders(
         ranking computed here.
 
     Raises:
-        CritnetError: one line naming what is at fault, before the model is touched, as for :func:`prune_sweep`.
+        CritnetError: one line naming what is at fault, before the model is touched, as for :func:`critnet.rank`.
 
     >>> import critnet, torch
     >>> model = critnet.load_model("resnet20")

@@ -1,8 +1,6 @@
-"""``critnet.rank``: perturb each unit of a model in turn, evaluate, and rank the units by criticality.
+"""``critnet.rank``: perturb each unit of a model in turn, evaluate, and rank the units by criticality."""
 
-No ``from __future__ import annotations`` here: :class:`RankSettings` is also the CriticalRanking callback's
-arguments, and jsonargparse validates a dataclass field only when its annotation is a real type.
-"""
+# Real annotations, not postponed: a settings dataclass is a callback's arguments (see critnet.choices).
 
 import time
 from collections.abc import Sequence
@@ -50,10 +48,8 @@ from critnet.scoring import UnitOutcome
 
 @dataclass(eq=False)
 class RankSettings(MethodSettings, Selection):
-    """The settings of a ranking, declared once: :func:`rank` takes them as keyword arguments, the
-    :class:`~critnet.callbacks.CriticalRanking` callback as its own (the command line's ``init_args``), and
-    ``ranking.json`` records them (:meth:`as_dict`). Checked when built: a bad value raises a one-line
-    :class:`~critnet.choices.SettingError` naming the key, the value and what is allowed.
+    """The settings of :func:`rank` and of the :class:`~critnet.callbacks.CriticalRanking` callback, as
+    ``ranking.json`` records them (declared once, checked when built: see :mod:`critnet.choices`).
 
     They are the engine's settings (:class:`~critnet.engine.unit_run.MethodSettings`: ``method``, ``score``,
     ``top_k``, ``taylor_order``, ``top_k_confidence``, ``bound``, ``loss_clip``, ``seed``, ``output``), the units'

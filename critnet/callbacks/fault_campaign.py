@@ -1,9 +1,7 @@
 """``FaultCampaign``: :func:`critnet.fault_campaign` as a Lightning callback, at the end of ``validate``: data from
-the datamodule, the campaign on every rank, reports from rank 0.
+the datamodule, the campaign on every rank, reports from rank 0."""
 
-No ``from __future__ import annotations`` here: the callback's fields are its command-line arguments, and
-jsonargparse validates a dataclass field only when its annotation is a real type.
-"""
+# Real annotations, not postponed: a settings dataclass is a callback's arguments (see critnet.choices).
 
 from dataclasses import dataclass
 from typing import ClassVar

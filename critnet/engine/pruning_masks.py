@@ -13,11 +13,9 @@ Lightning-free. The masks follow the original network-prune algorithm:
 
 The masks are applied through ``torch.nn.utils.prune`` (a custom mask, i.e. ``weight_orig`` × ``weight_mask`` with a
 forward pre-hook) and removed in ``finally``: the reparametrisation is removed and the original tensors, which pruning
-never writes to, are put back, so every parameter and buffer is bit-identical afterwards, in its original order.
+never writes to, are put back, so every parameter and buffer is bit-identical afterwards, in its original order."""
 
-No ``from __future__ import annotations`` here: :class:`LayerSelection` is part of the PruneSweep callback's
-arguments, and jsonargparse validates a dataclass field only when its annotation is a real type.
-"""
+# Real annotations, not postponed: a settings dataclass is a callback's arguments (see critnet.choices).
 
 import csv
 import math

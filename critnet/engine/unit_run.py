@@ -1,10 +1,8 @@
 """What every evaluation method works with: its settings (:class:`MethodSettings`), the state of one
 ``evaluate_units`` call (:class:`UnitRun`), the method interface (:class:`EvaluationMethod`), and the record codecs
-of unit outcomes and per-sample results.
+of unit outcomes and per-sample results."""
 
-No ``from __future__ import annotations`` here: :class:`MethodSettings` is part of the CriticalRanking callback's
-arguments, and jsonargparse validates a dataclass field only when its annotation is a real type.
-"""
+# Real annotations, not postponed: a settings dataclass is a callback's arguments (see critnet.choices).
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field

@@ -22,7 +22,8 @@ functionally and never call those modules.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -31,21 +32,29 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from critnet.choices import TAYLOR_ORDERS, SettingError, check_choice
+from critnet.engine.suffix import DEFAULT_MEMORY_BUDGET_MB
 from critnet.evaluation_set import EvaluationSet
 from critnet.outputs import OutputSelector, logits_of
 from critnet.perturb import Perturbation, Unit, activation_channel_dim, attention_heads, head_parameter_name, resolve_module, resolve_parameter, unit_values
 from critnet.scoring import Tally, UnitOutcome
 
+# A backward pass holds more than the values it saves (allocator rounding, convolution workspaces, the gradients of
+# the module outputs the hooks record): each image's estimate is counted this many times.
+TRAIN_MARGIN = 1.5
+
 
 def taylor_estimates(
     model: nn.Module, units: Sequence[Unit], perturbation: Perturbation, data: EvaluationSet, order: int = 1,
-    output: OutputSelector = None,
+    output: OutputSelector = None, memory_budget_mb: float | None = None,
 ) -> list[float]:
     """The estimated Δloss of every unit (mean loss over the evaluation set), in the order of ``units``.
 
     Args:
         order: 1 (first order) or 2 (first order plus the empirical-Fisher second-order term).
         output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`).
+        memory_budget_mb: the most memory the pass may take beyond one plain forward (default
+            ``DEFAULT_MEMORY_BUDGET_MB``): the float64 gradient sums and the gradients of one backward pass count
+            against it, and each batch runs in parts of as many images as the rest holds (:func:`micro_batches`).
 
     Gradients are taken with ``torch.autograd.grad``, so no ``.grad`` attribute and no ``requires_grad`` flag of the
     model is left changed.
@@ -72,8 +81,9 @@ def taylor_estimates(
     try:
         for p in params.values():
             p.requires_grad_(True)
+        fixed = sum(p.numel() for p in params.values()) * (8 + 4)  # float64 sums and one pass's float32 gradients
         with torch.enable_grad():
-            for x, y in data:
+            for x, y, _ in micro_batches(model, data, memory_budget_mb, fixed, output, "taylor"):
                 calls.clear()
                 if act_units:
                     x = x.detach().requires_grad_(True)  # so that every activation is part of the graph
@@ -116,7 +126,7 @@ def taylor_estimates(
 
 def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: Perturbation, data: EvaluationSet,
                          sums: bool = False, keep: torch.Tensor | None = None, output: OutputSelector = None,
-                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                         memory_budget_mb: float | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Each image's first-order Taylor estimate of its own loss change, for every unit: ``dᵢ = ⟨Δyᵢ, ∂ℓᵢ/∂yᵢ⟩``
     with ``y`` the output of the unit's module (its activation for activation units) and ``Δy`` the change the
     perturbation makes to it (one forward and backward pass per batch).
@@ -127,6 +137,7 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
         keep: with ``sums``, a boolean mask over the set's images whose per-image values to return as well (what
             halving's stages need, from the same pass that gives the full-set means).
         output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`).
+        memory_budget_mb: as for :func:`taylor_estimates`: batches run in parts whose backward pass fits it.
 
     Returns:
         float64 on the CPU: ``(units, images)`` or, with ``sums``, ``(units,)``; with ``keep`` the pair of the sums
@@ -153,7 +164,9 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
     kept: dict[Unit, list[torch.Tensor]] = {u: [] for u in units}
     try:
         with torch.enable_grad():
-            for (x, y), offset in zip(data, data.offsets()):
+            # the per-image values returned take from the budget as well
+            held = len(units) * 8 * (data.samples if not sums else int(keep.sum()) if keep is not None else 0)
+            for x, y, offset in micro_batches(model, data, memory_budget_mb, held, output, "taylor"):
                 calls.clear()
                 x = x.detach().requires_grad_(True)  # every module output becomes part of the graph
                 # the gradient of image i's own loss
@@ -176,6 +189,57 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
     if keep is None:
         return result.sum(1)
     return result.sum(1), torch.stack([torch.cat(kept[u]) for u in units])
+
+
+def micro_batches(model: nn.Module, data: EvaluationSet, memory_budget_mb: float | None, fixed: float,
+                  output: OutputSelector, what: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The batches of ``data`` as ``(inputs, targets, offset)``, each cut into parts of as many images as one
+    forward and backward pass may take within the budget once ``fixed`` bytes are set aside: a backward pass
+    holds every activation of its forward pass, many times what a plain forward holds at once.
+
+    One image's pass is estimated from the outputs of the model's leaf modules on one image (what autograd saves,
+    and as much again for the gradients flowing back), times ``TRAIN_MARGIN``. Where even one image does not fit,
+    one line says so and the parts are single images."""
+    budget = (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
+    first = next(iter(data))[0][:1]
+    per_image = 2 * _leaf_output_bytes(model, first, output) * TRAIN_MARGIN
+    size = int(max(0.0, budget - fixed) // per_image) if per_image > 0 else max(data.batch_sizes)
+    if size < 1:
+        warnings.warn(f"memory_budget_mb={memory_budget_mb}: the {what} pass needs about "
+                      f"{(fixed + per_image) / 2**20:.0f} MB beyond a plain forward even one image at a time "
+                      f"({fixed / 2**20:.0f} MB of gradient sums); its peak will exceed the budget", stacklevel=3)
+        size = 1
+    for (x, y), offset in zip(data, data.offsets()):
+        if size >= len(y):
+            yield x, y, offset
+            continue
+        for start in range(0, len(y), size):
+            yield x[start : start + size], y[start : start + size], offset + start
+
+
+def _leaf_output_bytes(model: nn.Module, x: torch.Tensor, output: OutputSelector) -> float:
+    """Bytes of the outputs of every leaf module of ``model`` in one ``no_grad`` forward pass on ``x``."""
+    total = [0.0]
+
+    def hook(module, args, out) -> None:
+        total[0] += sum(t.numel() * t.element_size() for t in _tensors(out))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not next(m.children(), None)]
+    try:
+        with torch.no_grad():
+            logits_of(model(x), output)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total[0] / max(1, len(x))
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 class _Call(NamedTuple):

@@ -128,7 +128,8 @@ def control_variate(run: UnitRun) -> tuple[Callable[[int, list[int], list[int]],
     column = torch.cumsum(tested.long(), 0) - 1  # an image's column among the kept ones (set order)
     try:
         found = per_sample_estimates(run.model, run.units, run.perturbation, data, sums=True,
-                                     keep=tested if fits else None, output=run.output)
+                                     keep=tested if fits else None, output=run.output,
+                                     memory_budget_mb=budget_mb)
     except (SettingError, RuntimeError):
         # a module without a tensor output, an attention whose output is not its projection's, or a model
         # autograd cannot differentiate: the test runs without the covariate
@@ -139,7 +140,7 @@ def control_variate(run: UnitRun) -> tuple[Callable[[int, list[int], list[int]],
         if kept is not None:
             return kept[remaining][:, column[torch.tensor(positions)]]
         return per_sample_estimates(run.model, [run.units[i] for i in remaining], run.perturbation,
-                                    data.subset(positions), output=run.output)
+                                    data.subset(positions), output=run.output, memory_budget_mb=budget_mb)
 
     return covariate, sums / n
 

@@ -28,7 +28,7 @@ class Hybrid(EvaluationMethod):
     def evaluate(self, run: UnitRun) -> dict[int, UnitOutcome]:
         top_k, score = int(run.top_k), run.score
         estimates = taylor_estimates(run.model, run.units, run.perturbation, run.data, run.taylor_order,
-                                     run.output)
+                                     run.output, run.memory_budget_mb)
         baseline = tally_samples(run.reference(), run.data).total
         order = sorted(range(len(run.units)), key=lambda i: (criticality_key(estimates[i]), i))
         exact: dict[int, UnitOutcome] = {}

@@ -19,7 +19,7 @@ class Taylor(EvaluationMethod):
 
     def evaluate(self, run: UnitRun) -> dict[int, UnitOutcome]:
         estimates = taylor_estimates(run.model, run.units, run.perturbation, run.data, run.taylor_order,
-                                     run.output)
+                                     run.output, run.memory_budget_mb)
         run.jobs.count(len(estimates))
         return {i: estimate_outcome(run.units[i], e) for i, e in enumerate(estimates)}
 

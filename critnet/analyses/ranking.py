@@ -186,8 +186,9 @@ def rank(
             batches are read once and held (up to ``memory_budget_mb``).
         units: score exactly these :class:`~critnet.perturb.Unit` objects instead of selecting them.
         device: where to evaluate (default: where the model is).
-        memory_budget_mb: the most memory held batches and cached activations may take (None: no limit for the
-            batches, the engine's default for its caches).
+        memory_budget_mb: the most memory the ranking may take beyond the model, the data and one plain forward of
+            one batch: cached activations, stacked variants, per-sample results, the Taylor pass (None: the
+            engine's default of 1024 MB; held batches then have no limit).
         resume_dir: append finished units here and skip them when the same ranking runs again.
         progress: draw a rich progress bar (or join a live ``rich.progress.Progress``).
         distributed: a :class:`~critnet.distributed.Distributed` handle: units are shared among the ranks, every

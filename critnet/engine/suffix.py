@@ -41,6 +41,9 @@ from critnet.perturb import Perturbation, Unit, head_parameter_name, perturbed
 from critnet.scoring import TallyPair, UnitOutcome, sum_halves
 from critnet.scoring import per_sample as sample_stats
 
+# Without a budget the engine takes up to 1 GiB beyond one plain forward: beside an ImageNet model and a batch
+# of a few dozen images it fits an 8 GB GPU, the smallest common one, and it stacks enough variants that larger
+# budgets run little faster.
 DEFAULT_MEMORY_BUDGET_MB = 1024.0
 _TRACE_LOCK = threading.Lock()
 _INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",

@@ -41,6 +41,9 @@ from critnet.scoring import Tally, UnitOutcome
 # A backward pass holds more than the values it saves (allocator rounding, convolution workspaces, the gradients of
 # the module outputs the hooks record): each image's estimate is counted this many times.
 TRAIN_MARGIN = 1.5
+# The per-image derivatives (order 2, and the per-sample estimates) also hold each watched module's output change
+# along the perturbation, about as large again as the pass's activations: counted as twice the pass.
+DERIVATIVE_MARGIN = 2.0
 
 
 def taylor_estimates(
@@ -83,7 +86,8 @@ def taylor_estimates(
             p.requires_grad_(True)
         fixed = sum(p.numel() for p in params.values()) * (8 + 4)  # float64 sums and one pass's float32 gradients
         with torch.enable_grad():
-            for x, y, _ in micro_batches(model, data, memory_budget_mb, fixed, output, "taylor"):
+            for x, y, _ in micro_batches(model, data, memory_budget_mb, fixed, output, "taylor",
+                                         DERIVATIVE_MARGIN if order == 2 else 1.0):
                 calls.clear()
                 if act_units:
                     x = x.detach().requires_grad_(True)  # so that every activation is part of the graph
@@ -166,7 +170,8 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
         with torch.enable_grad():
             # the per-image values returned take from the budget as well
             held = len(units) * 8 * (data.samples if not sums else int(keep.sum()) if keep is not None else 0)
-            for x, y, offset in micro_batches(model, data, memory_budget_mb, held, output, "taylor"):
+            for x, y, offset in micro_batches(model, data, memory_budget_mb, held, output, "taylor",
+                                              DERIVATIVE_MARGIN):
                 calls.clear()
                 x = x.detach().requires_grad_(True)  # every module output becomes part of the graph
                 # the gradient of image i's own loss
@@ -192,17 +197,18 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
 
 
 def micro_batches(model: nn.Module, data: EvaluationSet, memory_budget_mb: float | None, fixed: float,
-                  output: OutputSelector, what: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+                  output: OutputSelector, what: str,
+                  factor: float = 1.0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """The batches of ``data`` as ``(inputs, targets, offset)``, each cut into parts of as many images as one
     forward and backward pass may take within the budget once ``fixed`` bytes are set aside: a backward pass
     holds every activation of its forward pass, many times what a plain forward holds at once.
 
     One image's pass is estimated from the outputs of the model's leaf modules on one image (what autograd saves,
-    and as much again for the gradients flowing back), times ``TRAIN_MARGIN``. Where even one image does not fit,
+    and as much again for the gradients flowing back), times ``TRAIN_MARGIN`` and ``factor``. Where even one image does not fit,
     one line says so and the parts are single images."""
     budget = (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
     first = next(iter(data))[0][:1]
-    per_image = 2 * _leaf_output_bytes(model, first, output) * TRAIN_MARGIN
+    per_image = 2 * _leaf_output_bytes(model, first, output) * TRAIN_MARGIN * factor
     size = int(max(0.0, budget - fixed) // per_image) if per_image > 0 else max(data.batch_sizes)
     if size < 1:
         warnings.warn(f"memory_budget_mb={memory_budget_mb}: the {what} pass needs about "

@@ -398,7 +398,7 @@ def test_validate_ranks_the_heads_of_an_hf_model_through_the_command_line(saved,
 
     make_image_folder(tmp_path / "tree", "val", CLASSES, 2, size=(40, 48))
     (tmp_path / "heads.yaml").write_text(
-        "trainer:\n  callbacks:\n    - class_path: critnet.callbacks.critical_ranking.CriticalRanking\n"
+        "trainer:\n  callbacks:\n    - class_path: critnet.callbacks.CriticalRanking\n"
         "      init_args: {unit: head, perturbation: zero, score: delta_loss}\n")
     arch = saved["vit"][0]
     with warnings.catch_warnings():

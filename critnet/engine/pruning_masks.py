@@ -11,9 +11,8 @@ Lightning-free. The masks follow the original network-prune algorithm:
   Scope ``layerwise`` applies the same rule to each layer on its own;
 * every candidate is pruned independently with probability ``p_bern``.
 
-The masks are applied through ``torch.nn.utils.prune`` (a custom mask, i.e. ``weight_orig`` × ``weight_mask`` with a
-forward pre-hook) and removed in ``finally``: the reparametrisation is removed and the original tensors, which pruning
-never writes to, are put back, so every parameter and buffer is bit-identical afterwards, in its original order."""
+The masks zero the pruned weights in place (:func:`pruned`), and the removed values are written back in ``finally``,
+so every parameter and buffer is bit-identical afterwards."""
 
 # Real annotations, not postponed: a settings dataclass is a callback's arguments (see critnet.choices).
 
@@ -315,46 +314,30 @@ def _named_module(model: nn.Module, name: str) -> nn.Module:
         raise PruneError(f"the model has no module {name!r} to prune") from None
 
 
-def _restore(module: nn.Module, original: nn.Parameter, data: torch.Tensor, order: list[str],
-             hooks_before: set[int]) -> None:
-    """Remove any pruning reparametrisation of ``module.weight`` and put back the original parameter and bits."""
-    if torch_prune.is_pruned(module):
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, torch_prune.BasePruningMethod) and hook._tensor_name == "weight":
-                torch_prune.remove(module, "weight")
-                break
-    # Anything a failed apply left behind goes too: the mask buffer, the plain attribute, the _orig parameter.
-    module._buffers.pop("weight_mask", None)
-    module._parameters.pop("weight_orig", None)
-    for key in [k for k in module._forward_pre_hooks if k not in hooks_before]:
-        del module._forward_pre_hooks[key]
-    if "weight" in module.__dict__:
-        del module.__dict__["weight"]
-    with torch.no_grad():
-        original.data = data  # pruning never wrote to this tensor, so this puts back the exact bits
-    parameters = dict(module._parameters)
-    parameters["weight"] = original
-    module._parameters.clear()
-    for key in order:  # keep named_parameters()/state_dict() order as it was (remove() re-appends weight last)
-        module._parameters[key] = parameters.pop(key)
-    module._parameters.update(parameters)
-
-
 @contextmanager
 def pruned(model: nn.Module, masks: PruneMasks) -> Iterator[PruneMasks]:
-    """Apply ``masks`` through torch.nn.utils.prune for the body of the ``with``; restore exactly on exit."""
-    saved: list[tuple[nn.Module, nn.Parameter, torch.Tensor, list[str], set[int]]] = []
+    """Zero the weights ``masks`` remove, in place, for the body of the ``with``; put back the exact bits on exit
+    (also on exceptions and interrupts).
+
+    Only the removed values are kept aside: torch.nn.utils.prune would hold a float copy of every mask and a masked
+    copy of every weight, twice the selected weights whatever the ratio. Multiplying by the 0/1 mask, as that module
+    does, writes the same values (signed zeros included), so the pruned network computes the same outputs.
+    """
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     try:
-        for name, mask in masks.masks.items():
-            module = _named_module(model, name)
-            original = module._parameters.get("weight")
-            if original is None or torch_prune.is_pruned(module):
-                raise PruneError(f"layer {name!r} has no plain weight parameter to prune")
-            if tuple(mask.shape) != tuple(original.shape):
-                raise PruneError(f"mask for {name!r} has shape {tuple(mask.shape)}, weight {tuple(original.shape)}")
-            saved.append((module, original, original.data, list(module._parameters), set(module._forward_pre_hooks)))
-            torch_prune.custom_from_mask(module, "weight", mask.to(original.device))
+        with torch.no_grad():
+            for name, mask in masks.masks.items():
+                module = _named_module(model, name)
+                weight = module._parameters.get("weight")
+                if weight is None or torch_prune.is_pruned(module):
+                    raise PruneError(f"layer {name!r} has no plain weight parameter to prune")
+                if tuple(mask.shape) != tuple(weight.shape):
+                    raise PruneError(f"mask for {name!r} has shape {tuple(mask.shape)}, weight {tuple(weight.shape)}")
+                keep = mask.to(weight.device)
+                saved.append((weight, keep, weight[~keep].clone()))
+                weight.mul_(keep.to(weight.dtype))
         yield masks
     finally:
-        for module, original, data, order, hooks_before in reversed(saved):
-            _restore(module, original, data, order, hooks_before)
+        with torch.no_grad():
+            for weight, keep, removed in reversed(saved):
+                weight.masked_scatter_(~keep, removed)

@@ -4,6 +4,7 @@
 # Real annotations, not postponed: a settings dataclass is a callback's arguments (see critnet.choices).
 
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from critnet.distributed import Distributed
 from critnet.engine.jobs import Codec, Jobs, Record, fingerprint
 from critnet.engine.pruning_masks import (
     LayerSelection,
+    prunable_layers,
     PruneMasks,
     channel_count,
     channel_l1,
@@ -223,6 +225,19 @@ def _evaluation(model, data, distributed, sharded, forward_context, resume_dir, 
                                         device=device, memory_budget_mb=memory_budget_mb, output=output)
 
 
+def _warn_if_over_budget(norms: Sequence[Any], model: nn.Module, selection: LayerSelection,
+                         memory_budget_mb: float | None) -> None:
+    """One line when the sweep's own state cannot fit ``memory_budget_mb``: the float64 norm of every unit (the
+    global threshold sorts them all), a keep-mask per selected weight, and the removed values of a setting."""
+    if memory_budget_mb is None:
+        return
+    weights = sum(module.weight.numel() for _, module in prunable_layers(model, selection))
+    needed = (sum(n.numel() for n in norms) * 8 + weights * (1 + 4)) / 2**20
+    if needed > memory_budget_mb:
+        warnings.warn(f"memory_budget_mb={memory_budget_mb}: the sweep's unit norms and masks need about "
+                      f"{needed:.0f} MB beyond a plain forward; its peak will exceed the budget", stacklevel=3)
+
+
 def prune_sweep(
     model: nn.Module,
     data: Any,
@@ -301,6 +316,7 @@ def prune_sweep(
             random = 0.0 < bern < 1.0 and prune > 0.0
             plan += [(prune, bern, repeat, seed + repeat) for repeat in range(repeats if random else 1)]
     norms = layer_norms(model, method, settings)
+    _warn_if_over_budget(norms, model, settings, memory_budget_mb)
     rows = []
     try:
         with progress_bar(progress, "prune", distributed, total=len(plan), step_name="settings") as bar:

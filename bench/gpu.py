@@ -476,8 +476,8 @@ def part_engine(args, sizes, device) -> dict:
     top_k = max(1, round(args.top_k * len(halving_units) / report["all_channel_units"]))
     seconds, ranking, peak = run("halving", halving_units, budget, top_k=top_k)
     # unit·images actually evaluated: every stage evaluates the remaining units on its new images
-    per_stage = ranking.levels[0].test["stages"]
-    evaluated = ranking.levels[0].test["unit_images"]
+    per_stage = ranking.levels[0].top_k_test["stages"]
+    evaluated = ranking.levels[0].top_k_test["unit_images"]
     survivors = sum(1 for r in ranking.rows if r["exact"])
     report["methods"]["halving"] = {
         "units": len(halving_units), "top_k": top_k, "seconds": seconds, "peak_mb": peak,

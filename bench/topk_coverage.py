@@ -190,7 +190,7 @@ def network_run(seeds: int) -> list[dict]:
             ranking = critnet.rank(model, data, unit="channel", perturbation="zero", include=["features.weight"],
                                    score="delta_loss", method="halving", top_k=5, seed=seed, bound=bound)
             wrong += sorted(r["unit"] for r in ranking.top(5)) != sorted(truth)
-            test = ranking.levels[0].test
+            test = ranking.levels[0].top_k_test
             work += test["unit_images"] / (len(ranking.units) * ranking.samples)
         rows.append({"scenario": "network", "bound": bound, "seeds": seeds, "wrong": wrong,
                      "wrong_rate": wrong / seeds, "upper95": clopper_pearson_upper(wrong, seeds),

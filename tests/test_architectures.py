@@ -407,7 +407,7 @@ def test_halving_and_hybrid_rank_heads_with_taylor_terms(monkeypatch):
     assert [r["unit"] for r in hybrid.top(2)] == [r["unit"] for r in exact.top(2)]
     halving = critnet.rank(model, data, unit="head", perturbation="zero", score="delta_loss", method="halving",
                            top_k=2, bound="normal")  # the Taylor control variate belongs to the normal bound
-    assert halving.levels[0].test["control_variate"] == "first-order Taylor per image"
+    assert halving.levels[0].top_k_test["control_variate"] == "first-order Taylor per image"
     # halving evaluates its stages in other batches: its top 2 are the exact top 2 up to float32 rounding of the
     # losses at the boundary (bit for bit only where the kernels do not depend on the batch size)
     exact_rows = {r["unit"]: r for r in exact.rows}

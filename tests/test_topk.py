@@ -285,7 +285,7 @@ def test_halving_reports_the_exact_top_k_with_exact_full_set_scores(small_model,
     # own pass over its new images (other batches, so the estimates agree to rounding): the same top k
     small = critnet.rank(model, data, method="halving", memory_budget_mb=1e-4, **options)
     assert [r["unit"] for r in small.top(3)] == [r["unit"] for r in fast.top(3)]
-    assert small.levels[0].test["control_variate"] == test["control_variate"]
+    assert small.levels[0].top_k_test["control_variate"] == test["control_variate"]
 
 
 def test_halving_settings_are_checked():
@@ -359,7 +359,7 @@ def test_betting_halving_eliminates_units_and_keeps_the_exact_top_k():
     options = dict(unit="channel", perturbation="zero", include=["features.weight"], score="delta_loss", top_k=4)
     exact = critnet.rank(model, data, **options)
     fast = critnet.rank(model, data, method="halving", **options)
-    test = fast.levels[0].test
+    test = fast.levels[0].top_k_test
     assert test["bound"] == "betting" and test["guarantee"] == "finite-sample" and test["control_variate"] is None
     assert test["range_width"] == certify.LOSS_CLIP and 0 < test["largest_value"] < certify.LOSS_CLIP
     assert test["units_at_full_set"] < len(fast.units)  # it did skip work
@@ -400,18 +400,18 @@ def test_a_rare_effect_unit_defeats_the_normal_bound_but_not_the_betting_bound()
 
 
 def test_a_loss_beyond_the_clip_voids_the_guarantee_and_says_so(capsys):
-    from critnet.results.ranking_result import test_note
+    from critnet.results.ranking_result import top_k_test_note
 
     coverage = _bench("topk_coverage")
     model, data, _ = coverage.rare_effect_network(images=600)
     ranking = critnet.rank(model, data, unit="channel", perturbation="zero", include=["features.weight"],
                            score="delta_loss", method="halving", top_k=5, loss_clip=10.0)
-    test = ranking.levels[0].test
+    test = ranking.levels[0].top_k_test
     assert test["guarantee"].startswith("void") and test["largest_value"] > 10.0 and test["values_outside_range"] > 0
-    assert test_note(test, ranking.rows).startswith("halving: NO GUARANTEE (void")
+    assert top_k_test_note(test, ranking.rows).startswith("halving: NO GUARANTEE (void")
     normal = critnet.rank(model, data, unit="channel", perturbation="zero", include=["features.weight"],
                           score="delta_loss", method="halving", top_k=5, bound="normal")
-    assert "nominal" in test_note(normal.levels[0].test, normal.rows)
+    assert "nominal" in top_k_test_note(normal.levels[0].top_k_test, normal.rows)
     assert normal.summary["levels"][0]["top_k_test"]["guarantee"] == "nominal"
 
 

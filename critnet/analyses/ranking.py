@@ -136,7 +136,7 @@ def _rank_level(model: nn.Module, units: list[Unit], perturbation: Perturbation,
         engine_agreement=(estimate_agreement(outcomes, baseline, score, top_k)
                           if method in ("taylor", "hybrid") else None),
         elapsed_s=time.perf_counter() - started,
-        test=None if outcomes.test is None else outcomes.test.as_dict(),
+        top_k_test=None if outcomes.top_k_test is None else outcomes.top_k_test.as_dict(),
     )
 
 

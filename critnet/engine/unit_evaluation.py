@@ -28,11 +28,11 @@ from critnet.scoring import UnitOutcome
 
 class Outcomes(list):
     """One :class:`~critnet.scoring.UnitOutcome` per unit, in the order of the units, and what halving's
-    sequential test recorded (``test``; None for the other methods)."""
+    sequential test recorded (``top_k_test``; None for the other methods)."""
 
-    def __init__(self, outcomes: Sequence[UnitOutcome], test: SequentialTestRecord | None = None) -> None:
+    def __init__(self, outcomes: Sequence[UnitOutcome], top_k_test: SequentialTestRecord | None = None) -> None:
         super().__init__(outcomes)
-        self.test = test
+        self.top_k_test = top_k_test
 
 
 def evaluate_baseline(model: nn.Module, data: EvaluationSet,
@@ -104,7 +104,7 @@ def evaluate_units(
     reference: Samples | None = None,
     output: OutputSelector = MethodSettings.output,
 ) -> Outcomes:
-    """One outcome per unit, in the order of ``units``, on every rank (halving's test record in ``.test``).
+    """One outcome per unit, in the order of ``units``, on every rank (halving's test record in ``.top_k_test``).
 
     ``method``, ``score``, ``top_k``, ``taylor_order``, ``top_k_confidence``, ``bound``, ``loss_clip``, ``seed`` and
     ``output`` are the engine's settings, documented once in :class:`~critnet.engine.unit_run.MethodSettings`.
@@ -148,4 +148,4 @@ def evaluate_units(
     with Jobs(Distributed(rank, world_size, all_gather), resume_dir, key, progress=progress) as run.jobs, \
             evaluation_mode(model, data.device, deterministic=chosen.deterministic):
         outcomes = chosen.evaluate(run)
-    return Outcomes([outcomes[i] for i in range(len(run.units))], run.test)
+    return Outcomes([outcomes[i] for i in range(len(run.units))], run.top_k_test)

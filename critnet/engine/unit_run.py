@@ -141,7 +141,7 @@ class UnitRun(MethodSettings):
     #: The unperturbed per-sample results, when the caller has them (else made on first use).
     samples: Optional[Samples] = None
     #: What halving's sequential test recorded (None for the other methods).
-    test: Optional[SequentialTestRecord] = None
+    top_k_test: Optional[SequentialTestRecord] = None
 
     def evaluate(self, indices: Sequence[int], phase: str,
                  runner: Callable[[list[tuple[int, Unit]], Callable[[int, Any], None]], None],

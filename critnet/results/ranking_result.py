@@ -29,7 +29,7 @@ class LevelRanking:
     engine_agreement: dict[str, Any] | None
     elapsed_s: float
     #: ``halving``: how its sequential test went (settings, per-stage eliminations, units at the full set).
-    test: dict[str, Any] | None = None
+    top_k_test: dict[str, Any] | None = None
 
 
 @dataclass(repr=False)  # the repr of AnalysisResult: a table
@@ -107,7 +107,7 @@ class Ranking(AnalysisResult):
                 "broken_units": sum(1 for row in rows if not math.isfinite(row["loss"])),
                 "exact_units": sum(1 for row in rows if row["exact"]),
                 "boundary": boundary_overlap(rows, self.score, self.top_k),
-                "top_k_test": level.test,
+                "top_k_test": level.top_k_test,
                 "elapsed_s": round(level.elapsed_s, 3),
                 "top": [{k: row[k] for k in ("rank", "unit", "score", "loss", "delta_loss", "delta_loss_se", "top1",
                                              "top5", "top1_drop_se", "samples", "exact")}
@@ -178,8 +178,8 @@ class Ranking(AnalysisResult):
         for entry in self.levels:
             if self.method == "hybrid" and entry.engine_agreement is not None:
                 lines.append(hybrid_note(entry.engine_agreement))
-            if entry.test is not None:
-                lines.append(test_note(entry.test, entry.rows))
+            if entry.top_k_test is not None:
+                lines.append(top_k_test_note(entry.top_k_test, entry.rows))
             boundary = boundary_overlap(entry.rows, self.score, self.top_k)
             if boundary is not None:
                 lines.append(boundary_note(boundary))
@@ -309,7 +309,7 @@ def hybrid_note(agreement: dict[str, Any]) -> str:
     return line
 
 
-def test_note(test: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
+def top_k_test_note(test: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
     """One console line on halving's sequential test: its guarantee (finite-sample, nominal, or void), what each
     stage decided, and how many units reached the whole set (their scores are the exact full-set scores; the others
     were eliminated early)."""
@@ -341,4 +341,4 @@ def boundary_note(boundary: Mapping[str, Any]) -> str:
             f"{format_cell(high, 4)}]; {above} units above and {below} below it have overlapping intervals")
 
 
-__all__ = ["LevelRanking", "Ranking", "boundary_note", "hybrid_note", "test_note"]
+__all__ = ["LevelRanking", "Ranking", "boundary_note", "hybrid_note", "top_k_test_note"]

@@ -39,7 +39,7 @@ class Halving(EvaluationMethod):
     """The sequential test of :mod:`critnet.engine.certify`, evaluating the network on each stage's new images.
     A unit that reaches the end has been evaluated on every image, and its per-image results are summed batch by
     batch exactly as the exact method sums them, so its scores are the exact full-set scores. The test's record
-    (:class:`~critnet.engine.certify.SequentialTestRecord`) is left in ``run.test``."""
+    (:class:`~critnet.engine.certify.SequentialTestRecord`) is left in ``run.top_k_test``."""
 
     name = "halving"
 
@@ -58,7 +58,7 @@ class Halving(EvaluationMethod):
         outcomes = {i: tally_over(stages.parts.pop(i), n, run.data, reference, run.units[i], exact=i in remaining)
                     for i in range(len(run.units))}
         record.ties_at_boundary = ties_at_boundary(outcomes, remaining, reference, run.score, int(run.top_k))
-        run.test = record
+        run.top_k_test = record
         return outcomes
 
 

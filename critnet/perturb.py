@@ -41,6 +41,8 @@ from torch import nn
 
 from critnet.choices import LEVELLESS, PERTURBATION_KINDS, UNIT_KINDS, SettingError
 
+# Output projections of attention modules, in the order they are looked for (torchvision's MaxViT calls it merge,
+# Hugging Face transformers 5 o_proj).
 _PROJECTION_NAMES = ("out_proj", "proj", "merge", "o_proj")
 # Attributes holding an attention module's number of heads (transformers: num_attention_heads).
 _HEAD_COUNTS = ("num_heads", "n_heads", "num_attention_heads")
@@ -53,7 +55,6 @@ _CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.
                    nn.GroupNorm)
 # Modules whose channels are the last dimension whatever its rank.
 _CHANNELS_LAST = (nn.Linear, nn.LayerNorm)
-# Attributes that tell how many output channels a module produces without running it.
 
 
 @dataclass(frozen=True, order=True)

@@ -19,8 +19,7 @@ from critnet.perturb import Unit, activation_channel_dim, attention_heads
 _DEFAULT_INCLUDE = {"tensor": ("weight",), "channel": ("weight",), "activation": None, "head": None}
 _DEFAULT_MODULE_TYPES = {"tensor": None, "channel": ("Conv2d", "Linear"), "activation": ("Conv2d", "Linear"),
                          "head": None}
-# Output projections of attention modules, in the order they are looked for (torchvision's MaxViT calls it merge,
-# Hugging Face transformers 5 o_proj).
+# Attributes that tell how many output channels a module produces without running it.
 _OUT_CHANNEL_ATTRIBUTES = ("out_channels", "out_features", "num_features", "embedding_dim")
 
 

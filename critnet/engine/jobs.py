@@ -173,9 +173,9 @@ class Jobs:
                 results[key] = self._results[(phase, key)]
             elif (phase, key) in self._records:
                 results[key] = self._decode(codec, phase, key, item)
+                self.resumed += 1
             else:
                 todo.append((key, item))
-        self.resumed += len(results)
         mine = todo if self.replicated else self._share(todo, costs)
         self.total += len(mine)
         self._report()

@@ -45,6 +45,13 @@ from critnet.scoring import per_sample as sample_stats
 # of a few dozen images it fits an 8 GB GPU, the smallest common one, and it stacks enough variants that larger
 # budgets run little faster.
 DEFAULT_MEMORY_BUDGET_MB = 1024.0
+
+
+def budget_bytes(memory_budget_mb: float | None) -> float:
+    """``memory_budget_mb`` in bytes, the default where it is None."""
+    return (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
+
+
 _TRACE_LOCK = threading.Lock()
 _INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
                       "ilshift", "irshift", "imatmul"}
@@ -342,7 +349,7 @@ class SuffixEvaluator:
         #: The unperturbed per-sample results over ``data`` (``sample_pass``): outcomes then carry paired sums.
         self.reference = reference
         self.traced, self.trace_failure = trace_failure(model)
-        self.budget = (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
+        self.budget = budget_bytes(memory_budget_mb)
         self.bytes_per_sample = 0.0
         if self.traced is not None:
             with torch.no_grad():

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from critnet.choices import TAYLOR_ORDERS, SettingError, check_choice
-from critnet.engine.suffix import DEFAULT_MEMORY_BUDGET_MB
+from critnet.engine.suffix import budget_bytes
 from critnet.evaluation_set import EvaluationSet
 from critnet.outputs import OutputSelector, logits_of
 from critnet.perturb import Perturbation, Unit, activation_channel_dim, attention_heads, head_parameter_name, resolve_module, resolve_parameter, unit_values
@@ -159,11 +159,11 @@ def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: 
         resolve_parameter(model, u)
     owners = _owners(named_modules, param_units)
     layers = _layers(model, act_units)
+    if keep is not None and not sums:
+        raise ValueError("keep: only with sums=True (without it every image's values are returned)")
     calls: dict[str, list[_Call]] = {}
     handles = [named_modules[name].register_forward_hook(_call_recorder(name, calls), with_kwargs=True)
                for name in _watched(owners) | set(layers)]
-    if keep is not None and not sums:
-        raise ValueError("keep: only with sums=True (without it every image's values are returned)")
     parts: dict[Unit, list[torch.Tensor]] = {u: [] for u in units}
     kept: dict[Unit, list[torch.Tensor]] = {u: [] for u in units}
     try:
@@ -206,7 +206,7 @@ def micro_batches(model: nn.Module, data: EvaluationSet, memory_budget_mb: float
     One image's pass is estimated from the outputs of the model's leaf modules on one image (what autograd saves,
     and as much again for the gradients flowing back), times ``TRAIN_MARGIN`` and ``factor``. Where even one image does not fit,
     one line says so and the parts are single images."""
-    budget = (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
+    budget = budget_bytes(memory_budget_mb)
     first = next(iter(data))[0][:1]
     per_image = 2 * _leaf_output_bytes(model, first, output) * TRAIN_MARGIN * factor
     size = int(max(0.0, budget - fixed) // per_image) if per_image > 0 else max(data.batch_sizes)

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from critnet.engine.jobs import Codec
 from critnet.engine.suffix import (
-    DEFAULT_MEMORY_BUDGET_MB,
     TracedModel,
+    budget_bytes,
     segment_batches,
     trace,
 )
@@ -201,7 +201,7 @@ class FaultEvaluator:
         self.output = output
         self.golden = golden_run(model, data, output)
         self.traced: TracedModel | None = trace(model)
-        self.budget = (memory_budget_mb if memory_budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
+        self.budget = budget_bytes(memory_budget_mb)
         self.pack_size = pack_size or max(data.batch_sizes)
         self.bytes_per_sample = 0.0
         if self.traced is not None:

@@ -24,7 +24,7 @@ from critnet.choices import FAULT_MODELS, FAULT_TARGETS, SettingError
 from critnet.errors import CritnetError
 
 
-#: The columns of the fault list in ``faults.csv`` (written before any evaluation; enough to replay it).
+#: The columns of the fault list in ``faults.csv`` (enough to replay it).
 FAULT_LIST_COLUMNS = ("fault", "fault_model", "target", "parameter", "index", "bit", "original", "faulty")
 _SEPARATOR = ";"  # several sites of one fault (bit-error-rate draws) share one row
 

@@ -226,11 +226,6 @@ class Campaign(AnalysisResult):
                 paths.append(save_figure(figure, directory / name))
         return paths
 
-    def save(self, directory: str | Path) -> list[Path]:
-        """Every file without the console (what :func:`critnet.fault_campaign` wrote with ``output_dir``; goes once
-        the campaign no longer writes files: use :meth:`report`)."""
-        return self.write_files(Path(directory))
-
     def plot(self):
         """A matplotlib figure: the layer × bit heatmap of critical-fault (SDC-1) rates and the per-layer rates
         with their 95 % intervals."""

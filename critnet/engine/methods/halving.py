@@ -11,7 +11,7 @@ import torch
 from critnet.choices import SettingError
 from critnet.engine import certify
 from critnet.engine.certify import SequentialTestRecord
-from critnet.engine.suffix import DEFAULT_MEMORY_BUDGET_MB, SuffixEvaluator
+from critnet.engine.suffix import SuffixEvaluator, budget_bytes
 from critnet.engine.taylor_terms import per_sample_estimates
 from critnet.engine.unit_run import EvaluationMethod, Samples, UnitRun
 from critnet.evaluation import tally_samples
@@ -123,7 +123,7 @@ def control_variate(run: UnitRun) -> tuple[Callable[[int, list[int], list[int]],
     tested = torch.zeros(n, dtype=torch.bool)
     tested[certify.sample_order(n, int(run.seed))[: sizes[-2]]] = True
     budget_mb = run.memory_budget_mb
-    budget = (budget_mb if budget_mb is not None else DEFAULT_MEMORY_BUDGET_MB) * 2**20
+    budget = budget_bytes(budget_mb)
     fits = len(run.units) * int(tested.sum()) * 8 <= budget
     column = torch.cumsum(tested.long(), 0) - 1  # an image's column among the kept ones (set order)
     try:

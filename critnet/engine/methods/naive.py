@@ -17,7 +17,6 @@ class Naive(EvaluationMethod):
             full_passes(run.model, work, run.perturbation, run.data, record, run.reference(), run.output)
 
         with torch.no_grad():
-            # the same phase as exact: both give the same scores, so either resumes the other's records
             return run.evaluate(range(len(run.units)), "exact", runner)
 
 

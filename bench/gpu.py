@@ -438,9 +438,6 @@ def part_engine(args, sizes, device) -> dict:
                     "all_channel_units": len(critnet.select_units(model, "channel")), "methods": {}}
     probe = engine_suffix.SuffixEvaluator(model, critnet.Perturbation("zero"), data, budget)
     report["crossing_mb_per_sample"] = probe.bytes_per_sample / 2**20
-    report["segments"] = len(probe.segments())
-    report["max_variants_by_budget"] = max(1, int(probe.budget // (4 * sizes["batch"] * probe.bytes_per_sample))) \
-        if probe.bytes_per_sample else None
     report["flop_fraction_exact"] = sum(probe.costs(units)) / (len(units) * probe.traced.full_cost) \
         if probe.traced is not None else None
     every = critnet.select_units(model, "channel")  # the sample's suffix cost against all units' (sampling bias)

@@ -369,10 +369,6 @@ class SuffixEvaluator:
         full = self.traced.full_cost
         return [full if self.plan(u) is None else self.traced.suffix_cost(self.plan(u)) for u in units]
 
-    def segments(self) -> list[list[int]]:
-        """Batch positions per segment: whole batches whose crossing values fit the memory budget."""
-        return segment_batches(self.data.batch_sizes, self.bytes_per_sample, self.budget)
-
     def run(
         self,
         work: Sequence[tuple[int, Unit]],

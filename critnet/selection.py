@@ -48,7 +48,7 @@ def _check_module_types(model: nn.Module, module_types: Sequence[str] | None) ->
         return None
     if isinstance(module_types, str):
         module_types = [module_types]
-    present = {type(m).__name__ for m in model.modules()}
+    present = set().union(*(module_type_names(m) for m in model.modules()))
     for type_name in module_types:
         if type_name not in present and not isinstance(getattr(nn, type_name, None), type):
             raise SettingError(
@@ -110,12 +110,44 @@ class Selection:
         include, exclude = _compile(self.include, "include"), _compile(self.exclude, "exclude") or []
         types = _check_module_types(model, self.module_types if self.module_types is not None else default_types)
         return [(name, module) for name, module in model.named_modules()
-                if name and _matches(name, include, exclude) and (types is None or type(module).__name__ in types)]
+                if name and _matches(name, include, exclude) and (types is None or module_type_names(module) & types)]
+
+    def names(self, model: nn.Module, owners: dict[str, nn.Module], default_include: Sequence[str] | None = None,
+              default_types: Sequence[str] | None = None) -> list[str]:
+        """The names of ``owners`` (a name → the module owning it) that it keeps, in their order; ``default_*``
+        stand in for ``include`` / ``module_types`` when those are ``None``.
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        >>> Selection(include=["weight"]).names(model, {"0.weight": model[0], "1.weight": model[1]},
+        ...                                     default_types=["Conv2d"])
+        ['0.weight']
+        """
+        include = _compile(self.include if self.include is not None else default_include, "include")
+        exclude = _compile(self.exclude, "exclude") or []
+        types = _check_module_types(model, self.module_types if self.module_types is not None else default_types)
+        kept = [name for name, owner in owners.items()
+                if _matches(name, include, exclude) and (types is None or module_type_names(owner) & types)]
+        if not kept:
+            raise SettingError(f"the selection is empty: include={self.include!r}, exclude={list(self.exclude)!r}, "
+                               f"module_types={self.module_types!r} match none of {type(model).__name__}'s "
+                               f"{len(owners)} candidates")
+        return kept
 
     def as_dict(self) -> dict[str, list[str] | None]:
         """The selection as the JSON records of every analysis keep it."""
         return {"include": None if self.include is None else list(self.include), "exclude": list(self.exclude),
                 "module_types": None if self.module_types is None else list(self.module_types)}
+
+
+def module_type_names(module: nn.Module) -> set[str]:
+    """The class names ``module_types`` matches ``module`` by: its own class's, and for a ``torch.ao`` quantized
+    layer also the quantized layer classes it derives from (a fused ``ConvReLU2d`` is a quantized ``Conv2d``), so
+    one selection picks the same layers of a float model and of its quantized copy."""
+    names = {type(module).__name__}
+    for cls in type(module).__mro__[1:]:
+        if cls.__module__.startswith("torch.ao.nn.quantized"):
+            names.add(cls.__name__)
+    return names
 
 
 def _owner(modules: dict[str, nn.Module], param_name: str) -> nn.Module:
@@ -204,7 +236,7 @@ def select_units(
         for name, param in model.named_parameters():
             if not _matches(name, include_patterns, exclude_patterns):
                 continue
-            if types is not None and type(_owner(modules, name)).__name__ not in types:
+            if types is not None and not module_type_names(_owner(modules, name)) & types:
                 continue
             if kind == "tensor":
                 units.append(Unit("tensor", name))
@@ -215,7 +247,7 @@ def select_units(
             found = attention_heads(module)
             if found is None or not _matches(name, include_patterns, exclude_patterns):
                 continue
-            if types is not None and type(module).__name__ not in types:
+            if types is not None and not module_type_names(module) & types:
                 continue
             units.extend(Unit("head", name, h) for h in range(found[1]))
     else:
@@ -224,7 +256,7 @@ def select_units(
             for name, module in model.named_modules()
             if name
             and _matches(name, include_patterns, exclude_patterns)
-            and (types is None or type(module).__name__ in types)
+            and (types is None or module_type_names(module) & types)
         ]
         if example_input is None:
             declared = {name: _activation_channels(name, modules[name], None) for name in names}

@@ -336,7 +336,7 @@ def test_a_cut_partial_file_resumes_with_the_same_outcomes(tmp_path):
     ({"error_margin": 1.5}, "error_margin: 1.5 is outside"),
     ({"stratify": ["bit"]}, "stratify: .* must contain 'layer'"),
     ({"fault_model": "ber"}, "ber: None must be a bit-error rate"),
-    ({"layers": ["nothing"]}, r"include: the selection is empty: kind='tensor', include=\('nothing',\)"),
+    ({"layers": ["nothing"]}, r"include: the selection is empty: include=\('nothing',\)"),
     ({"layers": ["fc"], "include": ["fc"]}, "layers: another name of include; give one of them, not both"),
     ({"target": "activations", "exclude": ["("]}, "exclude: '\\(' is not a valid regular expression"),
 ])
@@ -380,7 +380,7 @@ def test_the_cli_preset_runs_the_campaign_and_rejects_bad_flags_in_one_line(tmp_
         main([*args, "--trainer.callbacks.init_args.bits=[40]"])
     assert exit_code.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert errors == ["error: FaultCampaign: bits[0]: 40 is not a bit position 0..31 of a float32 value"]
+    assert errors == ["error: FaultCampaign: bits[0]: 40 is not a bit position 0..31 (the widest format, float32, has 32 bits)"]
 
 
 def test_two_gloo_processes_share_the_faults_and_equal_one(gloo_runs):

@@ -62,8 +62,12 @@ class CampaignSettings(Selection):
         target: ``weights`` (parameters) or ``activations`` (module outputs, through a forward hook).
         fault_model: ``bitflip``, ``stuck_at_0``, ``stuck_at_1`` (one bit per fault) or ``ber`` (every selected bit
             flips independently with probability ``ber``: several flips per inference; weights only).
-        bits: Bit positions 0..31 of the float32 values (0 = lowest mantissa bit, 23-30 exponent, 31 sign);
-            null = all 32.
+        bits: Bit positions struck (the lowest one of a multi-bit upset), 0 = the lowest bit of the stored
+            value: float32 0-22 mantissa, 23-30 exponent, 31 sign; float16 0-9, 10-14, 15; bfloat16 0-6, 7-14, 15;
+            int8 (quantized weights) 0-6 value, 7 sign; uint8 (quantized activations) 0-7. null = every bit of each
+            layer's format (see :mod:`critnet.formats`).
+        upset_width: Adjacent bits one fault strikes in its value, from the drawn bit upwards: 1 = a single-bit
+            upset, 2 or more = a multi-bit upset (every bit of it flipped or stuck alike).
         ber: The bit-error rate of ``fault_model: ber``, in (0, 1).
         faults: null = Leveugle's sample size per stratum for ``error_margin`` at ``confidence``
             (finite-population corrected); an integer = that many faults in all (shared among strata in proportion
@@ -87,6 +91,7 @@ class CampaignSettings(Selection):
     target: FaultTarget = "weights"
     fault_model: FaultModel = "bitflip"
     bits: Sequence[int] | None = None
+    upset_width: int = 1
     ber: float | None = None
     faults: int | Literal["exhaustive"] | None = None
     error_margin: float = 0.01
@@ -105,12 +110,17 @@ class CampaignSettings(Selection):
         super().__post_init__()
         check_choice("target", self.target, FAULT_TARGETS)
         check_choice("fault_model", self.fault_model, FAULT_MODELS)
-        self.bits = tuple(range(32)) if self.bits is None else tuple(self.bits)
-        for position, bit in enumerate(self.bits):
-            if isinstance(bit, bool) or not isinstance(bit, int) or not 0 <= bit <= 31:
-                raise SettingError(f"bits[{position}]: {bit!r} is not a bit position 0..31 of a float32 value")
-        if not self.bits or len(set(self.bits)) != len(self.bits):
-            raise SettingError(f"bits: {list(self.bits)!r} must list distinct bit positions 0..31 (at least one)")
+        if self.bits is not None:
+            self.bits = tuple(self.bits)
+            for position, bit in enumerate(self.bits):
+                if isinstance(bit, bool) or not isinstance(bit, int) or not 0 <= bit <= 31:
+                    raise SettingError(f"bits[{position}]: {bit!r} is not a bit position 0..31 (the widest format, "
+                                       "float32, has 32 bits)")
+            if not self.bits or len(set(self.bits)) != len(self.bits):
+                raise SettingError(f"bits: {list(self.bits)!r} must list distinct bit positions (at least one)")
+        if isinstance(self.upset_width, bool) or not isinstance(self.upset_width, int) or \
+                not 1 <= self.upset_width <= 32:
+            raise SettingError(f"upset_width: {self.upset_width!r} is not a number of adjacent bits 1..32")
         # type(), not isinstance(): True is an int but no number of faults
         if not (self.faults in (None, "exhaustive") or (type(self.faults) is int and self.faults >= 1)):
             raise SettingError(f"faults: {self.faults!r} is not null (Leveugle's sample size), a positive integer "
@@ -133,12 +143,16 @@ class CampaignSettings(Selection):
             raise SettingError(f"ber: {self.ber!r} must be a bit-error rate in (0, 1) when fault_model is 'ber'")
         elif self.target != "weights":
             raise SettingError("fault_model: 'ber' draws are defined for target 'weights'")
+        elif self.upset_width != 1:
+            raise SettingError("upset_width: 'ber' draws flip bits independently; give upset_width 1")
         check_selector(self.output)
 
-    def as_dict(self, layers: Sequence[str]) -> dict[str, Any]:
-        """The settings as ``campaign.json`` records them: every field, with ``layers`` the names selected."""
+    def as_dict(self, layers: Sequence[str], formats: dict[str, str] | None = None) -> dict[str, Any]:
+        """The settings as ``campaign.json`` records them: every field, with ``layers`` the names selected and
+        ``formats`` their number formats."""
         return {**field_values(self, CampaignSettings), **Selection.as_dict(self), "layers": list(layers),
-                "bits": list(self.bits), "stratify": list(self.stratify),
+                "formats": dict(formats or {}),
+                "bits": None if self.bits is None else list(self.bits), "stratify": list(self.stratify),
                 "fault_list": None if self.fault_list is None else str(self.fault_list),
                 "output": describe_selector(self.output)}
 
@@ -153,6 +167,7 @@ def fault_campaign(
     exclude: Sequence[str] = CampaignSettings.exclude,
     module_types: Sequence[str] | None = CampaignSettings.module_types,
     bits: Sequence[int] | None = CampaignSettings.bits,
+    upset_width: int = CampaignSettings.upset_width,
     fault_model: FaultModel = CampaignSettings.fault_model,
     ber: float | None = CampaignSettings.ber,
     faults: int | Literal["exhaustive"] | None = CampaignSettings.faults,
@@ -175,7 +190,8 @@ def fault_campaign(
     :class:`CampaignSettings`, which checks them before the model is touched.
 
     Args:
-        model: a float32 classifier in eval mode; bit-identical afterwards (also when the campaign raises).
+        model: a classifier in eval mode, its values stored as float32, float16, bfloat16 or int8 (a quantized
+            model: :func:`critnet.quantize_int8`); bit-identical afterwards (also when the campaign raises).
         data: ``(inputs, targets)`` batches: a DataLoader, a list, or one pair of tensors.
         resume_dir: append finished faults here and skip them when the same campaign runs again.
         distributed: the job's processes (:meth:`Distributed.current` under DDP); faults are shared among ranks,
@@ -200,7 +216,7 @@ def fault_campaign(
     (20, 160)
     """
     settings = CampaignSettings(include, exclude, module_types, layers=layers, target=target,
-                                fault_model=fault_model, bits=bits, ber=ber, faults=faults, error_margin=error_margin,
+                                fault_model=fault_model, bits=bits, upset_width=upset_width, ber=ber, faults=faults, error_margin=error_margin,
                                 confidence=confidence, stratify=stratify, seed=seed,
                                 critical_threshold=critical_threshold, fault_list=fault_list, output=output)
     distributed = distributed or Distributed.single()
@@ -210,12 +226,13 @@ def fault_campaign(
     checksum = state_digest(model)
     with evaluation_mode(model, evaluation.device):  # selecting activation sites runs the model once
         members = selected_layers(model, target, settings, next(iter(evaluation))[0])
-    strata = build_strata(members, settings.bits, settings.stratify, fault_model)
+    strata = build_strata(members, settings.bits, settings.stratify, fault_model, settings.upset_width)
     if fault_list is not None:
         fault_list_ = read_fault_list(fault_list, model)
     else:
         plan_sample(strata, faults, error_margin, confidence)
-        fault_list_ = draw_faults(model, strata, target=target, fault_model=fault_model, seed=seed, ber=ber)
+        fault_list_ = draw_faults(model, strata, target=target, fault_model=fault_model, seed=seed, ber=ber,
+                                  width=settings.upset_width)
     # eval mode (BatchNorm running statistics) and exact GPU arithmetic for the golden run and every fault
     with evaluation_mode(model, evaluation.device):
         evaluator = FaultEvaluator(model, evaluation, memory_budget_mb, output=output)
@@ -232,7 +249,8 @@ def fault_campaign(
         counts=[counts[f.id] for f in fault_list_],
         strata=strata,
         sizing=sizing_rows(strata, _drawn_per_stratum(strata, fault_list_), error_margin, confidence),
-        settings=settings.as_dict(layers=list(members)),
+        settings=settings.as_dict(layers=list(members),
+                                  formats={name: layer.format.name for name, layer in members.items()}),
         golden={"images": evaluation.samples, "correct": int(evaluator.golden.correct.sum()),
                 "top1": 100.0 * float(evaluator.golden.correct.double().mean())},
         info={"model_checksum": checksum, "data_checksum": evaluation.checksum, "devices": distributed.world_size,

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from critnet.choices import SettingError
-from critnet.faults.injection import Fault, Site, int_view
+from critnet.faults.injection import Fault, Site
 from critnet.faults.stats import achieved_margin, leveugle_sample_size
+from critnet.faults.storage import stored_values
+from critnet.formats import NumberFormat, format_of
 from critnet.selection import Selection
 
 #: What a campaign selects when include / module_types are not given: every weight of every conv and linear layer.
@@ -21,12 +23,21 @@ DEFAULT_WEIGHT_INCLUDE = (r"\.weight$",)
 DEFAULT_MODULE_TYPES = ("Conv2d", "Linear")
 
 
+@dataclass(frozen=True)
+class Layer:
+    """What a fault can strike in one layer: ``elements`` values (per image for activations) of ``format``."""
+
+    elements: int
+    format: NumberFormat
+
+
 @dataclass
 class Stratum:
     """A part of the fault population sampled on its own: one layer (all selected bits) or one layer × bit.
 
-    ``elements`` is the number of values of the layer (per image for activations), ``population`` the number of
-    possible faults (``elements × len(bits)``; infinite for bit-error-rate draws).
+    ``elements`` is the number of values of the layer (per image for activations), ``bits`` the lowest bits an
+    upset may start at, ``population`` the number of possible faults (``elements × len(bits)``; infinite for
+    bit-error-rate draws).
     """
 
     layer: str
@@ -35,6 +46,7 @@ class Stratum:
     population: float
     planned: int = 0  # Leveugle's n (or the share of a given total)
     members: dict[str, int] | None = None  # bit-error-rate draws: the layers (and their sizes) the stratum spans
+    format: str = "float32"
 
     @property
     def label(self) -> str:
@@ -42,23 +54,26 @@ class Stratum:
 
 
 def selected_layers(model: nn.Module, target: str, selection: Selection,
-                    example_input: torch.Tensor | None) -> dict[str, int]:
-    """``{name: values}`` of the parameters (weights) or module outputs per image (activations) that ``selection``
-    picks; its ``include`` defaults to ``DEFAULT_WEIGHT_INCLUDE`` for weights.
+                    example_input: torch.Tensor | None) -> dict[str, Layer]:
+    """``{name: Layer}`` of the stored weights (:func:`~critnet.faults.storage.stored_values`) or module outputs
+    per image (activations) that ``selection`` picks; its ``include`` defaults to ``DEFAULT_WEIGHT_INCLUDE`` for
+    weights. Activations count when their values are stored in a known format (float, or a quantized tensor).
 
     >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
-    >>> selected_layers(model, "activations", Selection(module_types=["Conv2d", "ReLU"]), torch.randn(2, 3, 4, 4))
-    {'0': 16, '1': 16}
+    >>> layers = selected_layers(model, "activations", Selection(module_types=["Conv2d", "ReLU"]),
+    ...                          torch.randn(2, 3, 4, 4))
+    >>> {name: (layer.elements, layer.format.name) for name, layer in layers.items()}
+    {'0': (16, 'float32'), '1': (16, 'float32')}
     """
     try:
         if target == "weights":
-            include = selection.include if selection.include is not None else DEFAULT_WEIGHT_INCLUDE
-            units = Selection(include, selection.exclude, selection.module_types).units(model, "tensor")
-            parameters = dict(model.named_parameters())
-            return {u.name: parameters[u.name].numel() for u in units}
+            stores = stored_values(model)
+            names = selection.names(model, {name: store.module for name, store in stores.items()},
+                                    default_include=DEFAULT_WEIGHT_INCLUDE)
+            return {name: Layer(stores[name].numel, stores[name].format) for name in names}
         # Selecting activation units runs the model once on the example (to count channels and to leave out
         # modules it never calls); hooks on every module read each output's size per image in that same pass.
-        sizes: dict[str, int] = {}
+        sizes: dict[str, Layer] = {}
         handles = [module.register_forward_hook(_size_recorder(sizes, name))
                    for name, module in model.named_modules()]
         try:
@@ -69,23 +84,52 @@ def selected_layers(model: nn.Module, target: str, selection: Selection,
     except ValueError as err:  # the selection's errors name their key, but for an empty one: the patterns' doing
         keyed = str(err).partition(":")[0] in ("include", "exclude", "module_types")
         raise SettingError(str(err) if keyed else f"include: {err}") from None
-    # a module whose output is not float32 holds no bit faults
+    # a module whose output is in no known number format holds no bit faults
     return {name: sizes[name] for name in dict.fromkeys(u.name for u in units) if name in sizes}
 
 
-def _size_recorder(sizes: dict[str, int], name: str):
+def _size_recorder(sizes: dict[str, Layer], name: str):
     def hook(_module, _inputs, output):
-        if isinstance(output, torch.Tensor) and output.dtype == torch.float32:
-            sizes[name] = output[0].numel()
+        number_format = format_of(output.dtype) if isinstance(output, torch.Tensor) else None
+        if number_format is not None:
+            sizes[name] = Layer(output[0].numel(), number_format)
     return hook
 
 
-def build_strata(layers: dict[str, int], bits: Sequence[int], stratify: Sequence[str], fault_model: str) -> list[Stratum]:
+def upset_bits(number_format: NumberFormat, bits: Sequence[int] | None, width: int, layer: str) -> tuple[int, ...]:
+    """The lowest bits a ``width``-bit upset may start at in ``layer``'s values: ``bits`` (None: every bit of the
+    format), each with room for ``width`` bits; a one-line error when a given bit is not in the format.
+
+    >>> from critnet.formats import FORMATS
+    >>> upset_bits(FORMATS["int8"], None, 3, "fc.weight")
+    (0, 1, 2, 3, 4, 5)
+    """
+    if bits is None:
+        return tuple(range(number_format.width - width + 1))
+    for bit in bits:
+        if bit + width > number_format.width:
+            span = f"bits {bit}..{bit + width - 1}" if width > 1 else f"bit {bit}"
+            raise SettingError(f"bits: {span} do not fit the {number_format.width}-bit {number_format.name} values "
+                               f"of {layer} ({number_format.layout()})")
+    return tuple(bits)
+
+
+def build_strata(layers: dict[str, Layer], bits: Sequence[int] | None, stratify: Sequence[str], fault_model: str,
+                 width: int = 1) -> list[Stratum]:
+    per_layer = {name: upset_bits(layer.format, bits, width, name) for name, layer in layers.items()}
     if fault_model == "ber":
-        return [Stratum("(all selected)", tuple(bits), sum(layers.values()), math.inf, members=dict(layers))]
+        formats = {layer.format.name for layer in layers.values()}
+        if len(formats) != 1 or len(set(per_layer.values())) != 1:
+            raise SettingError(f"fault_model: 'ber' draws over one number format at a time; the selection holds "
+                               f"{', '.join(sorted(formats))}")
+        (number_format,), (layer_bits,) = formats, set(per_layer.values())
+        return [Stratum("(all selected)", layer_bits, sum(layer.elements for layer in layers.values()), math.inf,
+                        members={name: layer.elements for name, layer in layers.items()}, format=number_format)]
     if "bit" in stratify:
-        return [Stratum(name, (bit,), n, float(n)) for name, n in layers.items() for bit in bits]
-    return [Stratum(name, tuple(bits), n, float(n * len(bits))) for name, n in layers.items()]
+        return [Stratum(name, (bit,), layer.elements, float(layer.elements), format=layer.format.name)
+                for name, layer in layers.items() for bit in per_layer[name]]
+    return [Stratum(name, per_layer[name], layer.elements, float(layer.elements * len(per_layer[name])),
+                    format=layer.format.name) for name, layer in layers.items()]
 
 
 def plan_sample(strata: list[Stratum], faults: int | str | None, error_margin: float, confidence: float) -> None:
@@ -132,13 +176,15 @@ def stratum_seed(seed: int, label: str) -> list[int]:
 
 
 def draw_faults(model: nn.Module, strata: list[Stratum], *, target: str, fault_model: str, seed: int,
-                ber: float | None = None) -> list[Fault]:
-    """The fault list: per stratum a seeded sample without replacement, ordered by layer, index and bit.
+                ber: float | None = None, width: int = 1) -> list[Fault]:
+    """The fault list: per stratum a seeded sample without replacement, ordered by layer, index and bit; each
+    fault strikes ``width`` adjacent bits from its drawn bit upwards.
 
     Bit-error-rate draws make ``strata[0].planned`` trials; in each, every selected bit flips independently with
     probability ``ber`` (the number of flips is binomial, their positions uniform without replacement).
     """
-    parameters = dict(model.named_parameters())
+    stores = stored_values(model) if target == "weights" else {}
+    formats = {s.layer: s.format for s in strata}
     drawn: list[tuple[Site, ...]] = []
     if fault_model == "ber":
         stratum = strata[0]
@@ -170,8 +216,9 @@ def draw_faults(model: nn.Module, strata: list[Stratum], *, target: str, fault_m
     for number, sites in enumerate(drawn):
         original = None
         if target == "weights":
-            original = tuple(int(int_view(parameters[s.parameter], s.parameter)[s.index]) for s in sites)
-        faults.append(Fault(number, fault_model, target, sites, original))
+            original = tuple(stores[s.parameter].read(s.index) for s in sites)
+        number_format = strata[0].format if fault_model == "ber" else formats[sites[0].parameter]
+        faults.append(Fault(number, fault_model, target, sites, original, width, number_format))
     return faults
 
 
@@ -192,4 +239,5 @@ def sizing_rows(strata: list[Stratum], drawn: dict[str, int], error_margin: floa
     return rows
 
 
-__all__ = ["Stratum", "build_strata", "draw_faults", "plan_sample", "selected_layers", "sizing_rows", "stratum_seed"]
+__all__ = ["Layer", "Stratum", "build_strata", "draw_faults", "plan_sample", "selected_layers", "sizing_rows", "stratum_seed",
+           "upset_bits"]

@@ -32,6 +32,8 @@ from critnet.engine.suffix import (
 from critnet.evaluation import batch_results
 from critnet.evaluation_set import EvaluationSet
 from critnet.faults.injection import Fault, injected
+from critnet.faults.storage import stored_values
+from critnet.formats import FORMATS, bit_patterns
 from critnet.outputs import OutputSelector, logits_of
 from critnet.perturb import Unit
 
@@ -80,12 +82,13 @@ COUNTS = Codec(FaultCounts.to_record, lambda value, fault: FaultCounts.from_reco
 
 @dataclass
 class GoldenRun:
-    """The fault-free logits of the evaluation set (float32, dataset order), predictions, losses and hits."""
+    """The fault-free logits of the evaluation set (as the model returns them, dataset order), predictions, losses
+    and hits."""
 
     logits: Tensor
     targets: Tensor
     predictions: Tensor
-    losses: Tensor  # float64 copies of the float32 per-image cross-entropy
+    losses: Tensor  # float64 copies of the per-image cross-entropy of the logits in float32
     correct: Tensor
 
 
@@ -99,21 +102,24 @@ def golden_run(model: nn.Module, data: EvaluationSet, output: OutputSelector = N
             targets.append(y)
     out, y = torch.cat(logits), torch.cat(targets)
     predictions = out.argmax(1)
-    losses = F.cross_entropy(out, y, reduction="none").double()
+    losses = F.cross_entropy(out.float(), y, reduction="none").double()
     return GoldenRun(out, y, predictions, losses, predictions == y)
 
 
 def tally_rows(counts: FaultCounts, faulty: Tensor, rows: Tensor, golden: GoldenRun) -> None:
     """Add the outcomes of faulty logits ``faulty`` for the images ``rows`` (indices into the evaluation set)."""
+    # the golden logits are float32 (critnet's evaluation loop widens them); widening is exact and one-to-one,
+    # so bit-identical float32 logits mean bit-identical logits in the model's own format
+    faulty = faulty.float()
     reference = golden.logits[rows]
-    masked = (faulty.view(torch.int32) == reference.view(torch.int32)).all(1)
+    masked = (bit_patterns(faulty) == bit_patterns(reference)).all(1)
     nonfinite = ~torch.isfinite(faulty).all(1)
     golden_class = golden.predictions[rows]
     sdc1 = ~masked & (nonfinite | (faulty.argmax(1) != golden_class))
     top = faulty.topk(min(5, faulty.shape[1]), dim=1).indices
     sdc5 = sdc1 & (nonfinite | ~(top == golden_class[:, None]).any(1))
     targets = golden.targets[rows]
-    losses = F.cross_entropy(faulty, targets, reduction="none").double()
+    losses = F.cross_entropy(faulty.float(), targets, reduction="none").double()
     delta = torch.where(masked, torch.zeros_like(losses), losses - golden.losses[rows])
     # a NaN/inf logit has no meaningful loss (and finite logits can still overflow it): counted, not summed
     excluded = nonfinite | ~torch.isfinite(delta)
@@ -207,7 +213,8 @@ class FaultEvaluator:
         if self.traced is not None:
             with torch.no_grad():
                 self.bytes_per_sample = self.traced.measure(next(iter(data))[0])
-        self.parameters = dict(model.named_parameters())
+        #: What weight faults strike, by name (float parameters and quantized layers' packed weights).
+        self.stores = stored_values(model)
         #: Why a shortcut was switched off, by layer (empty when every shortcut held).
         self.fallbacks: dict[str, str] = {}
         #: Where the work went: images settled by the channel comparison alone, images run through packed suffix
@@ -224,9 +231,9 @@ class FaultEvaluator:
             return _Plan("full")
         if fault.target == "weights" and len(fault.sites) == 1:
             site = fault.sites[0]
-            parameter = self.parameters[site.parameter]
-            if parameter.dim() == 4:
-                channel = site.index // parameter[0].numel()
+            shape = self.stores[site.parameter].shape
+            if len(shape) == 4:
+                channel = site.index // shape[1:].numel()
                 plan = self.traced.plan(Unit("channel", site.parameter, channel))
                 if plan is not None and plan.node is not None:
                     return _Plan("channel", plan.stop, plan.node)
@@ -275,7 +282,7 @@ class FaultEvaluator:
                 record(fault, counts)
             elif plan.kind == "full":
                 counts = FaultCounts()
-                with injected(self.model, fault):
+                with injected(self.model, fault, self.stores):
                     for (x, _), offset in zip(self.data, self.data.offsets()):
                         tally_rows(counts, logits_of(self.model(x), self.output), everything[offset: offset + len(x)],
                                    self.golden)
@@ -314,7 +321,7 @@ class FaultEvaluator:
                 done = (lambda fault: record(fault, counts.pop(fault.id))) if last else (lambda fault: None)
                 in_model = [f for f, p in by_stop[stop] if p.kind == "suffix"]
                 for fault in in_model:
-                    with injected(self.model, fault):
+                    with injected(self.model, fault, self.stores):
                         for env, (_, rows) in zip(states, batches):
                             logits = logits_of(suffix(*[env[n] for n in inputs]), self.output)
                             tally_rows(counts[fault.id], logits, rows, self.golden)
@@ -355,7 +362,7 @@ class _ChannelFaults:
         for channel in {0, weight.shape[0] - 1}:
             bias = None if self.conv.bias is None else self.conv.bias.detach()[channel: channel + 1]
             alone = self.conv._conv_forward(env[self.node.args[0]], weight[channel: channel + 1], bias)[:, 0]
-            if not torch.equal(alone.view(torch.int32), env[self.node][:, channel].contiguous().view(torch.int32)):
+            if not torch.equal(bit_patterns(alone), bit_patterns(env[self.node][:, channel].contiguous())):
                 self.evaluator.fallbacks[str(self.node.target)] = "one channel alone differs from the full conv"
                 return False
         return True
@@ -366,7 +373,7 @@ class _ChannelFaults:
         picked = rows[::-1][: self.size]
         logits = self._logits([(b, torch.tensor([r]), None, None) for b, r in picked])
         expected = torch.stack([self.golden.logits[self.batches[b][1][r]] for b, r in picked])
-        if torch.equal(logits.view(torch.int32), expected.view(torch.int32)):
+        if torch.equal(bit_patterns(logits.float()), bit_patterns(expected)):
             return True
         self.evaluator.fallbacks[str(self.node.target)] = "packed rows do not reproduce the golden logits"
         return False
@@ -403,18 +410,18 @@ class _ChannelFaults:
             if self.exact_channel:
                 # the fault lives in a copy of one filter: the model itself is never written
                 faulty_filter = weight[channel: channel + 1].clone()
-                faulty_filter.view(-1).view(torch.int32)[site.index % per_filter] = fault.faulty_bits[0]
+                FORMATS[fault.format].patterns(faulty_filter)[site.index % per_filter] = fault.faulty_bits[0]
                 bias = None if self.conv.bias is None else self.conv.bias.detach()[channel: channel + 1]
             for b, (env, (_, rows)) in enumerate(zip(self.states, self.batches)):
                 conv_input = env[self.node.args[0]]
                 if self.exact_channel:
                     values = self.conv._conv_forward(conv_input, faulty_filter, bias)[:, 0]
                 else:
-                    with injected(self.evaluator.model, fault):
+                    with injected(self.evaluator.model, fault, self.evaluator.stores):
                         values = self.conv(conv_input)[:, channel]
                 cached = env[self.node][:, channel]
-                differs = (values.reshape(len(rows), -1).view(torch.int32)
-                           != cached.reshape(len(rows), -1).view(torch.int32)).any(1)
+                differs = (bit_patterns(values).reshape(len(rows), -1)
+                           != bit_patterns(cached).reshape(len(rows), -1)).any(1)
                 if not self.packable:
                     if differs.any():  # the whole batch in its own order, as the golden run saw it
                         everything = torch.arange(len(rows), device=rows.device)

@@ -1,17 +1,18 @@
 """Fault models and their reversible injection (Lightning-free).
 
-A :class:`Fault` is one injection trial: one or more :class:`Site`\\ s (a float32 value named by parameter or module,
-flat index and bit) and a fault model — a bit flip, stuck-at-0, stuck-at-1, or a bit-error-rate draw (several flips
-at once). Weight faults are written into the parameter through an integer view and the original bits are put back
-on exit, also when the evaluation raises, so NaN payloads and signed zeros survive. Activation faults live in a
-forward hook that is removed on exit.
+A :class:`Fault` is one injection trial: one or more :class:`Site`\\ s (a stored value named by parameter or
+module, flat index and lowest bit struck) and a fault model — a bit flip, stuck-at-0, stuck-at-1, or a bit-error-rate
+draw (several flips at once) — striking ``width`` adjacent bits of each site's value (1: a single-bit upset; more: a
+multi-bit upset). Values are stored in a number format (:mod:`critnet.formats`): float32, float16, bfloat16, the
+int8 of a quantized weight, the uint8 of a quantized activation. Weight faults are written where the model reads
+the value (:mod:`critnet.faults.storage`) and the original bits are put back on exit, also when the evaluation
+raises, so NaN payloads and signed zeros survive. Activation faults live in a forward hook that is removed on exit.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import struct
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -20,12 +21,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from critnet.choices import FAULT_MODELS, FAULT_TARGETS, SettingError
+from critnet.choices import FAULT_MODELS, FAULT_TARGETS
 from critnet.errors import CritnetError
+from critnet.faults.storage import StoredValues, requantized, stored_values
+from critnet.formats import FORMATS, format_of
 
-
-#: The columns of the fault list in ``faults.csv`` (enough to replay it).
-FAULT_LIST_COLUMNS = ("fault", "fault_model", "target", "parameter", "index", "bit", "original", "faulty")
+#: The columns of the fault list in ``faults.csv`` (enough to replay it; ``field`` names the bits struck).
+FAULT_LIST_COLUMNS = ("fault", "fault_model", "target", "parameter", "index", "bit", "width", "format", "field",
+                      "original", "faulty")
+#: Columns a fault list needs to be replayed (lists written before multi-bit upsets lack width and format).
+REQUIRED_COLUMNS = ("fault", "fault_model", "target", "parameter", "index", "bit", "original")
 _SEPARATOR = ";"  # several sites of one fault (bit-error-rate draws) share one row
 
 
@@ -35,12 +40,12 @@ class FaultListError(CritnetError):
 
 @dataclass(frozen=True, order=True)
 class Site:
-    """One float32 value and one of its bits.
+    """One stored value and the lowest of the bits a fault strikes in it.
 
     Args:
         parameter: the parameter name (weight faults) or the module name (activation faults: its output).
         index: the flat index into the parameter, or into one image's output of the module.
-        bit: 0 (lowest mantissa bit) … 31 (sign).
+        bit: 0 (the lowest bit) … the format's width - 1 (the sign of float and int8 values).
     """
 
     parameter: str
@@ -57,12 +62,17 @@ class Fault:
         fault_model: ``bitflip``, ``stuck_at_0``, ``stuck_at_1`` or ``ber`` (independent flips; any number of sites).
         target: ``weights`` or ``activations``.
         sites: where the fault strikes.
-        original_bits: the int32 bit patterns of the sites before the fault (weights only; None for activations,
-            whose values change with every image).
+        original_bits: the bit patterns of the sites before the fault (weights only; None for activations, whose
+            values change with every image).
+        width: adjacent bits struck in each site's value, from its ``bit`` upwards (a multi-bit upset when > 1).
+        format: the number format the sites' values are stored in (:data:`critnet.formats.FORMATS`).
 
     >>> fault = Fault(0, "bitflip", "weights", (Site("fc.weight", 3, 30),), (0x3F800000,))
     >>> fault.faulty_bits
     (2139095040,)
+    >>> upset = Fault(1, "bitflip", "weights", (Site("fc.weight", 3, 13),), (0x3C00,), width=2, format="float16")
+    >>> upset.list_row()["original"], upset.list_row()["faulty"], upset.list_row()["field"]  # bits 13 and 14 flip
+    ('1.0', '256.0', 'exponent')
     """
 
     id: int
@@ -70,17 +80,25 @@ class Fault:
     target: str
     sites: tuple[Site, ...]
     original_bits: tuple[int, ...] | None = None
+    width: int = 1
+    format: str = "float32"
+
+    @property
+    def bit_model(self) -> str:
+        """What happens to each bit struck: ``ber`` draws flip them."""
+        return "bitflip" if self.fault_model == "ber" else self.fault_model
 
     @property
     def faulty_bits(self) -> tuple[int, ...] | None:
         if self.original_bits is None:
             return None
-        model = "bitflip" if self.fault_model == "ber" else self.fault_model
-        return tuple(apply_fault_bit(bits, site.bit, model) for bits, site in zip(self.original_bits, self.sites))
+        number_format = FORMATS[self.format]
+        return tuple(number_format.apply(bits, site.bit, self.bit_model, self.width)
+                     for bits, site in zip(self.original_bits, self.sites))
 
     @property
     def is_identity(self) -> bool:
-        """The fault leaves every bit as it was (stuck-at on a bit that already holds the value, or no site)."""
+        """The fault leaves every bit as it was (stuck-at on bits that already hold the value, or no site)."""
         return not self.sites or (self.original_bits is not None and self.faulty_bits == self.original_bits)
 
     @property
@@ -88,9 +106,11 @@ class Fault:
         return _SEPARATOR.join(dict.fromkeys(s.parameter for s in self.sites))
 
     def list_row(self) -> dict[str, object]:
-        """The fault's row of the fault list (values as Python floats, several sites joined by ``;``)."""
+        """The fault's row of the fault list (values as Python numbers, several sites joined by ``;``)."""
+        number_format = FORMATS[self.format]
+
         def values(bits: tuple[int, ...] | None) -> str:
-            return "" if bits is None else _SEPARATOR.join(repr(bits_to_float(b)) for b in bits)
+            return "" if bits is None else _SEPARATOR.join(repr(number_format.value(b)) for b in bits)
 
         return {
             "fault": self.id,
@@ -99,65 +119,42 @@ class Fault:
             "parameter": _SEPARATOR.join(s.parameter for s in self.sites),
             "index": _SEPARATOR.join(str(s.index) for s in self.sites),
             "bit": _SEPARATOR.join(str(s.bit) for s in self.sites),
+            "width": self.width,
+            "format": self.format,
+            "field": _SEPARATOR.join(dict.fromkeys(number_format.fields_struck(s.bit, self.width) for s in self.sites)),
             "original": values(self.original_bits),
             "faulty": values(self.faulty_bits),
         }
 
 
-def bit_mask(bit: int) -> int:
-    """The int32 mask of ``bit`` (bit 31 is the sign, a negative int32)."""
-    return -(1 << 31) if bit == 31 else 1 << bit
-
-
 def apply_fault_bit(bits: int, bit: int, fault_model: str) -> int:
-    """The int32 pattern ``bits`` after ``fault_model`` strikes ``bit``.
+    """The float32 pattern ``bits`` after ``fault_model`` strikes ``bit`` (see :meth:`NumberFormat.apply`).
 
     >>> apply_fault_bit(0, 31, "bitflip")  # 0.0 -> -0.0
     -2147483648
     """
-    mask = bit_mask(bit)
-    if fault_model == "bitflip":
-        return _int32(bits ^ mask)
-    if fault_model == "stuck_at_0":
-        return _int32(bits & ~mask)
-    if fault_model == "stuck_at_1":
-        return _int32(bits | mask)
-    raise ValueError(f"fault_model: {fault_model!r} is not one of {', '.join(FAULT_MODELS)}")
-
-
-def _int32(value: int) -> int:
-    value &= 0xFFFFFFFF
-    return value - (1 << 32) if value >= 1 << 31 else value
+    return FORMATS["float32"].apply(bits, bit, fault_model)
 
 
 def bits_to_float(bits: int) -> float:
-    return struct.unpack("<f", struct.pack("<i", bits))[0]
+    """The float32 number a pattern stores."""
+    return FORMATS["float32"].value(bits)
 
 
-def apply_fault_bits_tensor(values: torch.Tensor, bit: int, fault_model: str) -> torch.Tensor:
-    """``values`` (an int32 view) after ``fault_model`` strikes ``bit`` of every element."""
-    mask = torch.tensor(bit_mask(bit), dtype=torch.int32, device=values.device)
-    if fault_model in ("bitflip", "ber"):
-        return values ^ mask
-    if fault_model == "stuck_at_0":
-        return values & ~mask
-    if fault_model == "stuck_at_1":
-        return values | mask
-    raise ValueError(f"fault_model: {fault_model!r} is not one of {', '.join(FAULT_MODELS)}")
-
-
-def int_view(parameter: torch.Tensor, name: str) -> torch.Tensor:
-    """The flat int32 view of a float32 parameter (shares its storage)."""
-    if parameter.dtype != torch.float32:
-        raise SettingError(f"include: {name} holds {parameter.dtype}; bit faults are defined for float32 values")
-    if not parameter.is_contiguous():
-        raise SettingError(f"include: {name} is not contiguous in memory; its flat indices would be ambiguous")
-    return parameter.detach().view(-1).view(torch.int32)
+def weight_store(stores: dict[str, StoredValues], name: str) -> StoredValues:
+    """The stored values named ``name``; a one-line error naming it otherwise."""
+    store = stores.get(name)
+    if store is None:
+        raise CritnetError(f"weight fault: the model stores no values named {name!r} in a known number format "
+                           f"({', '.join(FORMATS)})")
+    return store
 
 
 @contextmanager
-def injected(model: nn.Module, fault: Fault) -> Iterator[None]:
+def injected(model: nn.Module, fault: Fault, stores: dict[str, StoredValues] | None = None) -> Iterator[None]:
     """The model with ``fault`` in place for the ``with`` block; the exact original bits come back on exit.
+
+    ``stores``: the model's :func:`~critnet.faults.storage.stored_values` when the caller holds them already.
 
     >>> model = nn.Linear(2, 1)
     >>> with injected(model, Fault(0, "bitflip", "weights", (Site("weight", 0, 31),))):
@@ -167,36 +164,47 @@ def injected(model: nn.Module, fault: Fault) -> Iterator[None]:
         with ExitStack() as stack:
             modules = dict(model.named_modules())
             for site in fault.sites:
-                handle = modules[site.parameter].register_forward_hook(_activation_hook(site, fault.fault_model))
-                stack.callback(handle.remove)
+                hook = _activation_hook(site, fault)
+                stack.callback(modules[site.parameter].register_forward_hook(hook).remove)
             yield
         return
-    parameters = dict(model.named_parameters())
-    views = [int_view(parameters[site.parameter], site.parameter) for site in fault.sites]
-    saved = [int(view[site.index]) for view, site in zip(views, fault.sites)]
-    model_of = "bitflip" if fault.fault_model == "ber" else fault.fault_model
+    stores = stored_values(model) if stores is None else stores
+    targets = [weight_store(stores, site.parameter) for site in fault.sites]
+    for store in targets:
+        if store.format.name != fault.format:
+            raise CritnetError(f"weight fault: {store.name} stores {store.format.name} values, the fault was drawn "
+                               f"for {fault.format}")
+    saved = [store.read(site.index) for store, site in zip(targets, fault.sites)]
+    number_format = FORMATS[fault.format]
+    written: list[int] = []
     try:
-        with torch.no_grad():
-            for view, site, bits in zip(views, fault.sites, saved):
-                view[site.index] = apply_fault_bit(bits, site.bit, model_of)
+        for position, (store, site, bits) in enumerate(zip(targets, fault.sites, saved)):
+            written.append(position)
+            store.write({site.index: number_format.apply(bits, site.bit, fault.bit_model, fault.width)})
         yield
     finally:
-        with torch.no_grad():
-            # restored in reverse so that two sites on one value (never drawn, but allowed) unwind correctly
-            for view, site, bits in reversed(list(zip(views, fault.sites, saved))):
-                view[site.index] = bits
+        # restored in reverse so that two sites on one value (never drawn, but allowed) unwind correctly
+        for position in reversed(written):
+            targets[position].write({fault.sites[position].index: saved[position]})
 
 
-def _activation_hook(site: Site, fault_model: str):
+def _activation_hook(site: Site, fault: Fault):
+    number_format = FORMATS[fault.format]
+
     def hook(_module, _inputs, output):
-        if not isinstance(output, torch.Tensor) or output.dtype != torch.float32:
-            raise CritnetError(f"activation fault: module {site.parameter!r} does not output a float32 tensor")
-        faulty = output.contiguous().clone()
-        rows = faulty.view(faulty.shape[0], -1).view(torch.int32)
+        found = format_of(output.dtype) if isinstance(output, torch.Tensor) else None
+        if found is not number_format:
+            raise CritnetError(f"activation fault: module {site.parameter!r} does not output {fault.format} values")
+        if output.is_quantized:
+            integers = output.int_repr()
+            rows = integers.view(integers.shape[0], -1)
+        else:
+            faulty = output.contiguous().clone()
+            rows = number_format.patterns(faulty).view(faulty.shape[0], -1)
         if site.index >= rows.shape[1]:
             raise CritnetError(f"activation fault: module {site.parameter!r} has no output element {site.index}")
-        rows[:, site.index] = apply_fault_bits_tensor(rows[:, site.index], site.bit, fault_model)
-        return faulty
+        rows[:, site.index] = number_format.apply_tensor(rows[:, site.index], site.bit, fault.bit_model, fault.width)
+        return requantized(output, integers) if output.is_quantized else faulty
 
     return hook
 
@@ -206,7 +214,8 @@ def write_fault_list(path: str | Path, faults: Sequence[Fault]) -> Path:
 
     >>> import tempfile
     >>> model = nn.Linear(2, 1)
-    >>> faults = [Fault(0, "bitflip", "weights", (Site("weight", 1, 30),), (int(int_view(model.weight, "weight")[1]),))]
+    >>> original = stored_values(model)["weight"].read(1)
+    >>> faults = [Fault(0, "bitflip", "weights", (Site("weight", 1, 30),), (original,), width=2)]
     >>> path = write_fault_list(Path(tempfile.mkdtemp()) / "faults.csv", faults)
     >>> read_fault_list(path, model) == faults
     True
@@ -225,7 +234,8 @@ def read_fault_list(path: str | Path, model: nn.Module) -> list[Fault]:
     """The faults of a fault list (``faults.csv``, with or without outcome columns), checked against ``model``.
 
     The original bits are read from ``model`` and must equal the recorded original values, so a list never
-    replays onto other weights than the ones it was drawn on (example: :func:`write_fault_list`).
+    replays onto other weights than the ones it was drawn on (example: :func:`write_fault_list`). Lists without
+    ``width`` and ``format`` columns are single-bit float32 faults.
 
     Raises:
         FaultListError: naming the file and row at fault.
@@ -233,19 +243,19 @@ def read_fault_list(path: str | Path, model: nn.Module) -> list[Fault]:
     path = Path(path)
     if not path.is_file():
         raise FaultListError(f"fault list: {path} does not exist")
-    parameters = dict(model.named_parameters())
+    stores = stored_values(model)
     modules = dict(model.named_modules())
     faults: list[Fault] = []
     seen: set[int] = set()
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in FAULT_LIST_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise FaultListError(f"fault list: {path} lacks the columns {', '.join(missing)}")
         for number, row in enumerate(reader, 2):
             try:
-                faults.append(_fault_from_row(row, parameters, modules))
-            except (ValueError, KeyError, IndexError) as err:
+                faults.append(_fault_from_row(row, stores, modules))
+            except (ValueError, KeyError, IndexError, CritnetError) as err:
                 raise FaultListError(f"fault list: {path}, line {number}: {err}") from None
             if faults[-1].id in seen:
                 raise FaultListError(f"fault list: {path}, line {number}: fault {faults[-1].id} appears twice")
@@ -253,7 +263,7 @@ def read_fault_list(path: str | Path, model: nn.Module) -> list[Fault]:
     return faults
 
 
-def _fault_from_row(row: dict[str, str], parameters: dict, modules: dict) -> Fault:
+def _fault_from_row(row: dict[str, str], stores: dict[str, StoredValues], modules: dict) -> Fault:
     fault_model, target = row["fault_model"], row["target"]
     if fault_model not in FAULT_MODELS or target not in FAULT_TARGETS:
         raise ValueError(f"unknown fault model {fault_model!r} or target {target!r}")
@@ -261,22 +271,31 @@ def _fault_from_row(row: dict[str, str], parameters: dict, modules: dict) -> Fau
     if len({len(s) for s in split}) != 1:
         raise ValueError("parameter, index and bit list different numbers of sites")
     sites = tuple(Site(p, int(i), int(b)) for p, i, b in zip(*split))
+    width = int(row.get("width") or 1)
+    number_format = row.get("format") or "float32"
+    if number_format not in FORMATS:
+        raise ValueError(f"format {number_format!r} is not one of {', '.join(FORMATS)}")
     for site in sites:
-        if not 0 <= site.bit <= 31:
-            raise ValueError(f"bit {site.bit} is not in 0..31")
-        if (parameters if target == "weights" else modules).get(site.parameter) is None:
-            raise ValueError(f"the model has no {'parameter' if target == 'weights' else 'module'} {site.parameter!r}")
+        FORMATS[number_format].check_bits(site.bit, width)
+        if target == "weights":
+            store = weight_store(stores, site.parameter)
+            if store.format.name != number_format:
+                raise ValueError(f"{site.parameter} stores {store.format.name} values, the list {number_format}")
+            if not 0 <= site.index < store.numel:
+                raise ValueError(f"{site.parameter} has no element {site.index}")
+        elif modules.get(site.parameter) is None:
+            raise ValueError(f"the model has no module {site.parameter!r}")
     original = None
     if target == "weights":
-        original = tuple(int(int_view(parameters[s.parameter], s.parameter)[s.index]) for s in sites)
+        original = tuple(stores[s.parameter].read(s.index) for s in sites)
         recorded = [float(v) for v in row["original"].split(_SEPARATOR)] if row["original"] else []
-        actual = [bits_to_float(b) for b in original]
+        actual = [FORMATS[number_format].value(b) for b in original]
         if len(recorded) != len(actual) or any(
             not (a == r or (math.isnan(a) and math.isnan(r))) for a, r in zip(actual, recorded)
         ):
             raise ValueError(f"the original values {recorded} differ from the model's {actual}: another model?")
-    return Fault(int(row["fault"]), fault_model, target, sites, original)
+    return Fault(int(row["fault"]), fault_model, target, sites, original, width, number_format)
 
 
 __all__ = ["FAULT_LIST_COLUMNS", "Fault", "FaultListError", "Site", "apply_fault_bit", "bits_to_float", "injected",
-           "read_fault_list", "write_fault_list"]
+           "read_fault_list", "weight_store", "write_fault_list"]

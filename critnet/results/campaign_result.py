@@ -11,7 +11,8 @@ from rich.table import Table
 
 from critnet.faults.draw import Stratum
 from critnet.faults.evaluator import FaultCounts
-from critnet.faults.injection import FAULT_LIST_COLUMNS, Fault, bits_to_float
+from critnet.faults.injection import FAULT_LIST_COLUMNS, Fault
+from critnet.formats import FORMATS
 from critnet.faults.stats import domain_estimate
 from critnet.console import console
 from critnet.results.figures import (
@@ -102,8 +103,8 @@ class Campaign(AnalysisResult):
         if len(fault.sites) == 1:
             row["index"], row["bit"] = fault.sites[0].index, fault.sites[0].bit
             if fault.original_bits is not None:
-                row["original"] = bits_to_float(fault.original_bits[0])
-                row["faulty"] = bits_to_float(fault.faulty_bits[0])
+                row["original"] = FORMATS[fault.format].value(fault.original_bits[0])
+                row["faulty"] = FORMATS[fault.format].value(fault.faulty_bits[0])
         images = max(c.images, 1)
         row.update({
             "images": c.images, "masked": c.masked, "noncritical": c.noncritical, "sdc1": c.sdc1, "sdc5": c.sdc5,

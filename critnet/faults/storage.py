@@ -1,0 +1,137 @@
+"""Where a weight fault lands: the values a model stores, by name, with their number format.
+
+A float parameter (float32, float16, bfloat16) is read and written through an integer view of its own storage. A
+quantized conv or linear layer of ``torch.ao`` (what :func:`critnet.quantize_int8` produces, and torchvision's
+quantized classifiers) holds its int8 weight inside packed parameters, out of reach of a view: its values are read
+from ``module.weight()`` and a changed weight is packed again with ``module.set_weight_bias``, under the name
+``<module>.weight`` a float model gives the same weight. Each stored array is a :class:`StoredValues`, whatever holds
+it; :func:`stored_values` finds them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from critnet.choices import SettingError
+from critnet.formats import NumberFormat, format_of
+
+
+@dataclass
+class StoredValues:
+    """One named array of stored values a fault can strike.
+
+    Args:
+        name: the parameter name (``layer1.0.conv1.weight``).
+        module: the module that owns it (its class decides ``module_types`` selections).
+        format: the number format the values are stored in.
+        shape: the array's shape (for a conv weight: output channels first).
+    """
+
+    name: str
+    module: nn.Module
+    format: NumberFormat
+    shape: torch.Size
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def read(self, index: int) -> int:
+        """The bit pattern of flat element ``index``."""
+        raise NotImplementedError
+
+    def write(self, updates: dict[int, int]) -> None:
+        """Store the patterns ``{flat index: pattern}`` where the model reads them."""
+        raise NotImplementedError
+
+    def values(self) -> torch.Tensor:
+        """The values as the model computes with them (a float tensor; quantized weights as a quantized tensor)."""
+        raise NotImplementedError
+
+
+@dataclass
+class ParameterValues(StoredValues):
+    """A float parameter, written in place through an integer view of its storage."""
+
+    parameter: torch.Tensor = None
+
+    def _view(self) -> torch.Tensor:
+        if not self.parameter.is_contiguous():
+            raise SettingError(f"include: {self.name} is not contiguous in memory; its flat indices would be "
+                               "ambiguous")
+        return self.format.patterns(self.parameter)
+
+    def read(self, index: int) -> int:
+        return int(self._view()[index])
+
+    def write(self, updates: dict[int, int]) -> None:
+        view = self._view()
+        with torch.no_grad():
+            for index, pattern in updates.items():
+                view[index] = pattern
+
+    def values(self) -> torch.Tensor:
+        return self.parameter.detach()
+
+
+@dataclass
+class PackedWeightValues(StoredValues):
+    """The int8 weight of a ``torch.ao`` quantized conv or linear layer (per-tensor or per-channel scales)."""
+
+    def read(self, index: int) -> int:
+        return int(self.module.weight().int_repr().reshape(-1)[index])
+
+    def write(self, updates: dict[int, int]) -> None:
+        weight = self.module.weight()
+        integers = weight.int_repr().clone()
+        flat = integers.view(-1)
+        for index, pattern in updates.items():
+            flat[index] = pattern
+        self.module.set_weight_bias(requantized(weight, integers), self.module.bias())
+
+    def values(self) -> torch.Tensor:
+        return self.module.weight()
+
+
+def requantized(like: torch.Tensor, integers: torch.Tensor) -> torch.Tensor:
+    """A quantized tensor with ``like``'s scales, zero points and dtype holding ``integers``."""
+    if like.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        return torch._make_per_channel_quantized_tensor(
+            integers, like.q_per_channel_scales(), like.q_per_channel_zero_points(), like.q_per_channel_axis())
+    return torch._make_per_tensor_quantized_tensor(integers, like.q_scale(), like.q_zero_point())
+
+
+def _packed_weight(module: nn.Module) -> torch.Tensor | None:
+    """The quantized weight of a ``torch.ao`` quantized layer, or None for any other module."""
+    if not (callable(getattr(module, "weight", None)) and hasattr(module, "set_weight_bias")):
+        return None
+    weight = module.weight()
+    return weight if isinstance(weight, torch.Tensor) and weight.is_quantized else None
+
+
+def stored_values(model: nn.Module) -> dict[str, StoredValues]:
+    """Every array of ``model`` a weight fault can strike, in model order: its float parameters of a known format
+    (:data:`critnet.formats.FORMATS`) and the int8 weights of its quantized layers.
+
+    >>> sorted((name, s.format.name) for name, s in stored_values(nn.Linear(2, 1).half()).items())
+    [('bias', 'float16'), ('weight', 'float16')]
+    """
+    found: dict[str, StoredValues] = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for name, parameter in module.named_parameters(recurse=False):
+            number_format = format_of(parameter.dtype)
+            if number_format is not None and prefix + name not in found:
+                found[prefix + name] = ParameterValues(prefix + name, module, number_format, parameter.shape,
+                                                       parameter)
+        weight = _packed_weight(module)
+        if weight is not None:
+            found[f"{prefix}weight"] = PackedWeightValues(f"{prefix}weight", module, format_of(weight.dtype),
+                                                         weight.shape)
+    return found
+
+
+__all__ = ["PackedWeightValues", "ParameterValues", "StoredValues", "requantized", "stored_values"]

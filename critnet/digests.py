@@ -14,7 +14,15 @@ from torch import nn
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The raw bytes of ``tensor`` (on the CPU, contiguous): equal iff the values are bit-identical."""
+    """The raw bytes of ``tensor`` (on the CPU, contiguous): equal iff the values are bit-identical (a quantized
+    tensor: its integers, scales and zero points)."""
+    if tensor.is_quantized:
+        if tensor.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            parameters = [tensor.q_per_channel_scales(), tensor.q_per_channel_zero_points(),
+                          torch.tensor([tensor.q_per_channel_axis()])]
+        else:
+            parameters = [torch.tensor([tensor.q_scale()], dtype=torch.float64), torch.tensor([tensor.q_zero_point()])]
+        return b"".join(tensor_bytes(t) for t in [tensor.int_repr(), *parameters])
     t = tensor.detach().cpu().contiguous().reshape(-1)
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)
@@ -30,10 +38,21 @@ def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     False
     """
     digest = hashlib.sha256()
-    for name, tensor in named:
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor_bytes(tensor))
+    for name, value in named:
+        _update(digest, name, value)
     return digest.hexdigest()
+
+
+def _update(digest, name: str, value) -> None:
+    # a quantized model's state dict also holds packed parameters (tuples of tensors), dtypes, scales and the like
+    if isinstance(value, torch.Tensor):
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(tensor_bytes(value))
+    elif isinstance(value, (tuple, list)):
+        for position, item in enumerate(value):
+            _update(digest, f"{name}[{position}]", item)
+    else:
+        digest.update(f"{name}|{value!r}|".encode())
 
 
 def state_digest(model: nn.Module) -> str:

@@ -32,8 +32,11 @@ from critnet.engine.suffix import (
 from critnet.evaluation import batch_results
 from critnet.evaluation_set import EvaluationSet
 from critnet.faults.injection import Fault, injected
-from critnet.faults.storage import stored_values
+from critnet.faults.storage import requantized, stored_values
 from critnet.formats import FORMATS, bit_patterns
+
+# torch.ao's quantized conv (fused ConvReLU2d derives from it): its weight lives in packed parameters
+QuantizedConv2d = torch.ao.nn.quantized.Conv2d
 from critnet.outputs import OutputSelector, logits_of
 from critnet.perturb import Unit
 
@@ -237,11 +240,26 @@ class FaultEvaluator:
                 plan = self.traced.plan(Unit("channel", site.parameter, channel))
                 if plan is not None and plan.node is not None:
                     return _Plan("channel", plan.stop, plan.node)
+                node = self._quantized_conv_node(site.parameter)
+                if node is not None:
+                    return _Plan("channel", self.traced.position[node] + 1, node)
         kind = "tensor" if fault.target == "weights" else "activation"
         plans = [self.traced.plan(Unit(kind, s.parameter, None if kind == "tensor" else 0)) for s in fault.sites]
         if any(p is None for p in plans):
             return _Plan("full")
         return _Plan("suffix", min(p.stop for p in plans))
+
+    def _quantized_conv_node(self, weight_name: str) -> fx.Node | None:
+        """The only call of the quantized conv layer owning ``weight_name``, when its output channels can be
+        recomputed with the layer alone (one input, no hooks), else None."""
+        owner = weight_name.rpartition(".")[0]
+        module = self.traced.modules.get(owner)
+        if not isinstance(module, QuantizedConv2d) or module._forward_hooks or module._forward_pre_hooks:
+            return None
+        calls = [n for n in self.traced.nodes if n.op == "call_module" and n.target == owner]
+        if len(calls) != 1 or len(calls[0].args) != 1 or calls[0].kwargs or not isinstance(calls[0].args[0], fx.Node):
+            return None
+        return calls[0]
 
     def costs(self, faults: Sequence[Fault]) -> list[float]:
         """Relative cost of each fault (deterministic, so every rank shares the faults alike)."""
@@ -336,8 +354,22 @@ class FaultEvaluator:
             del states
 
 
+def _plain(value: Tensor) -> Tensor:
+    """A quantized tensor's integers (rows of a pack are gathered as integers), any other tensor as it is."""
+    return value.int_repr() if value.is_quantized else value
+
+
+def _like(model_value: Tensor, plain: Tensor) -> Tensor:
+    """``plain`` as a tensor of ``model_value``'s kind: quantized with its scale and zero point if it is."""
+    return requantized(model_value, plain) if model_value.is_quantized else plain
+
+
 class _ChannelFaults:
-    """The single-bit faults of one conv layer's weight: recompute one channel, pack the images it changes."""
+    """The single-site faults of one conv layer's weight: recompute one channel, pack the images it changes.
+
+    A float conv recomputes the channel from a faulty copy of its filter; a quantized conv, whose weight is packed,
+    recomputes the whole layer with the fault in the model (one layer, not the network after it).
+    """
 
     def __init__(self, evaluator: FaultEvaluator, node: fx.Node, suffix: fx.GraphModule, inputs: list[fx.Node],
                  states: list[dict], batches: list[tuple[Tensor, Tensor]], counts: dict[int, FaultCounts],
@@ -347,13 +379,13 @@ class _ChannelFaults:
         self.golden = evaluator.golden
         self.node, self.suffix, self.inputs = node, suffix, inputs
         self.states, self.batches, self.counts, self.done = states, batches, counts, done
-        self.conv: nn.Conv2d = self.traced.modules[node.target]
+        self.conv: nn.Module = self.traced.modules[node.target]
         self.size = min(evaluator.pack_size, sum(len(rows) for _, rows in batches))
         self.queue: list[_Queued] = []
         self.queued = 0
         self.progress = _Progress()
         self.faults: dict[int, Fault] = {}
-        self.exact_channel = self._channel_recompute_is_exact()
+        self.exact_channel = not isinstance(self.conv, QuantizedConv2d) and self._channel_recompute_is_exact()
         self.packable = self._packs_are_exact()
 
     def _channel_recompute_is_exact(self) -> bool:
@@ -388,37 +420,41 @@ class _ChannelFaults:
             if n is self.node:
                 pieces = []
                 for b, rows, channel, values in parts:
-                    piece = self.states[b][n][rows].clone()
+                    piece = _plain(self.states[b][n])[rows]  # indexing copies: the cache stays as it was
                     if channel is not None:
-                        piece[:, channel] = values
+                        piece[:, channel] = _plain(values)
                     pieces.append(piece)
-                args.append(torch.cat(pieces))
+                args.append(_like(self.states[0][n], torch.cat(pieces)))
             elif n in self.traced.batched and isinstance(self.states[0][n], Tensor):
-                args.append(torch.cat([self.states[b][n][rows] for b, rows, _, _ in parts]))
+                args.append(_like(self.states[0][n], torch.cat([_plain(self.states[b][n])[rows]
+                                                                for b, rows, _, _ in parts])))
             else:
                 args.append(self.states[0][n])
         return args
 
-    def run(self, faults: Sequence[Fault]) -> None:
+    def _faulty_channels(self, fault: Fault, channel: int) -> list[Tensor]:
+        """Per batch, output channel ``channel`` of the layer with ``fault`` in its weight."""
+        site = fault.sites[0]
+        inputs = [env[self.node.args[0]] for env in self.states]
+        if not self.exact_channel:
+            with injected(self.evaluator.model, fault, self.evaluator.stores):
+                return [self.conv(x)[:, channel] for x in inputs]
+        # the fault lives in a copy of one filter: the model itself is never written
         weight = self.conv.weight.detach()
-        per_filter = weight[0].numel()
+        faulty_filter = weight[channel: channel + 1].clone()
+        FORMATS[fault.format].patterns(faulty_filter)[site.index % weight[0].numel()] = fault.faulty_bits[0]
+        bias = None if self.conv.bias is None else self.conv.bias.detach()[channel: channel + 1]
+        return [self.conv._conv_forward(x, faulty_filter, bias)[:, 0] for x in inputs]
+
+    def run(self, faults: Sequence[Fault]) -> None:
+        per_filter = self.evaluator.stores[faults[0].sites[0].parameter].shape[1:].numel() if faults else 1
         for fault in faults:
             site = fault.sites[0]
             channel = site.index // per_filter
             self.faults[fault.id] = fault
             self.progress.outstanding.setdefault(fault.id, 0)
-            if self.exact_channel:
-                # the fault lives in a copy of one filter: the model itself is never written
-                faulty_filter = weight[channel: channel + 1].clone()
-                FORMATS[fault.format].patterns(faulty_filter)[site.index % per_filter] = fault.faulty_bits[0]
-                bias = None if self.conv.bias is None else self.conv.bias.detach()[channel: channel + 1]
-            for b, (env, (_, rows)) in enumerate(zip(self.states, self.batches)):
-                conv_input = env[self.node.args[0]]
-                if self.exact_channel:
-                    values = self.conv._conv_forward(conv_input, faulty_filter, bias)[:, 0]
-                else:
-                    with injected(self.evaluator.model, fault, self.evaluator.stores):
-                        values = self.conv(conv_input)[:, channel]
+            for b, (env, values) in enumerate(zip(self.states, self._faulty_channels(fault, channel))):
+                rows = self.batches[b][1]
                 cached = env[self.node][:, channel]
                 differs = (bit_patterns(values).reshape(len(rows), -1)
                            != bit_patterns(cached).reshape(len(rows), -1)).any(1)

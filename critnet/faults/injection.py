@@ -196,7 +196,7 @@ def _activation_hook(site: Site, fault: Fault):
         if found is not number_format:
             raise CritnetError(f"activation fault: module {site.parameter!r} does not output {fault.format} values")
         if output.is_quantized:
-            integers = output.int_repr()
+            integers = output.int_repr().contiguous()
             rows = integers.view(integers.shape[0], -1)
         else:
             faulty = output.contiguous().clone()

@@ -42,6 +42,7 @@ _EXPORTS = {
     "Unit": "critnet.perturb",
     "Campaign": "critnet.results",
     "CampaignSettings": "critnet.analyses.campaign",
+    "compare_accuracy": "critnet.models.quantization",
     "compare_orders": "critnet.analyses.pruning",
     "evaluate": "critnet.evaluation",
     "fault_campaign": "critnet.analyses.campaign",
@@ -49,6 +50,7 @@ _EXPORTS = {
     "load_model": "critnet.models",
     "logits_of": "critnet.outputs",
     "prune_sweep": "critnet.analyses.pruning",
+    "quantize_int8": "critnet.models.quantization",
     "rank": "critnet.analyses.ranking",
     "select_units": "critnet.selection",
 }

@@ -37,6 +37,7 @@ from critnet.formats import FORMATS, bit_patterns
 
 # torch.ao's quantized conv (fused ConvReLU2d derives from it): its weight lives in packed parameters
 QuantizedConv2d = torch.ao.nn.quantized.Conv2d
+QuantizedConvReLU2d = torch.ao.nn.intrinsic.quantized.ConvReLU2d
 from critnet.outputs import OutputSelector, logits_of
 from critnet.perturb import Unit
 
@@ -354,6 +355,51 @@ class FaultEvaluator:
             del states
 
 
+class _OneChannel:
+    """Output channel ``c`` of a conv layer computed from its filter ``c`` alone: a float conv's, or a quantized
+    conv's (``torch.ao``: plain or fused with ReLU, per-channel or per-tensor int8 weights, no groups) through the
+    quantized conv kernel with a one-channel packed weight and the layer's output scale. Whether that reproduces
+    the layer's own channel bit for bit is checked on the data before it is used."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        self.conv = conv
+        self.quantized = isinstance(conv, QuantizedConv2d)
+        if self.quantized:
+            self.weight, self.bias = conv.weight(), conv.bias()
+            self.integers = self.weight.int_repr()
+            self.op = {QuantizedConv2d: torch.ops.quantized.conv2d,
+                       QuantizedConvReLU2d: torch.ops.quantized.conv2d_relu}.get(type(conv))
+        else:
+            self.weight, self.bias = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
+        self.channels = self.weight.shape[0]
+
+    @property
+    def available(self) -> bool:
+        return not self.quantized or (self.op is not None and self.conv.groups == 1
+                                      and self.conv.padding_mode == "zeros")
+
+    def filter(self, channel: int) -> Tensor:
+        """A copy of filter ``channel`` to write a fault into (a quantized weight's integers)."""
+        source = self.integers if self.quantized else self.weight
+        return source[channel: channel + 1].clone()
+
+    def __call__(self, x: Tensor, channel: int, one_filter: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias[channel: channel + 1]
+        if not self.quantized:
+            return self.conv._conv_forward(x, one_filter, bias)[:, 0]
+        w = self.weight
+        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            weight = torch._make_per_channel_quantized_tensor(
+                one_filter, w.q_per_channel_scales()[channel: channel + 1],
+                w.q_per_channel_zero_points()[channel: channel + 1], 0)
+        else:
+            weight = torch._make_per_tensor_quantized_tensor(one_filter, w.q_scale(), w.q_zero_point())
+        conv = self.conv
+        packed = torch.ops.quantized.conv2d_prepack(weight, bias, list(conv.stride), list(conv.padding),
+                                                   list(conv.dilation), conv.groups)
+        return self.op(x, packed, conv.scale, conv.zero_point)[:, 0]
+
+
 def _plain(value: Tensor) -> Tensor:
     """A quantized tensor's integers (rows of a pack are gathered as integers), any other tensor as it is."""
     return value.int_repr() if value.is_quantized else value
@@ -385,15 +431,20 @@ class _ChannelFaults:
         self.queued = 0
         self.progress = _Progress()
         self.faults: dict[int, Fault] = {}
-        self.exact_channel = not isinstance(self.conv, QuantizedConv2d) and self._channel_recompute_is_exact()
+        # the packs' inputs as plain tensors (a quantized value's integers), made once: gathering rows from them
+        # is all a pack does, and int_repr copies the whole tensor
+        self.plain = [{n: _plain(env[n]) for n in inputs if n in self.traced.batched and isinstance(env[n], Tensor)}
+                      for env in states]
+        self.one_channel = _OneChannel(self.conv)
+        self.exact_channel = self._channel_recompute_is_exact()
         self.packable = self._packs_are_exact()
 
     def _channel_recompute_is_exact(self) -> bool:
+        if not self.one_channel.available:
+            return False
         env = self.states[0]
-        weight = self.conv.weight.detach()
-        for channel in {0, weight.shape[0] - 1}:
-            bias = None if self.conv.bias is None else self.conv.bias.detach()[channel: channel + 1]
-            alone = self.conv._conv_forward(env[self.node.args[0]], weight[channel: channel + 1], bias)[:, 0]
+        for channel in {0, self.one_channel.channels - 1}:
+            alone = self.one_channel(env[self.node.args[0]], channel, self.one_channel.filter(channel))
             if not torch.equal(bit_patterns(alone), bit_patterns(env[self.node][:, channel].contiguous())):
                 self.evaluator.fallbacks[str(self.node.target)] = "one channel alone differs from the full conv"
                 return False
@@ -420,14 +471,13 @@ class _ChannelFaults:
             if n is self.node:
                 pieces = []
                 for b, rows, channel, values in parts:
-                    piece = _plain(self.states[b][n])[rows]  # indexing copies: the cache stays as it was
+                    piece = self.plain[b][n][rows]  # indexing copies: the cache stays as it was
                     if channel is not None:
                         piece[:, channel] = _plain(values)
                     pieces.append(piece)
                 args.append(_like(self.states[0][n], torch.cat(pieces)))
             elif n in self.traced.batched and isinstance(self.states[0][n], Tensor):
-                args.append(_like(self.states[0][n], torch.cat([_plain(self.states[b][n])[rows]
-                                                                for b, rows, _, _ in parts])))
+                args.append(_like(self.states[0][n], torch.cat([self.plain[b][n][rows] for b, rows, _, _ in parts])))
             else:
                 args.append(self.states[0][n])
         return args
@@ -440,11 +490,10 @@ class _ChannelFaults:
             with injected(self.evaluator.model, fault, self.evaluator.stores):
                 return [self.conv(x)[:, channel] for x in inputs]
         # the fault lives in a copy of one filter: the model itself is never written
-        weight = self.conv.weight.detach()
-        faulty_filter = weight[channel: channel + 1].clone()
-        FORMATS[fault.format].patterns(faulty_filter)[site.index % weight[0].numel()] = fault.faulty_bits[0]
-        bias = None if self.conv.bias is None else self.conv.bias.detach()[channel: channel + 1]
-        return [self.conv._conv_forward(x, faulty_filter, bias)[:, 0] for x in inputs]
+        faulty_filter = self.one_channel.filter(channel)
+        patterns = faulty_filter.view(-1) if self.one_channel.quantized else FORMATS[fault.format].patterns(faulty_filter)
+        patterns[site.index % faulty_filter.numel()] = fault.faulty_bits[0]
+        return [self.one_channel(x, channel, faulty_filter) for x in inputs]
 
     def run(self, faults: Sequence[Fault]) -> None:
         per_filter = self.evaluator.stores[faults[0].sites[0].parameter].shape[1:].numel() if faults else 1

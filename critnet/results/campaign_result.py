@@ -46,7 +46,7 @@ IMAGE_METRICS = {
 }
 #: The image-level rates in [0, 1], which carry an interval (a mean change of loss or accuracy has none).
 BOUNDED_IMAGE_METRICS = ("sdc1_per_image", "sdc1_per_image_correct", "sdc5_per_image")
-RATE_COLUMNS = ("group", "layer", "bit", "faults", "population",
+RATE_COLUMNS = ("group", "layer", "bit", "field", "faults", "population",
                 *[f"{m}{s}" for m in FAULT_METRICS for s in ("", "_low", "_high")], *IMAGE_METRICS,
                 *[f"{m}{s}" for m in BOUNDED_IMAGE_METRICS for s in ("_low", "_high")], "effective_n", "unsampled",
                 "delta_loss_excluded")
@@ -65,7 +65,8 @@ class Campaign(AnalysisResult):
             stays finite (``delta_loss_excluded`` counts the others; nan when there is none), ``accuracy_drop`` the
             change of top-1 accuracy in points; ``*_correct`` count only images the golden model classifies
             correctly.
-        rates: ``{"overall": row, "layer": rows, "bit": rows, "layer_bit": rows}`` (``RATE_COLUMNS``): every rate
+        rates: ``{"overall": row, "layer": rows, "bit": rows, "field": rows, "layer_bit": rows, "layer_field": rows}``
+            (``RATE_COLUMNS``; a field is a bit field of the values' format, :mod:`critnet.formats`): every rate
             estimated as the faults were sampled (:func:`critnet.faults.stats.domain_estimate`: each fault weighted
             by its stratum's population over its faults drawn, bits as domains of the layer strata), the
             fault-level rates and the per-image SDC rates with 95 % intervals that count faults as the sampling
@@ -142,27 +143,50 @@ class Campaign(AnalysisResult):
                 members[label].setdefault(fault.sites[0].bit, []).append(position)
         layers = [] if ber else list(dict.fromkeys(s.layer for s in self.strata))
         bits = [] if ber else sorted({b for s in self.strata for b in s.bits})
+        width = int(self.settings.get("upset_width") or 1)
+        # the bit fields of the formats present (an upset spanning two fields is its own field: mantissa+exponent)
+        fields = [] if ber else list(dict.fromkeys(FORMATS[s.format].fields_struck(b, width)
+                                                   for s in self.strata for b in sorted(s.bits)))
+
+        def field_bits(name: str):
+            return lambda s: {b for b in s.bits if FORMATS[s.format].fields_struck(b, width) == name}
+
+        def one_bit(bit: int):
+            return lambda s: {bit} & set(s.bits)
+
+        def field_of(bit: int) -> str:
+            names = {FORMATS[s.format].fields_struck(bit, width) for s in self.strata if bit in s.bits}
+            return names.pop() if len(names) == 1 else ""
+
         tables: dict[str, Any] = {"overall": self._group_row("overall", None, None, members, confidence)}
         tables["layer"] = [self._group_row("layer", layer, None, members, confidence) for layer in layers]
-        tables["bit"] = [self._group_row("bit", None, bit, members, confidence) for bit in bits]
-        tables["layer_bit"] = [self._group_row("layer_bit", layer, bit, members, confidence)
-                               for layer in layers for bit in bits]
+        tables["bit"] = [self._group_row("bit", None, one_bit(bit), members, confidence, bit, field_of(bit))
+                         for bit in bits]
+        tables["field"] = [self._group_row("field", None, field_bits(name), members, confidence, field=name)
+                           for name in fields]
+        tables["layer_bit"] = [self._group_row("layer_bit", layer, one_bit(bit), members, confidence, bit,
+                                               field_of(bit)) for layer in layers for bit in bits]
+        tables["layer_field"] = [self._group_row("layer_field", layer, field_bits(name), members, confidence,
+                                                 field=name) for layer in layers for name in fields]
         return tables
 
-    def _group_row(self, group: str, layer: str | None, bit: int | None,
-                   members: dict[str, dict[int | None, list[int]]], confidence: float) -> dict[str, Any]:
+    def _group_row(self, group: str, layer: str | None, bits_of, members: dict[str, dict[int | None, list[int]]],
+                   confidence: float, bit: int | None = None, field: str = "") -> dict[str, Any]:
+        """The rates over the faults of ``layer`` (None: every layer) whose bit is in ``bits_of(stratum)`` (None:
+        every bit)."""
         cells = []  # per stratum the row touches: the stratum, its faults drawn, those in the row, its possible ones
         for s in self.strata:
-            if (layer is not None and s.layer != layer) or (bit is not None and bit not in s.bits):
+            chosen = None if bits_of is None else bits_of(s)
+            if (layer is not None and s.layer != layer) or chosen == set():
                 continue
             drawn = sum(len(p) for p in members[s.label].values())
-            inside = [p for b, ps in members[s.label].items() if bit is None or b == bit for p in ps]
-            domain = s.population if bit is None or len(s.bits) == 1 else s.elements
+            inside = [p for b, ps in members[s.label].items() if chosen is None or b in chosen for p in ps]
+            domain = s.population if chosen is None or len(s.bits) == 1 else s.elements * len(chosen)
             cells.append((s, drawn, inside, domain))
         population = sum(domain for *_, domain in cells)
         out: dict[str, Any] = {"group": group, "layer": layer if layer is not None else "",
-                               "bit": bit if bit is not None else "", "faults": sum(len(i) for _, _, i, _ in cells),
-                               "population": population}
+                               "bit": bit if bit is not None else "", "field": field,
+                               "faults": sum(len(i) for _, _, i, _ in cells), "population": population}
 
         def estimate(values, bounded: bool) -> dict[str, float]:
             strata = []
@@ -218,7 +242,8 @@ class Campaign(AnalysisResult):
     def write_files(self, directory: Path) -> list[Path]:
         """``faults.csv`` (one row per fault), ``fault_rates.csv`` (every group), ``fault_vulnerability.csv``
         (layers and bits ranked), ``campaign.json`` and the two PNG figures (none for bit-error-rate campaigns)."""
-        rates = [self.rates["overall"], *self.rates["layer"], *self.rates["bit"], *self.rates["layer_bit"]]
+        rates = [self.rates["overall"], *self.rates["layer"], *self.rates["bit"], *self.rates["field"],
+                 *self.rates["layer_bit"], *self.rates["layer_field"]]
         paths = [self.to_csv(directory / "faults.csv"), write_csv(directory / "fault_rates.csv", rates, RATE_COLUMNS),
                  write_csv(directory / "fault_vulnerability.csv", self.vulnerability_ranking(), RANKING_COLUMNS),
                  self.to_json(directory / "campaign.json")]

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from critnet.formats import FORMATS
 from critnet.results.ranking_rows import INTERVAL_OF_SCORE
 from critnet.scoring import Z95
 
@@ -151,7 +152,9 @@ def _heatmap(axes, campaign) -> Any:
                         vmin=0, vmax=max(1e-9, float(np.nanmax(grid))) if np.isfinite(grid).any() else 1)
     axes.set_yticks(np.arange(len(layers)), layers, fontsize=6)
     axes.set_xticks(np.arange(len(bits)), [str(b) for b in bits], fontsize=6)
-    axes.set_xlabel("bit (0 = lowest mantissa bit, 23–30 exponent, 31 sign); blank = no fault drawn")
+    formats = sorted(set((campaign.settings.get("formats") or {"": "float32"}).values()))
+    layouts = "; ".join(f"{name} {FORMATS[name].layout()}" for name in formats)
+    axes.set_xlabel(f"lowest bit struck ({layouts}); blank = no fault drawn", fontsize=7)
     axes.set_title("critical faults (SDC-1 rate > threshold), % of faults", fontsize=9)
     return image
 

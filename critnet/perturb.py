@@ -40,6 +40,8 @@ import torch
 from torch import nn
 
 from critnet.choices import LEVELLESS, PERTURBATION_KINDS, UNIT_KINDS, SettingError
+from critnet.formats import format_of
+from critnet.storage import packed_weights, quantized_like, requantized
 
 # Output projections of attention modules, in the order they are looked for (torchvision's MaxViT calls it merge,
 # Hugging Face transformers 5 o_proj).
@@ -173,8 +175,8 @@ class Perturbation:
 
     Args:
         kind: ``add`` (add ``level``), ``scale`` (multiply by ``level``), ``noise`` (add Gaussian noise of standard
-            deviation ``level``), ``zero`` (ablation), ``sign_flip``, ``bitflip`` (flip bit ``level`` (0..31) of every
-            float32 value), ``prune`` (zero the ``level`` fraction of the unit's values with the smallest magnitude).
+            deviation ``level``), ``zero`` (ablation), ``sign_flip``, ``bitflip`` (flip bit ``level`` of every stored
+            value: 0..31 of a float32, 0..15 of a float16 or bfloat16, 0..7 of a quantized int8 or uint8), ``prune`` (zero the ``level`` fraction of the unit's values with the smallest magnitude).
         level: the amount, see ``kind``; ignored by ``zero`` and ``sign_flip``.
         relative: ``noise`` only: the standard deviation is ``level`` times the (population) standard deviation of
             the unit's values.
@@ -193,7 +195,7 @@ class Perturbation:
         if not math.isfinite(float(self.level)):
             raise SettingError(f"level: {self.level!r} is not a finite number")
         if self.kind == "bitflip" and (float(self.level) != int(self.level) or not 0 <= int(self.level) <= 31):
-            raise SettingError(f"level: bitflip needs a bit index 0..31 of a float32 value, got {self.level!r}")
+            raise SettingError(f"level: bitflip needs a bit index 0..31 of a stored value, got {self.level!r}")
         if self.kind == "prune" and not 0.0 <= float(self.level) <= 1.0:
             raise SettingError(f"level: prune needs a fraction in [0, 1], got {self.level!r}")
         if self.kind == "noise" and float(self.level) < 0:
@@ -233,11 +235,7 @@ class Perturbation:
         if kind == "sign_flip":
             return -values
         if kind == "bitflip":
-            if values.dtype != torch.float32:
-                raise SettingError(f"bitflip: unit {unit.label} holds {values.dtype}, bitflip is defined for float32")
-            bit = int(self.level)
-            mask = torch.tensor(-(1 << 31) if bit == 31 else 1 << bit, dtype=torch.int32, device=values.device)
-            return torch.bitwise_xor(values.contiguous().view(torch.int32), mask).view(torch.float32)
+            return self.flip_bits(values.contiguous(), unit)
         if kind == "noise":
             self.check_unit_kind(unit.kind)
             shape = values.shape[1:] if unit.kind == "activation" else values.shape
@@ -252,6 +250,32 @@ class Perturbation:
                 return _prune_rows(flat, self.level).reshape(values.shape)
             return _prune_rows(values.reshape(1, -1), self.level).reshape(values.shape)
         raise AssertionError(kind)
+
+
+    def flip_bits(self, values: torch.Tensor, unit: Unit) -> torch.Tensor:
+        """``values`` (a float tensor, or the integers of a quantized one) with bit ``level`` of each flipped."""
+        number_format = format_of(values.dtype)
+        bit = int(self.level)
+        if number_format is None or bit >= number_format.width:
+            held = values.dtype if number_format is None else f"{number_format.width}-bit {number_format.name} values"
+            raise SettingError(f"level: bit {bit} is not a bit of unit {unit.label}, which holds {held}")
+        patterns = values.view(number_format.bits_dtype)
+        return number_format.apply_tensor(patterns, bit, "bitflip").view(values.dtype)
+
+    def apply_quantized(self, values: torch.Tensor, unit: Unit, select) -> torch.Tensor:
+        """The integers of a quantized tensor ``values`` after the perturbation of the part ``select(tensor)`` picks
+        (a view): ``bitflip`` flips the stored integers' bit; any other perturbation acts on the dequantized values,
+        which are quantized again with the tensor's own scales (the other values come back as they were)."""
+        integers = values.int_repr().contiguous().clone()
+        if self.kind == "bitflip":
+            part = select(integers)
+            part.copy_(self.flip_bits(part.contiguous(), unit))
+            return integers
+        floats = values.dequantize()
+        part = select(floats)
+        part.copy_(self.apply(part.clone(), unit))
+        select(integers).copy_(select(quantized_like(values, floats).int_repr()))
+        return integers
 
 
 def _prune_rows(rows: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -276,11 +300,26 @@ def resolve_parameter(model: nn.Module, unit: Unit) -> nn.Parameter:
         return dict(model.named_parameters())[head_parameter_name(model, unit)]
     params = dict(model.named_parameters())
     if unit.name not in params:
+        if unit.name in packed_weights(model):
+            raise SettingError(f"unit {unit.label}: {unit.name} is the int8 weight of a quantized layer, which has no "
+                               "float parameter (and no gradient): use method exact or naive")
         raise SettingError(f"unit {unit.label}: the model has no parameter named {unit.name!r}")
     param = params[unit.name]
     if unit.index is not None and not 0 <= unit.index < (param.shape[0] if param.dim() else 0):
         raise SettingError(f"unit {unit.label}: index out of range for a parameter of shape {tuple(param.shape)}")
     return param
+
+
+def check_weight_unit(model: nn.Module, unit: Unit) -> None:
+    """A one-line error naming ``unit`` unless the model holds its weights: a parameter, or the packed int8 weight
+    of a quantized layer (whose channel index must be in range)."""
+    packed = packed_weights(model).get(unit.name) if unit.kind != "head" else None
+    if packed is None:
+        resolve_parameter(model, unit)
+        return
+    channels = packed.weight().shape[0]
+    if unit.index is not None and not 0 <= unit.index < channels:
+        raise SettingError(f"unit {unit.label}: index out of range for a weight of {channels} output channels")
 
 
 def unit_values(model: nn.Module, unit: Unit, tensor: torch.Tensor) -> torch.Tensor:
@@ -337,6 +376,8 @@ def perturbed(model: nn.Module, unit: Unit, perturbation: Perturbation) -> Itera
             dim = activation_channel_dim(hooked, output) if isinstance(output, torch.Tensor) else 1
             if not isinstance(output, torch.Tensor) or output.dim() < 2 or index >= output.shape[dim]:
                 raise SettingError(f"unit {unit.label}: module output has no channel {index}")
+            if output.is_quantized:  # the quantized output's integers change, its scale and zero point stay
+                return requantized(output, perturbation.apply_quantized(output, unit, lambda t: t.select(dim, index)))
             output = output.clone()
             channel = output.select(dim, index)
             channel.copy_(perturbation.apply(channel, unit))
@@ -347,6 +388,18 @@ def perturbed(model: nn.Module, unit: Unit, perturbation: Perturbation) -> Itera
             yield
         finally:
             handle.remove()
+        return
+
+    packed = packed_weights(model).get(unit.name) if unit.kind != "head" else None
+    if packed is not None:
+        check_weight_unit(model, unit)
+        weight, bias = packed.weight(), packed.bias()
+        try:
+            faulty = perturbation.apply_quantized(weight, unit, lambda t: unit_values(model, unit, t))
+            packed.set_weight_bias(requantized(weight, faulty), bias)
+            yield
+        finally:
+            packed.set_weight_bias(weight, bias)  # the original quantized tensor: the same integers and scales
         return
 
     target = unit_values(model, unit, resolve_parameter(model, unit).detach())

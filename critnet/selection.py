@@ -13,6 +13,7 @@ from torch import nn
 from critnet.choices import UNIT_KINDS, SettingError
 from critnet.modes import evaluation_mode
 from critnet.perturb import Unit, activation_channel_dim, attention_heads
+from critnet.storage import packed_weights
 
 
 # What each kind of unit selects when include / module_types are None.
@@ -233,7 +234,11 @@ def select_units(
 
     units: list[Unit] = []
     if kind in ("tensor", "channel"):
-        for name, param in model.named_parameters():
+        # a quantized layer's int8 weight lives in packed parameters: it is a unit under its float name too
+        weights = dict(model.named_parameters())
+        weights.update({name: module.weight() for name, module in packed_weights(model).items()
+                        if name not in weights})
+        for name, param in weights.items():
             if not _matches(name, include_patterns, exclude_patterns):
                 continue
             if types is not None and not module_type_names(_owner(modules, name)) & types:

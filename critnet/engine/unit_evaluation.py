@@ -22,7 +22,7 @@ from critnet.evaluation import sample_pass, tally_pass, tally_samples
 from critnet.evaluation_set import EvaluationSet
 from critnet.modes import evaluation_mode
 from critnet.outputs import OutputSelector, describe_selector
-from critnet.perturb import Perturbation, Unit, resolve_module, resolve_parameter
+from critnet.perturb import Perturbation, Unit, check_weight_unit, resolve_module
 from critnet.scoring import UnitOutcome
 
 
@@ -77,7 +77,7 @@ def _check_units(model: nn.Module, units: Sequence[Unit], perturbation: Perturba
         if unit.kind == "activation":
             resolve_module(model, unit)
         else:
-            resolve_parameter(model, unit)
+            check_weight_unit(model, unit)
     return units
 
 

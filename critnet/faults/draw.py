@@ -14,7 +14,7 @@ from torch import nn
 from critnet.choices import SettingError
 from critnet.faults.injection import Fault, Site
 from critnet.faults.stats import achieved_margin, leveugle_sample_size
-from critnet.faults.storage import stored_values
+from critnet.storage import stored_values
 from critnet.formats import NumberFormat, format_of
 from critnet.selection import Selection
 
@@ -55,7 +55,7 @@ class Stratum:
 
 def selected_layers(model: nn.Module, target: str, selection: Selection,
                     example_input: torch.Tensor | None) -> dict[str, Layer]:
-    """``{name: Layer}`` of the stored weights (:func:`~critnet.faults.storage.stored_values`) or module outputs
+    """``{name: Layer}`` of the stored weights (:func:`~critnet.storage.stored_values`) or module outputs
     per image (activations) that ``selection`` picks; its ``include`` defaults to ``DEFAULT_WEIGHT_INCLUDE`` for
     weights. Activations count when their values are stored in a known format (float, or a quantized tensor).
 

@@ -32,7 +32,7 @@ from critnet.engine.suffix import (
 from critnet.evaluation import batch_results
 from critnet.evaluation_set import EvaluationSet
 from critnet.faults.injection import Fault, injected
-from critnet.faults.storage import requantized, stored_values
+from critnet.storage import requantized, stored_values
 from critnet.formats import FORMATS, bit_patterns
 
 # torch.ao's quantized conv (fused ConvReLU2d derives from it): its weight lives in packed parameters

@@ -5,7 +5,7 @@ module, flat index and lowest bit struck) and a fault model — a bit flip, stuc
 draw (several flips at once) — striking ``width`` adjacent bits of each site's value (1: a single-bit upset; more: a
 multi-bit upset). Values are stored in a number format (:mod:`critnet.formats`): float32, float16, bfloat16, the
 int8 of a quantized weight, the uint8 of a quantized activation. Weight faults are written where the model reads
-the value (:mod:`critnet.faults.storage`) and the original bits are put back on exit, also when the evaluation
+the value (:mod:`critnet.storage`) and the original bits are put back on exit, also when the evaluation
 raises, so NaN payloads and signed zeros survive. Activation faults live in a forward hook that is removed on exit.
 """
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from critnet.choices import FAULT_MODELS, FAULT_TARGETS
 from critnet.errors import CritnetError
-from critnet.faults.storage import StoredValues, requantized, stored_values
+from critnet.storage import StoredValues, requantized, stored_values
 from critnet.formats import FORMATS, format_of
 
 #: The columns of the fault list in ``faults.csv`` (enough to replay it; ``field`` names the bits struck).
@@ -90,11 +90,16 @@ class Fault:
 
     @property
     def faulty_bits(self) -> tuple[int, ...] | None:
+        """Each site's value with the fault in place: every site that strikes the same value is applied to it (a
+        bit-error-rate draw may flip several bits of one value)."""
         if self.original_bits is None:
             return None
         number_format = FORMATS[self.format]
-        return tuple(number_format.apply(bits, site.bit, self.bit_model, self.width)
-                     for bits, site in zip(self.original_bits, self.sites))
+        faulty: dict[tuple[str, int], int] = {}
+        for bits, site in zip(self.original_bits, self.sites):
+            key = (site.parameter, site.index)
+            faulty[key] = number_format.apply(faulty.get(key, bits), site.bit, self.bit_model, self.width)
+        return tuple(faulty[(site.parameter, site.index)] for site in self.sites)
 
     @property
     def is_identity(self) -> bool:
@@ -154,7 +159,7 @@ def weight_store(stores: dict[str, StoredValues], name: str) -> StoredValues:
 def injected(model: nn.Module, fault: Fault, stores: dict[str, StoredValues] | None = None) -> Iterator[None]:
     """The model with ``fault`` in place for the ``with`` block; the exact original bits come back on exit.
 
-    ``stores``: the model's :func:`~critnet.faults.storage.stored_values` when the caller holds them already.
+    ``stores``: the model's :func:`~critnet.storage.stored_values` when the caller holds them already.
 
     >>> model = nn.Linear(2, 1)
     >>> with injected(model, Fault(0, "bitflip", "weights", (Site("weight", 0, 31),))):
@@ -174,18 +179,27 @@ def injected(model: nn.Module, fault: Fault, stores: dict[str, StoredValues] | N
         if store.format.name != fault.format:
             raise CritnetError(f"weight fault: {store.name} stores {store.format.name} values, the fault was drawn "
                                f"for {fault.format}")
-    saved = [store.read(site.index) for store, site in zip(targets, fault.sites)]
+    # several sites may strike one value (a bit-error-rate draw flipping two of its bits): each value is read
+    # once, gets every site's bits, and is written once
+    saved: dict[tuple[str, int], int] = {}
+    faulty: dict[tuple[str, int], int] = {}
+    owner: dict[tuple[str, int], StoredValues] = {}
     number_format = FORMATS[fault.format]
-    written: list[int] = []
+    for store, site in zip(targets, fault.sites):
+        key = (site.parameter, site.index)
+        if key not in saved:
+            saved[key] = faulty[key] = store.read(site.index)
+            owner[key] = store
+        faulty[key] = number_format.apply(faulty[key], site.bit, fault.bit_model, fault.width)
+    written: list[tuple[str, int]] = []
     try:
-        for position, (store, site, bits) in enumerate(zip(targets, fault.sites, saved)):
-            written.append(position)
-            store.write({site.index: number_format.apply(bits, site.bit, fault.bit_model, fault.width)})
+        for key, bits in faulty.items():
+            written.append(key)
+            owner[key].write({key[1]: bits})
         yield
     finally:
-        # restored in reverse so that two sites on one value (never drawn, but allowed) unwind correctly
-        for position in reversed(written):
-            targets[position].write({fault.sites[position].index: saved[position]})
+        for key in reversed(written):
+            owner[key].write({key[1]: saved[key]})
 
 
 def _activation_hook(site: Site, fault: Fault):

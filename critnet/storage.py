@@ -1,4 +1,4 @@
-"""Where a weight fault lands: the values a model stores, by name, with their number format.
+"""What a model stores, by name, with its number format: where weight faults land and weight perturbations act.
 
 A float parameter (float32, float16, bfloat16) is read and written through an integer view of its own storage. A
 quantized conv or linear layer of ``torch.ao`` (what :func:`critnet.quantize_int8` produces, and torchvision's
@@ -104,6 +104,24 @@ def requantized(like: torch.Tensor, integers: torch.Tensor) -> torch.Tensor:
     return torch._make_per_tensor_quantized_tensor(integers, like.q_scale(), like.q_zero_point())
 
 
+def quantized_like(like: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (floats) quantized with ``like``'s scales, zero points and dtype."""
+    if like.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        return torch.quantize_per_channel(values, like.q_per_channel_scales(), like.q_per_channel_zero_points(),
+                                          like.q_per_channel_axis(), like.dtype)
+    return torch.quantize_per_tensor(values, like.q_scale(), like.q_zero_point(), like.dtype)
+
+
+def packed_weights(model: nn.Module) -> dict[str, nn.Module]:
+    """``{"<module>.weight": module}`` for the ``torch.ao`` quantized layers of ``model``, in model order.
+
+    >>> packed_weights(nn.Linear(2, 1))
+    {}
+    """
+    return {f"{name}.weight" if name else "weight": module for name, module in model.named_modules()
+            if _packed_weight(module) is not None}
+
+
 def _packed_weight(module: nn.Module) -> torch.Tensor | None:
     """The quantized weight of a ``torch.ao`` quantized layer, or None for any other module."""
     if not (callable(getattr(module, "weight", None)) and hasattr(module, "set_weight_bias")):
@@ -134,4 +152,5 @@ def stored_values(model: nn.Module) -> dict[str, StoredValues]:
     return found
 
 
-__all__ = ["PackedWeightValues", "ParameterValues", "StoredValues", "requantized", "stored_values"]
+__all__ = ["PackedWeightValues", "ParameterValues", "StoredValues", "packed_weights", "quantized_like", "requantized",
+           "stored_values"]

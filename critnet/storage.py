@@ -4,7 +4,8 @@ A float parameter (float32, float16, bfloat16) is read and written through an in
 quantized conv or linear layer of ``torch.ao`` (what :func:`critnet.quantize_int8` produces, and torchvision's
 quantized classifiers) holds its int8 weight inside packed parameters, out of reach of a view: its values are read
 from ``module.weight()`` and a changed weight is packed again with ``module.set_weight_bias``, under the name
-``<module>.weight`` a float model gives the same weight. Each stored array is a :class:`StoredValues`, whatever holds
+``<module>.weight`` a float model gives the same weight; its scales and zero points are stored values too
+(``<module>.weight_scale``, float32; ``<module>.weight_zero_point``, int8), selected only when asked for. Each stored array is a :class:`StoredValues`, whatever holds
 it; :func:`stored_values` finds them all.
 """
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from critnet.choices import SettingError
-from critnet.formats import NumberFormat, format_of
+from critnet.formats import FORMATS, NumberFormat, format_of
 
 
 @dataclass
@@ -96,6 +97,49 @@ class PackedWeightValues(StoredValues):
         return self.module.weight()
 
 
+@dataclass
+class QuantizationParameterValues(StoredValues):
+    """The scales (float32) or zero points (int8) of a ``torch.ao`` quantized layer's weight, one per output
+    channel (one for a per-tensor weight): its quantization metadata, named ``<module>.weight_scale`` and
+    ``<module>.weight_zero_point``. A changed value is packed again with the weight's integers as they were."""
+
+    kind: str = "scale"  # or "zero_point"
+
+    def _parameters(self, weight: torch.Tensor) -> torch.Tensor:
+        per_channel = weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+        if self.kind == "scale":
+            return weight.q_per_channel_scales() if per_channel else torch.tensor([weight.q_scale()],
+                                                                                 dtype=torch.float64)
+        return weight.q_per_channel_zero_points() if per_channel else torch.tensor([weight.q_zero_point()])
+
+    def read(self, index: int) -> int:
+        value = self._parameters(self.module.weight())[index]
+        return self.format.pattern(float(value)) if self.kind == "scale" else int(value)
+
+    def write(self, updates: dict[int, int]) -> None:
+        weight = self.module.weight()
+        parameters = self._parameters(weight).clone()
+        for index, pattern in updates.items():
+            parameters[index] = self.format.value(pattern) if self.kind == "scale" else pattern
+        scales, zero_points = (parameters, self._other(weight)) if self.kind == "scale" else \
+            (self._other(weight), parameters)
+        if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            changed = torch._make_per_channel_quantized_tensor(weight.int_repr(), scales, zero_points,
+                                                               weight.q_per_channel_axis())
+        else:
+            changed = torch._make_per_tensor_quantized_tensor(weight.int_repr(), float(scales[0]),
+                                                              int(zero_points[0]))
+        self.module.set_weight_bias(changed, self.module.bias())
+
+    def _other(self, weight: torch.Tensor) -> torch.Tensor:
+        other = QuantizationParameterValues(self.name, self.module, self.format, self.shape,
+                                            "zero_point" if self.kind == "scale" else "scale")
+        return other._parameters(weight)
+
+    def values(self) -> torch.Tensor:
+        return self._parameters(self.module.weight())
+
+
 def requantized(like: torch.Tensor, integers: torch.Tensor) -> torch.Tensor:
     """A quantized tensor with ``like``'s scales, zero points and dtype holding ``integers``."""
     if like.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
@@ -149,8 +193,15 @@ def stored_values(model: nn.Module) -> dict[str, StoredValues]:
         if weight is not None:
             found[f"{prefix}weight"] = PackedWeightValues(f"{prefix}weight", module, format_of(weight.dtype),
                                                          weight.shape)
+            # the scales are float32 in the packed weight (torch hands them out as float64 copies)
+            metadata = QuantizationParameterValues(f"{prefix}weight_scale", module, FORMATS["float32"],
+                                                   torch.Size([0]), "scale")
+            metadata.shape = metadata.values().shape
+            found[metadata.name] = metadata
+            found[f"{prefix}weight_zero_point"] = QuantizationParameterValues(
+                f"{prefix}weight_zero_point", module, FORMATS["int8"], metadata.shape, "zero_point")
     return found
 
 
-__all__ = ["PackedWeightValues", "ParameterValues", "StoredValues", "packed_weights", "quantized_like", "requantized",
+__all__ = ["PackedWeightValues", "ParameterValues", "QuantizationParameterValues", "StoredValues", "packed_weights", "quantized_like", "requantized",
            "stored_values"]

@@ -499,3 +499,43 @@ def test_a_torchvision_quantizable_resnet18_equals_the_naive_loop():
     assert len({r["parameter"] for r in campaign.faults}) >= 10
     assert_matches_naive_loop(int8, batches, campaign)
     assert own_digest(int8) == before and hooks(int8) == 0
+
+
+def test_faults_in_the_quantization_metadata_equal_a_direct_rebuild_of_the_weight():
+    """The scales (float32 bits) and zero points (int8 bits) of the quantized weights, selected by name, against
+    a reference that rebuilds the packed weight with the faulty metadata and runs the whole model."""
+    import struct
+
+    model = critnet.quantize_int8(small_net(), torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(5)))
+    generator = torch.Generator().manual_seed(6)
+    x, y = torch.randn(20, 3, 8, 8, generator=generator), torch.randint(0, 10, (20,), generator=generator)
+    batches = [(x[:12], y[:12]), (x[12:], y[12:])]
+    before = state_digest(model)
+    campaign = fault_campaign(model, batches, include=[r"weight_scale$", r"weight_zero_point$"], faults=40, seed=0)
+    assert state_digest(model) == before
+    assert {f.format for f in campaign.fault_list} == {"float32", "int8"}
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        golden = [model(inputs) for inputs, _ in batches]
+        for fault, row in zip(campaign.fault_list, campaign.faults):
+            (site,) = fault.sites
+            module = modules[site.parameter.rpartition(".")[0]]
+            weight, bias = module.weight(), module.bias()
+            scales, zero_points = weight.q_per_channel_scales().clone(), weight.q_per_channel_zero_points().clone()
+            if site.parameter.endswith("weight_scale"):
+                bits = struct.unpack("<I", struct.pack("<f", float(scales[site.index])))[0] ^ (1 << site.bit)
+                scales[site.index] = struct.unpack("<f", struct.pack("<I", bits))[0]
+            else:
+                value = (int(zero_points[site.index]) & 0xFF) ^ (1 << site.bit)
+                zero_points[site.index] = value - 256 if value >= 128 else value
+            module.set_weight_bias(torch._make_per_channel_quantized_tensor(
+                weight.int_repr(), scales, zero_points, weight.q_per_channel_axis()), bias)
+            try:
+                outputs = [model(inputs) for inputs, _ in batches]
+            finally:
+                module.set_weight_bias(weight, bias)
+            masked = sum(int((o.view(torch.int32) == g.view(torch.int32)).all(1).sum()) for o, g in zip(outputs, golden))
+            sdc1 = sum(int(((o.view(torch.int32) != g.view(torch.int32)).any(1) & (o.argmax(1) != g.argmax(1))).sum())
+                       for o, g in zip(outputs, golden))
+            assert (row["masked"], row["sdc1"]) == (masked, sdc1), row
+    assert state_digest(model) == before

@@ -25,13 +25,13 @@ from torch import nn
 
 import critnet
 from conftest import CIFAR_ROOT, requires_shared
+from fault_reference import OUTCOMES, outcomes
 from tiny_nets import SmallResNet, small_net
 from critnet.analyses.campaign import fault_campaign
 from critnet.choices import SettingError
 from critnet.digests import state_digest
 from critnet.errors import CritnetError
 
-OUTCOMES = ("images", "masked", "noncritical", "sdc1", "sdc5", "nonfinite")
 # the reference's own table of the formats: bits per stored value, integer view, fields (lowest bit first)
 BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8, "uint8": 8}
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -202,24 +202,6 @@ def activation_hook(index: int, bit: int, width: int, fault_model: str, number_f
 def all_logits(model: nn.Module, batches) -> list[torch.Tensor]:
     with torch.no_grad():
         return [model(x).float() for x, _ in batches]
-
-
-def outcomes(golden: list[torch.Tensor], faulty: list[torch.Tensor]) -> dict[str, int]:
-    counts = dict.fromkeys(OUTCOMES, 0)
-    for g, f in zip(golden, faulty):
-        for gr, fr in zip(g, f):
-            counts["images"] += 1
-            if torch.equal(gr.view(torch.int32), fr.view(torch.int32)):
-                counts["masked"] += 1
-                continue
-            broken = not bool(torch.isfinite(fr).all())
-            counts["nonfinite"] += broken
-            if broken or int(fr.argmax()) != int(gr.argmax()):
-                counts["sdc1"] += 1
-                counts["sdc5"] += broken or int(gr.argmax()) not in fr.topk(min(5, len(fr))).indices.tolist()
-            else:
-                counts["noncritical"] += 1
-    return counts
 
 
 def assert_matches_naive_loop(model: nn.Module, batches, campaign) -> dict[str, int]:

@@ -15,6 +15,7 @@ from tiny_nets import tiny_data, tiny_model
 from torch import nn
 
 from conftest import PRESETS, first_test_images, requires_shared
+from fault_reference import outcomes
 from critnet.analyses.campaign import fault_campaign
 from critnet.choices import SettingError
 from critnet.faults.injection import (
@@ -67,21 +68,7 @@ def reference_counts(model, batches, sites, fault_model="bitflip", target="weigh
                 flat[index] = old
             for handle in handles:
                 handle.remove()
-    counts = dict(images=0, masked=0, noncritical=0, sdc1=0, sdc5=0, nonfinite=0)
-    for g, f in zip(golden, faulty):
-        for gr, fr in zip(g, f):
-            counts["images"] += 1
-            if torch.equal(gr.view(torch.int32), fr.view(torch.int32)):
-                counts["masked"] += 1
-                continue
-            broken = not bool(torch.isfinite(fr).all())
-            counts["nonfinite"] += broken
-            if broken or int(fr.argmax()) != int(gr.argmax()):
-                counts["sdc1"] += 1
-                counts["sdc5"] += broken or int(gr.argmax()) not in fr.topk(min(5, len(fr))).indices.tolist()
-            else:
-                counts["noncritical"] += 1
-    return counts
+    return outcomes(golden, faulty)
 
 
 def same(rows_a, rows_b) -> bool:

@@ -34,8 +34,8 @@ from critnet.digests import state_digest
 from critnet.distributed import Distributed
 from critnet.engine.jobs import Codec, Jobs, Record, fingerprint
 from critnet.engine.pruning_masks import (
+    LayerNorms,
     LayerSelection,
-    prunable_layers,
     PruneMasks,
     channel_count,
     channel_l1,
@@ -43,7 +43,6 @@ from critnet.engine.pruning_masks import (
     channel_order,
     channel_unit,
     dwp_masks,
-    layer_norms,
     pruned,
     read_channel_ranking,
 )
@@ -225,17 +224,19 @@ def _evaluation(model, data, distributed, sharded, forward_context, resume_dir, 
                                         device=device, memory_budget_mb=memory_budget_mb, output=output)
 
 
-def _warn_if_over_budget(norms: Sequence[Any], model: nn.Module, selection: LayerSelection,
-                         memory_budget_mb: float | None) -> None:
-    """One line when the sweep's own state cannot fit ``memory_budget_mb``: the float64 norm of every unit (the
-    global threshold sorts them all), a keep-mask per selected weight, and the removed values of a setting."""
+def _warn_if_over_budget(norms: LayerNorms, settings: SweepSettings, memory_budget_mb: float | None) -> None:
+    """One line when what a setting holds beside its forward passes cannot fit ``memory_budget_mb``: its keep-masks
+    (one flag per unit, the masks being broadcast views) and the removed weights' values set aside for the restore,
+    counted as if every selected weight were removed. The norms are not held (:class:`LayerNorms`)."""
     if memory_budget_mb is None:
         return
-    weights = sum(module.weight.numel() for _, module in prunable_layers(model, selection))
-    needed = (sum(n.numel() for n in norms) * 8 + weights * (1 + 4)) / 2**20
+    removable = max(settings.p_prune) > 0 and max(settings.p_bern) > 0
+    values = sum(w.numel() * w.element_size() for w in norms.weights) if removable else 0
+    needed = (norms.units + values) / 2**20
     if needed > memory_budget_mb:
-        warnings.warn(f"memory_budget_mb={memory_budget_mb}: the sweep's unit norms and masks need about "
-                      f"{needed:.0f} MB beyond a plain forward; its peak will exceed the budget", stacklevel=3)
+        warnings.warn(f"memory_budget_mb={memory_budget_mb}: the sweep's masks and the removed weights it sets aside "
+                      f"need up to {needed:.0f} MB beyond a plain forward; its peak will exceed the budget",
+                      stacklevel=3)
 
 
 def prune_sweep(
@@ -274,7 +275,9 @@ def prune_sweep(
         model: the classifier; bit-identical afterwards (checked by a digest of its state dict).
         data: a DataLoader, any iterable of ``(inputs, targets)`` batches, or one ``(inputs, targets)`` pair.
         device: where to evaluate (default: where the model is).
-        memory_budget_mb: keep the decoded batches in memory up to this size, else read them for every setting.
+        memory_budget_mb: keep the decoded batches in memory up to this size, else read them for every setting;
+            one line says so before the sweep starts when a setting's masks and the removed values it sets aside
+            may not fit it (the unit norms are computed layer by layer and not held).
         resume_dir: append every evaluated setting here and skip it when the same sweep runs again.
         progress: draw a rich progress bar (or join a live ``rich.progress.Progress``).
         distributed: a :class:`~critnet.distributed.Distributed` handle; the batches are shared among the ranks
@@ -315,8 +318,8 @@ def prune_sweep(
                 continue
             random = 0.0 < bern < 1.0 and prune > 0.0
             plan += [(prune, bern, repeat, seed + repeat) for repeat in range(repeats if random else 1)]
-    norms = layer_norms(model, method, settings)
-    _warn_if_over_budget(norms, model, settings, memory_budget_mb)
+    norms = LayerNorms(model, method, settings)
+    _warn_if_over_budget(norms, settings, memory_budget_mb)
     rows = []
     try:
         with progress_bar(progress, "prune", distributed, total=len(plan), step_name="settings") as bar:

@@ -101,14 +101,29 @@ def unit_norms(weight: torch.Tensor, method: str) -> torch.Tensor:
     return magnitudes.flatten(1).sum(dim=1)
 
 
+# The most values one step of the layer-by-layer loops below takes at once. Keeping every temporary this small lets
+# them reuse one another's memory: a larger one, freed, stays with glibc's heap under whatever was allocated after
+# it, and the evaluation that follows finds that much less.
+_CHUNK = 1 << 15
+
+
+def _rows(tensor: torch.Tensor, *others: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """``tensor`` and ``others`` (shaped like it) in slices of whole rows of about ``_CHUNK`` values."""
+    step = max(1, _CHUNK // max(1, tensor[0].numel())) if tensor.dim() else 1
+    for start in range(0, len(tensor) if tensor.dim() else 1, step):
+        yield tuple(t[start : start + step] if t.dim() else t for t in (tensor, *others))
+
+
 def _expand(unit_mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A (bool) mask over units broadcast to the full weight shape."""
-    return unit_mask.reshape(unit_mask.shape + (1,) * (weight.dim() - unit_mask.dim())).expand(weight.shape).clone()
+    """A (bool) mask over units broadcast to the full weight shape: a view, so a mask costs one byte per unit
+    however many weights a unit spans (a connection of a 3×3 convolution spans nine)."""
+    return unit_mask.reshape(unit_mask.shape + (1,) * (weight.dim() - unit_mask.dim())).expand(weight.shape)
 
 
 @dataclass
 class PruneMasks:
-    """Keep-masks (True = keep) per layer, shaped like each layer's weight, and what they prune.
+    """Keep-masks (True = keep) per layer, shaped like each layer's weight, and what they prune. A mask is a broadcast
+    view of one flag per unit: copy it (``.clone()``) before writing into it.
 
     ``ratio`` is the fraction of the selected weights that the masks zero; ``param_fraction`` the same count over all
     parameters of the model; ``units``/``units_pruned`` count the pruning units (kernels, filters or weights).
@@ -148,29 +163,71 @@ def _finish(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], unit_mask
     selected = pruned = units = units_pruned = 0
     for (name, module), keep_units in zip(layers, unit_masks):
         weight = module.weight
-        mask = _expand(keep_units, weight)
-        masks[name] = mask
+        masks[name] = _expand(keep_units, weight)
+        removed = int((~keep_units).sum())
         selected += weight.numel()
-        pruned += int((~mask).sum())
+        pruned += removed * (weight.numel() // max(1, keep_units.numel()))  # every unit spans as many weights
         units += keep_units.numel()
-        units_pruned += int((~keep_units).sum())
+        units_pruned += removed
     return PruneMasks(masks, selected, pruned, _total_parameters(model), units, units_pruned, **extra)
+
+
+# The threshold's search counts the norms in bins of 16 bits of their float64 patterns, narrowing to the bin that
+# holds the sought index, until that bin holds no more than _HELD norms: those are gathered and partitioned.
+_DIGIT = 16
+_HELD = 1 << 20
+_NO_SIGN = (1 << 63) - 1
+
+
+def _keys(norms: torch.Tensor) -> torch.Tensor:
+    """The float64 bit patterns of ``norms`` as int64: L1 norms are never negative, and the patterns of
+    non-negative floats order as the floats do (NaN, its sign bit cleared, above inf, as a sort puts it last)."""
+    return norms.detach().to(torch.float64).cpu().contiguous().view(torch.int64).flatten() & _NO_SIGN
 
 
 def _threshold(norms: Sequence[torch.Tensor], p_prune: float) -> float | None:
     """The norm at index int(p_prune·N) of the ascending sort of all ``norms`` together; None when that is N
     (every unit is a candidate).
 
-    A partial sort in place on one concatenated copy: a full sort would add the sorted values and an int64 index
-    per unit, about three times the norms' memory (tens of GB for the largest torchvision models' connections).
+    A radix selection that reads the norms layer by layer, several times (``norms`` may compute each layer as it is
+    read, :class:`LayerNorms`): a sort, or a partition of one concatenated copy, would hold every norm of the model
+    at once, and a copy besides.
     """
-    count = sum(n.numel() for n in norms)
-    index = int(p_prune * count)
-    if index >= count:
-        return None
-    flat = torch.cat([n.flatten().cpu() for n in norms]).numpy()
-    flat.partition(index)
-    return float(flat[index])
+    prefix, shift = 0, 64  # the bits of the sought pattern above ``shift`` found so far
+    index: int | None = None
+    while True:
+        shift -= _DIGIT
+        counts = torch.zeros(1 << _DIGIT, dtype=torch.int64)
+        for layer in norms:
+            for part in layer.flatten().split(_CHUNK):
+                keys = _keys(part)
+                if shift + _DIGIT < 64:
+                    keys = keys[(keys >> (shift + _DIGIT)) == prefix]
+                counts += torch.bincount((keys >> shift) & ((1 << _DIGIT) - 1), minlength=1 << _DIGIT)
+        if index is None:
+            count = int(counts.sum())
+            index = int(p_prune * count)
+            if index >= count:
+                return None
+        below = counts.cumsum(0)
+        digit = int(torch.searchsorted(below, index, right=True))
+        index -= int(below[digit - 1]) if digit else 0
+        prefix = (prefix << _DIGIT) | digit
+        if shift == 0 or int(counts[digit]) <= _HELD:
+            break
+    if shift > 0:
+        members = torch.empty(int(counts[digit]), dtype=torch.int64)  # taken first, like dwp_masks' flags
+        start = 0
+        for layer in norms:
+            for part in layer.flatten().split(_CHUNK):
+                keys = _keys(part)
+                found = keys[(keys >> shift) == prefix]
+                members[start : start + len(found)] = found
+                start += len(found)
+        flat = members.numpy()
+        flat.partition(index)
+        prefix = int(flat[index])
+    return torch.tensor(prefix, dtype=torch.int64).view(torch.float64).item()
 
 
 def _candidates(norms: torch.Tensor, threshold: float | None) -> torch.Tensor:
@@ -180,9 +237,59 @@ def _candidates(norms: torch.Tensor, threshold: float | None) -> torch.Tensor:
 
 def layer_norms(model: nn.Module, method: str = "connections", selection: LayerSelection | None = None
                 ) -> list[torch.Tensor]:
-    """The unit norms of every selected layer (CPU, float64), in model order: computed once, reusable by
-    :func:`dwp_masks` for every setting of a sweep over an unchanged model."""
+    """The unit norms of every selected layer (CPU, float64), in model order, all held: what :class:`LayerNorms`
+    gives one layer at a time."""
     return [unit_norms(module.weight, method).cpu() for _, module in prunable_layers(model, selection)]
+
+
+class LayerNorms(Sequence[torch.Tensor]):
+    """The unit norms of every selected layer (CPU, float64), in model order, computed from the layer's weight each
+    time one is read, and the global thresholds over them: what :func:`dwp_masks` needs for every setting of a sweep
+    over an unchanged model, holding one layer's norms at a time instead of eight bytes per unit of the model for the
+    whole sweep (reading a layer again costs less than evaluating it on one image).
+
+    The thresholds are kept per ``p_prune``; the weights must not change while the object is used.
+
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    >>> [n.shape for n in LayerNorms(model, "connections")]
+    [torch.Size([4, 3])]
+    """
+
+    def __init__(self, model: nn.Module, method: str = "connections", selection: LayerSelection | None = None
+                 ) -> None:
+        check_choice("method", method, PRUNE_METHODS)
+        self.method = method
+        self.weights = [module.weight for _, module in prunable_layers(model, selection)]
+        self._thresholds: dict[float, float | None] = {}
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        weight = self.weights[index]
+        norms = torch.empty(self.shapes[index], dtype=torch.float64)
+        start = 0
+        for (rows,) in _rows(weight.detach()):  # a unit lies within one row: its sum is the whole layer's
+            norms[start : start + len(rows)] = unit_norms(rows, self.method).cpu()
+            start += len(rows)
+        return norms
+
+    @property
+    def shapes(self) -> list[torch.Size]:
+        """The shape of every layer's norms (from the weights' shapes; no norm is computed)."""
+        spans = {"weights": None, "connections": 2, "neurons": 1}[self.method]
+        return [w.shape[:spans] for w in self.weights]
+
+    @property
+    def units(self) -> int:
+        """How many units the selected layers hold."""
+        return sum(math.prod(shape) for shape in self.shapes)
+
+    def threshold(self, p_prune: float) -> float | None:
+        """The global threshold at ``p_prune`` (:func:`_threshold`), searched once per value."""
+        if p_prune not in self._thresholds:
+            self._thresholds[p_prune] = _threshold(self, p_prune)
+        return self._thresholds[p_prune]
 
 
 def dwp_masks(model: nn.Module, method: str = "connections", scope: str = "global", p_prune: float = 0.0,
@@ -199,8 +306,9 @@ def dwp_masks(model: nn.Module, method: str = "connections", scope: str = "globa
         seed: seeds the CPU generator of the Bernoulli draws, so every rank draws the same masks. One uniform number is
             drawn per unit in model order whatever p_prune and p_bern are, so the masks of one seed are nested.
         include_linear: select Linear layers as well as Conv2d (``selection`` None).
-        norms: the result of :func:`layer_norms` for the same model, method and selection (saves recomputing
-            them for every setting); None = compute them here.
+        norms: the unit norms of the same model, method and selection: a :class:`LayerNorms` (which keeps the
+            global threshold of every p_prune for the next setting of a sweep) or the list :func:`layer_norms`
+            gives; None = a :class:`LayerNorms` made here.
         selection: the pruned layers (:class:`LayerSelection`); None = ``LayerSelection(include_linear=...)``.
     """
     check_choice("method", method, PRUNE_METHODS)
@@ -210,18 +318,30 @@ def dwp_masks(model: nn.Module, method: str = "connections", scope: str = "globa
     selection = LayerSelection(include_linear=include_linear) if selection is None else selection
     layers = prunable_layers(model, selection)
     if norms is None:
-        norms = layer_norms(model, method, selection)
+        norms = LayerNorms(model, method, selection)
     if len(norms) != len(layers):
         raise PruneError(f"norms cover {len(norms)} layers, the selection has {len(layers)}")
-    threshold = _threshold(norms, p_prune) if scope == "global" else None
+    threshold = None
+    if scope == "global":
+        threshold = norms.threshold(p_prune) if isinstance(norms, LayerNorms) else _threshold(norms, p_prune)
     generator = torch.Generator().manual_seed(int(seed))
+    # Every layer's flags in one block taken before any layer's temporaries: a flag that outlives them, allocated
+    # after them, would keep their memory from being reused or returned (glibc's heap), and the evaluation that follows
+    # would find that much less.
+    shapes = norms.shapes if isinstance(norms, LayerNorms) else [n.shape for n in norms]
+    flags = torch.empty(sum(math.prod(shape) for shape in shapes), dtype=torch.bool)
     keep = []
+    offset = 0
     for n in norms:
-        # Layer by layer, in model order: the CPU generator's uniform draws come out as one long draw would
+        limit = threshold if scope == "global" else _threshold([n], p_prune)
+        layer = flags[offset : offset + n.numel()]
+        offset += n.numel()
+        # In model order, a chunk at a time: the CPU generator's uniform draws come out as one long draw would
         # (checked in tests/test_prune.py), without a float64 number per unit of the whole model in memory at once.
-        candidates = _candidates(n, threshold if scope == "global" else _threshold([n], p_prune))
-        draws = torch.rand(n.shape, generator=generator, dtype=torch.float64)
-        keep.append(~(candidates & (draws < p_bern)))
+        for part, out in zip(n.flatten().split(_CHUNK), layer.split(_CHUNK)):
+            draws = torch.rand(part.shape, generator=generator, dtype=torch.float64)
+            torch.logical_and(_candidates(part, limit), draws < p_bern, out=out)
+        keep.append(layer.logical_not_().view(n.shape))
     return _finish(model, layers, keep, seed=int(seed), threshold=threshold,
                    info={"method": method, "scope": scope, "p_prune": p_prune, "p_bern": p_bern})
 
@@ -323,21 +443,45 @@ def pruned(model: nn.Module, masks: PruneMasks) -> Iterator[PruneMasks]:
     copy of every weight, twice the selected weights whatever the ratio. Multiplying by the 0/1 mask, as that module
     does, writes the same values (signed zeros included), so the pruned network computes the same outputs.
     """
+    layers: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+    for name, mask in masks.masks.items():
+        module = _named_module(model, name)
+        weight = module._parameters.get("weight")
+        if weight is None or torch_prune.is_pruned(module):
+            raise PruneError(f"layer {name!r} has no plain weight parameter to prune")
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise PruneError(f"mask for {name!r} has shape {tuple(mask.shape)}, weight {tuple(weight.shape)}")
+        layers.append((weight, mask, mask.numel() - int(mask.sum())))
+    # The removed values of every layer in one block per device and dtype, taken before the per-layer temporaries
+    # (as dwp_masks takes its flags)
+    totals: dict[tuple[torch.device, torch.dtype], int] = {}
+    for weight, _, count in layers:
+        totals[(weight.device, weight.dtype)] = totals.get((weight.device, weight.dtype), 0) + count
+    blocks = {key: torch.empty(total, dtype=key[1], device=key[0]) for key, total in totals.items()}
+    offsets = dict.fromkeys(blocks, 0)
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     try:
         with torch.no_grad():
-            for name, mask in masks.masks.items():
-                module = _named_module(model, name)
-                weight = module._parameters.get("weight")
-                if weight is None or torch_prune.is_pruned(module):
-                    raise PruneError(f"layer {name!r} has no plain weight parameter to prune")
-                if tuple(mask.shape) != tuple(weight.shape):
-                    raise PruneError(f"mask for {name!r} has shape {tuple(mask.shape)}, weight {tuple(weight.shape)}")
-                keep = mask.to(weight.device)
-                saved.append((weight, keep, weight[~keep].clone()))
-                weight.mul_(keep.to(weight.dtype))
+            for weight, mask, count in layers:
+                key = (weight.device, weight.dtype)
+                removed = blocks[key][offsets[key] : offsets[key] + count]
+                offsets[key] += count
+                start = 0
+                for rows, kept in _rows(weight, mask):
+                    drop = ~kept.to(weight.device)
+                    taken = int(drop.sum())
+                    torch.masked_select(rows, drop, out=removed[start : start + taken])
+                    start += taken
+                saved.append((weight, mask, removed))  # all of the layer's values are aside before any is zeroed
+                for rows, kept in _rows(weight, mask):
+                    rows.mul_(kept.to(weight.device, weight.dtype))
         yield masks
     finally:
         with torch.no_grad():
-            for weight, keep, removed in reversed(saved):
-                weight.masked_scatter_(~keep, removed)
+            for weight, mask, removed in reversed(saved):
+                start = 0
+                for rows, kept in _rows(weight, mask):
+                    drop = ~kept.to(weight.device)
+                    taken = int(drop.sum())
+                    rows.masked_scatter_(drop, removed[start : start + taken])
+                    start += taken

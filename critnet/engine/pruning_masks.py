@@ -17,6 +17,7 @@ so every parameter and buffer is bit-identical afterwards."""
 # Real annotations, not postponed: a settings dataclass is a callback's arguments (see critnet.choices).
 
 import csv
+import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,7 +36,6 @@ from critnet.choices import (
     check_choice,
     check_fraction,
 )
-from critnet.digests import tensors_digest
 from critnet.errors import CritnetError
 from critnet.perturb import Unit
 from critnet.scoring import criticality_key
@@ -149,8 +149,22 @@ class PruneMasks:
 
     def fingerprint(self) -> int:
         """A digest of all masks in layer order (64 bits, as an int: it keys records of the resume file): equal on
-        every rank iff the masks are equal."""
-        return int(tensors_digest(self.masks.items())[:16], 16)
+        every rank iff the masks are equal.
+
+        The digest of :func:`~critnet.digests.tensors_digest`, fed a few rows at a time: a mask is a view of one
+        flag per unit, and its whole bytes would take one byte per weight.
+
+        >>> from critnet.digests import tensors_digest
+        >>> masks = dwp_masks(nn.Sequential(nn.Conv2d(3, 4, 3)), p_prune=0.5)
+        >>> masks.fingerprint() == int(tensors_digest(masks.masks.items())[:16], 16)
+        True
+        """
+        digest = hashlib.sha256()
+        for name, mask in self.masks.items():
+            digest.update(f"{name}|{mask.dtype}|{tuple(mask.shape)}|".encode())
+            for (rows,) in _rows(mask.detach().cpu()):
+                digest.update(rows.contiguous().view(torch.uint8).numpy())  # bool as 0/1 bytes, as tensor_bytes
+        return int(digest.hexdigest()[:16], 16)
 
 
 def _total_parameters(model: nn.Module) -> int:
@@ -164,7 +178,7 @@ def _finish(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], unit_mask
     for (name, module), keep_units in zip(layers, unit_masks):
         weight = module.weight
         masks[name] = _expand(keep_units, weight)
-        removed = int((~keep_units).sum())
+        removed = keep_units.numel() - int(torch.count_nonzero(keep_units))  # a bool sum would cast to int64 first
         selected += weight.numel()
         pruned += removed * (weight.numel() // max(1, keep_units.numel()))  # every unit spans as many weights
         units += keep_units.numel()
@@ -185,25 +199,35 @@ def _keys(norms: torch.Tensor) -> torch.Tensor:
     return norms.detach().to(torch.float64).cpu().contiguous().view(torch.int64).flatten() & _NO_SIGN
 
 
-def _threshold(norms: Sequence[torch.Tensor], p_prune: float) -> float | None:
-    """The norm at index int(p_prune·N) of the ascending sort of all ``norms`` together; None when that is N
-    (every unit is a candidate).
+def _parts(norms: Sequence[torch.Tensor], layers: Sequence[int]) -> Iterator[torch.Tensor]:
+    """The norms of ``layers`` (indices into ``norms``), flattened, a chunk at a time: a :class:`LayerNorms`
+    computes each chunk as it is read, so not even one layer's norms are held (a Linear layer's connections are
+    its weights, one float64 norm each)."""
+    for index in layers:
+        if isinstance(norms, LayerNorms):
+            yield from norms.parts(index)
+        else:
+            yield from norms[index].detach().flatten().split(_CHUNK)
 
-    A radix selection that reads the norms layer by layer, several times (``norms`` may compute each layer as it is
-    read, :class:`LayerNorms`): a sort, or a partition of one concatenated copy, would hold every norm of the model
-    at once, and a copy besides.
+
+def _threshold(norms: Sequence[torch.Tensor], p_prune: float, layers: Sequence[int] | None = None) -> float | None:
+    """The norm at index int(p_prune·N) of the ascending sort of the norms of ``layers`` (default: all) together;
+    None when that is N (every unit is a candidate).
+
+    A radix selection that reads the norms a chunk at a time, several times (:func:`_parts`): a sort, or a partition
+    of one concatenated copy, would hold every norm of the model at once, and a copy besides.
     """
+    layers = range(len(norms)) if layers is None else layers
     prefix, shift = 0, 64  # the bits of the sought pattern above ``shift`` found so far
     index: int | None = None
     while True:
         shift -= _DIGIT
         counts = torch.zeros(1 << _DIGIT, dtype=torch.int64)
-        for layer in norms:
-            for part in layer.flatten().split(_CHUNK):
-                keys = _keys(part)
-                if shift + _DIGIT < 64:
-                    keys = keys[(keys >> (shift + _DIGIT)) == prefix]
-                counts += torch.bincount((keys >> shift) & ((1 << _DIGIT) - 1), minlength=1 << _DIGIT)
+        for part in _parts(norms, layers):
+            keys = _keys(part)
+            if shift + _DIGIT < 64:
+                keys = keys[(keys >> (shift + _DIGIT)) == prefix]
+            counts += torch.bincount((keys >> shift) & ((1 << _DIGIT) - 1), minlength=1 << _DIGIT)
         if index is None:
             count = int(counts.sum())
             index = int(p_prune * count)
@@ -218,12 +242,11 @@ def _threshold(norms: Sequence[torch.Tensor], p_prune: float) -> float | None:
     if shift > 0:
         members = torch.empty(int(counts[digit]), dtype=torch.int64)  # taken first, like dwp_masks' flags
         start = 0
-        for layer in norms:
-            for part in layer.flatten().split(_CHUNK):
-                keys = _keys(part)
-                found = keys[(keys >> shift) == prefix]
-                members[start : start + len(found)] = found
-                start += len(found)
+        for part in _parts(norms, layers):
+            keys = _keys(part)
+            found = keys[(keys >> shift) == prefix]
+            members[start : start + len(found)] = found
+            start += len(found)
         flat = members.numpy()
         flat.partition(index)
         prefix = int(flat[index])
@@ -266,13 +289,13 @@ class LayerNorms(Sequence[torch.Tensor]):
         return len(self.weights)
 
     def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
-        weight = self.weights[index]
-        norms = torch.empty(self.shapes[index], dtype=torch.float64)
-        start = 0
-        for (rows,) in _rows(weight.detach()):  # a unit lies within one row: its sum is the whole layer's
-            norms[start : start + len(rows)] = unit_norms(rows, self.method).cpu()
-            start += len(rows)
-        return norms
+        return torch.cat(list(self.parts(index))).view(self.shapes[index])
+
+    def parts(self, index: int) -> Iterator[torch.Tensor]:
+        """The norms of layer ``index``, flattened, computed a few rows of its weight at a time (a unit lies within
+        one row, so each norm is the one of the whole layer's computation)."""
+        for (rows,) in _rows(self.weights[index].detach()):
+            yield unit_norms(rows, self.method).cpu().flatten()
 
     @property
     def shapes(self) -> list[torch.Size]:
@@ -332,16 +355,18 @@ def dwp_masks(model: nn.Module, method: str = "connections", scope: str = "globa
     flags = torch.empty(sum(math.prod(shape) for shape in shapes), dtype=torch.bool)
     keep = []
     offset = 0
-    for n in norms:
-        limit = threshold if scope == "global" else _threshold([n], p_prune)
-        layer = flags[offset : offset + n.numel()]
-        offset += n.numel()
+    for index, shape in enumerate(shapes):
+        limit = threshold if scope == "global" else _threshold(norms, p_prune, [index])
+        layer = flags[offset : offset + math.prod(shape)]
+        offset += layer.numel()
+        start = 0
         # In model order, a chunk at a time: the CPU generator's uniform draws come out as one long draw would
         # (checked in tests/test_prune.py), without a float64 number per unit of the whole model in memory at once.
-        for part, out in zip(n.flatten().split(_CHUNK), layer.split(_CHUNK)):
+        for part in _parts(norms, [index]):
             draws = torch.rand(part.shape, generator=generator, dtype=torch.float64)
-            torch.logical_and(_candidates(part, limit), draws < p_bern, out=out)
-        keep.append(layer.logical_not_().view(n.shape))
+            torch.logical_and(_candidates(part, limit), draws < p_bern, out=layer[start : start + len(part)])
+            start += len(part)
+        keep.append(layer.logical_not_().view(shape))
     return _finish(model, layers, keep, seed=int(seed), threshold=threshold,
                    info={"method": method, "scope": scope, "p_prune": p_prune, "p_bern": p_bern})
 
@@ -451,7 +476,7 @@ def pruned(model: nn.Module, masks: PruneMasks) -> Iterator[PruneMasks]:
             raise PruneError(f"layer {name!r} has no plain weight parameter to prune")
         if tuple(mask.shape) != tuple(weight.shape):
             raise PruneError(f"mask for {name!r} has shape {tuple(mask.shape)}, weight {tuple(weight.shape)}")
-        layers.append((weight, mask, mask.numel() - int(mask.sum())))
+        layers.append((weight, mask, mask.numel() - int(torch.count_nonzero(mask))))
     # The removed values of every layer in one block per device and dtype, taken before the per-layer temporaries
     # (as dwp_masks takes its flags)
     totals: dict[tuple[torch.device, torch.dtype], int] = {}
@@ -469,7 +494,7 @@ def pruned(model: nn.Module, masks: PruneMasks) -> Iterator[PruneMasks]:
                 start = 0
                 for rows, kept in _rows(weight, mask):
                     drop = ~kept.to(weight.device)
-                    taken = int(drop.sum())
+                    taken = int(torch.count_nonzero(drop))
                     torch.masked_select(rows, drop, out=removed[start : start + taken])
                     start += taken
                 saved.append((weight, mask, removed))  # all of the layer's values are aside before any is zeroed
@@ -482,6 +507,6 @@ def pruned(model: nn.Module, masks: PruneMasks) -> Iterator[PruneMasks]:
                 start = 0
                 for rows, kept in _rows(weight, mask):
                     drop = ~kept.to(weight.device)
-                    taken = int(drop.sum())
+                    taken = int(torch.count_nonzero(drop))
                     rows.masked_scatter_(drop, removed[start : start + taken])
                     start += taken

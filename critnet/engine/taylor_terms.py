@@ -44,6 +44,13 @@ TRAIN_MARGIN = 1.5
 # The per-image derivatives (order 2, and the per-sample estimates) also hold each watched module's output change
 # along the perturbation, about as large again as the pass's activations: counted as twice the pass.
 DERIVATIVE_MARGIN = 2.0
+# Kinds whose change of a value depends on that value alone, not on the unit it belongs to: a parameter's change is
+# recomputed from the parameter at every pass instead of being held. The others (noise drawn per unit, pruning
+# ranked within a unit) hold their perturbed values for the whole pass, counted against the budget.
+_ELEMENTWISE = frozenset({"add", "scale", "zero", "sign_flip", "bitflip"})
+# The most values of a parameter multiplied with its gradient in float64 at once: bounds what the per-unit sums add
+# to a backward pass (_UnitSums.transient_bytes).
+_CHUNK = 1 << 18
 
 
 def taylor_estimates(
@@ -56,11 +63,12 @@ def taylor_estimates(
         order: 1 (first order) or 2 (first order plus the empirical-Fisher second-order term).
         output: where the logits are in what the model returns (:func:`critnet.outputs.logits_of`).
         memory_budget_mb: the most memory the pass may take beyond one plain forward (default
-            ``DEFAULT_MEMORY_BUDGET_MB``): the float64 gradient sums and the gradients of one backward pass count
-            against it, and each batch runs in parts of as many images as the rest holds (:func:`micro_batches`).
+            ``DEFAULT_MEMORY_BUDGET_MB``): what the first-order terms hold (:class:`_UnitSums`) counts against it,
+            and each batch runs in parts of as many images as the rest holds (:func:`micro_batches`).
 
     Gradients are taken with ``torch.autograd.grad``, so no ``.grad`` attribute and no ``requires_grad`` flag of the
-    model is left changed.
+    model is left changed. Each parameter's gradient is reduced to its units' terms as soon as the backward pass
+    has it and then dropped, so no pass holds the gradients of every parameter at once.
     """
     check_choice("taylor_order", order, TAYLOR_ORDERS)
     param_units = [u for u in units if u.kind != "activation"]
@@ -70,7 +78,12 @@ def taylor_estimates(
     params = {name_of[u]: resolve_parameter(model, u) for u in param_units}
     layers = _layers(model, act_units)
 
-    grads = {name: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for name, p in params.items()}
+    # the units of a parameter that share a layout (rows, the whole tensor, heads' column blocks) are summed together
+    layouts: dict[tuple[str, str], list[Unit]] = {}
+    for u in dict.fromkeys(param_units):
+        layout = "head" if u.kind == "head" else "whole" if u.index is None else "rows"
+        layouts.setdefault((name_of[u], layout), []).append(u)
+    sums = {key: _UnitSums(model, params[key[0]], group, perturbation) for key, group in layouts.items()}
     act_sums = {u: torch.zeros((), dtype=torch.float64) for u in act_units}
 
     # order 2: per-sample directional derivatives need each parameter owner's inputs and output gradients
@@ -84,7 +97,11 @@ def taylor_estimates(
     try:
         for p in params.values():
             p.requires_grad_(True)
-        fixed = sum(p.numel() for p in params.values()) * (8 + 4)  # float64 sums and one pass's float32 gradients
+        for name, p in params.items():
+            handles.append(p.register_hook(_reduce_and_drop([s for key, s in sums.items() if key[0] == name])))
+        # and the gradient of the largest parameter, which the backward pass holds until its hook has taken it
+        fixed = (sum(s.held_bytes for s in sums.values()) + max((s.transient_bytes for s in sums.values()), default=0)
+                 + max((p.numel() * p.element_size() for p in params.values()), default=0))
         with torch.enable_grad():
             for x, y, _ in micro_batches(model, data, memory_budget_mb, fixed, output, "taylor",
                                          DERIVATIVE_MARGIN if order == 2 else 1.0):
@@ -95,10 +112,7 @@ def taylor_estimates(
                 recorded = [(name, call) for name in calls for call in calls[name]]
                 gradients = torch.autograd.grad(loss, list(params.values()) + [call.output for _, call in recorded],
                                                 allow_unused=True)
-                call_grads = gradients[len(params):]
-                for name, g in zip(params, gradients[: len(params)]):
-                    if g is not None:
-                        grads[name] += g.double()
+                call_grads = gradients[len(params):]  # the parameters' own are zeros: their hooks took them
                 for unit, d in _activation_terms(named_modules, layers, perturbation, recorded, call_grads).items():
                     act_sums[unit] += d.sum().cpu()
                     if order == 2:
@@ -113,19 +127,103 @@ def taylor_estimates(
             p.requires_grad_(flags[name])
 
     samples = data.samples
+    first = {u: value for s in sums.values() for u, value in zip(s.units, s.sums.tolist())}
     estimates = []
-    with torch.no_grad():
-        for unit in units:
-            second = fisher[unit].item() / samples if order == 2 else 0.0
-            if unit.kind == "activation":
-                estimates.append(act_sums[unit].item() / samples + second)
-                continue
-            name = name_of[unit]
-            values = unit_values(model, unit, params[name].detach())
-            grad = unit_values(model, unit, grads[name])
-            delta = perturbation.apply(values.clone(), unit).double() - values.double()
-            estimates.append((delta * grad).sum().item() / samples + second)
+    for unit in units:
+        second = fisher[unit].item() / samples if order == 2 else 0.0
+        if unit.kind == "activation":
+            estimates.append(act_sums[unit].item() / samples + second)
+        else:
+            estimates.append(first[unit] / samples + second)
     return estimates
+
+
+class _UnitSums:
+    """The first-order terms ``Σ ⟨Δv, ∂L/∂v⟩`` of some units of one parameter that share a layout (channel units:
+    rows; a tensor unit: all of it; head units: column blocks), added up pass by pass in float64.
+
+    One number per unit is held where the sum of the gradient over the passes would take eight bytes per weight: the
+    estimate is linear in the gradient, so summing the terms of every pass is summing the gradient first. ``Δv``
+    is recomputed from the parameter at every pass for the perturbations in ``_ELEMENTWISE``; for the others the
+    perturbed values of the units are held (``held_bytes``)."""
+
+    def __init__(self, model: nn.Module, param: torch.Tensor, units: list[Unit], perturbation: Perturbation) -> None:
+        self.param, self.units, self.perturbation = param, units, perturbation
+        values = param.detach()
+        self.sums = torch.zeros(len(units), dtype=torch.float64, device=values.device)
+        self.rows: torch.Tensor | None = None
+        self.columns: list[slice] | None = None
+        if units[0].kind == "head":
+            width = attention_heads(model.get_submodule(units[0].name))[2]
+            self.columns = [slice(u.index * width, (u.index + 1) * width) for u in units]
+        elif units[0].index is not None:
+            self.rows = torch.tensor([u.index for u in units], device=values.device)
+        self.perturbed: torch.Tensor | None = None
+        if perturbation.kind in _ELEMENTWISE:  # a perturbation the values cannot take fails here, not mid-pass
+            perturbation.apply(_matrix(values)[:1].clone(), units[0])
+        else:
+            with torch.no_grad():
+                changed = values.clone()
+                for u in units:
+                    unit_values(model, u, changed).copy_(perturbation.apply(unit_values(model, u, values).clone(), u))
+                changed = _matrix(changed)
+                self.perturbed = changed if self.rows is None else changed.index_select(0, self.rows)
+
+    @property
+    def held_bytes(self) -> int:
+        return 0 if self.perturbed is None else self.perturbed.numel() * self.perturbed.element_size()
+
+    @property
+    def transient_bytes(self) -> int:
+        """What :meth:`add` holds at once: a chunk's values, changed values, gradient and terms in float64, and the
+        float32 rows they come from."""
+        rows, columns = _matrix(self.param.detach()).shape
+        return min(self._step(columns), rows if self.rows is None else len(self.rows)) * columns * (4 * 8 + 3 * 4)
+
+    @staticmethod
+    def _step(columns: int) -> int:
+        return max(1, _CHUNK // max(1, columns))
+
+    def add(self, grad: torch.Tensor) -> None:
+        """Add the terms of one pass's gradient of the parameter."""
+        values, grad = _matrix(self.param.detach()), _matrix(grad)
+        step = self._step(values.shape[1])
+        count = len(values) if self.rows is None else len(self.rows)
+        for start in range(0, count, step):
+            part = slice(start, start + step)
+            if self.rows is None:
+                v, g = values[part], grad[part]
+            else:
+                v, g = values.index_select(0, self.rows[part]), grad.index_select(0, self.rows[part])
+            changed = self.perturbation.apply(v.clone(), self.units[0]) if self.perturbed is None \
+                else self.perturbed[part]
+            terms = (changed.double() - v.double()).mul_(g.double())
+            if self.columns is not None:
+                for k, columns in enumerate(self.columns):
+                    self.sums[k] += terms[:, columns].sum()
+            elif self.rows is not None:
+                self.sums[part] += terms.sum(1)
+            else:
+                self.sums += terms.sum()
+
+
+def _matrix(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as rows (its first dimension) of its other values."""
+    return t.reshape(len(t), -1) if t.dim() else t.reshape(1, 1)
+
+
+def _reduce_and_drop(sums: list[_UnitSums]):
+    """A gradient hook of a parameter: adds the gradient's terms to ``sums`` and hands autograd a zero that holds
+    no memory in its place, so the gradient is freed before the backward pass goes on (``autograd.grad`` would
+    otherwise keep the gradients of every parameter until it returns)."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            for s in sums:
+                s.add(grad)
+        return grad.new_zeros(()).expand(grad.shape)
+
+    return hook
 
 
 def per_sample_estimates(model: nn.Module, units: Sequence[Unit], perturbation: Perturbation, data: EvaluationSet,
@@ -213,7 +311,7 @@ def micro_batches(model: nn.Module, data: EvaluationSet, memory_budget_mb: float
     if size < 1:
         warnings.warn(f"memory_budget_mb={memory_budget_mb}: the {what} pass needs about "
                       f"{(fixed + per_image) / 2**20:.0f} MB beyond a plain forward even one image at a time "
-                      f"({fixed / 2**20:.0f} MB of gradient sums); its peak will exceed the budget", stacklevel=3)
+                      f"({fixed / 2**20:.0f} MB held beside it); its peak will exceed the budget", stacklevel=3)
         size = 1
     for (x, y), offset in zip(data, data.offsets()):
         if size >= len(y):
@@ -224,11 +322,16 @@ def micro_batches(model: nn.Module, data: EvaluationSet, memory_budget_mb: float
 
 
 def _leaf_output_bytes(model: nn.Module, x: torch.Tensor, output: OutputSelector) -> float:
-    """Bytes of the outputs of every leaf module of ``model`` in one ``no_grad`` forward pass on ``x``."""
+    """Bytes of the outputs of every leaf module of ``model`` in one ``no_grad`` forward pass on ``x``, per image.
+
+    An output in the memory of the module's input (an in-place ``ReLU``, a ``Flatten``) takes none of its own and is
+    not counted."""
     total = [0.0]
 
     def hook(module, args, out) -> None:
-        total[0] += sum(t.numel() * t.element_size() for t in _tensors(out))
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors(args)}
+        total[0] += sum(t.numel() * t.element_size() for t in _tensors(out)
+                        if t.untyped_storage().data_ptr() not in inputs)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not next(m.children(), None)]
     try:

@@ -4,8 +4,10 @@ resident set's high-water mark after loading the model and the data, reset throu
 
 The model and budget are chosen so that the gap is wide: before the bound was kept, the exact ranking of the last
 stage's channels held every activation of the prefix of a batch of 128 (hundreds of MB against a bound well under
-100 MB). The margin added to the bound covers what differs between processes and machines (allocator arenas, the
-threads' stacks), not the analysis."""
+100 MB). The wide model's one 4096×4096 weight makes what an analysis holds per weight show: a Taylor pass that
+summed its gradient in float64 and a prune sweep that held every unit's float64 norm (and a sorted copy) both took
+more than twice its bound. The margin added to the bound covers what differs between processes and machines
+(allocator arenas, the threads' stacks), not the analysis."""
 
 from __future__ import annotations
 
@@ -36,8 +38,12 @@ def status(key):
 
 case = json.loads(sys.argv[1])
 torch.manual_seed(0)
-model = critnet.load_model("resnet20").eval()
-x, y = torch.randn(256, 3, 32, 32), torch.randint(0, 10, (256,))
+if case.get("model") == "wide":
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 10)).eval()
+    x, y = torch.randn(256, 4096), torch.randint(0, 10, (256,))
+else:
+    model = critnet.load_model("resnet20").eval()
+    x, y = torch.randn(256, 3, 32, 32), torch.randint(0, 10, (256,))
 data = [(x[i : i + 128], y[i : i + 128]) for i in range(0, 256, 128)]
 with torch.no_grad():  # first calls (thread pools, kernels) are not the analysis's memory
     model(x[:2])
@@ -52,6 +58,8 @@ with warnings.catch_warnings(record=True) as caught:
     if case["analysis"] == "forward":
         with torch.no_grad():
             model(data[0][0])
+    elif case["analysis"] == "prune":
+        critnet.prune_sweep(model, data, memory_budget_mb=case["budget"], **case["options"])
     else:
         critnet.rank(model, data, memory_budget_mb=case["budget"], **case["options"])
 print(json.dumps({"extra_mb": status("VmHWM") - before, "warnings": [str(w.message) for w in caught]}))
@@ -86,3 +94,21 @@ def test_budget_bounds_the_peak(options):
     assert got["extra_mb"] <= bound + MARGIN_MB, (
         f"{options}: extra peak {got['extra_mb']:.0f} MB above the bound {bound:.0f} MB "
         f"(budget {BUDGET_MB:.0f} + one forward {forward:.0f}) + margin {MARGIN_MB:.0f}")
+
+
+WIDE_BUDGET_MB = 100.0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to read the resident set")
+@pytest.mark.parametrize("analysis,options", [
+    ("rank", {"method": "taylor"}),
+    ("prune", {"module_types": ["Linear"], "p_prune": [0.5]}),
+], ids=["taylor", "prune"])
+def test_what_scales_with_the_weights_stays_within_the_bound(analysis, options):
+    forward = _measure({"model": "wide", "analysis": "forward"})["extra_mb"]
+    got = _measure({"model": "wide", "analysis": analysis, "budget": WIDE_BUDGET_MB, "options": options})
+    bound = WIDE_BUDGET_MB + forward
+    assert got["extra_mb"] <= bound + MARGIN_MB, (
+        f"{analysis} {options}: extra peak {got['extra_mb']:.0f} MB above the bound {bound:.0f} MB "
+        f"(budget {WIDE_BUDGET_MB:.0f} + one forward {forward:.0f}) + margin {MARGIN_MB:.0f}")
+    assert not [w for w in got["warnings"] if "memory_budget_mb" in w], got["warnings"]

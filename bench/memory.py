@@ -3,7 +3,9 @@ test).
 
 Each case runs in a fresh process: it loads the model and the data, records the resident set, resets the peak
 (``/proc/self/clear_refs``; where that is not allowed the peak since start is used, which can only overstate), runs
-the analysis and reports ``VmHWM − RSS before`` as the extra peak, with the wall time. The bound of a case is its
+the analysis and reports ``VmHWM − RSS before`` as the extra peak, with the wall time. With ``--device cuda`` the
+model and data live on the GPU and the extra peak is ``torch.cuda.max_memory_allocated`` above the memory allocated
+before the analysis. The bound of a case is its
 budget plus the extra peak of one plain ``no_grad`` forward of one batch at the analysis's batch size, measured the
 same way in its own process. Cases:
 
@@ -21,7 +23,7 @@ warning that the budget cannot be met is marked and counted apart. The last line
     budgets=<b1,b2> warned=<cases that warned>
 
 Usage: OMP_NUM_THREADS=2 .venv/bin/python bench/memory.py [--models resnet50,resnet20] [--budgets 300,150]
-       [--images 64] [--batch 16] [--threads 2] [--json bench/results/memory.json]
+       [--images 64] [--batch 16] [--threads 2] [--device cpu|cuda] [--json bench/results/memory.json]
 """
 
 from __future__ import annotations
@@ -96,6 +98,10 @@ def run_case(case: dict) -> dict:
 
     torch.set_num_threads(case["threads"])
     model, data = load(case["model"], case["images"], case["batch"])
+    device = torch.device(case.get("device", "cpu"))
+    if device.type == "cuda":  # on a GPU the device's memory is what runs out: model and data live there
+        model = model.to(device)
+        data = [(x.to(device), y.to(device)) for x, y in data]
     import critnet
 
     budget = case["budget"]
@@ -109,8 +115,14 @@ def run_case(case: dict) -> dict:
 
     import warnings
 
-    before = rss_mb()
-    exact_peak = reset_peak()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
+        exact_peak = True
+    else:
+        before = rss_mb()
+        exact_peak = reset_peak()
     started = time.perf_counter()
     caught = warnings.catch_warnings(record=True)
     said = caught.__enter__()
@@ -127,8 +139,10 @@ def run_case(case: dict) -> dict:
         critnet.fault_campaign(model, data, memory_budget_mb=budget, **options)
     else:
         raise ValueError(analysis)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    extra = hwm_mb() - before
+    extra = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else hwm_mb()) - before
     caught.__exit__(None, None, None)
     # the one line an analysis prints where the budget cannot be met
     warned = [str(w.message) for w in said if "memory_budget_mb" in str(w.message)]
@@ -184,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cifar-images", type=int, default=256)
     parser.add_argument("--cifar-batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (torch.cuda.max_memory_allocated)")
     parser.add_argument("--only", default=None, help="run only the cases whose label contains this")
     parser.add_argument("--json", default=None, help="write every measurement here")
     args = parser.parse_args(argv)
@@ -196,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     for model in args.models.split(","):
         images, batch = (args.images, args.batch) if model == "resnet50" else (args.cifar_images, args.cifar_batch)
-        base = {"model": model, "images": images, "batch": batch, "threads": args.threads}
+        base = {"model": model, "images": images, "batch": batch, "threads": args.threads, "device": args.device}
         forward = measure({**base, "analysis": "forward", "budget": None})
         records.append({**base, "label": "plain forward, one batch", **forward})
         print(f"| {model} | plain no_grad forward, one batch of {batch} | – | {forward['extra_mb']:.0f} | – | – | "

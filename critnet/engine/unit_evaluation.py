@@ -122,8 +122,9 @@ def evaluate_units(
         progress: called as ``progress(done, total)`` with this rank's counts as its units finish.
         memory_budget_mb: the most memory the methods may take beyond one plain forward of one batch (default
             1024): the exact engine's cached activations, stacked variants and per-sample results, and the Taylor
-            pass's per-unit terms, largest gradient and backward passes; beyond it the set is processed in segments of whole batches
-            and fewer variants are stacked (same scores), and Taylor passes run on parts of batches.
+            pass's per-unit terms, largest gradient and backward passes; beyond it the set is processed in segments
+            of whole batches and fewer variants are stacked (same scores), and Taylor passes run on parts of
+            batches.
         reference: :func:`reference_pass` of this model on ``data``, when the caller already made it (otherwise
             the methods that pair outcomes with the unperturbed model make it themselves).
 

@@ -17,6 +17,7 @@ Usage: OMP_NUM_THREADS=1 python bench/formats.py [--formats float32,bfloat16,int
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from critnet.models.checkpoints import load_weights  # noqa: E402
 
 def interval(row: dict, metric: str = "critical") -> str:
     rate, low, high = row[metric], row[f"{metric}_low"], row[f"{metric}_high"]
-    if rate != rate:  # nan: no fault drawn
+    if math.isnan(rate):  # no fault drawn
         return "–"
     return f"{100 * rate:.2f} [{100 * low:.2f}, {100 * high:.2f}]"
 

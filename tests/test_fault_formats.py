@@ -20,13 +20,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import critnet
 from conftest import CIFAR_ROOT, requires_shared
 from fault_reference import OUTCOMES, outcomes
-from tiny_nets import SmallResNet, small_net
+from tiny_nets import small_net
 from critnet.analyses.campaign import fault_campaign
 from critnet.choices import SettingError
 from critnet.digests import state_digest

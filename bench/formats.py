@@ -6,9 +6,9 @@ Stores ResNet20 in each of ``--formats`` (float32; bfloat16/float16: the model a
 format, ``--faults`` per format shared among the layers in proportion to their weights (so every format samples
 each layer alike), on test images spread over the classes. A fault is critical when it changes the top-1 class of
 at least one image (SDC-1). Prints markdown tables — critical-fault rates with 95 % intervals per bit field and
-per layer — and a machine-readable last line:
+per layer, and the share of (fault, image) pairs whose top-1 changed — and a machine-readable last line:
 
-    formats=<f,...> critical_<format>=<rate> ... images=<n> faults=<n per format>
+    formats=<f,...> critical_<format>=<rate> sdc1_per_image_<format>=<rate> ... images=<n> faults=<n per format>
 
 Usage: OMP_NUM_THREADS=1 python bench/formats.py [--formats float32,bfloat16,int8] [--faults 2000] [--images 256]
        [--out DIR: each campaign's report]
@@ -75,13 +75,14 @@ def main() -> None:
     print(f"\nCritical faults (SDC-1 on at least one of {args.images} test images), % of the format's single-bit "
           "faults in conv and linear weights, with 95 % intervals:\n")
     fields = list(dict.fromkeys(r["field"] for c, _ in campaigns.values() for r in c.rates["field"]))
-    print("| format | top-1 % | faults | all bits | " + " | ".join(fields) + " |")
-    print("|---|---|---|---|" + "---|" * len(fields))
+    print("| format | top-1 % | faults | all bits | " + " | ".join(fields) + " | SDC-1 % per image |")
+    print("|---|---|---|---|" + "---|" * len(fields) + "---|")
     for number_format, (campaign, top1) in campaigns.items():
         by_field = {r["field"]: r for r in campaign.rates["field"]}
         cells = [interval(by_field[f]) if f in by_field else "n/a" for f in fields]
-        print(f"| {number_format} | {top1:.2f} | {len(campaign.faults)} | {interval(campaign.rates['overall'])} | "
-              + " | ".join(cells) + " |")
+        overall = campaign.rates["overall"]
+        print(f"| {number_format} | {top1:.2f} | {len(campaign.faults)} | {interval(overall)} | " + " | ".join(cells)
+              + f" | {interval(overall, 'sdc1_per_image')} |")
 
     print("\nCritical faults per layer, % with 95 % intervals (faults drawn per layer: the same in every format):\n")
     print("| layer | faults | " + " | ".join(formats) + " |")
@@ -92,7 +93,8 @@ def main() -> None:
         counts = {by_layer[f][layer]["faults"] for f in formats if layer in by_layer[f]}
         print(f"| {layer} | {'/'.join(str(c) for c in sorted(counts))} | "
               + " | ".join(interval(by_layer[f][layer]) if layer in by_layer[f] else "n/a" for f in formats) + " |")
-    rates = " ".join(f"critical_{f}={c.rates['overall']['critical']:.5f}" for f, (c, _) in campaigns.items())
+    rates = " ".join(f"critical_{f}={c.rates['overall']['critical']:.5f} "
+                     f"sdc1_per_image_{f}={c.rates['overall']['sdc1_per_image']:.5f}" for f, (c, _) in campaigns.items())
     print(f"\nformats={','.join(formats)} {rates} images={args.images} faults={args.faults}")
 
 

@@ -32,14 +32,14 @@ from critnet.engine.suffix import (
 from critnet.evaluation import batch_results
 from critnet.evaluation_set import EvaluationSet
 from critnet.faults.injection import Fault, injected
-from critnet.storage import requantized, stored_values
 from critnet.formats import FORMATS, bit_patterns
+from critnet.outputs import OutputSelector, logits_of
+from critnet.perturb import Unit
+from critnet.storage import requantized, stored_values
 
 # torch.ao's quantized conv (fused ConvReLU2d derives from it): its weight lives in packed parameters
 QuantizedConv2d = torch.ao.nn.quantized.Conv2d
 QuantizedConvReLU2d = torch.ao.nn.intrinsic.quantized.ConvReLU2d
-from critnet.outputs import OutputSelector, logits_of
-from critnet.perturb import Unit
 
 
 @dataclass
@@ -123,7 +123,7 @@ def tally_rows(counts: FaultCounts, faulty: Tensor, rows: Tensor, golden: Golden
     top = faulty.topk(min(5, faulty.shape[1]), dim=1).indices
     sdc5 = sdc1 & (nonfinite | ~(top == golden_class[:, None]).any(1))
     targets = golden.targets[rows]
-    losses = F.cross_entropy(faulty.float(), targets, reduction="none").double()
+    losses = F.cross_entropy(faulty, targets, reduction="none").double()
     delta = torch.where(masked, torch.zeros_like(losses), losses - golden.losses[rows])
     # a NaN/inf logit has no meaningful loss (and finite logits can still overflow it): counted, not summed
     excluded = nonfinite | ~torch.isfinite(delta)

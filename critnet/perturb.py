@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from critnet.choices import LEVELLESS, PERTURBATION_KINDS, UNIT_KINDS, SettingError
-from critnet.formats import format_of
+from critnet.formats import bit_patterns, format_of
 from critnet.storage import packed_weights, quantized_like, requantized
 
 # Output projections of attention modules, in the order they are looked for (torchvision's MaxViT calls it merge,
@@ -164,9 +164,6 @@ def unit_seed(seed: int, unit: Unit) -> int:
     32 bits, because torch's CPU generator (mt19937) only uses the low 32 bits of its seed.
     """
     return zlib.crc32(f"{int(seed)}\x00{unit.label}".encode("utf-8"))
-
-
-_INT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True)
@@ -350,10 +347,6 @@ def resolve_head_module(model: nn.Module, unit: Unit) -> nn.Module:
     return dict(model.named_modules())[unit.name]
 
 
-def _bit_view(t: torch.Tensor) -> torch.Tensor:
-    return t.view(_INT_VIEWS[t.element_size()]) if t.is_floating_point() else t
-
-
 @contextmanager
 def perturbed(model: nn.Module, unit: Unit, perturbation: Perturbation) -> Iterator[None]:
     """Perturb one unit of ``model`` inside the ``with`` block.
@@ -411,4 +404,4 @@ def perturbed(model: nn.Module, unit: Unit, perturbation: Perturbation) -> Itera
     finally:
         with torch.no_grad():
             # Through an integer view so that NaN payloads and signed zeros come back bit for bit.
-            _bit_view(target).copy_(_bit_view(saved))
+            bit_patterns(target).copy_(bit_patterns(saved))

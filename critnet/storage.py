@@ -105,52 +105,54 @@ class QuantizationParameterValues(StoredValues):
 
     kind: str = "scale"  # or "zero_point"
 
-    def _parameters(self, weight: torch.Tensor) -> torch.Tensor:
-        per_channel = weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
-        if self.kind == "scale":
-            return weight.q_per_channel_scales() if per_channel else torch.tensor([weight.q_scale()],
-                                                                                 dtype=torch.float64)
-        return weight.q_per_channel_zero_points() if per_channel else torch.tensor([weight.q_zero_point()])
+    @property
+    def _position(self) -> int:
+        return 0 if self.kind == "scale" else 1
 
     def read(self, index: int) -> int:
-        value = self._parameters(self.module.weight())[index]
+        value = quantization_parameters(self.module.weight())[self._position][index]
         return self.format.pattern(float(value)) if self.kind == "scale" else int(value)
 
     def write(self, updates: dict[int, int]) -> None:
         weight = self.module.weight()
-        parameters = self._parameters(weight).clone()
+        parameters = list(quantization_parameters(weight))
+        changed = parameters[self._position] = parameters[self._position].clone()
         for index, pattern in updates.items():
-            parameters[index] = self.format.value(pattern) if self.kind == "scale" else pattern
-        scales, zero_points = (parameters, self._other(weight)) if self.kind == "scale" else \
-            (self._other(weight), parameters)
-        if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            changed = torch._make_per_channel_quantized_tensor(weight.int_repr(), scales, zero_points,
-                                                               weight.q_per_channel_axis())
-        else:
-            changed = torch._make_per_tensor_quantized_tensor(weight.int_repr(), float(scales[0]),
-                                                              int(zero_points[0]))
-        self.module.set_weight_bias(changed, self.module.bias())
-
-    def _other(self, weight: torch.Tensor) -> torch.Tensor:
-        other = QuantizationParameterValues(self.name, self.module, self.format, self.shape,
-                                            "zero_point" if self.kind == "scale" else "scale")
-        return other._parameters(weight)
+            changed[index] = self.format.value(pattern) if self.kind == "scale" else pattern
+        self.module.set_weight_bias(quantized_from(weight, weight.int_repr(), *parameters), self.module.bias())
 
     def values(self) -> torch.Tensor:
-        return self._parameters(self.module.weight())
+        return quantization_parameters(self.module.weight())[self._position]
+
+
+def _per_channel(tensor: torch.Tensor) -> bool:
+    return tensor.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+
+
+def quantization_parameters(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantized tensor's scales (float64) and zero points, per channel or as one-element tensors."""
+    if _per_channel(weight):
+        return weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
+    return torch.tensor([weight.q_scale()], dtype=torch.float64), torch.tensor([weight.q_zero_point()])
+
+
+def quantized_from(like: torch.Tensor, integers: torch.Tensor, scales: torch.Tensor,
+                   zero_points: torch.Tensor) -> torch.Tensor:
+    """A quantized tensor of ``like``'s scheme (per channel along its axis, or per tensor) holding ``integers``
+    with ``scales`` and ``zero_points``."""
+    if _per_channel(like):
+        return torch._make_per_channel_quantized_tensor(integers, scales, zero_points, like.q_per_channel_axis())
+    return torch._make_per_tensor_quantized_tensor(integers, float(scales[0]), int(zero_points[0]))
 
 
 def requantized(like: torch.Tensor, integers: torch.Tensor) -> torch.Tensor:
     """A quantized tensor with ``like``'s scales, zero points and dtype holding ``integers``."""
-    if like.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-        return torch._make_per_channel_quantized_tensor(
-            integers, like.q_per_channel_scales(), like.q_per_channel_zero_points(), like.q_per_channel_axis())
-    return torch._make_per_tensor_quantized_tensor(integers, like.q_scale(), like.q_zero_point())
+    return quantized_from(like, integers, *quantization_parameters(like))
 
 
 def quantized_like(like: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``values`` (floats) quantized with ``like``'s scales, zero points and dtype."""
-    if like.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+    if _per_channel(like):
         return torch.quantize_per_channel(values, like.q_per_channel_scales(), like.q_per_channel_zero_points(),
                                           like.q_per_channel_axis(), like.dtype)
     return torch.quantize_per_tensor(values, like.q_scale(), like.q_zero_point(), like.dtype)
@@ -194,14 +196,12 @@ def stored_values(model: nn.Module) -> dict[str, StoredValues]:
             found[f"{prefix}weight"] = PackedWeightValues(f"{prefix}weight", module, format_of(weight.dtype),
                                                          weight.shape)
             # the scales are float32 in the packed weight (torch hands them out as float64 copies)
-            metadata = QuantizationParameterValues(f"{prefix}weight_scale", module, FORMATS["float32"],
-                                                   torch.Size([0]), "scale")
-            metadata.shape = metadata.values().shape
-            found[metadata.name] = metadata
-            found[f"{prefix}weight_zero_point"] = QuantizationParameterValues(
-                f"{prefix}weight_zero_point", module, FORMATS["int8"], metadata.shape, "zero_point")
+            channels = quantization_parameters(weight)[0].shape
+            for kind, number_format in (("scale", FORMATS["float32"]), ("zero_point", FORMATS["int8"])):
+                found[f"{prefix}weight_{kind}"] = QuantizationParameterValues(
+                    f"{prefix}weight_{kind}", module, number_format, channels, kind)
     return found
 
 
-__all__ = ["PackedWeightValues", "ParameterValues", "QuantizationParameterValues", "StoredValues", "packed_weights", "quantized_like", "requantized",
-           "stored_values"]
+__all__ = ["PackedWeightValues", "ParameterValues", "QuantizationParameterValues", "StoredValues", "packed_weights",
+           "quantization_parameters", "quantized_from", "quantized_like", "requantized", "stored_values"]

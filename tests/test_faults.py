@@ -22,10 +22,13 @@ from critnet.faults.injection import (
     Fault,
     FaultListError,
     Site,
-    apply_fault_bit,
     injected,
 )
+from critnet.formats import FORMATS
 from critnet.faults.stats import achieved_margin, leveugle_sample_size, wilson_interval
+
+
+FLOAT32 = FORMATS["float32"]
 
 
 def state_bytes(model: nn.Module) -> str:
@@ -127,10 +130,10 @@ def test_stuck_at_ber_and_activation_faults_equal_the_loop():
 
 def test_stuck_at_semantics():
     one, two = 0x3F800000, 0x40000000  # 1.0 and 2.0
-    assert apply_fault_bit(one, 31, "stuck_at_1") == struct.unpack("<i", struct.pack("<f", -1.0))[0]
-    assert apply_fault_bit(two, 30, "stuck_at_0") == 0  # 2.0 -> 0.0
-    assert apply_fault_bit(two, 30, "stuck_at_1") == two  # already 1: no change
-    assert apply_fault_bit(one, 0, "bitflip") == one + 1
+    assert FLOAT32.apply(one, 31, "stuck_at_1") == struct.unpack("<i", struct.pack("<f", -1.0))[0]
+    assert FLOAT32.apply(two, 30, "stuck_at_0") == 0  # 2.0 -> 0.0
+    assert FLOAT32.apply(two, 30, "stuck_at_1") == two  # already 1: no change
+    assert FLOAT32.apply(one, 0, "bitflip") == one + 1
     model = nn.Linear(2, 1)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[2.0, 1.0]]))

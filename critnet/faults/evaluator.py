@@ -35,7 +35,7 @@ from critnet.faults.injection import Fault, injected
 from critnet.formats import FORMATS, bit_patterns
 from critnet.outputs import OutputSelector, logits_of
 from critnet.perturb import Unit
-from critnet.storage import requantized, stored_values
+from critnet.storage import quantization_parameters, quantized_from, requantized, stored_values
 
 # torch.ao's quantized conv (fused ConvReLU2d derives from it): its weight lives in packed parameters
 QuantizedConv2d = torch.ao.nn.quantized.Conv2d
@@ -367,6 +367,7 @@ class _OneChannel:
         if self.quantized:
             self.weight, self.bias = conv.weight(), conv.bias()
             self.integers = self.weight.int_repr()
+            self.parameters = quantization_parameters(self.weight)
             self.op = {QuantizedConv2d: torch.ops.quantized.conv2d,
                        QuantizedConvReLU2d: torch.ops.quantized.conv2d_relu}.get(type(conv))
         else:
@@ -387,13 +388,10 @@ class _OneChannel:
         bias = None if self.bias is None else self.bias[channel: channel + 1]
         if not self.quantized:
             return self.conv._conv_forward(x, one_filter, bias)[:, 0]
-        w = self.weight
-        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            weight = torch._make_per_channel_quantized_tensor(
-                one_filter, w.q_per_channel_scales()[channel: channel + 1],
-                w.q_per_channel_zero_points()[channel: channel + 1], 0)
-        else:
-            weight = torch._make_per_tensor_quantized_tensor(one_filter, w.q_scale(), w.q_zero_point())
+        scales, zero_points = self.parameters
+        if len(scales) > 1:  # per channel: the filter's own
+            scales, zero_points = scales[channel: channel + 1], zero_points[channel: channel + 1]
+        weight = quantized_from(self.weight, one_filter, scales, zero_points)
         conv = self.conv
         packed = torch.ops.quantized.conv2d_prepack(weight, bias, list(conv.stride), list(conv.padding),
                                                    list(conv.dilation), conv.groups)

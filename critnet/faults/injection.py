@@ -132,20 +132,6 @@ class Fault:
         }
 
 
-def apply_fault_bit(bits: int, bit: int, fault_model: str) -> int:
-    """The float32 pattern ``bits`` after ``fault_model`` strikes ``bit`` (see :meth:`NumberFormat.apply`).
-
-    >>> apply_fault_bit(0, 31, "bitflip")  # 0.0 -> -0.0
-    -2147483648
-    """
-    return FORMATS["float32"].apply(bits, bit, fault_model)
-
-
-def bits_to_float(bits: int) -> float:
-    """The float32 number a pattern stores."""
-    return FORMATS["float32"].value(bits)
-
-
 def weight_store(stores: dict[str, StoredValues], name: str) -> StoredValues:
     """The stored values named ``name``; a one-line error naming it otherwise."""
     store = stores.get(name)
@@ -311,5 +297,5 @@ def _fault_from_row(row: dict[str, str], stores: dict[str, StoredValues], module
     return Fault(int(row["fault"]), fault_model, target, sites, original, width, number_format)
 
 
-__all__ = ["FAULT_LIST_COLUMNS", "Fault", "FaultListError", "Site", "apply_fault_bit", "bits_to_float", "injected",
+__all__ = ["FAULT_LIST_COLUMNS", "Fault", "FaultListError", "Site", "injected",
            "read_fault_list", "weight_store", "write_fault_list"]
